@@ -1,0 +1,158 @@
+//! `RunContext`: everything a running stage needs from the host, behind a safe API.
+//!
+//! It wraps the C table of host services ([`HostApi`]) handed across the plugin
+//! boundary: TensorBoard, progress, log messages, cancellation and scoring with a
+//! reward the recipe names, plus the run's device, seed and directories.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::plugin::abi::{self, HostApi, ProgressUpdate, Status, StrRef};
+use crate::reward::{RewardModel, ScorePair};
+
+/// What the host tells a stage about its run (crosses as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// The stage's name in the recipe; its directories are named after it.
+    pub stage: String,
+    /// The stage's own recipe section.
+    pub config_yaml: String,
+    pub run_dir: PathBuf,
+    /// `<run_dir>/<stage>/`: checkpoints and the final model go here.
+    pub stage_dir: PathBuf,
+    /// The model this stage starts from (HF layout), if any.
+    pub input_model: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`, already resolved from `auto`.
+    pub device: String,
+    pub seed: u64,
+}
+
+/// The safe face of the host for one stage or evaluator run.
+pub struct RunContext<'h> {
+    host: &'h HostApi,
+    request: RunRequest,
+    device: tch::Device,
+}
+
+impl<'h> RunContext<'h> {
+    /// # Safety
+    /// `host` must be a valid table whose functions accept its `state` for the whole
+    /// lifetime `'h` (the host guarantees this for the duration of a run call).
+    pub(crate) unsafe fn new(host: &'h HostApi, request: RunRequest) -> Result<Self> {
+        let device = parse_device(&request.device)?;
+        Ok(Self { host, request, device })
+    }
+
+    pub fn stage_name(&self) -> &str {
+        &self.request.stage
+    }
+    pub fn device(&self) -> tch::Device {
+        self.device
+    }
+    pub fn seed(&self) -> u64 {
+        self.request.seed
+    }
+    pub fn run_dir(&self) -> &Path {
+        &self.request.run_dir
+    }
+    pub fn stage_dir(&self) -> &Path {
+        &self.request.stage_dir
+    }
+    /// The model this stage starts from: the previous stage's output or the recipe's `model`.
+    pub fn input_model(&self) -> Option<&Path> {
+        self.request.input_model.as_deref()
+    }
+
+    /// The tokenizer of the input model (`tokenizer.json`), if there is an input model.
+    pub fn tokenizer(&self) -> Result<Option<crate::tokenizer::Tokenizer>> {
+        match self.input_model() {
+            Some(dir) => crate::tokenizer::Tokenizer::from_dir(dir).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A TensorBoard scalar under `<output_dir>/tb/<stage>/`. Never blocks.
+    pub fn scalar(&self, tag: &str, step: i64, value: f64) {
+        (self.host.log_scalar)(self.host.state, StrRef::new(tag), step, value);
+    }
+
+    /// A TensorBoard text summary (e.g. sampled completions). Never blocks.
+    pub fn text(&self, tag: &str, step: i64, text: &str) {
+        (self.host.log_text)(self.host.state, StrRef::new(tag), step, StrRef::new(text));
+    }
+
+    /// The run's hyper-parameters, shown beside `metric_tags` in TensorBoard's HParams tab.
+    pub fn hparams(&self, hparams: &serde_json::Map<String, serde_json::Value>, metric_tags: &[&str]) {
+        let json = serde_json::json!({ "hparams": hparams, "metrics": metric_tags }).to_string();
+        (self.host.log_hparams)(self.host.state, StrRef::new(&json));
+    }
+
+    /// Moves the progress bar: `position` of `total` steps, with the latest loss and throughput.
+    pub fn progress(&self, position: u64, total: u64, loss: Option<f64>, tokens_per_second: Option<f64>) {
+        let update = ProgressUpdate {
+            position,
+            total,
+            loss: loss.unwrap_or(f64::NAN),
+            tokens_per_second: tokens_per_second.unwrap_or(f64::NAN),
+        };
+        (self.host.progress)(self.host.state, &update);
+    }
+
+    /// A line in the host's log. (The plugin's own `tracing` events reach the host too.)
+    pub fn info(&self, message: &str) {
+        (self.host.log)(self.host.state, abi::LOG_INFO, StrRef::new(message));
+    }
+
+    pub fn warn(&self, message: &str) {
+        (self.host.log)(self.host.state, abi::LOG_WARN, StrRef::new(message));
+    }
+
+    /// True once the user asked the run to stop (Ctrl-C): finish the step, save, return.
+    pub fn should_stop(&self) -> bool {
+        (self.host.should_stop)(self.host.state) != 0
+    }
+
+    /// The reward named `name` in the recipe's `rewards:` list, whichever plugin provides it.
+    pub fn reward(&self, name: &str) -> HostReward<'_, 'h> {
+        HostReward { ctx: self, name: name.to_owned() }
+    }
+
+    pub(crate) fn host(&self) -> &'h HostApi {
+        self.host
+    }
+}
+
+/// A reward reached through the host; see [`RunContext::reward`].
+pub struct HostReward<'c, 'h> {
+    ctx: &'c RunContext<'h>,
+    name: String,
+}
+
+impl RewardModel for HostReward<'_, '_> {
+    fn score(&mut self, pairs: &[ScorePair]) -> Result<Vec<f64>> {
+        let request = serde_json::to_string(pairs).map_err(|e| Error::Other(e.to_string()))?;
+        let mut out = Vec::new();
+        let host = self.ctx.host();
+        let raw = (host.score)(host.state, StrRef::new(&self.name), StrRef::new(&request), abi::vec_sink(&mut out));
+        let text = String::from_utf8_lossy(&out);
+        match Status::from_raw(raw) {
+            Some(Status::Ok) => serde_json::from_str(&text)
+                .map_err(|e| Error::Other(format!("reward `{}` returned invalid scores: {e}", self.name))),
+            _ => Err(Error::Other(format!("reward `{}`: {text}", self.name))),
+        }
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(text: &str) -> Result<tch::Device> {
+    match text {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(tch::Device::Cuda)
+            .ok_or_else(|| Error::Other(format!("unknown device `{other}`: expected cpu, cuda or cuda:N"))),
+    }
+}

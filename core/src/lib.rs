@@ -1,0 +1,28 @@
+//! plumb-core: the contracts plugins are written against, and the parts they are built
+//! from (models, data, optimizers, logging, the plugin ABI).
+//!
+//! A plugin is a `cdylib` that depends on this crate and calls [`export_plugin!`]; its
+//! stages implement [`plugin::Stage`] and run against a [`RunContext`].
+pub mod checkpoint;
+pub mod context;
+pub mod data;
+pub mod error;
+pub mod log;
+pub mod model;
+pub mod optim;
+pub mod plugin;
+pub mod recipe;
+pub mod reward;
+pub mod rollout;
+pub mod tokenizer;
+
+pub use context::RunContext;
+pub use error::{Error, Result};
+pub use model::Policy;
+pub use optim::Optimizer;
+pub use plugin::{Evaluator, Reward, Stage, StageOutput};
+pub use reward::RewardModel;
+pub use rollout::Rollout;
+
+/// Re-exported so plugins use the same `tch` as core.
+pub use tch;

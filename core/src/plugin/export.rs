@@ -1,0 +1,384 @@
+//! The plugin side of the boundary: `export_plugin!` and the `extern "C"` shims it
+//! points at. Every shim catches panics inside the plugin and turns them, like every
+//! error, into a status and a message; nothing unwinds into the host.
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use serde::{Deserialize, Serialize};
+
+use super::abi::{self, ByteSink, ComponentEntry, HostApi, PluginDeclaration, RewardEntry, Status, StrRef};
+use super::contract::{Evaluator, Reward, Stage, StageOutput, ValidateContext};
+use crate::context::{RunContext, RunRequest};
+use crate::error::Error;
+use crate::recipe::{parse_section, SectionError};
+use crate::reward::ScorePair;
+
+/// What the host sends to check a section (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ValidateRequest {
+    pub config_yaml: String,
+}
+
+/// The declaration a plugin exports, with the tables it points into.
+pub struct Declaration {
+    c: PluginDeclaration,
+    _stages: Vec<ComponentEntry>,
+    _evaluators: Vec<ComponentEntry>,
+    _rewards: Vec<RewardEntry>,
+}
+
+// SAFETY: immutable after construction; it points only at 'static strings and at the
+// vectors it owns, whose buffers never move.
+unsafe impl Sync for Declaration {}
+unsafe impl Send for Declaration {}
+
+impl Declaration {
+    pub fn new(
+        name: &'static str,
+        version: &'static str,
+        description: &'static str,
+        stages: Vec<ComponentEntry>,
+        evaluators: Vec<ComponentEntry>,
+        rewards: Vec<RewardEntry>,
+    ) -> Self {
+        let c = PluginDeclaration {
+            magic: abi::PLUGIN_MAGIC,
+            abi_version: abi::ABI_VERSION,
+            core_version: StrRef::from_static(env!("CARGO_PKG_VERSION")),
+            name: StrRef::from_static(name),
+            version: StrRef::from_static(version),
+            description: StrRef::from_static(description),
+            stages: stages.as_ptr(),
+            stage_count: stages.len(),
+            evaluators: evaluators.as_ptr(),
+            evaluator_count: evaluators.len(),
+            rewards: rewards.as_ptr(),
+            reward_count: rewards.len(),
+        };
+        Self { c, _stages: stages, _evaluators: evaluators, _rewards: rewards }
+    }
+
+    pub fn as_ptr(&self) -> *const PluginDeclaration {
+        &self.c
+    }
+}
+
+/// Exports a plugin: one C symbol returning its declaration.
+///
+/// ```ignore
+/// plumb_core::export_plugin! {
+///     name: "pretrain",
+///     version: env!("CARGO_PKG_VERSION"),
+///     description: "Pretraining objectives",
+///     stages: [CausalLm],
+///     evaluators: [],
+///     rewards: [],
+/// }
+/// ```
+#[macro_export]
+macro_rules! export_plugin {
+    (
+        name: $name:expr,
+        version: $version:expr,
+        description: $description:expr,
+        stages: [$($stage:ty),* $(,)?],
+        evaluators: [$($evaluator:ty),* $(,)?],
+        rewards: [$($reward:ty),* $(,)?] $(,)?
+    ) => {
+        /// The plugin's declaration, read by the plumb host.
+        #[no_mangle]
+        pub extern "C" fn plumb_plugin_declaration() -> *const $crate::plugin::abi::PluginDeclaration {
+            static DECLARATION: ::std::sync::OnceLock<$crate::plugin::export::Declaration> =
+                ::std::sync::OnceLock::new();
+            DECLARATION
+                .get_or_init(|| {
+                    $crate::plugin::export::Declaration::new(
+                        $name,
+                        $version,
+                        $description,
+                        vec![$($crate::plugin::export::stage_entry::<$stage>()),*],
+                        vec![$($crate::plugin::export::evaluator_entry::<$evaluator>()),*],
+                        vec![$($crate::plugin::export::reward_entry::<$reward>()),*],
+                    )
+                })
+                .as_ptr()
+        }
+    };
+}
+
+pub fn stage_entry<S: Stage>() -> ComponentEntry {
+    ComponentEntry {
+        name: StrRef::from_static(S::NAME),
+        description: StrRef::from_static(S::DESCRIPTION),
+        validate: validate_stage::<S>,
+        run: run_stage::<S>,
+    }
+}
+
+pub fn evaluator_entry<E: Evaluator>() -> ComponentEntry {
+    ComponentEntry {
+        name: StrRef::from_static(E::NAME),
+        description: StrRef::from_static(E::DESCRIPTION),
+        validate: validate_evaluator::<E>,
+        run: run_evaluator::<E>,
+    }
+}
+
+pub fn reward_entry<R: Reward>() -> RewardEntry {
+    RewardEntry {
+        name: StrRef::from_static(R::NAME),
+        description: StrRef::from_static(R::DESCRIPTION),
+        validate: validate_reward::<R>,
+        create: create_reward::<R>,
+        score: score_reward::<R>,
+        destroy: destroy_reward::<R>,
+    }
+}
+
+/// A failed call: its status and what goes into the sink.
+struct Failure(Status, String);
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Config(section) => Failure(Status::InvalidConfig, section_json(&section)),
+            Error::Cancelled => Failure(Status::Cancelled, "stopped on request".into()),
+            other => Failure(Status::Failed, other.to_string()),
+        }
+    }
+}
+
+impl From<SectionError> for Failure {
+    fn from(error: SectionError) -> Self {
+        Failure(Status::InvalidConfig, section_json(&error))
+    }
+}
+
+fn section_json(error: &SectionError) -> String {
+    serde_json::to_string(error).unwrap_or_else(|_| error.message.clone())
+}
+
+thread_local! {
+    /// Where the last panic on this thread happened, recorded by our panic hook.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Runs `body`, turning errors and panics into a status and a message in `out`.
+fn guarded(out: &ByteSink, body: impl FnOnce() -> Result<Vec<u8>, Failure>) -> i32 {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        // This plugin's copy of std has its own hook: record where, let the host report.
+        std::panic::set_hook(Box::new(|info| {
+            let at = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
+        }));
+    });
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(bytes)) => {
+            out.send(&bytes);
+            Status::Ok as i32
+        }
+        Ok(Err(Failure(status, message))) => {
+            out.send(message.as_bytes());
+            status as i32
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text panic payload".into());
+            let at = PANIC_LOCATION.with(|p| p.borrow_mut().take()).map(|l| format!(" at {l}")).unwrap_or_default();
+            out.send(format!("panicked{at}: {}", crate::error::without_backtrace(&what)).as_bytes());
+            Status::Panicked as i32
+        }
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(request: StrRef) -> Result<T, Failure> {
+    // SAFETY: the host passes a valid (pointer, length) for the duration of the call.
+    let bytes = unsafe { request.as_bytes() };
+    serde_json::from_slice(bytes).map_err(|e| Failure(Status::Failed, format!("malformed request from the host: {e}")))
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
+    serde_json::to_vec(value).map_err(|e| Failure(Status::Failed, format!("could not encode the result: {e}")))
+}
+
+/// Parses the section and runs the component's own checks.
+fn checked<C: serde::de::DeserializeOwned>(
+    yaml: &str,
+    validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
+) -> Result<C, Failure> {
+    let config: C = parse_section(yaml)?;
+    validate(&config, &ValidateContext::new())?;
+    Ok(config)
+}
+
+extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
+    guarded(&out, || {
+        let request: ValidateRequest = read_json(request)?;
+        checked::<S::Config>(&request.config_yaml, S::validate)?;
+        Ok(Vec::new())
+    })
+}
+
+extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -> i32 {
+    guarded(&out, || {
+        let request: ValidateRequest = read_json(request)?;
+        checked::<E::Config>(&request.config_yaml, E::validate)?;
+        Ok(Vec::new())
+    })
+}
+
+extern "C" fn validate_reward<R: Reward>(request: StrRef, out: ByteSink) -> i32 {
+    guarded(&out, || {
+        let request: ValidateRequest = read_json(request)?;
+        checked::<R::Config>(&request.config_yaml, R::validate)?;
+        Ok(Vec::new())
+    })
+}
+
+/// Parses the request, builds the `RunContext` and runs `body` with the plugin's
+/// `tracing` events forwarded to the host.
+fn with_context<C: serde::de::DeserializeOwned>(
+    host: *const HostApi,
+    request: StrRef,
+    validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
+    body: impl FnOnce(C, &mut RunContext) -> crate::Result<Vec<u8>>,
+) -> Result<Vec<u8>, Failure> {
+    let request: RunRequest = read_json(request)?;
+    // SAFETY: the host's table outlives this call.
+    let host = unsafe { host.as_ref() }.ok_or_else(|| Failure(Status::Failed, "null host table".into()))?;
+    if host.abi_version != abi::ABI_VERSION {
+        return Err(Failure(
+            Status::Failed,
+            format!("host ABI version {} differs from the plugin's {}", host.abi_version, abi::ABI_VERSION),
+        ));
+    }
+    let config = checked::<C>(&request.config_yaml, validate)?;
+    // SAFETY: as above.
+    let mut ctx = unsafe { RunContext::new(host, request) }?;
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(HostLog(host))
+        .with_ansi(false)
+        .without_time()
+        .with_level(false)
+        .with_target(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    Ok(tracing::subscriber::with_default(subscriber, || body(config, &mut ctx))?)
+}
+
+extern "C" fn run_stage<S: Stage>(host: *const HostApi, request: StrRef, out: ByteSink) -> i32 {
+    guarded(&out, || {
+        with_context::<S::Config>(host, request, S::validate, |config, ctx| {
+            let output: StageOutput = S::run(config, ctx)?;
+            serde_json::to_vec(&output).map_err(|e| Error::Other(e.to_string()))
+        })
+    })
+}
+
+extern "C" fn run_evaluator<E: Evaluator>(host: *const HostApi, request: StrRef, out: ByteSink) -> i32 {
+    guarded(&out, || {
+        with_context::<E::Config>(host, request, E::validate, |config, ctx| {
+            let output = StageOutput { model: None, metrics: E::evaluate(config, ctx)? };
+            serde_json::to_vec(&output).map_err(|e| Error::Other(e.to_string()))
+        })
+    })
+}
+
+extern "C" fn create_reward<R: Reward>(request: StrRef, out: ByteSink) -> *mut c_void {
+    let mut handle: *mut c_void = std::ptr::null_mut();
+    guarded(&out, || {
+        let request: ValidateRequest = read_json(request)?;
+        let config = checked::<R::Config>(&request.config_yaml, R::validate)?;
+        handle = Box::into_raw(Box::new(R::new(config)?)) as *mut c_void;
+        Ok(Vec::new())
+    });
+    handle
+}
+
+extern "C" fn score_reward<R: Reward>(handle: *mut c_void, request: StrRef, out: ByteSink) -> i32 {
+    guarded(&out, || {
+        // SAFETY: `handle` came from `create_reward::<R>` and the host calls one at a time.
+        let reward = unsafe { (handle as *mut R).as_mut() }
+            .ok_or_else(|| Failure(Status::Failed, "null reward handle".into()))?;
+        let pairs: Vec<ScorePair> = read_json(request)?;
+        let scores = reward.score(&pairs)?;
+        if scores.len() != pairs.len() {
+            return Err(Failure(
+                Status::Failed,
+                format!("reward `{}` returned {} scores for {} pairs", R::NAME, scores.len(), pairs.len()),
+            ));
+        }
+        to_json(&scores)
+    })
+}
+
+extern "C" fn destroy_reward<R: Reward>(handle: *mut c_void) {
+    if !handle.is_null() {
+        // A panicking Drop must not cross the boundary either.
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: `handle` came from `Box::into_raw` in `create_reward::<R>`.
+            drop(unsafe { Box::from_raw(handle as *mut R) });
+        }));
+    }
+}
+
+/// Forwards the plugin's `tracing` output to the host's log, one event per call.
+/// A subscriber must be `'static + Send + Sync`; this one is only installed for the
+/// duration of a run call, during which the host's table stays valid.
+#[derive(Clone, Copy)]
+struct HostLog(*const HostApi);
+
+// SAFETY: the host's log service may be called from any thread during a run call.
+unsafe impl Send for HostLog {}
+unsafe impl Sync for HostLog {}
+
+struct HostLogLine {
+    host: *const HostApi,
+    level: u32,
+    line: Vec<u8>,
+}
+
+impl Write for HostLogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for HostLogLine {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.line);
+        let text = text.trim_end();
+        // SAFETY: see `HostLog`.
+        if let (false, Some(host)) = (text.is_empty(), unsafe { self.host.as_ref() }) {
+            (host.log)(host.state, self.level, StrRef::new(text));
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for HostLog {
+    type Writer = HostLogLine;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        HostLogLine { host: self.0, level: abi::LOG_INFO, line: Vec::new() }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        let level = match *meta.level() {
+            tracing::Level::ERROR => abi::LOG_ERROR,
+            tracing::Level::WARN => abi::LOG_WARN,
+            tracing::Level::INFO => abi::LOG_INFO,
+            _ => abi::LOG_DEBUG,
+        };
+        HostLogLine { host: self.0, level, line: Vec::new() }
+    }
+}

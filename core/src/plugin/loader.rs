@@ -1,0 +1,205 @@
+//! The host side of the boundary: find a plugin's shared library, check it, load it,
+//! and read its declaration.
+//!
+//! Loading a shared library runs its code. A recipe can pin a plugin's sha256, which is
+//! checked before the library is opened.
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::abi::{self, ComponentEntry, PluginDeclaration, RewardEntry, StrRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin `{name}` not found; looked for {tried}. Give its `path:` in the recipe, add its directory to PLUMB_PLUGIN_PATH, or build it (`./dev build`)")]
+    NotFound { name: String, tried: String },
+
+    #[error("{}: plugin file not found", path.display())]
+    MissingFile { path: PathBuf },
+
+    #[error("{}: cannot read plugin file: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+
+    #[error("{}: sha256 mismatch: the recipe pins {expected} but the file has {found}; refusing to load it", path.display())]
+    Sha256Mismatch { path: PathBuf, expected: String, found: String },
+
+    #[error("{}: cannot load shared library: {message}", path.display())]
+    Open { path: PathBuf, message: String },
+
+    #[error("{}: not a plumb plugin: it exports no `{}` symbol (is it built with `plumb_core::export_plugin!`?)", path.display(), abi::DECLARATION_SYMBOL)]
+    NotAPlugin { path: PathBuf },
+
+    #[error("{}: not a plumb plugin: its declaration has magic {found:?}, expected {:?}", path.display(), abi::PLUGIN_MAGIC)]
+    BadMagic { path: PathBuf, found: [u8; 8] },
+
+    #[error("{}: plugin ABI version mismatch: this plumb expects ABI version {expected}, the plugin was built for version {found}. Rebuild the plugin against this plumb-core (`cargo build --release` in the plugin's crate, or `./dev build` for plumb's own plugins)", path.display())]
+    AbiMismatch { path: PathBuf, expected: u32, found: u32 },
+
+    #[error("{}: malformed plugin declaration: {message}", path.display())]
+    Malformed { path: PathBuf, message: String },
+}
+
+/// What `plumb plugins` shows of a stage, evaluator or reward.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ComponentInfo {
+    pub name: String,
+    pub description: String,
+}
+
+/// A loaded, checked plugin. Its library stays loaded for the life of the process:
+/// unloading libtorch users crashes at exit (pytorch#46171).
+pub struct Plugin {
+    pub path: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub core_version: String,
+    pub stages: Vec<ComponentInfo>,
+    pub evaluators: Vec<ComponentInfo>,
+    pub rewards: Vec<ComponentInfo>,
+    declaration: &'static PluginDeclaration,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// File names tried for a plugin called `name`, in order.
+pub fn library_names(name: &str) -> Vec<String> {
+    let stem = name.replace('-', "_");
+    let (prefix, suffix) = (std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
+    vec![format!("{prefix}plumb_{stem}{suffix}"), format!("{prefix}{stem}{suffix}")]
+}
+
+/// Finds plugin `name`: the explicit path if given, else each directory of
+/// `PLUMB_PLUGIN_PATH`, else the directory of the running executable.
+pub fn locate(name: &str, explicit: Option<&Path>) -> Result<PathBuf, LoadError> {
+    if let Some(path) = explicit {
+        return if path.is_file() { Ok(path.to_path_buf()) } else { Err(LoadError::MissingFile { path: path.into() }) };
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PLUMB_PLUGIN_PATH")
+        .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+        .unwrap_or_default();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+        dirs.push(dir);
+    }
+    let mut tried = Vec::new();
+    for dir in &dirs {
+        for file in library_names(name) {
+            let candidate = dir.join(&file);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            tried.push(candidate.display().to_string());
+        }
+    }
+    Err(LoadError::NotFound { name: name.into(), tried: tried.join(", ") })
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_of(path: &Path) -> Result<String, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks `path` against the pin, loads it and reads and checks its declaration.
+pub fn load(path: &Path, sha256: Option<&str>) -> Result<Plugin, LoadError> {
+    if !path.is_file() {
+        return Err(LoadError::MissingFile { path: path.into() });
+    }
+    if let Some(expected) = sha256 {
+        let found = sha256_of(path)?;
+        if !found.eq_ignore_ascii_case(expected) {
+            return Err(LoadError::Sha256Mismatch { path: path.into(), expected: expected.into(), found });
+        }
+    }
+    // SAFETY: loading a library runs its initialisers; that is what loading a plugin
+    // means, and the user chose this file (optionally pinned by hash).
+    let library = unsafe { libloading::Library::new(path) }
+        .map_err(|e| LoadError::Open { path: path.into(), message: e.to_string() })?;
+    // Never unloaded: see `Plugin`.
+    let library: &'static libloading::Library = Box::leak(Box::new(library));
+    type DeclareFn = extern "C" fn() -> *const PluginDeclaration;
+    // SAFETY: the symbol's type is fixed by the ABI; a library that exports this name
+    // with another type is not a plumb plugin, which the magic check below catches in
+    // practice.
+    let declare = unsafe { library.get::<DeclareFn>(abi::DECLARATION_SYMBOL.as_bytes()) }
+        .map_err(|_| LoadError::NotAPlugin { path: path.into() })?;
+    let pointer = declare();
+    if pointer.is_null() {
+        return Err(LoadError::Malformed { path: path.into(), message: "the declaration is null".into() });
+    }
+    // Read only the two fixed header fields before trusting the rest of the layout.
+    // SAFETY: every declaration starts with `magic` and `abi_version` at these offsets.
+    let (magic, abi_version) = unsafe {
+        (std::ptr::read_unaligned(pointer as *const [u8; 8]), (*pointer).abi_version)
+    };
+    if magic != abi::PLUGIN_MAGIC {
+        return Err(LoadError::BadMagic { path: path.into(), found: magic });
+    }
+    if abi_version != abi::ABI_VERSION {
+        return Err(LoadError::AbiMismatch { path: path.into(), expected: abi::ABI_VERSION, found: abi_version });
+    }
+    // SAFETY: magic and version match, so the layout is ours; it lives as long as the
+    // library, which is never unloaded.
+    let declaration: &'static PluginDeclaration = unsafe { &*pointer };
+    let text = |s: StrRef, what: &str| -> Result<String, LoadError> {
+        // SAFETY: strings in a declaration are 'static in the plugin.
+        String::from_utf8(unsafe { s.as_bytes() }.to_vec())
+            .map_err(|_| LoadError::Malformed { path: path.into(), message: format!("{what} is not UTF-8") })
+    };
+    let components = |entries: &[ComponentEntry], what: &str| -> Result<Vec<ComponentInfo>, LoadError> {
+        entries
+            .iter()
+            .map(|e| Ok(ComponentInfo { name: text(e.name, what)?, description: text(e.description, what)? }))
+            .collect()
+    };
+    let rewards: Vec<ComponentInfo> = reward_entries(declaration)
+        .iter()
+        .map(|e| Ok(ComponentInfo { name: text(e.name, "a reward name")?, description: text(e.description, "a reward description")? }))
+        .collect::<Result<_, LoadError>>()?;
+    Ok(Plugin {
+        path: path.into(),
+        name: text(declaration.name, "the plugin name")?,
+        version: text(declaration.version, "the plugin version")?,
+        description: text(declaration.description, "the description")?,
+        core_version: text(declaration.core_version, "the plumb-core version")?,
+        stages: components(stage_entries(declaration), "a stage name")?,
+        evaluators: components(evaluator_entries(declaration), "an evaluator name")?,
+        rewards,
+        declaration,
+    })
+}
+
+fn slice<'a, T>(ptr: *const T, len: usize) -> &'a [T] {
+    if ptr.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: a checked declaration points at `len` entries that live as long as the library.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+fn stage_entries(d: &'static PluginDeclaration) -> &'static [ComponentEntry] {
+    slice(d.stages, d.stage_count)
+}
+fn evaluator_entries(d: &'static PluginDeclaration) -> &'static [ComponentEntry] {
+    slice(d.evaluators, d.evaluator_count)
+}
+fn reward_entries(d: &'static PluginDeclaration) -> &'static [RewardEntry] {
+    slice(d.rewards, d.reward_count)
+}
+
+impl Plugin {
+    pub(crate) fn stage_entry(&self, name: &str) -> Option<&'static ComponentEntry> {
+        stage_entries(self.declaration).iter().zip(&self.stages).find(|(_, info)| info.name == name).map(|(e, _)| e)
+    }
+    pub(crate) fn evaluator_entry(&self, name: &str) -> Option<&'static ComponentEntry> {
+        evaluator_entries(self.declaration).iter().zip(&self.evaluators).find(|(_, info)| info.name == name).map(|(e, _)| e)
+    }
+    pub(crate) fn reward_entry(&self, name: &str) -> Option<&'static RewardEntry> {
+        reward_entries(self.declaration).iter().zip(&self.rewards).find(|(_, info)| info.name == name).map(|(e, _)| e)
+    }
+}

@@ -1,0 +1,227 @@
+//! The host's view of the loaded plugins: look up a component by its recipe name
+//! (`<plugin>.<component>`) and call it across the boundary.
+use std::ffi::c_void;
+
+use super::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef};
+use super::export::ValidateRequest;
+use super::host::HostServices;
+use super::loader::Plugin;
+use super::contract::StageOutput;
+use crate::context::RunRequest;
+use crate::recipe::{suggest, SectionError};
+
+/// Why a call into a plugin did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The component rejected its configuration section; `path` is inside the section.
+    #[error("{0}")]
+    InvalidConfig(SectionError),
+    #[error("{0}")]
+    Failed(String),
+    #[error("panicked: {0}")]
+    Panicked(String),
+    #[error("stopped on request")]
+    Cancelled,
+}
+
+/// All loaded plugins, by name.
+#[derive(Default)]
+pub struct Registry {
+    plugins: Vec<Plugin>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Stage,
+    Evaluator,
+    Reward,
+}
+
+impl Kind {
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Stage => "stage",
+            Kind::Evaluator => "evaluator",
+            Kind::Reward => "reward",
+        }
+    }
+}
+
+impl Registry {
+    /// Adds a plugin; two plugins of one name are an error.
+    pub fn add(&mut self, plugin: Plugin) -> Result<(), String> {
+        if let Some(other) = self.plugins.iter().find(|p| p.name == plugin.name) {
+            return Err(format!(
+                "two plugins are named `{}`: {} and {}",
+                plugin.name,
+                other.path.display(),
+                plugin.path.display()
+            ));
+        }
+        self.plugins.push(plugin);
+        Ok(())
+    }
+
+    pub fn plugins(&self) -> &[Plugin] {
+        &self.plugins
+    }
+
+    /// All `<plugin>.<name>` of one kind, for messages.
+    pub fn names(&self, kind: Kind) -> Vec<String> {
+        self.plugins
+            .iter()
+            .flat_map(|p| {
+                let list = match kind {
+                    Kind::Stage => &p.stages,
+                    Kind::Evaluator => &p.evaluators,
+                    Kind::Reward => &p.rewards,
+                };
+                list.iter().map(move |c| format!("{}.{}", p.name, c.name))
+            })
+            .collect()
+    }
+
+    fn split<'u>(&self, uses: &'u str, kind: Kind) -> Result<(&Plugin, &'u str), String> {
+        let unknown = |what: String| {
+            let names = self.names(kind);
+            let hint = suggest(uses, names.iter().map(String::as_str))
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_else(|| {
+                    if names.is_empty() { String::new() } else { format!("; available: {}", names.join(", ")) }
+                });
+            format!("{what}{hint}")
+        };
+        let Some((plugin, name)) = uses.split_once('.') else {
+            return Err(unknown(format!("`{uses}` is not of the form <plugin>.<{}>", kind.noun())));
+        };
+        match self.plugins.iter().find(|p| p.name == plugin) {
+            Some(p) => Ok((p, name)),
+            None => Err(unknown(format!("no plugin named `{plugin}` is loaded (list it under `plugins:`)"))),
+        }
+    }
+
+    /// The stage or evaluator `uses` (`<plugin>.<name>`), or a message with a suggestion.
+    pub fn component(&self, uses: &str, kind: Kind) -> Result<Component<'_>, String> {
+        let (plugin, name) = self.split(uses, kind)?;
+        let entry = match kind {
+            Kind::Stage => plugin.stage_entry(name),
+            Kind::Evaluator => plugin.evaluator_entry(name),
+            Kind::Reward => None,
+        };
+        let names = self.names(kind);
+        entry.map(|entry| Component { plugin, entry, uses: uses.to_owned() }).ok_or_else(|| {
+            let hint = suggest(uses, names.iter().map(String::as_str)).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            format!("plugin `{}` has no {} `{name}`{hint}", plugin.name, kind.noun())
+        })
+    }
+
+    /// The reward `uses` (`<plugin>.<name>`), or a message with a suggestion.
+    pub fn reward(&self, uses: &str) -> Result<RewardComponent<'_>, String> {
+        let (plugin, name) = self.split(uses, Kind::Reward)?;
+        let names = self.names(Kind::Reward);
+        plugin.reward_entry(name).map(|entry| RewardComponent { plugin, entry, uses: uses.to_owned() }).ok_or_else(|| {
+            let hint = suggest(uses, names.iter().map(String::as_str)).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            format!("plugin `{}` has no reward `{name}`{hint}", plugin.name)
+        })
+    }
+}
+
+fn outcome(raw: i32, out: Vec<u8>) -> Result<Vec<u8>, CallError> {
+    let text = || String::from_utf8_lossy(&out).into_owned();
+    match Status::from_raw(raw) {
+        Some(Status::Ok) => Ok(out),
+        Some(Status::InvalidConfig) => Err(match serde_json::from_slice::<SectionError>(&out) {
+            Ok(section) => CallError::InvalidConfig(section),
+            Err(_) => CallError::Failed(text()),
+        }),
+        Some(Status::Failed) => Err(CallError::Failed(text())),
+        Some(Status::Panicked) => Err(CallError::Panicked(text())),
+        Some(Status::Cancelled) => Err(CallError::Cancelled),
+        None => Err(CallError::Failed(format!("unknown status {raw} returned: {}", text()))),
+    }
+}
+
+fn validate_request(config_yaml: &str) -> String {
+    serde_json::json!(ValidateRequest { config_yaml: config_yaml.to_owned() }).to_string()
+}
+
+/// A stage or evaluator of a loaded plugin.
+pub struct Component<'r> {
+    pub plugin: &'r Plugin,
+    entry: &'static ComponentEntry,
+    /// `<plugin>.<name>`.
+    pub uses: String,
+}
+
+impl Component<'_> {
+    /// Asks the plugin to check its section without doing any work.
+    pub fn validate(&self, config_yaml: &str) -> Result<(), CallError> {
+        let request = validate_request(config_yaml);
+        let mut out = Vec::new();
+        let raw = (self.entry.validate)(StrRef::new(&request), vec_sink(&mut out));
+        outcome(raw, out).map(|_| ())
+    }
+
+    /// Runs the component with the host's services; blocks until it returns.
+    pub fn run(&self, host: &HostServices, request: &RunRequest) -> Result<StageOutput, CallError> {
+        let request = serde_json::to_string(request).map_err(|e| CallError::Failed(e.to_string()))?;
+        let api = host.api();
+        let mut out = Vec::new();
+        let raw = (self.entry.run)(&api, StrRef::new(&request), vec_sink(&mut out));
+        let out = outcome(raw, out)?;
+        serde_json::from_slice(&out).map_err(|e| CallError::Failed(format!("returned a malformed report: {e}")))
+    }
+}
+
+/// A reward of a loaded plugin.
+pub struct RewardComponent<'r> {
+    pub plugin: &'r Plugin,
+    entry: &'static RewardEntry,
+    pub uses: String,
+}
+
+impl RewardComponent<'_> {
+    pub fn validate(&self, config_yaml: &str) -> Result<(), CallError> {
+        let request = validate_request(config_yaml);
+        let mut out = Vec::new();
+        let raw = (self.entry.validate)(StrRef::new(&request), vec_sink(&mut out));
+        outcome(raw, out).map(|_| ())
+    }
+
+    /// Builds an instance; it is destroyed when dropped.
+    pub fn create(&self, config_yaml: &str) -> Result<RewardInstance, CallError> {
+        let request = validate_request(config_yaml);
+        let mut out = Vec::new();
+        let handle = (self.entry.create)(StrRef::new(&request), vec_sink(&mut out));
+        if handle.is_null() {
+            // `create` reports a config error as JSON and anything else as text.
+            let status = if serde_json::from_slice::<SectionError>(&out).is_ok() { Status::InvalidConfig } else { Status::Failed };
+            return Err(outcome(status as i32, out).err().unwrap_or(CallError::Failed("no reward was created".into())));
+        }
+        Ok(RewardInstance { entry: self.entry, handle })
+    }
+}
+
+/// A live reward inside a plugin.
+pub struct RewardInstance {
+    entry: &'static RewardEntry,
+    handle: *mut c_void,
+}
+
+// SAFETY: the host serialises calls to one instance behind a mutex.
+unsafe impl Send for RewardInstance {}
+
+impl RewardInstance {
+    /// `request` is a JSON list of pairs; returns the JSON list of scores.
+    pub fn score_json(&mut self, request: &str) -> Result<Vec<u8>, CallError> {
+        let mut out = Vec::new();
+        let raw = (self.entry.score)(self.handle, StrRef::new(request), vec_sink(&mut out));
+        outcome(raw, out)
+    }
+}
+
+impl Drop for RewardInstance {
+    fn drop(&mut self) {
+        (self.entry.destroy)(self.handle);
+    }
+}

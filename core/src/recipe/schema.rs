@@ -1,0 +1,242 @@
+//! The recipe as typed data, and its defaults (all of them are in this file).
+//!
+//! ```yaml
+//! run:
+//!   name: quickstart            # default: the recipe file's stem
+//!   output_dir: runs/quickstart # required; relative to the current directory
+//!   seed: 1234                  # default 0
+//!   device: auto                # auto | cpu | cuda | cuda:N ; default auto
+//! plugins:                      # at least one
+//!   - name: pretrain
+//!     path: target/release/libplumb_pretrain.so   # optional
+//!     sha256: "<64 hex digits>"                   # optional pin
+//! rewards:                      # optional
+//!   - name: exact_match
+//!     uses: cot.exact_match     # <plugin>.<reward>
+//!     config: {}                # default {}
+//! stages:                       # at least one
+//!   - name: pretrain            # unique; [A-Za-z0-9_-]+
+//!     uses: pretrain.causal_lm  # <plugin>.<stage>
+//!     model: runs/x/final       # default: the previous stage's output
+//!     config: {max_steps: 300}  # the stage's own section, checked by its plugin; default {}
+//! ```
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_yaml::{Mapping, Value};
+
+use super::explain::describe;
+use super::suggest::did_you_mean;
+
+/// A whole recipe: what to run, with which plugins, in which order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub run: RunSpec,
+    pub plugins: Vec<PluginSpec>,
+    /// Text-level scorers other stages can call by name.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub rewards: Vec<RewardSpec>,
+    pub stages: Vec<StageSpec>,
+}
+
+/// `run:` — settings of the run as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Loading fills in the recipe file's stem when the recipe leaves this out.
+    #[serde(default)]
+    pub name: String,
+    /// Where checkpoints, logs and the resolved recipe go; a relative path is relative to
+    /// the current directory.
+    pub output_dir: PathBuf,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: Device,
+}
+
+fn default_seed() -> u64 {
+    0
+}
+
+/// `plugins:` — a shared library to load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// The plugin's name, the part before the dot in `uses`.
+    pub name: String,
+    /// Its file; without it, plumb searches `PLUMB_PLUGIN_PATH`, then next to the executable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// The file's expected SHA-256 (64 hex digits); loading refuses any other file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// `rewards:` — a named scorer, provided by a plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSpec {
+    /// The name stages use to call it.
+    pub name: String,
+    /// `<plugin>.<reward>`.
+    pub uses: String,
+    /// The reward's own section, a mapping checked by its plugin.
+    #[serde(default = "empty_mapping", deserialize_with = "mapping")]
+    pub config: Value,
+}
+
+/// `stages:` — one step of the pipeline, run in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    /// Unique among stages; names the stage's directory under `output_dir`.
+    pub name: String,
+    /// `<plugin>.<stage>`.
+    pub uses: String,
+    /// The input model directory; without it, the previous stage's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    /// The stage's own section, a mapping checked by its plugin.
+    #[serde(default = "empty_mapping", deserialize_with = "mapping")]
+    pub config: Value,
+}
+
+impl RewardSpec {
+    /// `uses` split into plugin and reward name (validated on load to have both).
+    pub fn uses_parts(&self) -> (&str, &str) {
+        split_uses(&self.uses)
+    }
+}
+
+impl StageSpec {
+    /// `uses` split into plugin and stage name (validated on load to have both).
+    pub fn uses_parts(&self) -> (&str, &str) {
+        split_uses(&self.uses)
+    }
+}
+
+fn split_uses(uses: &str) -> (&str, &str) {
+    uses.split_once('.').unwrap_or((uses, ""))
+}
+
+fn empty_mapping() -> Value {
+    Value::Mapping(Mapping::new())
+}
+
+/// A config section: any mapping; an empty value (`config:`) counts as `{}`.
+fn mapping<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Null => Ok(empty_mapping()),
+        value @ Value::Mapping(_) => Ok(value),
+        other => Err(D::Error::custom(format!("expected a mapping, found {}", describe(&other)))),
+    }
+}
+
+/// An optional list; an empty value (`rewards:`) counts as absent.
+fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(deserializer: D) -> Result<T, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
+}
+
+/// Where tensors live: `auto` (CUDA when present, else CPU), `cpu`, `cuda` (= `cuda:0`),
+/// `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => return Ok(Device::Auto),
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" => return Ok(Device::Cuda(0)),
+            _ => {}
+        }
+        if let Some(index) = text.strip_prefix("cuda:") {
+            return index
+                .parse()
+                .map(Device::Cuda)
+                .map_err(|_| format!("bad device `{text}`; expected `cuda:N` with N a GPU index, e.g. `cuda:0`"));
+        }
+        let hint = did_you_mean(text, ["auto", "cpu", "cuda"]);
+        Err(format!("unknown device `{text}`; expected `auto`, `cpu`, `cuda` or `cuda:N`{hint}"))
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(device: Device) -> String {
+        device.to_string()
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(index) => write!(f, "cuda:{index}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+        assert_eq!(
+            "gpu".parse::<Device>(),
+            Err("unknown device `gpu`; expected `auto`, `cpu`, `cuda` or `cuda:N`".to_string())
+        );
+        assert_eq!(
+            "cdua".parse::<Device>(),
+            Err("unknown device `cdua`; expected `auto`, `cpu`, `cuda` or `cuda:N`; did you mean `cuda`?".to_string())
+        );
+        assert!("cuda:x".parse::<Device>().unwrap_err().contains("`cuda:N`"));
+        assert!("cuda:-1".parse::<Device>().is_err());
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let recipe: Recipe = serde_yaml::from_str(
+            "run: {output_dir: out}\nplugins: [{name: p}]\nrewards:\nstages:\n  - name: s\n    uses: p.s\n    config:\n",
+        )
+        .unwrap();
+        assert_eq!(recipe.run.seed, 0);
+        assert_eq!(recipe.run.device, Device::Auto);
+        assert!(recipe.rewards.is_empty());
+        assert_eq!(recipe.stages[0].config, empty_mapping());
+        assert_eq!(recipe.stages[0].uses_parts(), ("p", "s"));
+    }
+
+    #[test]
+    fn config_must_be_a_mapping() {
+        let err = serde_yaml::from_str::<StageSpec>("{name: s, uses: p.s, config: [1]}").unwrap_err();
+        assert!(err.to_string().contains("expected a mapping, found a sequence"), "{err}");
+    }
+}

@@ -1,0 +1,434 @@
+//! `pretrain.causal_lm`: next-token prediction on a text corpus.
+//!
+//! From scratch, it trains a byte-level BPE tokenizer on the training split and
+//! initialises a Llama-style decoder from `model:`; given an input model (HF layout) it
+//! continues training that model with its own tokenizer. Documents are packed into
+//! fixed-length sequences with EOS between them; a held-out split of documents gives
+//! `eval/loss`. The model is saved in HF layout under `<output_dir>/<stage>/final/`.
+//!
+//! The loop below is the whole algorithm, top to bottom.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use plumb_core::checkpoint::write_dir_atomically;
+use plumb_core::data::{self, BatchOrder};
+use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
+use plumb_core::model::{GenerationSettings, Policy};
+use plumb_core::optim::schedule::Decay;
+use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer, Schedule};
+use plumb_core::plugin::ValidateContext;
+use plumb_core::tch::{self, Kind, Tensor};
+use plumb_core::tokenizer::Tokenizer;
+use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
+use serde::Deserialize;
+
+/// The stage's recipe section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CausalLmConfig {
+    pub data: DataConfig,
+    /// Tokenizer training, used when the stage starts from scratch.
+    #[serde(default)]
+    pub tokenizer: TokenizerConfig,
+    /// The architecture, when the stage starts from scratch (no input model).
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    /// Sequences per optimizer step.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    pub max_steps: u64,
+    /// Global-norm gradient clipping; 0 turns it off.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    /// Log training scalars every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A UTF-8 text file; documents are separated by blank lines.
+    pub train: PathBuf,
+    /// Fraction of documents held out for evaluation.
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Tokens per training sequence.
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "default_min_frequency")]
+    pub min_frequency: u64,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        Self { vocab_size: default_vocab_size(), min_frequency: default_min_frequency() }
+    }
+}
+
+/// A Llama-style architecture; the vocabulary size comes from the tokenizer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Default: the sequence length.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay on matrices (not on norms, biases or embeddings).
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self { lr: default_lr(), betas: default_betas(), eps: default_eps(), weight_decay: default_weight_decay() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "default_decay")]
+    pub decay: Decay,
+    /// The floor of the decay, as a fraction of the peak learning rate.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { warmup_steps: 0, decay: default_decay(), min_lr_ratio: default_min_lr_ratio() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate every this many steps (and after the last).
+    #[serde(default = "default_eval_every")]
+    pub every: u64,
+    /// At most this many validation batches per evaluation; 0 = all.
+    #[serde(default)]
+    pub max_batches: usize,
+    /// Prompts continued at each evaluation and written to TensorBoard as text.
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+    #[serde(default = "default_sample_tokens")]
+    pub sample_tokens: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { every: default_eval_every(), max_batches: 0, sample_prompts: Vec::new(), sample_tokens: default_sample_tokens() }
+    }
+}
+
+fn default_batch_size() -> usize { 16 }
+fn default_grad_clip() -> f64 { 1.0 }
+fn default_log_every() -> u64 { 10 }
+fn default_validation_fraction() -> f64 { 0.05 }
+fn default_seq_len() -> usize { 128 }
+fn default_vocab_size() -> usize { 2048 }
+fn default_min_frequency() -> u64 { 2 }
+fn default_rope_theta() -> f64 { 10_000.0 }
+fn default_rms_norm_eps() -> f64 { 1e-5 }
+fn default_true() -> bool { true }
+fn default_lr() -> f64 { 1e-3 }
+fn default_betas() -> [f64; 2] { [0.9, 0.95] }
+fn default_eps() -> f64 { 1e-8 }
+fn default_weight_decay() -> f64 { 0.1 }
+fn default_decay() -> Decay { Decay::Cosine }
+fn default_min_lr_ratio() -> f64 { 0.1 }
+fn default_eval_every() -> u64 { 100 }
+fn default_sample_tokens() -> usize { 48 }
+
+pub struct CausalLm;
+
+impl Stage for CausalLm {
+    const NAME: &'static str = "causal_lm";
+    const DESCRIPTION: &'static str = "Causal language modelling (next-token prediction) on a text corpus";
+    type Config = CausalLmConfig;
+
+    fn validate(c: &CausalLmConfig, ctx: &ValidateContext) -> Result<()> {
+        ctx.existing_file("data.train", &c.data.train)?;
+        let check = |ok: bool, key: &str, message: &str| if ok { Ok(()) } else { Err(Error::config(key, message)) };
+        check(c.data.validation_fraction > 0.0 && c.data.validation_fraction < 1.0, "data.validation_fraction", "expected a fraction strictly between 0 and 1")?;
+        check(c.data.seq_len >= 2, "data.seq_len", "expected at least 2")?;
+        check(c.batch_size > 0, "batch_size", "expected at least 1")?;
+        check(c.max_steps > 0, "max_steps", "expected at least 1")?;
+        check(c.eval.every > 0, "eval.every", "expected at least 1")?;
+        check(c.log_every > 0, "log_every", "expected at least 1")?;
+        check(c.optimizer.lr > 0.0 && c.optimizer.lr.is_finite(), "optimizer.lr", "expected a positive learning rate")?;
+        check(c.optimizer.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "expected two values in [0, 1)")?;
+        check(c.optimizer.weight_decay >= 0.0, "optimizer.weight_decay", "expected a non-negative value")?;
+        check((0.0..=1.0).contains(&c.schedule.min_lr_ratio), "schedule.min_lr_ratio", "expected a value in [0, 1]")?;
+        check(c.schedule.warmup_steps <= c.max_steps, "schedule.warmup_steps", "expected at most max_steps")?;
+        check(c.grad_clip >= 0.0, "grad_clip", "expected a non-negative value (0 turns clipping off)")?;
+        check(c.tokenizer.vocab_size >= 257 + 1, "tokenizer.vocab_size", "expected at least 258 (256 bytes, EOS and one merge)")?;
+        if let Some(m) = &c.model {
+            let positions = m.max_position_embeddings.unwrap_or(c.data.seq_len);
+            check(positions >= c.data.seq_len, "model.max_position_embeddings", "expected at least data.seq_len")?;
+            llama_config(m, 0, c.data.seq_len).resolve().map_err(|e| match e {
+                Error::Config(mut section) => {
+                    section.path = format!("model.{}", section.path);
+                    Error::Config(section)
+                }
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn run(c: CausalLmConfig, ctx: &mut RunContext) -> Result<StageOutput> {
+        let started = Instant::now();
+        let device = ctx.device();
+        tch::manual_seed(ctx.seed() as i64);
+
+        // Data: documents, a held-out split, the tokenizer, packed sequences.
+        let documents = data::read_documents(&c.data.train)?;
+        let (train_docs, val_docs) = data::split_documents(documents, c.data.validation_fraction, ctx.seed())?;
+        let (policy, tokenizer) = match (ctx.input_model(), &c.model) {
+            (Some(dir), None) => {
+                let tokenizer = Tokenizer::from_dir(dir)?;
+                (LlamaForCausalLm::from_dir(dir, device)?, tokenizer)
+            }
+            (None, Some(m)) => {
+                let tokenizer = Tokenizer::train_bpe(train_docs.iter().map(String::as_str), c.tokenizer.vocab_size, c.tokenizer.min_frequency)?;
+                let mut hf = llama_config(m, tokenizer.vocab_size(), c.data.seq_len);
+                hf.eos_token_id = tokenizer.eos_id();
+                hf.bos_token_id = tokenizer.eos_id();
+                (LlamaForCausalLm::new(hf, device)?, tokenizer)
+            }
+            (Some(dir), Some(_)) => {
+                return Err(Error::config("model", format!("the stage starts from the model in {}; drop `model:` or the input model", dir.display())))
+            }
+            (None, None) => return Err(Error::config("model", "expected an architecture (`model:`) or an input model (the stage's `model:` path in the recipe)")),
+        };
+        let eos = tokenizer.eos_id().ok_or_else(|| Error::Other("the tokenizer has no EOS token".into()))?;
+        let encode = |docs: &[String]| tokenizer.encode_batch(&docs.iter().map(String::as_str).collect::<Vec<_>>());
+        let (train_tokens, val_tokens) = (encode(&train_docs)?, encode(&val_docs)?);
+        let mut all_tokens: Vec<Vec<i64>> = train_tokens.iter().chain(&val_tokens).map(|d| [d.as_slice(), &[eos]].concat()).collect();
+        let unigram_entropy = data::unigram_entropy(&all_tokens, tokenizer.vocab_size());
+        all_tokens.clear();
+        let train = data::pack(&train_tokens, eos, c.data.seq_len)?;
+        let validation = data::pack(&val_tokens, eos, c.data.seq_len)?;
+        tracing::info!(
+            "data: {} train / {} validation documents, {} / {} sequences of {} tokens; vocabulary {}; unigram entropy {unigram_entropy:.4} nats",
+            train_docs.len(), val_docs.len(), train.size()[0], validation.size()[0], c.data.seq_len, tokenizer.vocab_size()
+        );
+        tracing::info!("model: {} parameters on {device:?}", policy.num_parameters());
+
+        // Optimizer and schedule.
+        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig {
+            lr: c.optimizer.lr,
+            betas: (c.optimizer.betas[0], c.optimizer.betas[1]),
+            eps: c.optimizer.eps,
+            weight_decay: c.optimizer.weight_decay,
+        });
+        let schedule = Schedule {
+            peak_lr: c.optimizer.lr,
+            warmup_steps: c.schedule.warmup_steps,
+            total_steps: c.max_steps,
+            decay: c.schedule.decay,
+            min_lr_ratio: c.schedule.min_lr_ratio,
+        };
+        let mut order = BatchOrder::new(train.size()[0] as usize, ctx.seed());
+        let tokens_per_step = (c.batch_size * c.data.seq_len) as f64;
+        let initial_eval = evaluate(&policy, &validation, &c, device)?;
+        tracing::info!("step 0: eval/loss {initial_eval:.4}");
+        ctx.scalar("eval/loss", 0, initial_eval);
+
+        // Train.
+        let mut last = Stats::default();
+        let mut eval_loss = initial_eval;
+        let mut window = Instant::now();
+        let mut step = 0;
+        while step < c.max_steps {
+            if ctx.should_stop() {
+                tracing::warn!("stopping at step {step} on request; saving the model");
+                break;
+            }
+            let lr = schedule.lr(step);
+            optimizer.set_learning_rate(lr);
+            let (inputs, targets) = data::causal_batch(&train, &order.next_batch(c.batch_size), device);
+            let loss = next_token_loss(&policy, &inputs, &targets)?;
+            optimizer.zero_grad();
+            loss.backward();
+            let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
+            optimizer.step()?;
+            step += 1;
+            last = Stats { loss: loss.double_value(&[]), grad_norm, lr, tokens_per_second: 0.0 };
+            if !last.loss.is_finite() {
+                return Err(Error::Other(format!("the loss became {} at step {step}", last.loss)));
+            }
+
+            if step % c.log_every == 0 || step == c.max_steps {
+                let steps_in_window = if step % c.log_every == 0 { c.log_every } else { step % c.log_every };
+                last.tokens_per_second = tokens_per_step * steps_in_window as f64 / window.elapsed().as_secs_f64();
+                window = Instant::now();
+                log_train(ctx, step, &last);
+            }
+            ctx.progress(step, c.max_steps, Some(last.loss), (last.tokens_per_second > 0.0).then_some(last.tokens_per_second));
+
+            if step % c.eval.every == 0 || step == c.max_steps {
+                eval_loss = evaluate(&policy, &validation, &c, device)?;
+                ctx.scalar("eval/loss", step as i64, eval_loss);
+                ctx.scalar("eval/perplexity", step as i64, eval_loss.exp());
+                tracing::info!("step {step}: train/loss {:.4} eval/loss {eval_loss:.4}", last.loss);
+                log_samples(ctx, &policy, &tokenizer, &c.eval, step, eos)?;
+                window = Instant::now();
+            }
+        }
+
+        // Save in HF layout, atomically.
+        let final_dir = ctx.stage_dir().join("final");
+        write_dir_atomically(&final_dir, |dir| {
+            policy.save(dir)?;
+            tokenizer.save(dir, c.data.seq_len)
+        })?;
+        tracing::info!("saved {}", final_dir.display());
+
+        let metrics = plumb_core::plugin::Metrics::from([
+            ("train/loss".to_string(), last.loss),
+            ("eval/loss".to_string(), eval_loss),
+            ("eval/initial_loss".to_string(), initial_eval),
+            ("data/unigram_entropy".to_string(), unigram_entropy),
+            ("train/steps".to_string(), step as f64),
+            ("train/tokens".to_string(), step as f64 * tokens_per_step),
+            ("time/seconds".to_string(), started.elapsed().as_secs_f64()),
+            ("model/parameters".to_string(), policy.num_parameters() as f64),
+        ]);
+        let hparams = serde_json::json!({
+            "lr": c.optimizer.lr, "batch_size": c.batch_size, "seq_len": c.data.seq_len,
+            "max_steps": c.max_steps, "weight_decay": c.optimizer.weight_decay,
+            "vocab_size": tokenizer.vocab_size(), "parameters": policy.num_parameters(),
+        });
+        if let serde_json::Value::Object(map) = hparams {
+            ctx.hparams(&map, &["eval/loss", "train/loss"]);
+        }
+        Ok(StageOutput { model: Some(final_dir), metrics })
+    }
+}
+
+/// Named statistics of one training step.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    tokens_per_second: f64,
+}
+
+/// The one place training statistics become TensorBoard tags.
+fn log_train(ctx: &RunContext, step: u64, s: &Stats) {
+    let step = step as i64;
+    ctx.scalar("train/loss", step, s.loss);
+    ctx.scalar("train/perplexity", step, s.loss.exp());
+    ctx.scalar("train/learning_rate", step, s.lr);
+    ctx.scalar("train/grad_norm", step, s.grad_norm);
+    ctx.scalar("train/tokens_per_second", step, s.tokens_per_second);
+}
+
+/// Mean cross-entropy of predicting `targets` (B, T) from `inputs` (B, T).
+fn next_token_loss(policy: &impl Policy, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = policy.logits(inputs, None)?; // (B, T, V)
+    let vocab = logits.size()[2];
+    Ok(logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_for_logits(&targets.reshape([-1])))
+}
+
+/// Mean loss over the validation sequences (at most `eval.max_batches` batches).
+fn evaluate(policy: &impl Policy, validation: &Tensor, c: &CausalLmConfig, device: tch::Device) -> Result<f64> {
+    let _no_grad = tch::no_grad_guard();
+    let rows = validation.size()[0];
+    let batch = c.batch_size as i64;
+    let batches = (rows + batch - 1) / batch;
+    let batches = if c.eval.max_batches > 0 { batches.min(c.eval.max_batches as i64) } else { batches };
+    let (mut total, mut count) = (0.0, 0i64);
+    for b in 0..batches {
+        let size = batch.min(rows - b * batch);
+        let indices: Vec<i64> = (b * batch..b * batch + size).collect();
+        let (inputs, targets) = data::causal_batch(validation, &indices, device);
+        total += next_token_loss(policy, &inputs, &targets)?.double_value(&[]) * size as f64;
+        count += size;
+    }
+    Ok(total / count as f64)
+}
+
+/// Continues each sample prompt greedily and writes prompt and continuation as text.
+fn log_samples(ctx: &RunContext, policy: &impl Policy, tokenizer: &Tokenizer, eval: &EvalConfig, step: u64, eos: i64) -> Result<()> {
+    if eval.sample_prompts.is_empty() {
+        return Ok(());
+    }
+    let prompts = eval.sample_prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
+    let settings = GenerationSettings { max_new_tokens: eval.sample_tokens, temperature: 0.0, stop_tokens: vec![eos], ..Default::default() };
+    let generated = policy.generate(&prompts, &settings)?;
+    let mut text = String::new();
+    for (prompt, out) in eval.sample_prompts.iter().zip(generated) {
+        text.push_str(&format!("**{prompt}**{}\n\n", tokenizer.decode(&out.tokens)?));
+    }
+    ctx.text("samples/greedy", step as i64, &text);
+    Ok(())
+}
+
+
+/// The HF config of a fresh model.
+fn llama_config(m: &ModelConfig, vocab_size: usize, seq_len: usize) -> LlamaConfig {
+    LlamaConfig {
+        model_type: "llama".into(),
+        vocab_size: vocab_size.max(1),
+        hidden_size: m.hidden_size,
+        intermediate_size: m.intermediate_size,
+        num_hidden_layers: m.num_hidden_layers,
+        num_attention_heads: m.num_attention_heads,
+        num_key_value_heads: m.num_key_value_heads,
+        head_dim: None,
+        max_position_embeddings: m.max_position_embeddings.unwrap_or(seq_len),
+        rms_norm_eps: m.rms_norm_eps,
+        rope_theta: m.rope_theta,
+        tie_word_embeddings: m.tie_word_embeddings,
+        attention_bias: false,
+        hidden_act: "silu".into(),
+        rope_scaling: None,
+        initializer_range: 0.02,
+        bos_token_id: None,
+        eos_token_id: None,
+        pad_token_id: None,
+    }
+}

@@ -1,0 +1,81 @@
+//! `plumb`: run, validate and inspect alignment recipes.
+//!
+//! Exit codes: 0 success; 1 a user error (bad recipe, data or plugin, a stage that
+//! failed on its input); 2 an internal error (a panic in a plugin, a broken invariant);
+//! 130 the run stopped cleanly on Ctrl-C.
+mod plugins;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "plumb", version, about = "The alignment pipeline for language models, on libtorch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a recipe: validate everything, then run its stages in order.
+    Run {
+        recipe: PathBuf,
+        /// Overrides, e.g. `stages.pretrain.config.max_steps=10` or `run.seed=3`.
+        overrides: Vec<String>,
+    },
+    /// Check a recipe (and its plugins' sections) and print it fully resolved.
+    Validate {
+        recipe: PathBuf,
+        overrides: Vec<String>,
+    },
+    /// List the plugins found on PLUMB_PLUGIN_PATH and next to this executable.
+    Plugins,
+}
+
+/// An error with the exit code it deserves.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad input: the user can fix it.
+    User(String),
+    /// A bug or broken environment.
+    Internal(String),
+    /// Stopped on request after saving.
+    Cancelled(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::User(_) => 1,
+            Failure::Internal(_) => 2,
+            Failure::Cancelled(_) => 130,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PLUMB_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Run { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Run),
+        Command::Validate { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Validate),
+        Command::Plugins => plugins::list(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            let (Failure::User(m) | Failure::Internal(m) | Failure::Cancelled(m)) = &failure;
+            eprintln!("error: {m}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `plumb plugins`: what is installed where.
+use std::path::PathBuf;
+
+use plumb_core::plugin::loader;
+
+use crate::Failure;
+
+/// Directories searched for plugins, in order.
+fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PLUMB_PLUGIN_PATH")
+        .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+        .unwrap_or_default();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
+        dirs.push(dir);
+    }
+    dirs
+}
+
+pub fn list() -> Result<(), Failure> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut found = 0;
+    for dir in search_dirs() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                name.starts_with(std::env::consts::DLL_PREFIX) && name.ends_with(std::env::consts::DLL_SUFFIX)
+            })
+            .collect();
+        files.sort();
+        for path in files {
+            let plugin = match loader::load(&path, None) {
+                Ok(plugin) => plugin,
+                // Other shared libraries may sit beside plugins; only name ours when broken.
+                Err(loader::LoadError::NotAPlugin { .. }) => continue,
+                Err(e) => {
+                    println!("! {e}\n");
+                    continue;
+                }
+            };
+            if !seen.insert(plugin.name.clone()) {
+                continue; // an earlier directory wins, as in the search
+            }
+            found += 1;
+            println!("{} {}  {}", plugin.name, plugin.version, plugin.path.display());
+            println!("    {}", plugin.description);
+            for (kind, list) in [("stage", &plugin.stages), ("evaluator", &plugin.evaluators), ("reward", &plugin.rewards)] {
+                for c in list {
+                    println!("    {kind:<9} {}.{}  {}", plugin.name, c.name, c.description);
+                }
+            }
+            println!();
+        }
+    }
+    if found == 0 {
+        let dirs: Vec<String> = search_dirs().iter().map(|d| d.display().to_string()).collect();
+        println!("no plugins found in {}", dirs.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! `plumb run` and `plumb validate`: everything is checked before any compute starts,
+//! then the stages run in order, each handing its model directory to the next.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use plumb_core::checkpoint::write_file_atomically;
+use plumb_core::context::RunRequest;
+use plumb_core::log::progress::Progress;
+use plumb_core::log::TbWriter;
+use plumb_core::plugin::host::HostServices;
+use plumb_core::plugin::registry::RewardInstance;
+use plumb_core::plugin::{loader, CallError, Component, Kind, Registry};
+use plumb_core::recipe::{Device, LoadedRecipe, Recipe, RecipeError};
+
+use crate::Failure;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Validate,
+}
+
+fn user(e: RecipeError) -> Failure {
+    Failure::User(e.to_string())
+}
+
+/// Loads the plugins the recipe lists; errors point at their entry.
+fn load_plugins(recipe: &LoadedRecipe) -> Result<Registry, Failure> {
+    let mut registry = Registry::default();
+    for (i, spec) in recipe.recipe().plugins.iter().enumerate() {
+        let key = |field: &str| format!("plugins[{i}]{field}");
+        let path = loader::locate(&spec.name, spec.path.as_deref())
+            .map_err(|e| user(recipe.error_at(&key(if spec.path.is_some() { ".path" } else { ".name" }), e.to_string())))?;
+        let plugin = loader::load(&path, spec.sha256.as_deref()).map_err(|e| {
+            let field = if matches!(e, loader::LoadError::Sha256Mismatch { .. }) { ".sha256" } else { "" };
+            user(recipe.error_at(&key(field), e.to_string()))
+        })?;
+        if plugin.name != spec.name {
+            return Err(user(recipe.error_at(
+                &key(".name"),
+                format!("{} is the plugin `{}`, not `{}`", path.display(), plugin.name, spec.name),
+            )));
+        }
+        tracing::debug!("loaded plugin `{}` {} from {}", plugin.name, plugin.version, path.display());
+        registry.add(plugin).map_err(|m| user(recipe.error_at(&key(".name"), m)))?;
+    }
+    Ok(registry)
+}
+
+/// Turns a plugin's verdict on a section into a located error.
+fn located(recipe: &LoadedRecipe, section: &str, what: &str, error: CallError) -> Failure {
+    match error {
+        CallError::InvalidConfig(e) => user(recipe.section_error(section, &e)),
+        CallError::Panicked(m) => Failure::Internal(format!("{what} panicked while checking its configuration: {m}")),
+        CallError::Failed(m) => user(recipe.error_at(section, m)),
+        CallError::Cancelled => Failure::Cancelled(format!("{what} stopped")),
+    }
+}
+
+fn yaml(value: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(value).unwrap_or_default()
+}
+
+pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure> {
+    // 1. The recipe, its plugins, and every section they own: all before any compute.
+    let recipe = Recipe::load(path, overrides).map_err(user)?;
+    let registry = load_plugins(&recipe)?;
+    let spec = recipe.recipe();
+    let mut rewards = Vec::new();
+    for (i, reward) in spec.rewards.iter().enumerate() {
+        let component = registry.reward(&reward.uses).map_err(|m| user(recipe.error_at(&format!("rewards[{i}].uses"), m)))?;
+        let what = format!("reward `{}` ({})", reward.name, reward.uses);
+        component.validate(&yaml(&reward.config)).map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
+        rewards.push(component);
+    }
+    let mut stages: Vec<Component> = Vec::new();
+    for (i, stage) in spec.stages.iter().enumerate() {
+        let component = registry
+            .component(&stage.uses, Kind::Stage)
+            .map_err(|m| user(recipe.error_at(&format!("stages[{i}].uses"), m)))?;
+        let what = format!("stage `{}` ({})", stage.name, stage.uses);
+        component.validate(&recipe.stage_config_yaml(i)).map_err(|e| located(&recipe, &format!("stages[{i}].config"), &what, e))?;
+        if let Some(model) = &stage.model {
+            if !model.join("config.json").is_file() {
+                return Err(user(recipe.error_at(
+                    &format!("stages[{i}].model"),
+                    format!("expected a model directory in HF layout (with config.json), found `{}`", model.display()),
+                )));
+            }
+        }
+        stages.push(component);
+    }
+    if mode == Mode::Validate {
+        print!("{}", recipe.resolved_yaml());
+        return Ok(());
+    }
+
+    // 2. The run directory, with the fully resolved recipe beside the results.
+    let output_dir = spec.run.output_dir.clone();
+    std::fs::create_dir_all(&output_dir).map_err(|e| Failure::User(format!("{}: cannot create the output directory: {e}", output_dir.display())))?;
+    write_file_atomically(&output_dir.join("recipe.yaml"), recipe.resolved_yaml().as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+    let device = resolve_device(spec.run.device)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))
+        .map_err(|e| Failure::Internal(format!("cannot install the Ctrl-C handler: {e}")))?;
+    let mut live_rewards: BTreeMap<String, Mutex<RewardInstance>> = BTreeMap::new();
+    for (i, (reward, component)) in spec.rewards.iter().zip(&rewards).enumerate() {
+        let what = format!("reward `{}` ({})", reward.name, reward.uses);
+        let instance = component.create(&yaml(&reward.config)).map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
+        live_rewards.insert(reward.name.clone(), Mutex::new(instance));
+    }
+    tracing::info!("run `{}` on {device} into {}", spec.run.name, output_dir.display());
+
+    // 3. The stages, in order.
+    let mut input_model: Option<PathBuf> = None;
+    for (i, (stage, component)) in spec.stages.iter().zip(&stages).enumerate() {
+        let what = format!("stage `{}` ({}, plugin {} {})", stage.name, stage.uses, component.plugin.name, component.plugin.version);
+        let stage_dir = output_dir.join(&stage.name);
+        std::fs::create_dir_all(&stage_dir).map_err(|e| Failure::User(format!("{}: {e}", stage_dir.display())))?;
+        let tb_dir = output_dir.join("tb").join(&stage.name);
+        let tensorboard = TbWriter::create(&tb_dir).map_err(|e| Failure::User(e.to_string()))?;
+        let host = HostServices {
+            plugin: component.plugin.name.clone(),
+            tensorboard: &tensorboard,
+            progress: Mutex::new(Progress::new(&stage.name)),
+            stop: Arc::clone(&stop),
+            rewards: &live_rewards,
+        };
+        let request = RunRequest {
+            stage: stage.name.clone(),
+            config_yaml: recipe.stage_config_yaml(i),
+            run_dir: output_dir.clone(),
+            stage_dir: stage_dir.clone(),
+            input_model: stage.model.clone().or_else(|| input_model.clone()),
+            device: device.clone(),
+            seed: spec.run.seed,
+        };
+        tracing::info!("{what}: starting");
+        let started = Instant::now();
+        let result = component.run(&host, &request);
+        if let Ok(mut progress) = host.progress.lock() {
+            progress.finish();
+        }
+        tensorboard.close().map_err(|e| Failure::Internal(format!("TensorBoard events of stage `{}`: {e}", stage.name)))?;
+        let output = match result {
+            Ok(output) => output,
+            Err(CallError::InvalidConfig(e)) => return Err(user(recipe.section_error(&format!("stages[{i}].config"), &e))),
+            Err(CallError::Failed(m)) => return Err(Failure::User(format!("{what} failed: {m}"))),
+            Err(CallError::Panicked(m)) => return Err(Failure::Internal(format!("{what} panicked: {m}"))),
+            Err(CallError::Cancelled) => return Err(Failure::Cancelled(format!("{what} stopped on request"))),
+        };
+        let report = serde_json::json!({ "stage": stage.name, "uses": stage.uses, "model": output.model, "metrics": output.metrics });
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        write_file_atomically(&stage_dir.join("report.json"), text.as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+        let figures: Vec<String> = output.metrics.iter().map(|(k, v)| format!("{k}={}", short(*v))).collect();
+        println!("stage {} finished in {:.1}s: {}", stage.name, started.elapsed().as_secs_f64(), figures.join(" "));
+        if let Some(model) = &output.model {
+            println!("stage {} model: {}", stage.name, model.display());
+        }
+        input_model = output.model.or(input_model);
+    }
+    Ok(())
+}
+
+fn short(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.4}") }
+}
+
+/// `auto` becomes `cuda:0` when libtorch sees a GPU, else `cpu`.
+fn resolve_device(device: Device) -> Result<String, Failure> {
+    let cuda = plumb_core::tch::Cuda::device_count() as usize;
+    match device {
+        Device::Auto => Ok(if cuda > 0 { "cuda:0".into() } else { "cpu".into() }),
+        Device::Cpu => Ok("cpu".into()),
+        Device::Cuda(n) if n < cuda => Ok(format!("cuda:{n}")),
+        Device::Cuda(n) => Err(Failure::User(format!("run.device asks for cuda:{n}, but libtorch sees {cuda} CUDA device(s)"))),
+    }
+}
