@@ -28,7 +28,11 @@ pub fn list() -> Result<(), Failure> {
                 name.starts_with(std::env::consts::DLL_PREFIX) && name.ends_with(std::env::consts::DLL_SUFFIX)
             })
             .collect();
-        files.sort();
+        // Cargo leaves hashed copies (`libx-0123abcd.so`) beside `libx.so`: plain names first.
+        files.sort_by_key(|p| {
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            (stem.contains('-'), stem)
+        });
         for path in files {
             let plugin = match loader::load(&path, None) {
                 Ok(plugin) => plugin,

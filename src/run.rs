@@ -54,7 +54,7 @@ fn load_plugins(recipe: &LoadedRecipe) -> Result<Registry, Failure> {
 fn located(recipe: &LoadedRecipe, section: &str, what: &str, error: CallError) -> Failure {
     match error {
         CallError::InvalidConfig(e) => user(recipe.section_error(section, &e)),
-        CallError::Panicked(m) => Failure::Internal(format!("{what} panicked while checking its configuration: {m}")),
+        CallError::Panicked(m) => Failure::Internal(format!("{what} panicked while checking its configuration {m}")),
         CallError::Failed(m) => user(recipe.error_at(section, m)),
         CallError::Cancelled => Failure::Cancelled(format!("{what} stopped")),
     }
@@ -149,7 +149,7 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
             Ok(output) => output,
             Err(CallError::InvalidConfig(e)) => return Err(user(recipe.section_error(&format!("stages[{i}].config"), &e))),
             Err(CallError::Failed(m)) => return Err(Failure::User(format!("{what} failed: {m}"))),
-            Err(CallError::Panicked(m)) => return Err(Failure::Internal(format!("{what} panicked: {m}"))),
+            Err(CallError::Panicked(m)) => return Err(Failure::Internal(format!("{what} panicked {m}"))),
             Err(CallError::Cancelled) => return Err(Failure::Cancelled(format!("{what} stopped on request"))),
         };
         let report = serde_json::json!({ "stage": stage.name, "uses": stage.uses, "model": output.model, "metrics": output.metrics });

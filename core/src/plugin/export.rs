@@ -190,8 +190,9 @@ fn guarded(out: &ByteSink, body: impl FnOnce() -> Result<Vec<u8>, Failure>) -> i
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a non-text panic payload".into());
-            let at = PANIC_LOCATION.with(|p| p.borrow_mut().take()).map(|l| format!(" at {l}")).unwrap_or_default();
-            out.send(format!("panicked{at}: {}", crate::error::without_backtrace(&what)).as_bytes());
+            // The host prefixes "panicked": the message is "at <file:line:col>: <what>".
+            let at = PANIC_LOCATION.with(|p| p.borrow_mut().take()).map(|l| format!("at {l}: ")).unwrap_or_default();
+            out.send(format!("{at}{}", crate::error::without_backtrace(&what)).as_bytes());
             Status::Panicked as i32
         }
     }

@@ -18,7 +18,7 @@ pub enum CallError {
     InvalidConfig(SectionError),
     #[error("{0}")]
     Failed(String),
-    #[error("panicked: {0}")]
+    #[error("panicked {0}")]
     Panicked(String),
     #[error("stopped on request")]
     Cancelled,

@@ -1,0 +1,99 @@
+//! `plumb validate` and `plumb run` on bad recipes: every error names the file, line,
+//! column and key path, and nothing is computed.
+mod common;
+
+use common::*;
+
+const QUICKSTART: &str = "recipes/quickstart.yaml";
+
+fn validate(args: &[&str]) -> std::process::Output {
+    let mut all = vec!["validate"];
+    all.extend_from_slice(args);
+    plumb(&repo_root(), &all)
+}
+
+#[test]
+fn the_quickstart_recipe_validates_and_prints_resolved() {
+    let out = validate(&[QUICKSTART, "stages.pretrain.config.max_steps=50", "stages.pretrain.config.schedule.warmup_steps=5"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("max_steps: 50"), "{text}");
+    assert!(text.contains("seed: 1234"), "{text}");
+}
+
+#[test]
+fn a_typo_in_a_stage_key_names_the_place_and_the_nearest_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 400", "max_step: 400");
+    let path = dir.path().join("typo.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let line = text.lines().position(|l| l.contains("max_step:")).unwrap() + 1;
+    let out = plumb(&repo_root(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}:{line}:7: stages[0].config.max_step: unknown key", path.display())), "{err}");
+    assert!(err.contains("did you mean `max_steps`?"), "{err}");
+}
+
+#[test]
+fn a_wrong_type_names_what_was_expected() {
+    let out = validate(&[QUICKSTART, "stages.pretrain.config.batch_size=many"]);
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains("command line override `stages.pretrain.config.batch_size=many`: stages[0].config.batch_size: expected"),
+        "{err}"
+    );
+    assert!(err.contains("\"many\""), "{err}");
+}
+
+#[test]
+fn a_missing_data_file_is_named_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("data/tiny_tales.txt", "data/nowhere.txt");
+    let path = dir.path().join("missing.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let line = text.lines().position(|l| l.contains("nowhere.txt")).unwrap() + 1;
+    let out = plumb(&repo_root(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!("{}:{line}:9: stages[0].config.data.train: file not found: `data/nowhere.txt`", path.display())),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_unknown_stage_name_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = plumb(
+        &repo_root(),
+        &["run", QUICKSTART, "stages.pretrain.uses=pretrain.casual_lm", &format!("run.output_dir={}", out_dir.display())],
+    );
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("stages[0].uses: plugin `pretrain` has no stage `casual_lm`; did you mean `pretrain.causal_lm`?"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!out_dir.exists(), "nothing is written before validation passes");
+}
+
+#[test]
+fn a_plugin_checks_its_own_options_before_compute() {
+    let out = validate(&[QUICKSTART, "stages.pretrain.config.data.validation_fraction=1.5"]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("stages[0].config.data.validation_fraction: expected a fraction strictly between 0 and 1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_missing_recipe_is_a_user_error() {
+    let out = validate(&["recipes/none.yaml"]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("cannot read recipe `recipes/none.yaml`"), "{}", stderr(&out));
+}

@@ -1,0 +1,103 @@
+//! Shared helpers of the end-to-end tests: run the `plumb` binary on recipes written to
+//! a temporary directory, with the workspace's freshly built plugins.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The directory holding `plumb` and the workspace's plugin libraries.
+pub fn target_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_plumb")).parent().expect("plumb has a directory").to_path_buf()
+}
+
+/// A plugin library built by the workspace (`./dev test` builds them all first).
+pub fn library(file: &str) -> PathBuf {
+    let path = target_dir().join(file);
+    assert!(path.is_file(), "{} is missing: build the workspace first (`./dev test` does)", path.display());
+    path
+}
+
+/// The example plugin, built by `cargo build --example custom_plugin` (`./dev test` does).
+pub fn example_plugin() -> PathBuf {
+    library("examples/libcustom_plugin.so")
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `plumb ARGS` in `dir`, finding plugins next to the binary only.
+pub fn plumb(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PLUMB_PLUGIN_PATH")
+        .env("PLUMB_LOG", "info")
+        .output()
+        .expect("plumb runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing both streams when it differs.
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+}
+
+/// The first `documents` stories of the shipped corpus, written to `dir/corpus.txt`.
+pub fn small_corpus(dir: &Path, documents: usize) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("data/tiny_tales.txt")).expect("the shipped corpus");
+    let docs: Vec<&str> = text.split("\n\n").take(documents).collect();
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, docs.join("\n\n")).expect("write corpus");
+    path
+}
+
+/// A pretraining stage small enough to run in seconds in a debug build.
+pub fn tiny_pretrain_stage(name: &str, corpus: &Path, steps: u32) -> String {
+    format!(
+        r#"  - name: {name}
+    uses: pretrain.causal_lm
+    config:
+      data:
+        train: {corpus}
+        seq_len: 32
+      tokenizer:
+        vocab_size: 300
+      model:
+        hidden_size: 32
+        intermediate_size: 64
+        num_hidden_layers: 2
+        num_attention_heads: 2
+      optimizer:
+        lr: 1.0e-2
+      schedule:
+        warmup_steps: 2
+      batch_size: 8
+      max_steps: {steps}
+      log_every: 2
+      eval:
+        every: 4
+        max_batches: 4
+        sample_prompts: ["One day, Lily"]
+        sample_tokens: 8
+"#,
+        corpus = corpus.display()
+    )
+}
+
+/// The Python with `tensorboard` installed by `./dev test`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PLUMB_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    assert!(venv.is_file(), "no Python with tensorboard: run the tests with `./dev test`, which installs it");
+    venv
+}

@@ -1,0 +1,229 @@
+//! Plugin loading and the C boundary, through the `plumb` binary.
+mod common;
+
+use common::*;
+
+fn recipe(dir: &std::path::Path, plugins: &str, rewards: &str, stages: &str) -> std::path::PathBuf {
+    let text = format!(
+        "run:\n  output_dir: {out}\n  seed: 5\n  device: cpu\nplugins:\n{plugins}{rewards}stages:\n{stages}",
+        out = dir.join("run").display()
+    );
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn plugin_entry(name: &str, path: &std::path::Path) -> String {
+    format!("  - name: {name}\n    path: {}\n", path.display())
+}
+
+#[test]
+fn a_custom_plugin_built_out_of_tree_runs_after_a_pretrain_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 200);
+    let stages = format!(
+        "{}  - name: measure\n    uses: custom.perplexity\n    config:\n      text: {}\n      seq_len: 16\n",
+        tiny_pretrain_stage("pretrain", &corpus, 4),
+        corpus.display()
+    );
+    let plugins = format!("  - name: pretrain\n{}", plugin_entry("custom", &example_plugin()));
+    let path = recipe(dir.path(), &plugins, "", &stages);
+    let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    // The custom stage got the pretrain stage's model and measured it.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("run/measure/report.json")).unwrap()).unwrap();
+    let loss = report["metrics"]["eval/loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{report}");
+    assert_eq!(report["model"].as_str().unwrap(), dir.path().join("run/pretrain/final").to_str().unwrap());
+    assert!((report["metrics"]["eval/perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
+    // Its tracing line reached the host's log.
+    assert!(stderr(&out).contains("perplexity of"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_stage_scores_with_a_reward_from_another_plugin_through_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = format!("{}{}", plugin_entry("probe", &library("libplumb_probe.so")), plugin_entry("custom", &example_plugin()));
+    let rewards = "rewards:\n  - name: short\n    uses: custom.word_count\n    config:\n      target_words: 3\n";
+    let stages = "  - name: score\n    uses: probe.score\n    config:\n      reward: short\n      responses: [\"one two three\", \"one\", \"a b c d e f\"]\n";
+    let path = recipe(dir.path(), &plugins, rewards, stages);
+    let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("run/score/report.json")).unwrap()).unwrap();
+    assert_eq!(report["metrics"], serde_json::json!({"score/0": 0.0, "score/1": -2.0, "score/2": -3.0}));
+}
+
+#[test]
+fn a_reward_config_error_is_located_in_the_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = format!("{}{}", plugin_entry("probe", &library("libplumb_probe.so")), plugin_entry("custom", &example_plugin()));
+    let rewards = "rewards:\n  - name: short\n    uses: custom.word_count\n    config:\n      target_word: 3\n";
+    let stages = "  - name: score\n    uses: probe.score\n    config:\n      reward: short\n      responses: []\n";
+    let path = recipe(dir.path(), &plugins, rewards, stages);
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!("{}:14:7: rewards[0].config.target_word: unknown key", path.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("did you mean `target_words`?"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_panicking_stage_is_reported_and_the_host_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugin_entry("probe", &library("libplumb_probe.so"));
+    let path = recipe(dir.path(), &plugins, "", "  - name: boom\n    uses: probe.panic\n");
+    let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
+    // Exit code 2 (internal error) from a live process, not an abort (134) or a signal.
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    assert!(err.contains("error: stage `boom` (probe.panic, plugin probe 0.1.0) panicked at "), "{err}");
+    assert!(err.contains("probe stage exploded (0 values)"), "{err}");
+    assert!(err.contains("tests/fixtures/probe/src/lib.rs:"), "the panic location is reported: {err}");
+}
+
+#[test]
+fn a_failing_stage_is_a_user_error_naming_plugin_and_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugin_entry("probe", &library("libplumb_probe.so"));
+    let path = recipe(dir.path(), &plugins, "", "  - name: oops\n    uses: probe.fail\n");
+    let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("error: stage `oops` (probe.fail, plugin probe 0.1.0) failed: the probe failed on purpose"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_plugin_built_for_another_abi_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library("libplumb_abi_mismatch.so");
+    let path = recipe(dir.path(), &plugin_entry("abi_mismatch", &lib), "", "  - name: x\n    uses: abi_mismatch.x\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}:6:5: plugins[0]: ", path.display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: plugin ABI version mismatch: this plumb expects ABI version 1, the plugin was built for version 2. Rebuild the plugin against this plumb-core",
+            lib.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_shared_library_that_is_not_a_plugin_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library("libplumb_not_a_plugin.so");
+    let path = recipe(dir.path(), &plugin_entry("not_a_plugin", &lib), "", "  - name: x\n    uses: not_a_plugin.x\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!(
+            "{}: not a plumb plugin: it exports no `plumb_plugin_declaration` symbol",
+            lib.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_shared_library_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("libfake.so");
+    std::fs::write(&fake, "not an ELF file").unwrap();
+    let path = recipe(dir.path(), &plugin_entry("fake", &fake), "", "  - name: x\n    uses: fake.x\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains(&format!("{}: cannot load shared library: ", fake.display())), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_plugin_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("libgone.so");
+    let path = recipe(dir.path(), &plugin_entry("gone", &missing), "", "  - name: x\n    uses: gone.x\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!("{}:7:5: plugins[0].path: {}: plugin file not found", path.display(), missing.display())),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_plugin_not_found_by_name_lists_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = recipe(dir.path(), "  - name: nowhere\n", "", "  - name: x\n    uses: nowhere.x\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(err.contains("plugins[0].name: plugin `nowhere` not found; looked for "), "{err}");
+    assert!(err.contains(&target_dir().join("libplumb_nowhere.so").display().to_string()), "{err}");
+}
+
+#[test]
+fn a_sha256_pin_is_checked_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library("libplumb_probe.so");
+    let wrong = "0".repeat(64);
+    let plugins = format!("  - name: probe\n    path: {}\n    sha256: \"{wrong}\"\n", lib.display());
+    let path = recipe(dir.path(), &plugins, "", "  - name: x\n    uses: probe.fail\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}:8:5: plugins[0].sha256: ", path.display())), "{err}");
+    assert!(err.contains(&format!("sha256 mismatch: the recipe pins {wrong} but the file has ")), "{err}");
+    assert!(err.contains("refusing to load it"), "{err}");
+
+    // The right hash loads.
+    let right = plumb_core::plugin::loader::sha256_of(&lib).unwrap();
+    let plugins = format!("  - name: probe\n    path: {}\n    sha256: \"{right}\"\n", lib.display());
+    let path = recipe(dir.path(), &plugins, "", "  - name: x\n    uses: probe.fail\n");
+    assert_exit(&plumb(dir.path(), &["validate", path.to_str().unwrap()]), 0);
+}
+
+#[test]
+fn an_unknown_stage_suggests_the_nearest_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugin_entry("probe", &library("libplumb_probe.so"));
+    let path = recipe(dir.path(), &plugins, "", "  - name: x\n    uses: probe.scores\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!(
+            "{}:10:5: stages[0].uses: plugin `probe` has no stage `scores`; did you mean `probe.score`?",
+            path.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn plugins_lists_what_each_plugin_provides() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .arg("plugins")
+        .env("PLUMB_PLUGIN_PATH", target_dir().join("examples"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains(&format!("pretrain 0.1.0  {}", target_dir().join("libplumb_pretrain.so").display())), "{text}");
+    assert!(text.contains("    stage     pretrain.causal_lm  Causal language modelling"), "{text}");
+    assert!(text.contains("custom 0.1.0  "), "{text}");
+    assert!(text.contains("    reward    custom.word_count  Prefers responses with a target number of words"), "{text}");
+    // A broken plugin next to the others is reported, not fatal.
+    assert!(text.contains("plugin ABI version mismatch"), "{text}");
+}

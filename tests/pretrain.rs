@@ -1,0 +1,129 @@
+//! The first slice end to end: a recipe trains a tokenizer and a small model through
+//! the `pretrain` plugin, saves it in HF layout and logs to TensorBoard.
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn write_recipe(dir: &Path, seed: u64, steps: u32) -> std::path::PathBuf {
+    let corpus = small_corpus(dir, 300);
+    let text = format!(
+        "run:\n  output_dir: {out}\n  seed: {seed}\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stage}",
+        out = dir.join(format!("run-{seed}")).display(),
+        stage = tiny_pretrain_stage("pretrain", &corpus, steps)
+    );
+    let path = dir.join(format!("recipe-{seed}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn report(run: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(run.join("pretrain/report.json")).unwrap()).unwrap()
+}
+
+/// Reads every event of a TensorBoard run folder with the official reader.
+fn read_events(tb_dir: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.hparams import plugin_data_pb2
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={k: 0 for k in [ea.SCALARS, ea.TENSORS, ea.HISTOGRAMS, ea.IMAGES, ea.AUDIO, ea.COMPRESSED_HISTOGRAMS]})
+acc.Reload()
+tags = acc.Tags()
+out = {"scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]}, "text": {}, "hparams": {}}
+for t in tags["tensors"]:
+    for e in acc.Tensors(t):
+        if e.tensor_proto.string_val:
+            out["text"].setdefault(t, []).append([e.step, e.tensor_proto.string_val[0].decode("utf-8")])
+content = acc.PluginTagToContent("hparams")
+for tag, raw in content.items():
+    data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+    if data.HasField("session_start_info"):
+        out["hparams"] = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in data.session_start_info.hparams.items()}
+    if data.HasField("experiment"):
+        out["metrics"] = [m.name.tag for m in data.experiment.metric_infos]
+print(json.dumps(out))
+"#;
+    let output = std::process::Command::new(python()).args(["-c", script]).arg(tb_dir).output().expect("python runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn pretraining_learns_saves_hf_layout_and_logs_what_tensorboard_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 11, 8);
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let run = dir.path().join("run-11");
+
+    // The model, in HF layout, and the resolved recipe beside it.
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(run.join("pretrain/final").join(file).is_file(), "{file} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("pretrain/final/config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"], serde_json::json!(["LlamaForCausalLM"]));
+    assert_eq!(config["hidden_size"], 32);
+    let resolved = run.join("recipe.yaml");
+    assert_exit(&plumb(dir.path(), &["validate", resolved.to_str().unwrap()]), 0);
+
+    // It learned: the loss fell well below its starting point.
+    let report = report(&run);
+    let (initial, last) = (report["metrics"]["eval/initial_loss"].as_f64().unwrap(), report["metrics"]["eval/loss"].as_f64().unwrap());
+    assert!(last < initial - 1.0, "eval/loss {initial} -> {last}");
+
+    // TensorBoard reads back every tag, at the right steps, with the logged values.
+    let events = read_events(&run.join("tb/pretrain"));
+    let scalars = &events["scalars"];
+    for tag in ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/perplexity"] {
+        let steps: Vec<i64> = scalars[tag].as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect();
+        assert_eq!(steps, vec![2, 4, 6, 8], "{tag}");
+    }
+    let eval_steps: Vec<i64> = scalars["eval/loss"].as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect();
+    assert_eq!(eval_steps, vec![0, 4, 8]);
+    let eval_last = scalars["eval/loss"][2][1].as_f64().unwrap();
+    assert!((eval_last - last).abs() < 1e-5 * last.abs(), "{eval_last} vs report {last}");
+    // warmup 2 then cosine to 10% over 8 steps: the value logged at step 2 is the lr of step index 1.
+    let lr_at_2 = scalars["train/learning_rate"][0][1].as_f64().unwrap();
+    assert!((lr_at_2 - 1.0e-2).abs() < 1e-9, "{lr_at_2}");
+    let text = events["text"]["samples/greedy"].as_array().unwrap();
+    assert_eq!(text.len(), 2, "samples at steps 4 and 8");
+    assert!(text[0][1].as_str().unwrap().starts_with("**One day, Lily**"), "{text:?}");
+    assert_eq!(events["hparams"]["max_steps"], 8.0);
+    assert_eq!(events["hparams"]["batch_size"], 8.0);
+    assert_eq!(events["metrics"], serde_json::json!(["eval/loss", "train/loss"]));
+}
+
+#[test]
+fn a_seeded_run_is_reproducible_on_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs: Vec<serde_json::Value> = [21, 21, 22]
+        .iter()
+        .enumerate()
+        .map(|(i, &seed)| {
+            let sub = dir.path().join(i.to_string());
+            std::fs::create_dir(&sub).unwrap();
+            let recipe = write_recipe(&sub, seed, 4);
+            assert_exit(&plumb(&sub, &["run", recipe.to_str().unwrap()]), 0);
+            let events = read_events(&sub.join(format!("run-{seed}/tb/pretrain")));
+            events["scalars"]["train/loss"].clone()
+        })
+        .collect();
+    assert_eq!(runs[0], runs[1], "same seed, same losses");
+    assert_ne!(runs[0], runs[2], "another seed, other losses");
+}
+
+#[test]
+fn a_corpus_that_is_not_utf8_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 3, 2);
+    let corpus = dir.path().join("corpus.txt");
+    let mut bytes = b"A fine first line.\n\nAnd a second document.\n".to_vec();
+    bytes.extend_from_slice(b"bad \xff byte\n");
+    std::fs::write(&corpus, bytes).unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains(&format!("{}: line 4: not valid UTF-8 text", corpus.display())), "{}", stderr(&out));
+}
