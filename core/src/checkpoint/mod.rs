@@ -115,7 +115,10 @@ pub fn load_safetensors_into(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
     let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
     let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     let _no_grad = tch::no_grad_guard();
-    for (name, mut var) in vs.variables() {
+    // In name order, so the first problem reported is the same on every run.
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, mut var) in variables {
         let view = st.tensor(&name).map_err(|_| Error::file(path, format!("tensor `{name}` is missing")))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if shape != var.size() {
@@ -127,4 +130,49 @@ pub fn load_safetensors_into(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
         var.f_copy_(&source.to_kind(var.kind()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_directory_intact() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("final");
+        write_dir_atomically(&dest, |dir| Ok(fs::write(dir.join("a.txt"), "first").unwrap())).unwrap();
+        let failed = write_dir_atomically(&dest, |dir| {
+            fs::write(dir.join("a.txt"), "second, half written").unwrap();
+            Err(Error::Other("disk full".into()))
+        });
+        assert_eq!(failed.unwrap_err().to_string(), "disk full");
+        assert_eq!(fs::read_to_string(dest.join("a.txt")).unwrap(), "first");
+        let leftovers: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("final")], "no staging directory is left behind");
+        write_dir_atomically(&dest, |dir| Ok(fs::write(dir.join("b.txt"), "second").unwrap())).unwrap();
+        assert!(!dest.join("a.txt").exists() && dest.join("b.txt").is_file());
+    }
+
+    #[test]
+    fn a_truncated_safetensors_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        save_safetensors(&path, &[("w".to_string(), Tensor::ones([4, 4], (Kind::Float, tch::Device::Cpu)))]).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let mut vs = nn::VarStore::new(tch::Device::Cpu);
+        let _w = vs.root().zeros("w", &[4, 4]);
+        let message = load_safetensors_into(&mut vs, &path).unwrap_err().to_string();
+        assert!(message.contains("model.safetensors: not a valid safetensors file"), "{message}");
+    }
+
+    #[test]
+    fn safetensors_carry_the_format_metadata_transformers_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        save_safetensors(&path, &[("x".to_string(), Tensor::from_slice(&[1.0f32, 2.0]))]).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(metadata.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+    }
 }

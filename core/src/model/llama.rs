@@ -448,3 +448,111 @@ impl Policy for LlamaForCausalLm {
         json(&generation, "generation_config.json")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(tie: bool, kv_heads: usize) -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": kv_heads, "max_position_embeddings": 32,
+            "tie_word_embeddings": tie
+        }))
+        .unwrap()
+    }
+
+    fn model(tie: bool, kv_heads: usize) -> LlamaForCausalLm {
+        tch::manual_seed(0);
+        LlamaForCausalLm::new(tiny(tie, kv_heads), tch::Device::Cpu).unwrap()
+    }
+
+    fn ids(v: &[i64]) -> Tensor {
+        Tensor::from_slice(v).view([1, -1])
+    }
+
+    #[test]
+    fn a_token_never_sees_the_future() {
+        let m = model(false, 2);
+        let a = m.logits(&ids(&[1, 2, 3, 4, 5]), None).unwrap();
+        let b = m.logits(&ids(&[1, 2, 3, 9, 9]), None).unwrap();
+        let diff = (a.narrow(1, 0, 3) - b.narrow(1, 0, 3)).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
+        let later = (a.narrow(1, 3, 2) - b.narrow(1, 3, 2)).abs().max().double_value(&[]);
+        assert!(later > 1e-4, "changed tokens change later logits");
+    }
+
+    #[test]
+    fn padded_keys_are_hidden_by_the_mask() {
+        let m = model(true, 4);
+        let plain = m.logits(&ids(&[5, 6, 7]), None).unwrap();
+        let right = m.logits(&ids(&[5, 6, 7, 0, 0]), Some(&ids(&[1, 1, 1, 0, 0]))).unwrap();
+        let diff = (plain - right.narrow(1, 0, 3)).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+        // A row of padding queries would be all -inf; it attends to itself instead.
+        let left = m.logits(&ids(&[0, 0, 5, 6, 7]), Some(&ids(&[0, 0, 1, 1, 1]))).unwrap();
+        assert_eq!(left.isfinite().all().int64_value(&[]), 1);
+    }
+
+    #[test]
+    fn a_saved_model_loads_back_with_the_same_logits() {
+        let m = model(false, 2);
+        let dir = tempfile::tempdir().unwrap();
+        m.save(dir.path()).unwrap();
+        let loaded = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu).unwrap();
+        let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6]);
+        let diff = (m.logits(&x, None).unwrap() - loaded.logits(&x, None).unwrap()).abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0);
+        assert_eq!(loaded.hf_config(), m.hf_config());
+    }
+
+    #[test]
+    fn a_checkpoint_with_a_wrong_shape_or_missing_tensor_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        model(false, 2).save(dir.path()).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+        config["intermediate_size"] = serde_json::json!(25);
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let message = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu).err().unwrap().to_string();
+        assert!(
+            message.ends_with("model.safetensors: tensor `model.layers.0.mlp.down_proj.weight` has shape [16, 24], the model expects [16, 25]"),
+            "{message}"
+        );
+
+        config["intermediate_size"] = serde_json::json!(24);
+        config["tie_word_embeddings"] = serde_json::json!(false);
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let tied = tempfile::tempdir().unwrap();
+        model(true, 2).save(tied.path()).unwrap();
+        std::fs::copy(tied.path().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+        let message = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu).err().unwrap().to_string();
+        assert!(message.ends_with("model.safetensors: tensor `lm_head.weight` is missing"), "{message}");
+    }
+
+    #[test]
+    fn unsupported_options_name_their_field() {
+        let mut c = tiny(false, 3);
+        assert_eq!(c.resolve().err().unwrap().to_string(), "num_key_value_heads: expected a positive divisor of num_attention_heads (4), found 3");
+        c = tiny(false, 2);
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "yarn"}));
+        assert!(c.resolve().err().unwrap().to_string().starts_with("rope_scaling: "));
+        c = tiny(false, 2);
+        c.model_type = "gpt2".into();
+        assert_eq!(c.resolve().err().unwrap().to_string(), "model_type: unsupported model_type `gpt2`; this family is `llama`");
+    }
+
+    #[test]
+    fn greedy_generation_is_deterministic_and_stops_on_a_stop_token() {
+        let m = model(true, 4);
+        let settings = crate::model::GenerationSettings { max_new_tokens: 6, temperature: 0.0, ..Default::default() };
+        let a = m.generate(&[vec![1, 2, 3]], &settings).unwrap();
+        let b = m.generate(&[vec![1, 2, 3]], &settings).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a[0].tokens.len(), 6);
+        let first = a[0].tokens[0];
+        let stopping = crate::model::GenerationSettings { stop_tokens: vec![first], ..settings };
+        let c = m.generate(&[vec![1, 2, 3]], &stopping).unwrap();
+        assert!(c[0].stopped && c[0].tokens.is_empty());
+    }
+}

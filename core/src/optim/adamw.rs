@@ -134,8 +134,9 @@ mod tests {
     #[test]
     fn matches_the_adamw_formula() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let w = vs.root().var_copy("layer.weight", &Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).view([2, 2]));
-        let b = vs.root().var_copy("layer.bias", &Tensor::from_slice(&[1.0f32, 1.0]));
+        let layer = vs.root() / "layer";
+        let w = layer.var_copy("weight", &Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).view([2, 2]));
+        let b = layer.var_copy("bias", &Tensor::from_slice(&[1.0f32, 1.0]));
         let config = AdamWConfig { lr: 0.1, betas: (0.9, 0.99), eps: 1e-8, weight_decay: 0.5 };
         let mut opt = AdamW::new(&vs, config.clone());
         let c = [0.3f64, -0.7, 1.1, 0.2];

@@ -111,3 +111,32 @@ impl Tokenizer {
         write_file_atomically(&config_file, text.as_bytes())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trained_tokenizer_round_trips_text_and_keeps_its_eos_when_saved() {
+        let texts = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"];
+        let tokenizer = Tokenizer::train_bpe(texts.iter().copied(), 300, 1).unwrap();
+        let ids = tokenizer.encode("the cat sat on the log").unwrap();
+        assert_eq!(tokenizer.decode(&ids).unwrap(), "the cat sat on the log");
+        assert!(ids.len() < "the cat sat on the log".len(), "merges were learned");
+        let eos = tokenizer.eos_id().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tokenizer.save(dir.path(), 64).unwrap();
+        let loaded = Tokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(loaded.eos_id(), Some(eos));
+        assert_eq!(loaded.encode("a dog").unwrap(), tokenizer.encode("a dog").unwrap());
+        assert_eq!(loaded.vocab_size(), tokenizer.vocab_size());
+    }
+
+    #[test]
+    fn a_broken_tokenizer_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{ not json").unwrap();
+        let message = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+        assert!(message.contains("tokenizer.json: "), "{message}");
+    }
+}
