@@ -62,7 +62,10 @@ impl Stage for Perplexity {
         let len = rows.size()[1] - 1;
         let logits = model.logits(&rows.narrow(1, 0, len), None)?;
         let vocab = logits.size()[2];
-        let loss: Tensor = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_for_logits(&rows.narrow(1, 1, len).reshape([-1]));
+        let loss: Tensor = logits
+            .view([-1, vocab])
+            .to_kind(Kind::Float)
+            .cross_entropy_for_logits(&rows.narrow(1, 1, len).reshape([-1]));
         let loss = loss.double_value(&[]);
         ctx.scalar("eval/loss", 0, loss);
         tracing::info!("perplexity of {} on {}: {:.3}", dir.display(), c.text.display(), loss.exp());

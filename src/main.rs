@@ -27,10 +27,7 @@ enum Command {
         overrides: Vec<String>,
     },
     /// Check a recipe (and its plugins' sections) and print it fully resolved.
-    Validate {
-        recipe: PathBuf,
-        overrides: Vec<String>,
-    },
+    Validate { recipe: PathBuf, overrides: Vec<String> },
     /// List the plugins found on PLUMB_PLUGIN_PATH and next to this executable.
     Plugins,
 }
@@ -60,7 +57,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PLUMB_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("PLUMB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

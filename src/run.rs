@@ -2,7 +2,7 @@
 //! then the stages run in order, each handing its model directory to the next.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -32,8 +32,9 @@ fn load_plugins(recipe: &LoadedRecipe) -> Result<Registry, Failure> {
     let mut registry = Registry::default();
     for (i, spec) in recipe.recipe().plugins.iter().enumerate() {
         let key = |field: &str| format!("plugins[{i}]{field}");
-        let path = loader::locate(&spec.name, spec.path.as_deref())
-            .map_err(|e| user(recipe.error_at(&key(if spec.path.is_some() { ".path" } else { ".name" }), e.to_string())))?;
+        let path = loader::locate(&spec.name, spec.path.as_deref()).map_err(|e| {
+            user(recipe.error_at(&key(if spec.path.is_some() { ".path" } else { ".name" }), e.to_string()))
+        })?;
         let plugin = loader::load(&path, spec.sha256.as_deref()).map_err(|e| {
             let field = if matches!(e, loader::LoadError::Sha256Mismatch { .. }) { ".sha256" } else { "" };
             user(recipe.error_at(&key(field), e.to_string()))
@@ -71,9 +72,12 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
     let spec = recipe.recipe();
     let mut rewards = Vec::new();
     for (i, reward) in spec.rewards.iter().enumerate() {
-        let component = registry.reward(&reward.uses).map_err(|m| user(recipe.error_at(&format!("rewards[{i}].uses"), m)))?;
+        let component =
+            registry.reward(&reward.uses).map_err(|m| user(recipe.error_at(&format!("rewards[{i}].uses"), m)))?;
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
-        component.validate(&yaml(&reward.config)).map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
+        component
+            .validate(&yaml(&reward.config))
+            .map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
         rewards.push(component);
     }
     let mut stages: Vec<Component> = Vec::new();
@@ -82,7 +86,9 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
             .component(&stage.uses, Kind::Stage)
             .map_err(|m| user(recipe.error_at(&format!("stages[{i}].uses"), m)))?;
         let what = format!("stage `{}` ({})", stage.name, stage.uses);
-        component.validate(&recipe.stage_config_yaml(i)).map_err(|e| located(&recipe, &format!("stages[{i}].config"), &what, e))?;
+        component
+            .validate(&recipe.stage_config_yaml(i))
+            .map_err(|e| located(&recipe, &format!("stages[{i}].config"), &what, e))?;
         if let Some(model) = &stage.model {
             if !model.join("config.json").is_file() {
                 return Err(user(recipe.error_at(
@@ -100,16 +106,24 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
 
     // 2. The run directory, with the fully resolved recipe beside the results.
     let output_dir = spec.run.output_dir.clone();
-    std::fs::create_dir_all(&output_dir).map_err(|e| Failure::User(format!("{}: cannot create the output directory: {e}", output_dir.display())))?;
-    write_file_atomically(&output_dir.join("recipe.yaml"), recipe.resolved_yaml().as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+    std::fs::create_dir_all(&output_dir)
+        .map_err(|e| Failure::User(format!("{}: cannot create the output directory: {e}", output_dir.display())))?;
+    write_file_atomically(&output_dir.join("recipe.yaml"), recipe.resolved_yaml().as_bytes())
+        .map_err(|e| Failure::User(e.to_string()))?;
     let device = resolve_device(spec.run.device)?;
+    // The first Ctrl-C asks the running stage to finish its step and save; a second one
+    // exits at once.
     let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))
+    let sigint = signal_hook::consts::SIGINT;
+    signal_hook::flag::register_conditional_shutdown(sigint, 130, Arc::clone(&stop))
+        .and_then(|_| signal_hook::flag::register(sigint, Arc::clone(&stop)))
         .map_err(|e| Failure::Internal(format!("cannot install the Ctrl-C handler: {e}")))?;
     let mut live_rewards: BTreeMap<String, Mutex<RewardInstance>> = BTreeMap::new();
     for (i, (reward, component)) in spec.rewards.iter().zip(&rewards).enumerate() {
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
-        let instance = component.create(&yaml(&reward.config)).map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
+        let instance = component
+            .create(&yaml(&reward.config))
+            .map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
         live_rewards.insert(reward.name.clone(), Mutex::new(instance));
     }
     tracing::info!("run `{}` on {device} into {}", spec.run.name, output_dir.display());
@@ -117,7 +131,10 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
     // 3. The stages, in order.
     let mut input_model: Option<PathBuf> = None;
     for (i, (stage, component)) in spec.stages.iter().zip(&stages).enumerate() {
-        let what = format!("stage `{}` ({}, plugin {} {})", stage.name, stage.uses, component.plugin.name, component.plugin.version);
+        let what = format!(
+            "stage `{}` ({}, plugin {} {})",
+            stage.name, stage.uses, component.plugin.name, component.plugin.version
+        );
         let stage_dir = output_dir.join(&stage.name);
         std::fs::create_dir_all(&stage_dir).map_err(|e| Failure::User(format!("{}: {e}", stage_dir.display())))?;
         let tb_dir = output_dir.join("tb").join(&stage.name);
@@ -144,29 +161,44 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
         if let Ok(mut progress) = host.progress.lock() {
             progress.finish();
         }
-        tensorboard.close().map_err(|e| Failure::Internal(format!("TensorBoard events of stage `{}`: {e}", stage.name)))?;
+        tensorboard
+            .close()
+            .map_err(|e| Failure::Internal(format!("TensorBoard events of stage `{}`: {e}", stage.name)))?;
         let output = match result {
             Ok(output) => output,
-            Err(CallError::InvalidConfig(e)) => return Err(user(recipe.section_error(&format!("stages[{i}].config"), &e))),
+            Err(CallError::InvalidConfig(e)) => {
+                return Err(user(recipe.section_error(&format!("stages[{i}].config"), &e)))
+            }
             Err(CallError::Failed(m)) => return Err(Failure::User(format!("{what} failed: {m}"))),
             Err(CallError::Panicked(m)) => return Err(Failure::Internal(format!("{what} panicked {m}"))),
             Err(CallError::Cancelled) => return Err(Failure::Cancelled(format!("{what} stopped on request"))),
         };
         let report = serde_json::json!({ "stage": stage.name, "uses": stage.uses, "model": output.model, "metrics": output.metrics });
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        write_file_atomically(&stage_dir.join("report.json"), text.as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+        write_file_atomically(&stage_dir.join("report.json"), text.as_bytes())
+            .map_err(|e| Failure::User(e.to_string()))?;
         let figures: Vec<String> = output.metrics.iter().map(|(k, v)| format!("{k}={}", short(*v))).collect();
         println!("stage {} finished in {:.1}s: {}", stage.name, started.elapsed().as_secs_f64(), figures.join(" "));
         if let Some(model) = &output.model {
             println!("stage {} model: {}", stage.name, model.display());
         }
         input_model = output.model.or(input_model);
+        if stop.load(Ordering::SeqCst) && i + 1 < spec.stages.len() {
+            return Err(Failure::Cancelled(format!(
+                "stopped on request after stage `{}`; its model is saved",
+                stage.name
+            )));
+        }
     }
     Ok(())
 }
 
 fn short(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.4}") }
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
 }
 
 /// `auto` becomes `cuda:0` when libtorch sees a GPU, else `cpu`.
@@ -176,6 +208,8 @@ fn resolve_device(device: Device) -> Result<String, Failure> {
         Device::Auto => Ok(if cuda > 0 { "cuda:0".into() } else { "cpu".into() }),
         Device::Cpu => Ok("cpu".into()),
         Device::Cuda(n) if n < cuda => Ok(format!("cuda:{n}")),
-        Device::Cuda(n) => Err(Failure::User(format!("run.device asks for cuda:{n}, but libtorch sees {cuda} CUDA device(s)"))),
+        Device::Cuda(n) => {
+            Err(Failure::User(format!("run.device asks for cuda:{n}, but libtorch sees {cuda} CUDA device(s)")))
+        }
     }
 }

@@ -14,7 +14,11 @@ fn validate(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn the_quickstart_recipe_validates_and_prints_resolved() {
-    let out = validate(&[QUICKSTART, "stages.pretrain.config.max_steps=50", "stages.pretrain.config.schedule.warmup_steps=5"]);
+    let out = validate(&[
+        QUICKSTART,
+        "stages.pretrain.config.max_steps=50",
+        "stages.pretrain.config.schedule.warmup_steps=5",
+    ]);
     assert_exit(&out, 0);
     let text = stdout(&out);
     assert!(text.contains("max_steps: 50"), "{text}");
@@ -24,7 +28,8 @@ fn the_quickstart_recipe_validates_and_prints_resolved() {
 #[test]
 fn a_typo_in_a_stage_key_names_the_place_and_the_nearest_key() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 400", "max_step: 400");
+    let text =
+        std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 400", "max_step: 400");
     let path = dir.path().join("typo.yaml");
     std::fs::write(&path, &text).unwrap();
     let line = text.lines().position(|l| l.contains("max_step:")).unwrap() + 1;
@@ -41,7 +46,9 @@ fn a_wrong_type_names_what_was_expected() {
     assert_exit(&out, 1);
     let err = stderr(&out);
     assert!(
-        err.contains("command line override `stages.pretrain.config.batch_size=many`: stages[0].config.batch_size: expected"),
+        err.contains(
+            "command line override `stages.pretrain.config.batch_size=many`: stages[0].config.batch_size: expected"
+        ),
         "{err}"
     );
     assert!(err.contains("\"many\""), "{err}");
@@ -50,14 +57,19 @@ fn a_wrong_type_names_what_was_expected() {
 #[test]
 fn a_missing_data_file_is_named_with_its_key() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("data/tiny_tales.txt", "data/nowhere.txt");
+    let text = std::fs::read_to_string(repo_root().join(QUICKSTART))
+        .unwrap()
+        .replace("data/tiny_tales.txt", "data/nowhere.txt");
     let path = dir.path().join("missing.yaml");
     std::fs::write(&path, &text).unwrap();
     let line = text.lines().position(|l| l.contains("nowhere.txt")).unwrap() + 1;
     let out = plumb(&repo_root(), &["validate", path.to_str().unwrap()]);
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains(&format!("{}:{line}:9: stages[0].config.data.train: file not found: `data/nowhere.txt`", path.display())),
+        stderr(&out).contains(&format!(
+            "{}:{line}:9: stages[0].config.data.train: file not found: `data/nowhere.txt`",
+            path.display()
+        )),
         "{}",
         stderr(&out)
     );
@@ -69,11 +81,17 @@ fn an_unknown_stage_name_is_refused_before_any_work() {
     let out_dir = dir.path().join("out");
     let out = plumb(
         &repo_root(),
-        &["run", QUICKSTART, "stages.pretrain.uses=pretrain.casual_lm", &format!("run.output_dir={}", out_dir.display())],
+        &[
+            "run",
+            QUICKSTART,
+            "stages.pretrain.uses=pretrain.casual_lm",
+            &format!("run.output_dir={}", out_dir.display()),
+        ],
     );
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains("stages[0].uses: plugin `pretrain` has no stage `casual_lm`; did you mean `pretrain.causal_lm`?"),
+        stderr(&out)
+            .contains("stages[0].uses: plugin `pretrain` has no stage `casual_lm`; did you mean `pretrain.causal_lm`?"),
         "{}",
         stderr(&out)
     );
@@ -85,7 +103,8 @@ fn a_plugin_checks_its_own_options_before_compute() {
     let out = validate(&[QUICKSTART, "stages.pretrain.config.data.validation_fraction=1.5"]);
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains("stages[0].config.data.validation_fraction: expected a fraction strictly between 0 and 1"),
+        stderr(&out)
+            .contains("stages[0].config.data.validation_fraction: expected a fraction strictly between 0 and 1"),
         "{}",
         stderr(&out)
     );

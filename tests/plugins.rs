@@ -44,7 +44,11 @@ fn a_custom_plugin_built_out_of_tree_runs_after_a_pretrain_stage() {
 #[test]
 fn a_stage_scores_with_a_reward_from_another_plugin_through_the_host() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = format!("{}{}", plugin_entry("probe", &library("libplumb_probe.so")), plugin_entry("custom", &example_plugin()));
+    let plugins = format!(
+        "{}{}",
+        plugin_entry("probe", &library("libplumb_probe.so")),
+        plugin_entry("custom", &example_plugin())
+    );
     let rewards = "rewards:\n  - name: short\n    uses: custom.word_count\n    config:\n      target_words: 3\n";
     let stages = "  - name: score\n    uses: probe.score\n    config:\n      reward: short\n      responses: [\"one two three\", \"one\", \"a b c d e f\"]\n";
     let path = recipe(dir.path(), &plugins, rewards, stages);
@@ -58,7 +62,11 @@ fn a_stage_scores_with_a_reward_from_another_plugin_through_the_host() {
 #[test]
 fn a_reward_config_error_is_located_in_the_recipe() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = format!("{}{}", plugin_entry("probe", &library("libplumb_probe.so")), plugin_entry("custom", &example_plugin()));
+    let plugins = format!(
+        "{}{}",
+        plugin_entry("probe", &library("libplumb_probe.so")),
+        plugin_entry("custom", &example_plugin())
+    );
     let rewards = "rewards:\n  - name: short\n    uses: custom.word_count\n    config:\n      target_word: 3\n";
     let stages = "  - name: score\n    uses: probe.score\n    config:\n      reward: short\n      responses: []\n";
     let path = recipe(dir.path(), &plugins, rewards, stages);
@@ -94,7 +102,8 @@ fn a_failing_stage_is_a_user_error_naming_plugin_and_stage() {
     let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains("error: stage `oops` (probe.fail, plugin probe 0.1.0) failed: the probe failed on purpose"),
+        stderr(&out)
+            .contains("error: stage `oops` (probe.fail, plugin probe 0.1.0) failed: the probe failed on purpose"),
         "{}",
         stderr(&out)
     );
@@ -154,7 +163,11 @@ fn a_missing_plugin_file_is_named() {
     let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains(&format!("{}:7:5: plugins[0].path: {}: plugin file not found", path.display(), missing.display())),
+        stderr(&out).contains(&format!(
+            "{}:7:5: plugins[0].path: {}: plugin file not found",
+            path.display(),
+            missing.display()
+        )),
         "{}",
         stderr(&out)
     );
@@ -220,10 +233,16 @@ fn plugins_lists_what_each_plugin_provides() {
         .unwrap();
     assert_exit(&out, 0);
     let text = stdout(&out);
-    assert!(text.contains(&format!("pretrain 0.1.0  {}", target_dir().join("libplumb_pretrain.so").display())), "{text}");
+    assert!(
+        text.contains(&format!("pretrain 0.1.0  {}", target_dir().join("libplumb_pretrain.so").display())),
+        "{text}"
+    );
     assert!(text.contains("    stage     pretrain.causal_lm  Causal language modelling"), "{text}");
     assert!(text.contains("custom 0.1.0  "), "{text}");
-    assert!(text.contains("    reward    custom.word_count  Prefers responses with a target number of words"), "{text}");
+    assert!(
+        text.contains("    reward    custom.word_count  Prefers responses with a target number of words"),
+        "{text}"
+    );
     // A broken plugin next to the others is reported, not fatal.
     assert!(text.contains("plugin ABI version mismatch"), "{text}");
 }

@@ -59,7 +59,9 @@ fn pretraining_learns_saves_hf_layout_and_logs_what_tensorboard_reads() {
     let run = dir.path().join("run-11");
 
     // The model, in HF layout, and the resolved recipe beside it.
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for file in
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    {
         assert!(run.join("pretrain/final").join(file).is_file(), "{file} missing");
     }
     let config: serde_json::Value =
@@ -71,7 +73,8 @@ fn pretraining_learns_saves_hf_layout_and_logs_what_tensorboard_reads() {
 
     // It learned: the loss fell well below its starting point.
     let report = report(&run);
-    let (initial, last) = (report["metrics"]["eval/initial_loss"].as_f64().unwrap(), report["metrics"]["eval/loss"].as_f64().unwrap());
+    let (initial, last) =
+        (report["metrics"]["eval/initial_loss"].as_f64().unwrap(), report["metrics"]["eval/loss"].as_f64().unwrap());
     assert!(last < initial - 1.0, "eval/loss {initial} -> {last}");
 
     // TensorBoard reads back every tag, at the right steps, with the logged values.
@@ -81,7 +84,8 @@ fn pretraining_learns_saves_hf_layout_and_logs_what_tensorboard_reads() {
         let steps: Vec<i64> = scalars[tag].as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect();
         assert_eq!(steps, vec![2, 4, 6, 8], "{tag}");
     }
-    let eval_steps: Vec<i64> = scalars["eval/loss"].as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect();
+    let eval_steps: Vec<i64> =
+        scalars["eval/loss"].as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect();
     assert_eq!(eval_steps, vec![0, 4, 8]);
     let eval_last = scalars["eval/loss"][2][1].as_f64().unwrap();
     assert!((eval_last - last).abs() < 1e-5 * last.abs(), "{eval_last} vs report {last}");
@@ -126,4 +130,35 @@ fn a_corpus_that_is_not_utf8_is_reported_with_its_line() {
     let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
     assert_exit(&out, 1);
     assert!(stderr(&out).contains(&format!("{}: line 4: not valid UTF-8 text", corpus.display())), "{}", stderr(&out));
+}
+
+#[test]
+fn ctrl_c_finishes_the_step_saves_the_model_and_exits_130() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 4, 100_000);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .args(["run", recipe.to_str().unwrap()])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Plain progress lines (stdout is a pipe): the first comes after the first step.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("[pretrain] step 1/100000"), "{first}");
+    let killed = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "stdout: {rest:?}\nstderr: {err}");
+    assert!(err.contains("stage `pretrain` (pretrain.causal_lm, plugin pretrain 0.1.0) stopped on request"), "{err}");
+    let saved = dir.path().join("run-4/pretrain/interrupted");
+    assert!(err.contains(&format!("the model is saved in {}", saved.display())), "{err}");
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(saved.join(file).is_file(), "{file}");
+    }
+    assert!(!dir.path().join("run-4/pretrain/final").exists());
 }

@@ -112,30 +112,18 @@ fn read_back(run_dir: &Path, logdir: &Path) -> Value {
         run_dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON from the reader ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON from the reader ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// `[[step, f32 bits]]` of what we logged, the exactness TensorBoard stores (f32).
 fn expected(points: &[(i64, f64)]) -> Vec<(i64, u32)> {
-    points
-        .iter()
-        .map(|&(step, v)| (step, (v as f32).to_bits()))
-        .collect()
+    points.iter().map(|&(step, v)| (step, (v as f32).to_bits())).collect()
 }
 
 fn read_scalars(json: &Value, tag: &str) -> Vec<(i64, u32)> {
-    let events = json["scalars"][tag]
-        .as_array()
-        .unwrap_or_else(|| panic!("no scalars for {tag}: {json}"));
-    events
-        .iter()
-        .map(|e| (e[0].as_i64().unwrap(), e[2].as_u64().unwrap() as u32))
-        .collect()
+    let events = json["scalars"][tag].as_array().unwrap_or_else(|| panic!("no scalars for {tag}: {json}"));
+    events.iter().map(|e| (e[0].as_i64().unwrap(), e[2].as_u64().unwrap() as u32)).collect()
 }
 
 #[test]
@@ -145,9 +133,7 @@ fn official_tensorboard_reads_scalars_text_and_hparams() {
     let dir = logdir.join("exp1"); // created by TbWriter, parents included
 
     let train_loss: Vec<(i64, f64)> = (0..6).map(|i| (i * 10, 2.0 / (1.0 + i as f64))).collect();
-    let learning_rate: Vec<(i64, f64)> = (0..6)
-        .map(|i| (i * 10, 3e-4 * (1.0 - i as f64 / 10.0)))
-        .collect();
+    let learning_rate: Vec<(i64, f64)> = (0..6).map(|i| (i * 10, 3e-4 * (1.0 - i as f64 / 10.0))).collect();
     let eval_loss: Vec<(i64, f64)> = vec![(0, 2.25), (25, 0.4375), (50, 0.123456789)];
     let text = "Réponse: naïve café — 日本語 🚀\nsecond line with **bold**";
 
@@ -155,10 +141,7 @@ fn official_tensorboard_reads_scalars_text_and_hparams() {
     writer.hparams(
         &[
             ("lr".to_string(), HParamValue::Number(3e-4)),
-            (
-                "optimizer".to_string(),
-                HParamValue::Text("adamw".to_string()),
-            ),
+            ("optimizer".to_string(), HParamValue::Text("adamw".to_string())),
             ("use_lora".to_string(), HParamValue::Bool(true)),
             ("batch_size".to_string(), HParamValue::Number(0.0)), // oneof 0 must survive
         ],
@@ -177,19 +160,11 @@ fn official_tensorboard_reads_scalars_text_and_hparams() {
     let json = read_back(&dir, &logdir);
 
     // Scalars: exact tags, steps and f32 values.
-    let mut tags: Vec<_> = json["scalars"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
+    let mut tags: Vec<_> = json["scalars"].as_object().unwrap().keys().cloned().collect();
     tags.sort();
     assert_eq!(tags, ["eval/loss", "train/learning_rate", "train/loss"]);
     assert_eq!(read_scalars(&json, "train/loss"), expected(&train_loss));
-    assert_eq!(
-        read_scalars(&json, "train/learning_rate"),
-        expected(&learning_rate)
-    );
+    assert_eq!(read_scalars(&json, "train/learning_rate"), expected(&learning_rate));
     assert_eq!(read_scalars(&json, "eval/loss"), expected(&eval_loss));
 
     // Text: one scalar DT_STRING (7) tensor under the text plugin, decoded exactly.
@@ -202,20 +177,13 @@ fn official_tensorboard_reads_scalars_text_and_hparams() {
     assert_eq!(events[0]["shape"], serde_json::json!([]));
     assert_eq!(events[0]["text"], text);
     let html = events[0]["html"].as_str().unwrap();
-    assert!(
-        html.contains("<strong>bold</strong>") && html.contains("日本語"),
-        "{html}"
-    );
+    assert!(html.contains("<strong>bold</strong>") && html.contains("日本語"), "{html}");
 
     // Hparams: the three plugin summaries, parsed by the plugin's own parsers.
     let hp = &json["hparams"];
     assert_eq!(
         hp["tags"],
-        serde_json::json!([
-            "_hparams_/experiment",
-            "_hparams_/session_end_info",
-            "_hparams_/session_start_info"
-        ])
+        serde_json::json!(["_hparams_/experiment", "_hparams_/session_end_info", "_hparams_/session_start_info"])
     );
     assert_eq!(
         hp["hparam_infos"],
@@ -237,10 +205,7 @@ fn official_tensorboard_reads_scalars_text_and_hparams() {
         })
     );
     assert_eq!(hp["status"], "STATUS_SUCCESS");
-    let (start, end) = (
-        hp["start_time_secs"].as_f64().unwrap(),
-        hp["end_time_secs"].as_f64().unwrap(),
-    );
+    let (start, end) = (hp["start_time_secs"].as_f64().unwrap(), hp["end_time_secs"].as_f64().unwrap());
     assert!(start > 1.6e9 && end >= start, "start {start}, end {end}");
 
     // The HParams dashboard: one session group (the run), its hparams, and eval/loss at
@@ -258,9 +223,6 @@ fn official_tensorboard_reads_scalars_text_and_hparams() {
     assert_eq!(metrics[0]["name"]["tag"], "eval/loss");
     let (last_step, last_loss) = eval_loss[eval_loss.len() - 1];
     assert_eq!(metrics[0]["training_step"], last_step);
-    assert_eq!(
-        metrics[0]["value"].as_f64().unwrap(),
-        last_loss as f32 as f64
-    );
+    assert_eq!(metrics[0]["value"].as_f64().unwrap(), last_loss as f32 as f64);
     assert_eq!(group["sessions"][0]["status"], "STATUS_SUCCESS");
 }

@@ -113,7 +113,8 @@ pub fn load_safetensors_into(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
     let file = fs::File::open(path).at(path)?;
     // SAFETY: the file is only read; a concurrent writer would corrupt the values, not memory safety of Rust data.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     let _no_grad = tch::no_grad_guard();
     // In name order, so the first problem reported is the same on every run.
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
@@ -122,7 +123,10 @@ pub fn load_safetensors_into(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
         let view = st.tensor(&name).map_err(|_| Error::file(path, format!("tensor `{name}` is missing")))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if shape != var.size() {
-            return Err(Error::file(path, format!("tensor `{name}` has shape {shape:?}, the model expects {:?}", var.size())));
+            return Err(Error::file(
+                path,
+                format!("tensor `{name}` has shape {shape:?}, the model expects {:?}", var.size()),
+            ));
         }
         let kind = kind_of(view.dtype())
             .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;

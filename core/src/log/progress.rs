@@ -58,9 +58,7 @@ impl Progress {
     fn print_line(&mut self, update: &ProgressUpdate) {
         self.last_line = Some(Instant::now());
         self.pending = None;
-        let eta = eta(self.started.elapsed(), update)
-            .map(|d| format!(" eta {}", human(d)))
-            .unwrap_or_default();
+        let eta = eta(self.started.elapsed(), update).map(|d| format!(" eta {}", human(d))).unwrap_or_default();
         let of = if update.total > 0 { format!("/{}", update.total) } else { String::new() };
         println!("[{}] step {}{of} {}{eta}", self.label, update.position, figures(update));
     }
@@ -98,9 +96,8 @@ fn figures(update: &ProgressUpdate) -> String {
 }
 
 fn eta(elapsed: Duration, update: &ProgressUpdate) -> Option<Duration> {
-    (update.position > 0 && update.total > update.position).then(|| {
-        elapsed.mul_f64((update.total - update.position) as f64 / update.position as f64)
-    })
+    (update.position > 0 && update.total > update.position)
+        .then(|| elapsed.mul_f64((update.total - update.position) as f64 / update.position as f64))
 }
 
 fn human(d: Duration) -> String {

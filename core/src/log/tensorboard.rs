@@ -42,14 +42,8 @@ pub enum TbError {
     #[error("cannot start the TensorBoard writer thread for {path}: {source}")]
     Spawn { path: PathBuf, source: io::Error },
     /// The first write error; `dropped` events queued after it were not written.
-    #[error(
-        "writing TensorBoard event file {path} failed: {source} ({dropped} later events dropped)"
-    )]
-    Write {
-        path: PathBuf,
-        source: io::Error,
-        dropped: u64,
-    },
+    #[error("writing TensorBoard event file {path} failed: {source} ({dropped} later events dropped)")]
+    Write { path: PathBuf, source: io::Error, dropped: u64 },
     #[error("the TensorBoard writer thread for {path} has stopped (it panicked)")]
     ThreadGone { path: PathBuf },
 }
@@ -101,28 +95,11 @@ pub struct TbWriter {
 }
 
 enum Msg {
-    Scalar {
-        tag: String,
-        step: i64,
-        value: f64,
-        wall_time: f64,
-    },
-    Text {
-        tag: String,
-        step: i64,
-        text: String,
-        wall_time: f64,
-    },
-    HParams {
-        hparams: Vec<(String, HParamValue)>,
-        metric_tags: Vec<String>,
-        wall_time: f64,
-    },
+    Scalar { tag: String, step: i64, value: f64, wall_time: f64 },
+    Text { tag: String, step: i64, text: String, wall_time: f64 },
+    HParams { hparams: Vec<(String, HParamValue)>, metric_tags: Vec<String>, wall_time: f64 },
     Flush(Sender<Result<(), TbError>>),
-    End {
-        status: SessionStatus,
-        wall_time: f64,
-    },
+    End { status: SessionStatus, wall_time: f64 },
 }
 
 /// `tensorboard.hparams.Status`.
@@ -138,10 +115,7 @@ static FILE_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl TbWriter {
     /// Creates `dir` (and parents) and an event file in it. Errors name the directory.
     pub fn create(dir: &Path) -> Result<Self, TbError> {
-        fs::create_dir_all(dir).map_err(|source| TbError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        fs::create_dir_all(dir).map_err(|source| TbError::CreateDir { path: dir.to_path_buf(), source })?;
         let wall_time = now();
         let name = format!(
             "events.out.tfevents.{:010}.{}.{}.{}",
@@ -156,20 +130,13 @@ impl TbWriter {
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(|source| TbError::CreateFile {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| TbError::CreateFile { path: path.clone(), source })?;
         Self::spawn(path, BufWriter::new(file), wall_time)
     }
 
     /// Writes the `brain.Event:2` header synchronously (so a broken sink fails here, not
     /// later) and starts the thread that owns `sink`.
-    fn spawn<W: Write + Send + 'static>(
-        path: PathBuf,
-        sink: W,
-        wall_time: f64,
-    ) -> Result<Self, TbError> {
+    fn spawn<W: Write + Send + 'static>(path: PathBuf, sink: W, wall_time: f64) -> Result<Self, TbError> {
         let mut worker = Worker {
             path: path.clone(),
             records: RecordWriter::new(sink),
@@ -185,16 +152,9 @@ impl TbWriter {
         let thread = std::thread::Builder::new()
             .name("tensorboard-writer".into())
             .spawn(move || worker.run(rx))
-            .map_err(|source| TbError::Spawn {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| TbError::Spawn { path: path.clone(), source })?;
         tracing::debug!(path = %path.display(), "TensorBoard event file created");
-        Ok(TbWriter {
-            tx,
-            thread: Some(thread),
-            path,
-        })
+        Ok(TbWriter { tx, thread: Some(thread), path })
     }
 
     /// The event file being written.
@@ -204,22 +164,12 @@ impl TbWriter {
 
     /// Logs `value` as a `simple_value` scalar (an f32, like every TensorBoard scalar).
     pub fn scalar(&self, tag: &str, step: i64, value: f64) {
-        self.send(Msg::Scalar {
-            tag: tag.to_string(),
-            step,
-            value,
-            wall_time: now(),
-        });
+        self.send(Msg::Scalar { tag: tag.to_string(), step, value, wall_time: now() });
     }
 
     /// Logs `text` (markdown) for the Text dashboard.
     pub fn text(&self, tag: &str, step: i64, text: &str) {
-        self.send(Msg::Text {
-            tag: tag.to_string(),
-            step,
-            text: text.to_string(),
-            wall_time: now(),
-        });
+        self.send(Msg::Text { tag: tag.to_string(), step, text: text.to_string(), wall_time: now() });
     }
 
     /// Starts this run's hparams session (call once per writer; later calls are ignored
@@ -227,11 +177,7 @@ impl TbWriter {
     /// tags TensorBoard's HParams dashboard shows beside them. Duplicate names keep the
     /// first value. The session is ended with `STATUS_SUCCESS` by `close` or drop.
     pub fn hparams(&self, hparams: &[(String, HParamValue)], metric_tags: &[String]) {
-        self.send(Msg::HParams {
-            hparams: hparams.to_vec(),
-            metric_tags: metric_tags.to_vec(),
-            wall_time: now(),
-        });
+        self.send(Msg::HParams { hparams: hparams.to_vec(), metric_tags: metric_tags.to_vec(), wall_time: now() });
     }
 
     /// Writes everything queued so far to disk and waits until it is written.
@@ -254,30 +200,21 @@ impl TbWriter {
     }
 
     fn gone(&self) -> TbError {
-        TbError::ThreadGone {
-            path: self.path.clone(),
-        }
+        TbError::ThreadGone { path: self.path.clone() }
     }
 
     fn finish(&mut self, status: SessionStatus) -> Result<(), TbError> {
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
-        self.send(Msg::End {
-            status,
-            wall_time: now(),
-        });
+        self.send(Msg::End { status, wall_time: now() });
         thread.join().unwrap_or_else(|_| Err(self.gone()))
     }
 }
 
 impl Drop for TbWriter {
     fn drop(&mut self) {
-        let status = if std::thread::panicking() {
-            SessionStatus::Failure
-        } else {
-            SessionStatus::Success
-        };
+        let status = if std::thread::panicking() { SessionStatus::Failure } else { SessionStatus::Success };
         if let Err(e) = self.finish(status) {
             tracing::error!("{e}");
         }
@@ -299,35 +236,17 @@ impl<W: Write> Worker<W> {
         loop {
             // Disconnected cannot happen before End (the TbWriter sends End before it
             // drops its Sender), but treat it as End rather than spin.
-            let msg = rx.recv().unwrap_or(Msg::End {
-                status: SessionStatus::Success,
-                wall_time: now(),
-            });
+            let msg = rx.recv().unwrap_or(Msg::End { status: SessionStatus::Success, wall_time: now() });
             match msg {
-                Msg::Scalar {
-                    tag,
-                    step,
-                    value,
-                    wall_time,
-                } => {
+                Msg::Scalar { tag, step, value, wall_time } => {
                     // tensorboard-rs builds the Summary; we wrap the Event around it.
-                    let summary =
-                        tensorboard_rs::summary::scalar(&tag, value as f32).write_to_bytes();
+                    let summary = tensorboard_rs::summary::scalar(&tag, value as f32).write_to_bytes();
                     self.write_summary(wall_time, step, summary);
                 }
-                Msg::Text {
-                    tag,
-                    step,
-                    text,
-                    wall_time,
-                } => {
+                Msg::Text { tag, step, text, wall_time } => {
                     self.write_summary(wall_time, step, text_summary(&tag, &text));
                 }
-                Msg::HParams {
-                    hparams,
-                    metric_tags,
-                    wall_time,
-                } => {
+                Msg::HParams { hparams, metric_tags, wall_time } => {
                     if self.session_started {
                         tracing::warn!(path = %self.path.display(), "hparams already written for this run; ignoring a second call");
                     } else {
@@ -492,10 +411,7 @@ fn experiment_summary(
 /// SessionStartInfo { hparams = 1: map<string, google.protobuf.Value>, start_time_secs = 5 }.
 /// A map entry is { key = 1, value = 2 }; Value is a oneof { number_value = 2,
 /// string_value = 3, bool_value = 4 }, so its field is written even when it is 0.
-fn session_start_summary(
-    hparams: &[&(String, HParamValue)],
-    wall_time: f64,
-) -> ProtobufResult<Vec<u8>> {
+fn session_start_summary(hparams: &[&(String, HParamValue)], wall_time: f64) -> ProtobufResult<Vec<u8>> {
     let session_start = encode(|os| {
         for (name, value) in hparams.iter().copied() {
             let value = encode(|os| match value {
@@ -549,9 +465,7 @@ fn summary_metadata(plugin_name: &str, content: &[u8]) -> ProtobufResult<Vec<u8>
 }
 
 /// Encodes one message's fields.
-fn encode(
-    fields: impl FnOnce(&mut CodedOutputStream) -> ProtobufResult<()>,
-) -> ProtobufResult<Vec<u8>> {
+fn encode(fields: impl FnOnce(&mut CodedOutputStream) -> ProtobufResult<()>) -> ProtobufResult<Vec<u8>> {
     let mut buf = Vec::new();
     let mut os = CodedOutputStream::vec(&mut buf);
     fields(&mut os)?;
@@ -562,10 +476,7 @@ fn encode(
 
 /// Seconds since the Unix epoch, as TensorBoard's `wall_time`.
 fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn hostname() -> String {
@@ -608,10 +519,7 @@ mod tests {
             assert!(rest.len() >= 12, "truncated record header");
             let len_bytes = &rest[..8];
             let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
-            assert_eq!(
-                u32::from_le_bytes(rest[8..12].try_into().unwrap()),
-                masked_crc32c(len_bytes)
-            );
+            assert_eq!(u32::from_le_bytes(rest[8..12].try_into().unwrap()), masked_crc32c(len_bytes));
             let data = &rest[12..12 + len];
             let crc = u32::from_le_bytes(rest[12 + len..16 + len].try_into().unwrap());
             assert_eq!(crc, masked_crc32c(data));
@@ -622,9 +530,7 @@ mod tests {
     }
 
     fn contains(haystack: &[u8], needle: &str) -> bool {
-        haystack
-            .windows(needle.len())
-            .any(|w| w == needle.as_bytes())
+        haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
     }
 
     #[test]
@@ -644,14 +550,8 @@ mod tests {
         let err = writer.flush().unwrap_err();
         assert!(matches!(err, TbError::Write { dropped: 4, .. }), "{err:?}");
         let message = err.to_string();
-        assert!(
-            message.contains("/runs/x/events.out.tfevents.test"),
-            "{message}"
-        );
-        assert!(
-            message.contains("no space left on device (test)"),
-            "{message}"
-        );
+        assert!(message.contains("/runs/x/events.out.tfevents.test"), "{message}");
+        assert!(message.contains("no space left on device (test)"), "{message}");
         // Sticky: close reports it too, counting what was dropped since.
         writer.text("samples", 5, "lost");
         let err = writer.close().unwrap_err();
@@ -660,9 +560,8 @@ mod tests {
 
     #[test]
     fn a_sink_that_fails_at_once_fails_create() {
-        let err = TbWriter::spawn(PathBuf::from("/runs/y/ev"), FailAfter { left: 0 }, 0.0)
-            .err()
-            .expect("spawn should fail");
+        let err =
+            TbWriter::spawn(PathBuf::from("/runs/y/ev"), FailAfter { left: 0 }, 0.0).err().expect("spawn should fail");
         assert!(matches!(err, TbError::Write { .. }), "{err:?}");
         assert!(err.to_string().contains("/runs/y/ev"), "{err}");
     }
@@ -675,10 +574,7 @@ mod tests {
         let dir = blocker.join("run");
         let err = TbWriter::create(&dir).err().expect("create should fail");
         assert!(matches!(err, TbError::CreateDir { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains(&dir.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&dir.display().to_string()), "{err}");
     }
 
     #[test]
@@ -688,20 +584,13 @@ mod tests {
         let writer = TbWriter::create(&dir).unwrap();
         let path = writer.path().to_path_buf();
         assert_eq!(path.parent(), Some(dir.as_path()));
-        assert!(path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("events.out.tfevents."));
+        assert!(path.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."));
 
         writer.scalar("train/loss", 0, 2.5);
         writer.flush().unwrap();
         assert_eq!(records(&fs::read(&path).unwrap()).len(), 2); // header + scalar
 
-        writer.hparams(
-            &[("lr".to_string(), 1e-3.into())],
-            &["eval/loss".to_string()],
-        );
+        writer.hparams(&[("lr".to_string(), 1e-3.into())], &["eval/loss".to_string()]);
         for step in 1..=100 {
             writer.scalar("train/loss", step, 1.0 / step as f64);
         }

@@ -96,7 +96,10 @@ impl LlamaConfig {
     pub fn resolve(&self) -> Result<Config> {
         let field = |name: &str, message: String| Error::config(name, message);
         if self.model_type != "llama" {
-            return Err(field("model_type", format!("unsupported model_type `{}`; this family is `llama`", self.model_type)));
+            return Err(field(
+                "model_type",
+                format!("unsupported model_type `{}`; this family is `llama`", self.model_type),
+            ));
         }
         if self.hidden_act != "silu" {
             return Err(field("hidden_act", format!("unsupported activation `{}`; expected `silu`", self.hidden_act)));
@@ -398,8 +401,8 @@ impl LlamaForCausalLm {
     pub fn from_dir(dir: &Path, device: tch::Device) -> Result<Self> {
         let config_file = dir.join("config.json");
         let text = std::fs::read_to_string(&config_file).at(&config_file)?;
-        let hf: LlamaConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&config_file, format!("not a Llama config: {e}")))?;
+        let hf: LlamaConfig =
+            serde_json::from_str(&text).map_err(|e| Error::file(&config_file, format!("not a Llama config: {e}")))?;
         let config = hf.resolve().map_err(|e| Error::file(&config_file, e.to_string()))?;
         let mut vs = nn::VarStore::new(device);
         let model = Llama::new(&vs.root(), &config);
@@ -440,7 +443,11 @@ impl Policy for LlamaForCausalLm {
         };
         json(&self.hf.to_hf_json(), "config.json")?;
         let mut generation = serde_json::json!({ "_from_model_config": true });
-        for (key, id) in [("bos_token_id", self.hf.bos_token_id), ("eos_token_id", self.hf.eos_token_id), ("pad_token_id", self.hf.pad_token_id)] {
+        for (key, id) in [
+            ("bos_token_id", self.hf.bos_token_id),
+            ("eos_token_id", self.hf.eos_token_id),
+            ("pad_token_id", self.hf.pad_token_id),
+        ] {
             if let Some(id) = id {
                 generation[key] = serde_json::json!(id);
             }
@@ -533,13 +540,19 @@ mod tests {
     #[test]
     fn unsupported_options_name_their_field() {
         let mut c = tiny(false, 3);
-        assert_eq!(c.resolve().err().unwrap().to_string(), "num_key_value_heads: expected a positive divisor of num_attention_heads (4), found 3");
+        assert_eq!(
+            c.resolve().err().unwrap().to_string(),
+            "num_key_value_heads: expected a positive divisor of num_attention_heads (4), found 3"
+        );
         c = tiny(false, 2);
         c.rope_scaling = Some(serde_json::json!({"rope_type": "yarn"}));
         assert!(c.resolve().err().unwrap().to_string().starts_with("rope_scaling: "));
         c = tiny(false, 2);
         c.model_type = "gpt2".into();
-        assert_eq!(c.resolve().err().unwrap().to_string(), "model_type: unsupported model_type `gpt2`; this family is `llama`");
+        assert_eq!(
+            c.resolve().err().unwrap().to_string(),
+            "model_type: unsupported model_type `gpt2`; this family is `llama`"
+        );
     }
 
     #[test]

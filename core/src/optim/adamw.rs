@@ -62,7 +62,11 @@ impl AdamW {
     pub fn group_sizes(&self) -> (i64, i64) {
         self.params.iter().fold((0, 0), |(d, n), p| {
             let count = p.tensor.numel() as i64;
-            if p.decay { (d + count, n) } else { (d, n + count) }
+            if p.decay {
+                (d + count, n)
+            } else {
+                (d, n + count)
+            }
         })
     }
 

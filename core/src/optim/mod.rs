@@ -32,7 +32,8 @@ pub fn clip_grad_norm(parameters: &[&Tensor], max_norm: f64) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
-    let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(tch::Kind::Float).square().sum(tch::Kind::Float)).collect();
+    let squares: Vec<Tensor> =
+        grads.iter().map(|g| g.to_kind(tch::Kind::Float).square().sum(tch::Kind::Float)).collect();
     let total = Tensor::stack(&squares, 0).sum(tch::Kind::Float).sqrt();
     let norm = total.f_double_value(&[])?;
     if max_norm > 0.0 && norm.is_finite() && norm > max_norm {

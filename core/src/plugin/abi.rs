@@ -82,7 +82,9 @@ pub enum Status {
 
 impl Status {
     pub fn from_raw(raw: i32) -> Option<Self> {
-        [Self::Ok, Self::InvalidConfig, Self::Failed, Self::Panicked, Self::Cancelled].into_iter().find(|s| *s as i32 == raw)
+        [Self::Ok, Self::InvalidConfig, Self::Failed, Self::Panicked, Self::Cancelled]
+            .into_iter()
+            .find(|s| *s as i32 == raw)
     }
 }
 

@@ -133,9 +133,7 @@ pub fn load(path: &Path, sha256: Option<&str>) -> Result<Plugin, LoadError> {
     }
     // Read only the two fixed header fields before trusting the rest of the layout.
     // SAFETY: every declaration starts with `magic` and `abi_version` at these offsets.
-    let (magic, abi_version) = unsafe {
-        (std::ptr::read_unaligned(pointer as *const [u8; 8]), (*pointer).abi_version)
-    };
+    let (magic, abi_version) = unsafe { (std::ptr::read_unaligned(pointer as *const [u8; 8]), (*pointer).abi_version) };
     if magic != abi::PLUGIN_MAGIC {
         return Err(LoadError::BadMagic { path: path.into(), found: magic });
     }
@@ -158,7 +156,12 @@ pub fn load(path: &Path, sha256: Option<&str>) -> Result<Plugin, LoadError> {
     };
     let rewards: Vec<ComponentInfo> = reward_entries(declaration)
         .iter()
-        .map(|e| Ok(ComponentInfo { name: text(e.name, "a reward name")?, description: text(e.description, "a reward description")? }))
+        .map(|e| {
+            Ok(ComponentInfo {
+                name: text(e.name, "a reward name")?,
+                description: text(e.description, "a reward description")?,
+            })
+        })
         .collect::<Result<_, LoadError>>()?;
     Ok(Plugin {
         path: path.into(),
@@ -197,7 +200,11 @@ impl Plugin {
         stage_entries(self.declaration).iter().zip(&self.stages).find(|(_, info)| info.name == name).map(|(e, _)| e)
     }
     pub(crate) fn evaluator_entry(&self, name: &str) -> Option<&'static ComponentEntry> {
-        evaluator_entries(self.declaration).iter().zip(&self.evaluators).find(|(_, info)| info.name == name).map(|(e, _)| e)
+        evaluator_entries(self.declaration)
+            .iter()
+            .zip(&self.evaluators)
+            .find(|(_, info)| info.name == name)
+            .map(|(e, _)| e)
     }
     pub(crate) fn reward_entry(&self, name: &str) -> Option<&'static RewardEntry> {
         reward_entries(self.declaration).iter().zip(&self.rewards).find(|(_, info)| info.name == name).map(|(e, _)| e)

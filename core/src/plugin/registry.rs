@@ -2,11 +2,11 @@
 //! (`<plugin>.<component>`) and call it across the boundary.
 use std::ffi::c_void;
 
-use super::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef};
+use super::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef, ValidateFn};
+use super::contract::StageOutput;
 use super::export::ValidateRequest;
 use super::host::HostServices;
 use super::loader::Plugin;
-use super::contract::StageOutput;
 use crate::context::RunRequest;
 use crate::recipe::{suggest, SectionError};
 
@@ -87,7 +87,11 @@ impl Registry {
             let hint = suggest(uses, names.iter().map(String::as_str))
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_else(|| {
-                    if names.is_empty() { String::new() } else { format!("; available: {}", names.join(", ")) }
+                    if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; available: {}", names.join(", "))
+                    }
                 });
             format!("{what}{hint}")
         };
@@ -110,7 +114,9 @@ impl Registry {
         };
         let names = self.names(kind);
         entry.map(|entry| Component { plugin, entry, uses: uses.to_owned() }).ok_or_else(|| {
-            let hint = suggest(uses, names.iter().map(String::as_str)).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            let hint = suggest(uses, names.iter().map(String::as_str))
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
             format!("plugin `{}` has no {} `{name}`{hint}", plugin.name, kind.noun())
         })
     }
@@ -119,10 +125,14 @@ impl Registry {
     pub fn reward(&self, uses: &str) -> Result<RewardComponent<'_>, String> {
         let (plugin, name) = self.split(uses, Kind::Reward)?;
         let names = self.names(Kind::Reward);
-        plugin.reward_entry(name).map(|entry| RewardComponent { plugin, entry, uses: uses.to_owned() }).ok_or_else(|| {
-            let hint = suggest(uses, names.iter().map(String::as_str)).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
-            format!("plugin `{}` has no reward `{name}`{hint}", plugin.name)
-        })
+        plugin.reward_entry(name).map(|entry| RewardComponent { plugin, entry, uses: uses.to_owned() }).ok_or_else(
+            || {
+                let hint = suggest(uses, names.iter().map(String::as_str))
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                format!("plugin `{}` has no reward `{name}`{hint}", plugin.name)
+            },
+        )
     }
 }
 
@@ -145,6 +155,14 @@ fn validate_request(config_yaml: &str) -> String {
     serde_json::json!(ValidateRequest { config_yaml: config_yaml.to_owned() }).to_string()
 }
 
+/// Asks a component's `validate` entry to check a section without doing any work.
+fn call_validate(validate: ValidateFn, config_yaml: &str) -> Result<(), CallError> {
+    let request = validate_request(config_yaml);
+    let mut out = Vec::new();
+    let raw = validate(StrRef::new(&request), vec_sink(&mut out));
+    outcome(raw, out).map(|_| ())
+}
+
 /// A stage or evaluator of a loaded plugin.
 pub struct Component<'r> {
     pub plugin: &'r Plugin,
@@ -156,10 +174,7 @@ pub struct Component<'r> {
 impl Component<'_> {
     /// Asks the plugin to check its section without doing any work.
     pub fn validate(&self, config_yaml: &str) -> Result<(), CallError> {
-        let request = validate_request(config_yaml);
-        let mut out = Vec::new();
-        let raw = (self.entry.validate)(StrRef::new(&request), vec_sink(&mut out));
-        outcome(raw, out).map(|_| ())
+        call_validate(self.entry.validate, config_yaml)
     }
 
     /// Runs the component with the host's services; blocks until it returns.
@@ -182,10 +197,7 @@ pub struct RewardComponent<'r> {
 
 impl RewardComponent<'_> {
     pub fn validate(&self, config_yaml: &str) -> Result<(), CallError> {
-        let request = validate_request(config_yaml);
-        let mut out = Vec::new();
-        let raw = (self.entry.validate)(StrRef::new(&request), vec_sink(&mut out));
-        outcome(raw, out).map(|_| ())
+        call_validate(self.entry.validate, config_yaml)
     }
 
     /// Builds an instance; it is destroyed when dropped.
@@ -195,7 +207,11 @@ impl RewardComponent<'_> {
         let handle = (self.entry.create)(StrRef::new(&request), vec_sink(&mut out));
         if handle.is_null() {
             // `create` reports a config error as JSON and anything else as text.
-            let status = if serde_json::from_slice::<SectionError>(&out).is_ok() { Status::InvalidConfig } else { Status::Failed };
+            let status = if serde_json::from_slice::<SectionError>(&out).is_ok() {
+                Status::InvalidConfig
+            } else {
+                Status::Failed
+            };
             return Err(outcome(status as i32, out).err().unwrap_or(CallError::Failed("no reward was created".into())));
         }
         Ok(RewardInstance { entry: self.entry, handle })

@@ -46,7 +46,11 @@ impl Tokenizer {
 
     /// Trains a byte-level BPE tokenizer (GPT-2 style) on `texts`, with [`END_OF_TEXT`]
     /// as its only special token.
-    pub fn train_bpe<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize, min_frequency: u64) -> Result<Self> {
+    pub fn train_bpe<'a>(
+        texts: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+        min_frequency: u64,
+    ) -> Result<Self> {
         let mut trainer = TrainerWrapper::BpeTrainer(
             BpeTrainerBuilder::new()
                 .vocab_size(vocab_size)
@@ -56,14 +60,20 @@ impl Tokenizer {
                 .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
                 .build(),
         );
-        let mut builder = TokenizerBuilder::<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-            .with_model(BPE::default().into())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
-            .with_post_processor(Some(ByteLevel::new(false, true, true).into()))
-            .with_decoder(Some(ByteLevel::new(false, true, true).into()))
-            .build()
-            .map_err(|e| Error::Other(format!("building the tokenizer: {e}")))?;
+        let mut builder = TokenizerBuilder::<
+            ModelWrapper,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        >::new()
+        .with_model(BPE::default().into())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+        .with_post_processor(Some(ByteLevel::new(false, true, true).into()))
+        .with_decoder(Some(ByteLevel::new(false, true, true).into()))
+        .build()
+        .map_err(|e| Error::Other(format!("building the tokenizer: {e}")))?;
         builder.train(&mut trainer, texts).map_err(|e| Error::Other(format!("training the tokenizer: {e}")))?;
         Ok(Self { inner: tokenizers::Tokenizer::from(builder), eos_token: Some(END_OF_TEXT.into()) })
     }
@@ -83,7 +93,8 @@ impl Tokenizer {
 
     /// Tokenizes many texts in parallel.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<i64>>> {
-        let encodings = self.inner.encode_batch(texts.to_vec(), false).map_err(|e| Error::Other(format!("tokenizing: {e}")))?;
+        let encodings =
+            self.inner.encode_batch(texts.to_vec(), false).map_err(|e| Error::Other(format!("tokenizing: {e}")))?;
         Ok(encodings.iter().map(|e| e.get_ids().iter().map(|&id| i64::from(id)).collect()).collect())
     }
 

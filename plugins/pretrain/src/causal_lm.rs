@@ -156,28 +156,69 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { every: default_eval_every(), max_batches: 0, sample_prompts: Vec::new(), sample_tokens: default_sample_tokens() }
+        Self {
+            every: default_eval_every(),
+            max_batches: 0,
+            sample_prompts: Vec::new(),
+            sample_tokens: default_sample_tokens(),
+        }
     }
 }
 
-fn default_batch_size() -> usize { 16 }
-fn default_grad_clip() -> f64 { 1.0 }
-fn default_log_every() -> u64 { 10 }
-fn default_validation_fraction() -> f64 { 0.05 }
-fn default_seq_len() -> usize { 128 }
-fn default_vocab_size() -> usize { 2048 }
-fn default_min_frequency() -> u64 { 2 }
-fn default_rope_theta() -> f64 { 10_000.0 }
-fn default_rms_norm_eps() -> f64 { 1e-5 }
-fn default_true() -> bool { true }
-fn default_lr() -> f64 { 1e-3 }
-fn default_betas() -> [f64; 2] { [0.9, 0.95] }
-fn default_eps() -> f64 { 1e-8 }
-fn default_weight_decay() -> f64 { 0.1 }
-fn default_decay() -> Decay { Decay::Cosine }
-fn default_min_lr_ratio() -> f64 { 0.1 }
-fn default_eval_every() -> u64 { 100 }
-fn default_sample_tokens() -> usize { 48 }
+fn default_batch_size() -> usize {
+    16
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_validation_fraction() -> f64 {
+    0.05
+}
+fn default_seq_len() -> usize {
+    128
+}
+fn default_vocab_size() -> usize {
+    2048
+}
+fn default_min_frequency() -> u64 {
+    2
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_decay() -> Decay {
+    Decay::Cosine
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_eval_every() -> u64 {
+    100
+}
+fn default_sample_tokens() -> usize {
+    48
+}
 
 pub struct CausalLm;
 
@@ -189,19 +230,31 @@ impl Stage for CausalLm {
     fn validate(c: &CausalLmConfig, ctx: &ValidateContext) -> Result<()> {
         ctx.existing_file("data.train", &c.data.train)?;
         let check = |ok: bool, key: &str, message: &str| if ok { Ok(()) } else { Err(Error::config(key, message)) };
-        check(c.data.validation_fraction > 0.0 && c.data.validation_fraction < 1.0, "data.validation_fraction", "expected a fraction strictly between 0 and 1")?;
+        check(
+            c.data.validation_fraction > 0.0 && c.data.validation_fraction < 1.0,
+            "data.validation_fraction",
+            "expected a fraction strictly between 0 and 1",
+        )?;
         check(c.data.seq_len >= 2, "data.seq_len", "expected at least 2")?;
         check(c.batch_size > 0, "batch_size", "expected at least 1")?;
         check(c.max_steps > 0, "max_steps", "expected at least 1")?;
         check(c.eval.every > 0, "eval.every", "expected at least 1")?;
         check(c.log_every > 0, "log_every", "expected at least 1")?;
         check(c.optimizer.lr > 0.0 && c.optimizer.lr.is_finite(), "optimizer.lr", "expected a positive learning rate")?;
-        check(c.optimizer.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "expected two values in [0, 1)")?;
+        check(
+            c.optimizer.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "optimizer.betas",
+            "expected two values in [0, 1)",
+        )?;
         check(c.optimizer.weight_decay >= 0.0, "optimizer.weight_decay", "expected a non-negative value")?;
         check((0.0..=1.0).contains(&c.schedule.min_lr_ratio), "schedule.min_lr_ratio", "expected a value in [0, 1]")?;
         check(c.schedule.warmup_steps <= c.max_steps, "schedule.warmup_steps", "expected at most max_steps")?;
         check(c.grad_clip >= 0.0, "grad_clip", "expected a non-negative value (0 turns clipping off)")?;
-        check(c.tokenizer.vocab_size >= 257 + 1, "tokenizer.vocab_size", "expected at least 258 (256 bytes, EOS and one merge)")?;
+        check(
+            c.tokenizer.vocab_size >= 257 + 1,
+            "tokenizer.vocab_size",
+            "expected at least 258 (256 bytes, EOS and one merge)",
+        )?;
         if let Some(m) = &c.model {
             let positions = m.max_position_embeddings.unwrap_or(c.data.seq_len);
             check(positions >= c.data.seq_len, "model.max_position_embeddings", "expected at least data.seq_len")?;
@@ -230,21 +283,34 @@ impl Stage for CausalLm {
                 (LlamaForCausalLm::from_dir(dir, device)?, tokenizer)
             }
             (None, Some(m)) => {
-                let tokenizer = Tokenizer::train_bpe(train_docs.iter().map(String::as_str), c.tokenizer.vocab_size, c.tokenizer.min_frequency)?;
+                let tokenizer = Tokenizer::train_bpe(
+                    train_docs.iter().map(String::as_str),
+                    c.tokenizer.vocab_size,
+                    c.tokenizer.min_frequency,
+                )?;
                 let mut hf = llama_config(m, tokenizer.vocab_size(), c.data.seq_len);
                 hf.eos_token_id = tokenizer.eos_id();
                 hf.bos_token_id = tokenizer.eos_id();
                 (LlamaForCausalLm::new(hf, device)?, tokenizer)
             }
             (Some(dir), Some(_)) => {
-                return Err(Error::config("model", format!("the stage starts from the model in {}; drop `model:` or the input model", dir.display())))
+                return Err(Error::config(
+                    "model",
+                    format!("the stage starts from the model in {}; drop `model:` or the input model", dir.display()),
+                ))
             }
-            (None, None) => return Err(Error::config("model", "expected an architecture (`model:`) or an input model (the stage's `model:` path in the recipe)")),
+            (None, None) => {
+                return Err(Error::config(
+                    "model",
+                    "expected an architecture (`model:`) or an input model (the stage's `model:` path in the recipe)",
+                ))
+            }
         };
         let eos = tokenizer.eos_id().ok_or_else(|| Error::Other("the tokenizer has no EOS token".into()))?;
         let encode = |docs: &[String]| tokenizer.encode_batch(&docs.iter().map(String::as_str).collect::<Vec<_>>());
         let (train_tokens, val_tokens) = (encode(&train_docs)?, encode(&val_docs)?);
-        let mut all_tokens: Vec<Vec<i64>> = train_tokens.iter().chain(&val_tokens).map(|d| [d.as_slice(), &[eos]].concat()).collect();
+        let mut all_tokens: Vec<Vec<i64>> =
+            train_tokens.iter().chain(&val_tokens).map(|d| [d.as_slice(), &[eos]].concat()).collect();
         let unigram_entropy = data::unigram_entropy(&all_tokens, tokenizer.vocab_size());
         all_tokens.clear();
         let train = data::pack(&train_tokens, eos, c.data.seq_len)?;
@@ -256,12 +322,15 @@ impl Stage for CausalLm {
         tracing::info!("model: {} parameters on {device:?}", policy.num_parameters());
 
         // Optimizer and schedule.
-        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig {
-            lr: c.optimizer.lr,
-            betas: (c.optimizer.betas[0], c.optimizer.betas[1]),
-            eps: c.optimizer.eps,
-            weight_decay: c.optimizer.weight_decay,
-        });
+        let mut optimizer = AdamW::new(
+            policy.var_store(),
+            AdamWConfig {
+                lr: c.optimizer.lr,
+                betas: (c.optimizer.betas[0], c.optimizer.betas[1]),
+                eps: c.optimizer.eps,
+                weight_decay: c.optimizer.weight_decay,
+            },
+        );
         let schedule = Schedule {
             peak_lr: c.optimizer.lr,
             warmup_steps: c.schedule.warmup_steps,
@@ -282,8 +351,10 @@ impl Stage for CausalLm {
         let mut step = 0;
         while step < c.max_steps {
             if ctx.should_stop() {
-                tracing::warn!("stopping at step {step} on request; saving the model");
-                break;
+                let dir = ctx.stage_dir().join("interrupted");
+                save_model(&dir, &policy, &tokenizer, c.data.seq_len)?;
+                tracing::warn!("stopped at step {step} on request; the model is saved in {}", dir.display());
+                return Err(Error::Cancelled);
             }
             let lr = schedule.lr(step);
             optimizer.set_learning_rate(lr);
@@ -305,7 +376,12 @@ impl Stage for CausalLm {
                 window = Instant::now();
                 log_train(ctx, step, &last);
             }
-            ctx.progress(step, c.max_steps, Some(last.loss), (last.tokens_per_second > 0.0).then_some(last.tokens_per_second));
+            ctx.progress(
+                step,
+                c.max_steps,
+                Some(last.loss),
+                (last.tokens_per_second > 0.0).then_some(last.tokens_per_second),
+            );
 
             if step % c.eval.every == 0 || step == c.max_steps {
                 eval_loss = evaluate(&policy, &validation, &c, device)?;
@@ -319,10 +395,7 @@ impl Stage for CausalLm {
 
         // Save in HF layout, atomically.
         let final_dir = ctx.stage_dir().join("final");
-        write_dir_atomically(&final_dir, |dir| {
-            policy.save(dir)?;
-            tokenizer.save(dir, c.data.seq_len)
-        })?;
+        save_model(&final_dir, &policy, &tokenizer, c.data.seq_len)?;
         tracing::info!("saved {}", final_dir.display());
 
         let metrics = plumb_core::plugin::Metrics::from([
@@ -345,6 +418,19 @@ impl Stage for CausalLm {
         }
         Ok(StageOutput { model: Some(final_dir), metrics })
     }
+}
+
+/// The model and its tokenizer in HF layout, written atomically.
+fn save_model(
+    dir: &std::path::Path,
+    policy: &LlamaForCausalLm,
+    tokenizer: &Tokenizer,
+    max_length: usize,
+) -> Result<()> {
+    write_dir_atomically(dir, |staging| {
+        policy.save(staging)?;
+        tokenizer.save(staging, max_length)
+    })
 }
 
 /// Named statistics of one training step.
@@ -392,12 +478,24 @@ fn evaluate(policy: &impl Policy, validation: &Tensor, c: &CausalLmConfig, devic
 }
 
 /// Continues each sample prompt greedily and writes prompt and continuation as text.
-fn log_samples(ctx: &RunContext, policy: &impl Policy, tokenizer: &Tokenizer, eval: &EvalConfig, step: u64, eos: i64) -> Result<()> {
+fn log_samples(
+    ctx: &RunContext,
+    policy: &impl Policy,
+    tokenizer: &Tokenizer,
+    eval: &EvalConfig,
+    step: u64,
+    eos: i64,
+) -> Result<()> {
     if eval.sample_prompts.is_empty() {
         return Ok(());
     }
     let prompts = eval.sample_prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
-    let settings = GenerationSettings { max_new_tokens: eval.sample_tokens, temperature: 0.0, stop_tokens: vec![eos], ..Default::default() };
+    let settings = GenerationSettings {
+        max_new_tokens: eval.sample_tokens,
+        temperature: 0.0,
+        stop_tokens: vec![eos],
+        ..Default::default()
+    };
     let generated = policy.generate(&prompts, &settings)?;
     let mut text = String::new();
     for (prompt, out) in eval.sample_prompts.iter().zip(generated) {
@@ -406,7 +504,6 @@ fn log_samples(ctx: &RunContext, policy: &impl Policy, tokenizer: &Tokenizer, ev
     ctx.text("samples/greedy", step as i64, &text);
     Ok(())
 }
-
 
 /// The HF config of a fresh model.
 fn llama_config(m: &ModelConfig, vocab_size: usize, seq_len: usize) -> LlamaConfig {
