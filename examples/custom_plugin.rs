@@ -52,7 +52,7 @@ impl Stage for Perplexity {
 
     fn run(c: PerplexityConfig, ctx: &mut RunContext) -> Result<StageOutput> {
         let dir = ctx.input_model().ok_or_else(|| Error::Other("needs an input model".into()))?.to_path_buf();
-        let model = LlamaForCausalLm::from_dir(&dir, ctx.device())?;
+        let model = LlamaForCausalLm::from_dir(&dir, ctx.device(), Kind::Float)?;
         let tokenizer = Tokenizer::from_dir(&dir)?;
         let eos = tokenizer.eos_id().unwrap_or(0);
         let docs = data::read_documents(&c.text)?;

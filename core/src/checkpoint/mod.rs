@@ -107,20 +107,109 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
     safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::file(path, e.to_string()))
 }
 
-/// Copies every variable of `vs` from the safetensors file at `path` (memory-mapped),
-/// checking that each exists with the variable's shape.
-pub fn load_safetensors_into(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
-    let file = fs::File::open(path).at(path)?;
-    // SAFETY: the file is only read; a concurrent writer would corrupt the values, not memory safety of Rust data.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+/// Reads and parses a JSON file, naming it in errors.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).at(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("line {}, column {}: {e}", e.line(), e.column())))
+}
+
+/// Writes pretty JSON atomically.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::file(path, e.to_string()))?;
+    write_file_atomically(path, text.as_bytes())
+}
+
+/// HF's name for a dtype in `config.json` (`torch_dtype`).
+pub fn hf_dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        Kind::Double => "float64",
+        _ => "float32",
+    }
+}
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Shards are cut past this size, as `transformers` does by default (5 GB).
+pub const DEFAULT_SHARD_BYTES: usize = 5_000_000_000;
+
+/// The weight files of a checkpoint directory: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` maps each tensor to. Returns (tensor name -> file).
+fn weight_map(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let index = dir.join(INDEX_FILE);
+    if index.is_file() {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let parsed: Index = read_json(&index)?;
+        return parsed
+            .weight_map
+            .into_iter()
+            .map(|(name, file)| {
+                let shard = dir.join(&file);
+                if shard.is_file() {
+                    Ok((name, shard))
+                } else {
+                    Err(Error::file(&index, format!("tensor `{name}` is in shard `{file}`, which does not exist")))
+                }
+            })
+            .collect();
+    }
+    let single = dir.join(SINGLE_FILE);
+    if !single.is_file() {
+        return Err(Error::file(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} in the checkpoint directory")));
+    }
+    Ok(Vec::new()) // every tensor is in the single file
+}
+
+/// A memory-mapped safetensors file.
+struct Mapped {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+impl Mapped {
+    fn open(path: &Path) -> Result<Self> {
+        let file = fs::File::open(path).at(path)?;
+        // SAFETY: the file is only read; a concurrent writer could change values, not
+        // break memory safety of Rust data (bytes are copied into tensors at once).
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
+        Ok(Self { path: path.to_path_buf(), mmap })
+    }
+
+    fn tensors(&self) -> Result<safetensors::SafeTensors<'_>> {
+        safetensors::SafeTensors::deserialize(&self.mmap)
+            .map_err(|e| Error::file(&self.path, format!("not a valid safetensors file: {e}")))
+    }
+}
+
+/// Copies every variable of `vs` from the checkpoint in `dir` (single-file or sharded
+/// safetensors, memory-mapped), converting to each variable's dtype and device and
+/// checking that each tensor exists with the variable's shape. Errors name the file and
+/// the tensor.
+pub fn load_weights(vs: &mut nn::VarStore, dir: &Path) -> Result<()> {
+    let map = weight_map(dir)?;
+    let mut files: Vec<PathBuf> = map.iter().map(|(_, f)| f.clone()).collect();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        files.push(dir.join(SINGLE_FILE));
+    }
+    let mapped = files.iter().map(|f| Mapped::open(f)).collect::<Result<Vec<_>>>()?;
+    let parsed = mapped.iter().map(Mapped::tensors).collect::<Result<Vec<_>>>()?;
+    let file_of = |name: &str| -> usize {
+        map.iter().find(|(n, _)| n == name).and_then(|(_, f)| files.iter().position(|x| x == f)).unwrap_or(0)
+    };
     let _no_grad = tch::no_grad_guard();
     // In name order, so the first problem reported is the same on every run.
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, mut var) in variables {
-        let view = st.tensor(&name).map_err(|_| Error::file(path, format!("tensor `{name}` is missing")))?;
+        let index = file_of(&name);
+        let path = &files[index];
+        let view = parsed[index].tensor(&name).map_err(|_| Error::file(path, format!("tensor `{name}` is missing")))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if shape != var.size() {
             return Err(Error::file(
@@ -131,9 +220,46 @@ pub fn load_safetensors_into(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
         let kind = kind_of(view.dtype())
             .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
         let source = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        var.f_copy_(&source.to_kind(var.kind()))?;
+        var.f_copy_(&source.to_kind(var.kind()).to_device(var.device()))?;
     }
     Ok(())
+}
+
+/// Saves the variables of `vs` into `dir` as `model.safetensors`, or as shards of at
+/// most `max_shard_bytes` each with `model.safetensors.index.json` when larger, named
+/// as `transformers` names them (`model-00001-of-00003.safetensors`).
+pub fn save_weights(vs: &nn::VarStore, dir: &Path, max_shard_bytes: usize) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let total: usize = tensors.iter().map(|(_, t)| bytes(t)).sum();
+    if total <= max_shard_bytes {
+        return save_safetensors(&dir.join(SINGLE_FILE), &tensors);
+    }
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut size = 0;
+    for (name, tensor) in tensors {
+        let n = bytes(&tensor);
+        if size + n > max_shard_bytes && shards.last().is_some_and(|s| !s.is_empty()) {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        if let Some(last) = shards.last_mut() {
+            last.push((name, tensor));
+        }
+    }
+    let count = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        save_safetensors(&dir.join(&file), shard)?;
+        for (name, _) in shard {
+            weight_map.insert(name.clone(), serde_json::json!(file));
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    write_json(&dir.join(INDEX_FILE), &index)
 }
 
 #[cfg(test)]
@@ -160,14 +286,61 @@ mod tests {
     #[test]
     fn a_truncated_safetensors_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("model.safetensors");
+        let path = dir.path().join(SINGLE_FILE);
         save_safetensors(&path, &[("w".to_string(), Tensor::ones([4, 4], (Kind::Float, tch::Device::Cpu)))]).unwrap();
         let bytes = fs::read(&path).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
         let mut vs = nn::VarStore::new(tch::Device::Cpu);
         let _w = vs.root().zeros("w", &[4, 4]);
-        let message = load_safetensors_into(&mut vs, &path).unwrap_err().to_string();
+        let message = load_weights(&mut vs, dir.path()).unwrap_err().to_string();
         assert!(message.contains("model.safetensors: not a valid safetensors file"), "{message}");
+    }
+
+    fn store(names: &[&str]) -> nn::VarStore {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        for (i, name) in names.iter().enumerate() {
+            let _ = vs.root().var_copy(name, &(Tensor::ones([10, 10], (Kind::Float, tch::Device::Cpu)) * i as f64));
+        }
+        vs
+    }
+
+    #[test]
+    fn large_checkpoints_are_sharded_with_an_index_and_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["a", "b", "c", "d", "e"];
+        save_weights(&store(&names), dir.path(), 850).unwrap(); // 400 bytes a tensor: two a shard
+        let index: serde_json::Value = read_json(&dir.path().join(INDEX_FILE)).unwrap();
+        assert_eq!(index["weight_map"]["a"], "model-00001-of-00003.safetensors");
+        assert_eq!(index["weight_map"]["c"], "model-00002-of-00003.safetensors");
+        assert_eq!(index["weight_map"]["e"], "model-00003-of-00003.safetensors");
+        assert_eq!(index["metadata"]["total_size"], 2000);
+        assert!(!dir.path().join(SINGLE_FILE).exists());
+        let mut loaded = store(&names);
+        tch::no_grad(|| {
+            for (_, mut t) in loaded.variables() {
+                let _ = t.zero_();
+            }
+        });
+        load_weights(&mut loaded, dir.path()).unwrap();
+        assert_eq!(loaded.variables()["d"].double_value(&[3, 3]), 3.0);
+
+        // An index naming a missing shard is an error naming the index and the tensor.
+        fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+        let message = load_weights(&mut loaded, dir.path()).unwrap_err().to_string();
+        assert!(
+            message.ends_with("model.safetensors.index.json: tensor `c` is in shard `model-00002-of-00003.safetensors`, which does not exist"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn weights_convert_to_the_variables_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        save_weights(&store(&["w"]), dir.path(), DEFAULT_SHARD_BYTES).unwrap();
+        let mut half = store(&["w"]);
+        half.set_kind(Kind::BFloat16);
+        load_weights(&mut half, dir.path()).unwrap();
+        assert_eq!(half.variables()["w"].kind(), Kind::BFloat16);
     }
 
     #[test]

@@ -1,22 +1,28 @@
-//! Llama-style decoder-only transformer: RMSNorm, rotary position embeddings (RoPE),
-//! SwiGLU feed-forward, causal attention through `scaled_dot_product_attention`, with
-//! grouped-query attention and tied or untied embeddings.
+//! The Llama family as published on the HF hub: Llama 2/3/3.1/3.2, Qwen2/Qwen2.5,
+//! Mistral, SmolLM. A decoder-only transformer with RMSNorm, rotary position
+//! embeddings (with `linear`, `dynamic` and `llama3` scaling), SwiGLU, grouped-query
+//! attention through `scaled_dot_product_attention`, optional attention biases (Qwen2's
+//! q/k/v biases), sliding-window layers (Mistral, Qwen2), tied or untied embeddings.
 //!
 //! Paper: Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models".
-//! Reference: transformers/models/llama/modeling_llama.py. Variable paths equal the HF
-//! checkpoint keys (`model.layers.0.self_attn.q_proj.weight`), so a checkpoint loads by
-//! a key-by-key copy.
+//! Reference: transformers/models/{llama,qwen2,mistral}/modeling_*.py. Variable paths
+//! equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`), so a
+//! checkpoint loads by a key-by-key copy.
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use std::path::Path;
+use super::cache::{attention_mask, KvCache};
+use super::rope::{self, Rope, RopeScaling};
+use super::Policy;
+use crate::checkpoint;
+use crate::error::{Error, Result};
 
-use crate::checkpoint::{load_safetensors_into, save_safetensors, write_file_atomically};
-use crate::error::{Error, IoResultExt, Result};
-use crate::model::Policy;
-
-/// `config.json` as HF writes it for `LlamaForCausalLM` (HF's field names).
+/// `config.json` as HF writes it for `LlamaForCausalLM`, `Qwen2ForCausalLM` and
+/// `MistralForCausalLM` (HF's field names; fields we do not use are ignored).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LlamaConfig {
     #[serde(default = "default_model_type")]
@@ -26,32 +32,49 @@ pub struct LlamaConfig {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// Older configs; transformers 5 puts it inside `rope_parameters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// transformers 5: `{"rope_type": ..., "rope_theta": ..., ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Llama: biases on q/k/v/o. (Qwen2 always has q/k/v biases and no o bias.)
     #[serde(default)]
     pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
-    #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: sliding windows only when this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// transformers 5: `full_attention` or `sliding_attention` per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
     #[serde(default = "default_initializer_range")]
     pub initializer_range: f64,
-    #[serde(default)]
-    pub bos_token_id: Option<i64>,
-    #[serde(default)]
-    pub eos_token_id: Option<i64>,
-    #[serde(default)]
-    pub pad_token_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<Value>,
 }
 
 fn default_model_type() -> String {
@@ -63,9 +86,6 @@ fn default_max_positions() -> usize {
 fn default_rms_norm_eps() -> f64 {
     1e-6
 }
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
 fn default_hidden_act() -> String {
     "silu".into()
 }
@@ -73,9 +93,13 @@ fn default_initializer_range() -> f64 {
     0.02
 }
 
+/// The model types this family covers.
+pub const MODEL_TYPES: [&str; 3] = ["llama", "qwen2", "mistral"];
+
 /// The resolved configuration: no options left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    pub model_type: String,
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub intermediate_size: i64,
@@ -85,9 +109,13 @@ pub struct Config {
     pub head_dim: i64,
     pub max_positions: i64,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
+    pub rope: Rope,
     pub tie_word_embeddings: bool,
-    pub attention_bias: bool,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Per layer: the attention window, or None for full attention.
+    pub windows: Vec<Option<i64>>,
     pub initializer_range: f64,
 }
 
@@ -95,19 +123,14 @@ impl LlamaConfig {
     /// Checks and resolves; every unsupported option is an error naming its field.
     pub fn resolve(&self) -> Result<Config> {
         let field = |name: &str, message: String| Error::config(name, message);
-        if self.model_type != "llama" {
+        if !MODEL_TYPES.contains(&self.model_type.as_str()) {
             return Err(field(
                 "model_type",
-                format!("unsupported model_type `{}`; this family is `llama`", self.model_type),
+                format!("unsupported model_type `{}`; this family covers {}", self.model_type, MODEL_TYPES.join(", ")),
             ));
         }
         if self.hidden_act != "silu" {
             return Err(field("hidden_act", format!("unsupported activation `{}`; expected `silu`", self.hidden_act)));
-        }
-        if let Some(scaling) = &self.rope_scaling {
-            if !scaling.is_null() {
-                return Err(field("rope_scaling", format!("rope scaling {scaling} is not supported yet")));
-            }
         }
         for (name, value) in [
             ("vocab_size", self.vocab_size),
@@ -142,7 +165,20 @@ impl LlamaConfig {
         if head_dim % 2 != 0 {
             return Err(field("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
         }
+        let max_positions = self.max_position_embeddings as i64;
+        let params = self.rope_parameters.as_ref().and_then(Value::as_object);
+        let theta = self
+            .rope_theta
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10_000.0);
+        let scaling = match (&self.rope_scaling, &self.rope_parameters) {
+            (Some(s), _) if !s.is_null() => RopeScaling::from_hf(Some(s), "rope_scaling", max_positions)?,
+            (_, Some(p)) => RopeScaling::from_hf(Some(p), "rope_parameters", max_positions)?,
+            _ => RopeScaling::None,
+        };
+        let qwen2 = self.model_type == "qwen2";
         Ok(Config {
+            model_type: self.model_type.clone(),
             vocab_size: self.vocab_size as i64,
             hidden_size: self.hidden_size as i64,
             intermediate_size: self.intermediate_size as i64,
@@ -150,20 +186,69 @@ impl LlamaConfig {
             num_heads: heads as i64,
             num_kv_heads: kv_heads as i64,
             head_dim: head_dim as i64,
-            max_positions: self.max_position_embeddings as i64,
+            max_positions,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
+            rope: Rope { theta, head_dim: head_dim as i64, scaling },
             tie_word_embeddings: self.tie_word_embeddings,
-            attention_bias: self.attention_bias,
+            qkv_bias: qwen2 || self.attention_bias,
+            o_bias: !qwen2 && self.attention_bias,
+            mlp_bias: self.mlp_bias,
+            windows: self.windows()?,
             initializer_range: self.initializer_range,
         })
     }
 
+    /// The attention window of each layer, from `layer_types` (transformers 5) or the
+    /// older per-family fields.
+    fn windows(&self) -> Result<Vec<Option<i64>>> {
+        let layers = self.num_hidden_layers;
+        let window = self.sliding_window.map(|w| w as i64);
+        let need_window = || {
+            window.ok_or_else(|| {
+                Error::config("sliding_window", "sliding-window layers need `sliding_window`".to_string())
+            })
+        };
+        if let Some(types) = &self.layer_types {
+            if types.len() != layers {
+                return Err(Error::config(
+                    "layer_types",
+                    format!("expected {layers} entries (num_hidden_layers), found {}", types.len()),
+                ));
+            }
+            return types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "full_attention" => Ok(None),
+                    "sliding_attention" => need_window().map(Some),
+                    other => Err(Error::config(
+                        format!("layer_types[{i}]"),
+                        format!("unsupported layer type `{other}`; expected full_attention or sliding_attention"),
+                    )),
+                })
+                .collect();
+        }
+        Ok(match self.model_type.as_str() {
+            "mistral" => vec![window; layers],
+            "qwen2" if self.use_sliding_window == Some(true) => {
+                let first = self.max_window_layers.unwrap_or(layers);
+                let w = need_window()?;
+                (0..layers).map(|i| (i >= first).then_some(w)).collect()
+            }
+            _ => vec![None; layers],
+        })
+    }
+
     /// `config.json` for saving, with the fields `transformers` expects.
-    pub fn to_hf_json(&self) -> serde_json::Value {
+    pub fn to_hf_json(&self) -> Value {
         let mut json = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = json.as_object_mut() {
-            map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            let architecture = match self.model_type.as_str() {
+                "qwen2" => "Qwen2ForCausalLM",
+                "mistral" => "MistralForCausalLM",
+                _ => "LlamaForCausalLM",
+            };
+            map.insert("architectures".into(), serde_json::json!([architecture]));
             map.insert("torch_dtype".into(), serde_json::json!("float32"));
             map.retain(|_, v| !v.is_null());
         }
@@ -197,27 +282,8 @@ impl RmsNorm {
         let x = x.to_kind(Kind::Float);
         let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let normed = &x * (variance + self.eps).rsqrt();
-        normed.to_kind(kind) * &self.weight
+        &self.weight * normed.to_kind(kind)
     }
-}
-
-/// cos/sin tables for rotary embeddings, HF's "rotate half" layout: (max_positions, head_dim).
-fn rope_tables(config: &Config, device: tch::Device) -> (Tensor, Tensor) {
-    // inv_freq = 1 / theta^(2i / head_dim), as HF computes it.
-    let exponents = Tensor::arange_start_step(0, config.head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float)
-        / config.head_dim as f64;
-    let inv_freq = Tensor::pow_scalar(config.rope_theta, &exponents).reciprocal(); // (hd/2)
-    let positions = Tensor::arange(config.max_positions, (Kind::Float, device));
-    let freqs = positions.outer(&inv_freq); // (P, hd/2)
-    let emb = Tensor::cat(&[&freqs, &freqs], -1); // (P, hd)
-    (emb.cos(), emb.sin())
-}
-
-fn rotate_half(x: &Tensor) -> Tensor {
-    let half = x.size()[x.dim() - 1] / 2;
-    let x1 = x.narrow(-1, 0, half);
-    let x2 = x.narrow(-1, half, half);
-    Tensor::cat(&[&x2.neg(), &x1], -1)
 }
 
 #[derive(Debug)]
@@ -229,32 +295,44 @@ struct Attention {
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
+    window: Option<i64>,
 }
 
 impl Attention {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(path: nn::Path, c: &Config, window: Option<i64>) -> Self {
         let std = c.initializer_range;
         let (h, hd) = (c.hidden_size, c.head_dim);
         Self {
-            q_proj: linear(&path / "q_proj", h, c.num_heads * hd, c.attention_bias, std),
-            k_proj: linear(&path / "k_proj", h, c.num_kv_heads * hd, c.attention_bias, std),
-            v_proj: linear(&path / "v_proj", h, c.num_kv_heads * hd, c.attention_bias, std),
-            o_proj: linear(&path / "o_proj", c.num_heads * hd, h, false, std),
+            q_proj: linear(&path / "q_proj", h, c.num_heads * hd, c.qkv_bias, std),
+            k_proj: linear(&path / "k_proj", h, c.num_kv_heads * hd, c.qkv_bias, std),
+            v_proj: linear(&path / "v_proj", h, c.num_kv_heads * hd, c.qkv_bias, std),
+            o_proj: linear(&path / "o_proj", c.num_heads * hd, h, c.o_bias, std),
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: hd,
+            window,
         }
     }
 
-    /// x: (B, T, C); cos/sin: (T, hd); mask: additive (B, 1, T, T) or None for plain causal.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    /// x: (B, T, C); cos/sin: (B, T, hd); `masks` gives the additive mask of this layer's
+    /// kind, or None for plain causal attention.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
         let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
         let heads = |proj: &nn::Linear, n: i64| proj.forward(x).view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = heads(&self.q_proj, self.num_heads); // (B, nh, T, hd)
-        let k = heads(&self.k_proj, self.num_kv_heads); // (B, nkv, T, hd)
+        let q = rope::apply(&heads(&self.q_proj, self.num_heads), cos, sin); // (B, nh, T, hd)
+        let k = rope::apply(&heads(&self.k_proj, self.num_kv_heads), cos, sin); // (B, nkv, T, hd)
         let v = heads(&self.v_proj, self.num_kv_heads);
-        let q = &q * cos + rotate_half(&q) * sin;
-        let k = &k * cos + rotate_half(&k) * sin;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v), // (B, nkv, past + T, hd)
+            None => (k, v),
+        };
         let gqa = self.num_kv_heads != self.num_heads;
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa); // (B, nh, T, hd)
         let y = y.transpose(1, 2).contiguous().view([b, t, self.num_heads * self.head_dim]);
@@ -272,11 +350,11 @@ struct Mlp {
 
 impl Mlp {
     fn new(path: nn::Path, c: &Config) -> Self {
-        let std = c.initializer_range;
+        let (std, bias) = (c.initializer_range, c.mlp_bias);
         Self {
-            gate_proj: linear(&path / "gate_proj", c.hidden_size, c.intermediate_size, false, std),
-            up_proj: linear(&path / "up_proj", c.hidden_size, c.intermediate_size, false, std),
-            down_proj: linear(&path / "down_proj", c.intermediate_size, c.hidden_size, false, std),
+            gate_proj: linear(&path / "gate_proj", c.hidden_size, c.intermediate_size, bias, std),
+            up_proj: linear(&path / "up_proj", c.hidden_size, c.intermediate_size, bias, std),
+            down_proj: linear(&path / "down_proj", c.intermediate_size, c.hidden_size, bias, std),
         }
     }
 
@@ -294,22 +372,29 @@ struct Block {
 }
 
 impl Block {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(path: nn::Path, c: &Config, window: Option<i64>) -> Self {
         Self {
             input_layernorm: RmsNorm::new(&path / "input_layernorm", c.hidden_size, c.rms_norm_eps),
-            self_attn: Attention::new(&path / "self_attn", c),
+            self_attn: Attention::new(&path / "self_attn", c, window),
             post_attention_layernorm: RmsNorm::new(&path / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
             mlp: Mlp::new(&path / "mlp", c),
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
-        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, mask);
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }
 
-/// `LlamaForCausalLM`.
+/// The decoder stack with its LM head: `*ForCausalLM`.
 #[derive(Debug)]
 pub struct Llama {
     embed_tokens: nn::Embedding,
@@ -317,8 +402,6 @@ pub struct Llama {
     norm: RmsNorm,
     /// None when tied to `embed_tokens`.
     lm_head: Option<nn::Linear>,
-    cos: Tensor,
-    sin: Tensor,
     config: Config,
 }
 
@@ -332,56 +415,89 @@ impl Llama {
             ..Default::default()
         };
         let embed_tokens = nn::embedding(&model / "embed_tokens", config.vocab_size, config.hidden_size, embed_config);
-        let layers = (0..config.num_layers).map(|i| Block::new(&model / "layers" / i, config)).collect();
+        let layers =
+            config.windows.iter().enumerate().map(|(i, &w)| Block::new(&model / "layers" / i, config, w)).collect();
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| linear(root / "lm_head", config.hidden_size, config.vocab_size, false, config.initializer_range));
-        let (cos, sin) = rope_tables(config, root.device());
-        Self { embed_tokens, layers, norm, lm_head, cos, sin, config: config.clone() }
+        Self { embed_tokens, layers, norm, lm_head, config: config.clone() }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// input_ids: (B, T) int64; attention_mask: (B, T) of 1 (token) and 0 (padding), or
-    /// None when every position is a token. Returns logits (B, T, vocab).
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    /// The final hidden states (B, T, C) of `input_ids` (B, T) at `positions` (B, T).
+    /// `attention_mask` (B, past + T) marks tokens with 1 and padding with 0; with a
+    /// cache, the new keys and values are appended to it.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
-        if t > self.config.max_positions {
-            return Err(Error::Other(format!(
-                "sequence of {t} tokens is longer than max_position_embeddings ({})",
-                self.config.max_positions
-            )));
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(cache) = &cache {
+            if past + t > cache.capacity() {
+                return Err(Error::Other(format!(
+                    "the KV cache holds {} positions; {} are needed",
+                    cache.capacity(),
+                    past + t
+                )));
+            }
         }
-        let cos = self.cos.narrow(0, 0, t);
-        let sin = self.sin.narrow(0, 0, t);
-        let mask = attention_mask.map(|m| additive_mask(m, b, t));
+        let (cos, sin) = self.config.rope.cos_sin(positions);
+        // One mask per window size; None = plain causal (the fast path of SDPA).
+        let needs_mask =
+            attention_mask.is_some() || past > 0 || self.config.windows.iter().any(|w| w.is_some_and(|w| w < past + t));
+        let key_mask = match attention_mask {
+            Some(m) => m.shallow_clone(),
+            None => Tensor::ones([b, past + t], (Kind::Int64, input_ids.device())),
+        };
+        let full_mask = needs_mask.then(|| attention_mask_in(&key_mask, past, t, None, self.embed_tokens.ws.kind()));
+        let mut window_masks: Vec<(i64, Tensor)> = Vec::new();
         let mut x = self.embed_tokens.forward(input_ids); // (B, T, C)
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match layer.self_attn.window {
+                Some(w) if needs_mask => {
+                    if !window_masks.iter().any(|(size, _)| *size == w) {
+                        window_masks.push((w, attention_mask_in(&key_mask, past, t, Some(w), x.kind())));
+                    }
+                    window_masks.iter().find(|(size, _)| *size == w).map(|(_, m)| m)
+                }
+                _ => full_mask.as_ref(),
+            };
+            x = layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)));
         }
-        let x = self.norm.forward(&x);
-        Ok(match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => x.matmul(&self.embed_tokens.ws.tr()),
-        })
+        if let Some(cache) = cache {
+            cache.advance(t);
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// Logits (B, T, vocab) from hidden states.
+    pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(&self.embed_tokens.ws.tr()),
+        }
+    }
+
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let c = &self.config;
+        let ws = &self.embed_tokens.ws;
+        KvCache::new(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, ws.kind(), ws.device())
     }
 }
 
-/// Causal mask combined with a padding mask, additive: (B, 1, T, T).
-fn additive_mask(padding: &Tensor, b: i64, t: i64) -> Tensor {
-    let device = padding.device();
-    let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0); // (T, T)
-    let keys = padding.to_kind(Kind::Bool).view([b, 1, 1, t]);
-    let allowed = causal.view([1, 1, t, t]).logical_and(&keys);
-    // A fully masked row (a padding query) would give NaN; let it see itself.
-    let eye = Tensor::eye(t, (Kind::Bool, device)).view([1, 1, t, t]);
-    let allowed = allowed.logical_or(&eye);
-    Tensor::zeros([b, 1, t, t], (Kind::Float, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+/// The additive mask in the dtype of the activations.
+fn attention_mask_in(key_mask: &Tensor, past: i64, t: i64, window: Option<i64>, kind: Kind) -> Tensor {
+    attention_mask(key_mask, past, t, window).to_kind(kind)
 }
 
-/// A Llama model with its variables and HF config: the [`Policy`] plugins train.
+/// A Llama-family model with its variables and HF config: the [`Policy`] plugins train.
 pub struct LlamaForCausalLm {
     vs: nn::VarStore,
     model: Llama,
@@ -389,7 +505,7 @@ pub struct LlamaForCausalLm {
 }
 
 impl LlamaForCausalLm {
-    /// A freshly initialised model (seed libtorch first for a reproducible init).
+    /// A freshly initialised fp32 model (seed libtorch first for a reproducible init).
     pub fn new(hf: LlamaConfig, device: tch::Device) -> Result<Self> {
         let config = hf.resolve()?;
         let vs = nn::VarStore::new(device);
@@ -397,16 +513,15 @@ impl LlamaForCausalLm {
         Ok(Self { vs, model, hf })
     }
 
-    /// Loads `dir/config.json` and `dir/model.safetensors`.
-    pub fn from_dir(dir: &Path, device: tch::Device) -> Result<Self> {
+    /// Loads `dir/config.json` and the weights (single or sharded safetensors), in `kind`.
+    pub fn from_dir(dir: &Path, device: tch::Device, kind: Kind) -> Result<Self> {
         let config_file = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_file).at(&config_file)?;
-        let hf: LlamaConfig =
-            serde_json::from_str(&text).map_err(|e| Error::file(&config_file, format!("not a Llama config: {e}")))?;
+        let hf: LlamaConfig = checkpoint::read_json(&config_file)?;
         let config = hf.resolve().map_err(|e| Error::file(&config_file, e.to_string()))?;
         let mut vs = nn::VarStore::new(device);
         let model = Llama::new(&vs.root(), &config);
-        load_safetensors_into(&mut vs, &dir.join("model.safetensors"))?;
+        vs.set_kind(kind);
+        checkpoint::load_weights(&mut vs, dir)?;
         Ok(Self { vs, model, hf })
     }
 
@@ -418,41 +533,55 @@ impl LlamaForCausalLm {
         self.model.config()
     }
 
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
     pub fn num_parameters(&self) -> i64 {
         self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
     }
 }
 
 impl Policy for LlamaForCausalLm {
-    fn logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        self.model.forward(input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.model.hidden_states(input_ids, positions, attention_mask, cache)?;
+        Ok(self.model.lm_head(&hidden))
+    }
+
+    fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        self.model.new_cache(batch, capacity)
     }
 
     fn var_store(&self) -> &nn::VarStore {
         &self.vs
     }
 
+    fn vocab_size(&self) -> i64 {
+        self.model.config.vocab_size
+    }
+
     fn save(&self, dir: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        save_safetensors(&dir.join("model.safetensors"), &tensors)?;
-        let json = |value: &serde_json::Value, file: &str| -> Result<()> {
-            let path = dir.join(file);
-            let text = serde_json::to_string_pretty(value).map_err(|e| Error::file(&path, e.to_string()))?;
-            write_file_atomically(&path, text.as_bytes())
-        };
-        json(&self.hf.to_hf_json(), "config.json")?;
+        checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
+        let mut config = self.hf.to_hf_json();
+        config["torch_dtype"] = serde_json::json!(checkpoint::hf_dtype_name(self.vs.kind()));
+        checkpoint::write_json(&dir.join("config.json"), &config)?;
         let mut generation = serde_json::json!({ "_from_model_config": true });
         for (key, id) in [
-            ("bos_token_id", self.hf.bos_token_id),
-            ("eos_token_id", self.hf.eos_token_id),
-            ("pad_token_id", self.hf.pad_token_id),
+            ("bos_token_id", &self.hf.bos_token_id),
+            ("eos_token_id", &self.hf.eos_token_id),
+            ("pad_token_id", &self.hf.pad_token_id),
         ] {
             if let Some(id) = id {
-                generation[key] = serde_json::json!(id);
+                generation[key] = id.clone();
             }
         }
-        json(&generation, "generation_config.json")
+        checkpoint::write_json(&dir.join("generation_config.json"), &generation)
     }
 }
 
@@ -506,7 +635,7 @@ mod tests {
         let m = model(false, 2);
         let dir = tempfile::tempdir().unwrap();
         m.save(dir.path()).unwrap();
-        let loaded = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu).unwrap();
+        let loaded = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
         let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6]);
         let diff = (m.logits(&x, None).unwrap() - loaded.logits(&x, None).unwrap()).abs().max().double_value(&[]);
         assert_eq!(diff, 0.0);
@@ -521,7 +650,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
         config["intermediate_size"] = serde_json::json!(25);
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-        let message = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu).err().unwrap().to_string();
+        let message = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu, Kind::Float).err().unwrap().to_string();
         assert!(
             message.ends_with("model.safetensors: tensor `model.layers.0.mlp.down_proj.weight` has shape [16, 24], the model expects [16, 25]"),
             "{message}"
@@ -533,7 +662,7 @@ mod tests {
         let tied = tempfile::tempdir().unwrap();
         model(true, 2).save(tied.path()).unwrap();
         std::fs::copy(tied.path().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-        let message = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu).err().unwrap().to_string();
+        let message = LlamaForCausalLm::from_dir(dir.path(), tch::Device::Cpu, Kind::Float).err().unwrap().to_string();
         assert!(message.ends_with("model.safetensors: tensor `lm_head.weight` is missing"), "{message}");
     }
 
@@ -546,12 +675,15 @@ mod tests {
         );
         c = tiny(false, 2);
         c.rope_scaling = Some(serde_json::json!({"rope_type": "yarn"}));
-        assert!(c.resolve().err().unwrap().to_string().starts_with("rope_scaling: "));
+        assert_eq!(
+            c.resolve().err().unwrap().to_string(),
+            "rope_scaling.rope_type: unsupported rope type `yarn`; supported: default, linear, dynamic, llama3"
+        );
         c = tiny(false, 2);
         c.model_type = "gpt2".into();
         assert_eq!(
             c.resolve().err().unwrap().to_string(),
-            "model_type: unsupported model_type `gpt2`; this family is `llama`"
+            "model_type: unsupported model_type `gpt2`; this family covers llama, qwen2, mistral"
         );
     }
 
@@ -566,6 +698,7 @@ mod tests {
         let first = a[0].tokens[0];
         let stopping = crate::model::GenerationSettings { stop_tokens: vec![first], ..settings };
         let c = m.generate(&[vec![1, 2, 3]], &stopping).unwrap();
-        assert!(c[0].stopped && c[0].tokens.is_empty());
+        assert_eq!(c[0].finish, crate::model::generate::Finish::StopToken);
+        assert_eq!(c[0].tokens, vec![first]);
     }
 }

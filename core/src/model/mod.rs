@@ -1,50 +1,50 @@
-//! Models: the `Policy` contract and one file per model family.
+//! Models: the `Policy` contract, one file per model family, and the parts they share
+//! (rotary embeddings, the KV cache, generation).
+pub mod cache;
+pub mod generate;
 pub mod llama;
+pub mod rope;
 
 use std::path::Path;
 
 use tch::{nn, Kind, Tensor};
 
+pub use cache::KvCache;
+pub use generate::{Generated, GenerationSettings};
+
 use crate::error::Result;
 
-/// Sampling settings for [`Policy::generate`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationSettings {
-    pub max_new_tokens: usize,
-    /// 0 means greedy.
-    pub temperature: f64,
-    /// Keep the k most likely tokens; 0 keeps all.
-    pub top_k: i64,
-    /// Nucleus sampling; 1.0 keeps all.
-    pub top_p: f64,
-    /// Token ids that end a sequence (not included in the output).
-    pub stop_tokens: Vec<i64>,
-    /// Seeds libtorch's generator before sampling, for reproducible samples.
-    pub seed: Option<u64>,
-}
-
-impl Default for GenerationSettings {
-    fn default() -> Self {
-        Self { max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, stop_tokens: Vec::new(), seed: None }
-    }
-}
-
-/// One generated continuation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Generated {
-    /// New tokens only.
-    pub tokens: Vec<i64>,
-    /// Log-probability of each new token under the (unmodified) model distribution.
-    pub log_probs: Vec<f64>,
-    /// True when a stop token ended it.
-    pub stopped: bool,
-}
-
-/// A causal language model that plugins train and sample from.
+/// A causal language model that plugins train, score with and sample from.
+///
+/// Families implement [`Policy::forward`] (with or without a KV cache), and get
+/// logits, per-token log-probs and batched generation from it.
 pub trait Policy {
-    /// input_ids: (B, T) int64; attention_mask: (B, T) 1 = token, 0 = padding.
-    /// Returns logits (B, T, vocab).
-    fn logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor>;
+    /// Logits (B, T, vocab) for `input_ids` (B, T) at `positions` (B, T).
+    /// `attention_mask` (B, past + T) is 1 for tokens and 0 for padding; with a cache,
+    /// `past` positions are already in it and the new ones are appended.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor>;
+
+    /// An empty cache for `batch` sequences of up to `capacity` positions, allocated once.
+    fn new_cache(&self, batch: i64, capacity: i64) -> KvCache;
+
+    /// Logits (B, T, vocab) of a whole batch. Positions count tokens only, so a
+    /// left-padded row gets the same positions as it would alone.
+    fn logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let positions = match attention_mask {
+            Some(mask) => cache::positions_from_mask(mask),
+            None => {
+                let (b, t) = input_ids.size2()?;
+                Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], false)
+            }
+        };
+        self.forward(input_ids, &positions, attention_mask, None)
+    }
 
     /// Log-probability of each next token: (B, T-1), entry t scores input_ids[:, t+1].
     fn log_probs(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
@@ -55,66 +55,18 @@ pub trait Policy {
         Ok(log_probs.gather(-1, &targets, false).squeeze_dim(-1))
     }
 
-    /// Continues each prompt (token ids). This default recomputes the whole sequence
-    /// for every new token, one prompt at a time; families override it with a KV cache.
+    /// Continues each prompt (token ids), batched, with a KV cache.
     fn generate(&self, prompts: &[Vec<i64>], settings: &GenerationSettings) -> Result<Vec<Generated>> {
-        let _no_grad = tch::no_grad_guard();
-        if let Some(seed) = settings.seed {
-            tch::manual_seed(seed as i64);
-        }
-        let device = self.var_store().device();
-        prompts
-            .iter()
-            .map(|prompt| {
-                let mut tokens = prompt.clone();
-                let mut out = Generated { tokens: Vec::new(), log_probs: Vec::new(), stopped: false };
-                for _ in 0..settings.max_new_tokens {
-                    let input = Tensor::from_slice(&tokens).to_device(device).unsqueeze(0);
-                    let logits = self.logits(&input, None)?.select(1, -1).squeeze_dim(0); // (V)
-                    let next = sample(&logits, settings)?;
-                    let log_prob = logits.log_softmax(-1, Kind::Float).double_value(&[next]);
-                    if settings.stop_tokens.contains(&next) {
-                        out.stopped = true;
-                        break;
-                    }
-                    tokens.push(next);
-                    out.tokens.push(next);
-                    out.log_probs.push(log_prob);
-                }
-                Ok(out)
-            })
-            .collect()
+        generate::generate(self, prompts, settings, None)
     }
 
-    /// The trainable variables (and the device they live on).
+    /// The trainable variables (and the device and dtype they live in).
     fn var_store(&self) -> &nn::VarStore;
 
-    /// Writes the weights and `config.json` in HF layout into `dir` (which exists).
-    fn save(&self, dir: &Path) -> Result<()>;
-}
+    /// Rows of the token embedding.
+    fn vocab_size(&self) -> i64;
 
-/// Picks the next token from logits (V) under the settings: greedy, or temperature,
-/// top-k and top-p sampling with libtorch's generator.
-pub fn sample(logits: &Tensor, settings: &GenerationSettings) -> Result<i64> {
-    if settings.temperature <= 0.0 {
-        return Ok(logits.argmax(-1, false).int64_value(&[]));
-    }
-    let mut logits = logits.to_kind(Kind::Float) / settings.temperature;
-    let vocab = logits.size()[0];
-    if settings.top_k > 0 && settings.top_k < vocab {
-        let (top, _) = logits.topk(settings.top_k, -1, true, true);
-        let threshold = top.select(0, settings.top_k - 1);
-        logits = logits.masked_fill(&logits.lt_tensor(&threshold), f64::NEG_INFINITY);
-    }
-    if settings.top_p < 1.0 {
-        let (sorted, order) = logits.sort(-1, true);
-        let cumulative = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-        // Drop a token when the mass before it already reaches top_p (the first always stays).
-        let before = &cumulative - sorted.softmax(-1, Kind::Float);
-        let drop_sorted = before.ge(settings.top_p);
-        let drop = drop_sorted.scatter(-1, &order, &drop_sorted);
-        logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
-    }
-    let probs = logits.softmax(-1, Kind::Float);
-    Ok(probs.f_multinomial(1, false)?.int64_value(&[0]))
+    /// Writes the weights and `config.json` (and `generation_config.json`) in HF layout
+    /// into `dir`, which exists.
+    fn save(&self, dir: &Path) -> Result<()>;
 }

@@ -280,7 +280,7 @@ impl Stage for CausalLm {
         let (policy, tokenizer) = match (ctx.input_model(), &c.model) {
             (Some(dir), None) => {
                 let tokenizer = Tokenizer::from_dir(dir)?;
-                (LlamaForCausalLm::from_dir(dir, device)?, tokenizer)
+                (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, tokenizer)
             }
             (None, Some(m)) => {
                 let tokenizer = Tokenizer::train_bpe(
@@ -289,8 +289,8 @@ impl Stage for CausalLm {
                     c.tokenizer.min_frequency,
                 )?;
                 let mut hf = llama_config(m, tokenizer.vocab_size(), c.data.seq_len);
-                hf.eos_token_id = tokenizer.eos_id();
-                hf.bos_token_id = tokenizer.eos_id();
+                hf.eos_token_id = tokenizer.eos_id().map(Into::into);
+                hf.bos_token_id = tokenizer.eos_id().map(Into::into);
                 (LlamaForCausalLm::new(hf, device)?, tokenizer)
             }
             (Some(dir), Some(_)) => {
@@ -518,11 +518,17 @@ fn llama_config(m: &ModelConfig, vocab_size: usize, seq_len: usize) -> LlamaConf
         head_dim: None,
         max_position_embeddings: m.max_position_embeddings.unwrap_or(seq_len),
         rms_norm_eps: m.rms_norm_eps,
-        rope_theta: m.rope_theta,
+        rope_theta: Some(m.rope_theta),
+        rope_scaling: None,
+        rope_parameters: None,
         tie_word_embeddings: m.tie_word_embeddings,
         attention_bias: false,
+        mlp_bias: false,
         hidden_act: "silu".into(),
-        rope_scaling: None,
+        sliding_window: None,
+        use_sliding_window: None,
+        max_window_layers: None,
+        layer_types: None,
         initializer_range: 0.02,
         bos_token_id: None,
         eos_token_id: None,

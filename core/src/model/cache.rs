@@ -1,0 +1,122 @@
+//! The key/value cache of incremental decoding and the attention masks around it.
+use tch::{Device, Kind, Tensor};
+
+/// Keys and values of past positions for every layer, allocated once for a batch:
+/// each (B, n_kv_heads, capacity, head_dim), filled up to `len`.
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    pub fn new(
+        layers: usize,
+        batch: i64,
+        kv_heads: i64,
+        capacity: i64,
+        head_dim: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let alloc = || Tensor::zeros([batch, kv_heads, capacity, head_dim], (kind, device));
+        Self {
+            keys: (0..layers).map(|_| alloc()).collect(),
+            values: (0..layers).map(|_| alloc()).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Writes layer `layer`'s new keys/values (B, H, t, hd) after the cached ones and
+    /// returns all of them, (B, H, len + t, hd). Call [`KvCache::advance`] once all
+    /// layers have written.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
+        keys.narrow(2, self.len, t).copy_(k);
+        values.narrow(2, self.len, t).copy_(v);
+        (keys.narrow(2, 0, self.len + t), values.narrow(2, 0, self.len + t))
+    }
+
+    pub fn advance(&mut self, t: i64) {
+        self.len += t;
+    }
+}
+
+/// Additive attention mask (B, 1, t, past + t) for `t` new queries after `past` cached
+/// positions: causal, hiding padded keys (`key_mask` (B, past + t), 1 = token), and,
+/// with a window, keys more than `window - 1` positions back. A query row with nothing
+/// to attend to (a padding query) sees itself, so no row is all -inf.
+pub fn attention_mask(key_mask: &Tensor, past: i64, t: i64, window: Option<i64>) -> Tensor {
+    let device = key_mask.device();
+    let total = past + t;
+    let b = key_mask.size()[0];
+    let query_pos = Tensor::arange_start(past, total, (Kind::Int64, device)).view([t, 1]);
+    let key_pos = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
+    let mut allowed = key_pos.le_tensor(&query_pos); // (t, total)
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&(&query_pos - &key_pos).lt(w));
+    }
+    let allowed = allowed.view([1, 1, t, total]).logical_and(&key_mask.to_kind(Kind::Bool).view([b, 1, 1, total]));
+    let itself = key_pos.eq_tensor(&query_pos).view([1, 1, t, total]);
+    let allowed = allowed.logical_or(&itself);
+    Tensor::zeros([b, 1, t, total], (Kind::Float, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+}
+
+/// Position ids from a padding mask (B, T): 0, 1, 2... counting tokens only, as HF's
+/// `generate` computes them, so a left-padded prompt gets the positions it has alone.
+pub fn positions_from_mask(mask: &Tensor) -> Tensor {
+    (mask.to_kind(Kind::Int64).cumsum(-1, Kind::Int64) - 1).clamp_min(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mask_is_causal_hides_padding_and_windows() {
+        let key_mask = Tensor::from_slice(&[0i64, 1, 1, 1]).view([1, 4]);
+        let m = attention_mask(&key_mask, 0, 4, Some(2));
+        let allowed: Vec<Vec<bool>> =
+            (0..4).map(|q| (0..4).map(|k| m.double_value(&[0, 0, q, k]) == 0.0).collect()).collect();
+        assert_eq!(
+            allowed,
+            vec![
+                vec![true, false, false, false], // a padding query sees only itself
+                vec![false, true, false, false],
+                vec![false, true, true, false],
+                vec![false, false, true, true], // window of 2
+            ]
+        );
+        assert_eq!(Vec::<i64>::try_from(positions_from_mask(&key_mask).view([-1])).unwrap(), vec![0, 0, 1, 2]);
+    }
+
+    #[test]
+    fn the_cache_returns_everything_written_so_far() {
+        let mut cache = KvCache::new(1, 1, 1, 5, 2, Kind::Float, Device::Cpu);
+        let a = Tensor::ones([1, 1, 2, 2], (Kind::Float, Device::Cpu));
+        let (k, _) = cache.append(0, &a, &a);
+        assert_eq!(k.size(), vec![1, 1, 2, 2]);
+        cache.advance(2);
+        let (k, _) = cache.append(0, &(&a.narrow(2, 0, 1) * 3.0), &a.narrow(2, 0, 1));
+        cache.advance(1);
+        assert_eq!(k.size(), vec![1, 1, 3, 2]);
+        assert_eq!(k.double_value(&[0, 0, 2, 0]), 3.0);
+        assert_eq!(cache.len(), 3);
+    }
+}

@@ -1,0 +1,158 @@
+//! Parity with `transformers` (the reference): small random checkpoints of each family,
+//! built by `transformers`, must give the same fp32 CPU logits (1e-4 max abs), the same
+//! greedy continuations, batched = one by one, and what plumb saves must load back in
+//! `transformers` with the same logits.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use plumb_core::model::llama::LlamaForCausalLm;
+use plumb_core::model::{GenerationSettings, Policy};
+use plumb_core::tch::{Device, Kind, Tensor};
+
+const TOLERANCE: f64 = 1e-4;
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PLUMB_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(venv.is_file(), "no Python with transformers: run the tests with `./dev test`, which installs it");
+    venv
+}
+
+fn reference_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/reference.py")
+}
+
+fn run_python(args: &[&str]) -> String {
+    let out = Command::new(python()).arg(reference_script()).args(args).output().expect("python runs");
+    assert!(out.status.success(), "reference.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+struct Reference {
+    input_ids: Tensor,
+    logits: Tensor,
+    prompts: Vec<Vec<i64>>,
+    greedy: Vec<Vec<i64>>,
+}
+
+fn tensor3(v: &serde_json::Value) -> Tensor {
+    let rows: Vec<Vec<Vec<f64>>> = serde_json::from_value(v.clone()).unwrap();
+    let (b, t, n) = (rows.len() as i64, rows[0].len() as i64, rows[0][0].len() as i64);
+    let flat: Vec<f64> = rows.into_iter().flatten().flatten().collect();
+    Tensor::from_slice(&flat).view([b, t, n]).to_kind(Kind::Float)
+}
+
+fn reference(dir: &Path) -> Reference {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<Vec<i64>> = serde_json::from_value(json["input_ids"].clone()).unwrap();
+    let (b, t) = (ids.len() as i64, ids[0].len() as i64);
+    Reference {
+        input_ids: Tensor::from_slice(&ids.concat()).view([b, t]),
+        logits: tensor3(&json["logits"]),
+        prompts: serde_json::from_value(json["prompts"].clone()).unwrap(),
+        greedy: serde_json::from_value(json["greedy"].clone()).unwrap(),
+    }
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Builds the reference checkpoints once per test binary.
+fn checkpoints() -> &'static (tempfile::TempDir, Vec<String>) {
+    static CELL: std::sync::OnceLock<(tempfile::TempDir, Vec<String>)> = std::sync::OnceLock::new();
+    CELL.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> =
+            serde_json::from_str(run_python(&["make", dir.path().to_str().unwrap()]).trim()).unwrap();
+        (dir, names)
+    })
+}
+
+fn each_llama_family_case(test: impl Fn(&str, &Path, &LlamaForCausalLm, &Reference)) {
+    let (dir, names) = checkpoints();
+    assert_eq!(*names, ["llama3", "llama_dynamic", "llama_linear", "mistral", "qwen2"]);
+    for name in names {
+        let path = dir.path().join(name);
+        let model = LlamaForCausalLm::from_dir(&path, Device::Cpu, Kind::Float).unwrap();
+        test(name, &path, &model, &reference(&path));
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    each_llama_family_case(|name, _, model, reference| {
+        let logits = model.logits(&reference.input_ids, None).unwrap();
+        let diff = max_abs(&logits, &reference.logits);
+        assert!(diff < TOLERANCE, "{name}: max abs logit difference {diff}");
+    });
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    each_llama_family_case(|name, _, model, reference| {
+        let settings = GenerationSettings { max_new_tokens: 32, temperature: 0.0, ..Default::default() };
+        for (prompt, expected) in reference.prompts.iter().zip(&reference.greedy) {
+            let out = model.generate(std::slice::from_ref(prompt), &settings).unwrap();
+            assert_eq!(&out[0].tokens, expected, "{name}: prompt {prompt:?}");
+        }
+    });
+}
+
+#[test]
+fn batched_left_padded_generation_equals_one_by_one() {
+    each_llama_family_case(|name, _, model, reference| {
+        let settings = GenerationSettings { max_new_tokens: 32, temperature: 0.0, ..Default::default() };
+        let batched = model.generate(&reference.prompts, &settings).unwrap();
+        for (prompt, together) in reference.prompts.iter().zip(&batched) {
+            let alone = model.generate(std::slice::from_ref(prompt), &settings).unwrap();
+            assert_eq!(together.tokens, alone[0].tokens, "{name}: prompt {prompt:?}");
+            for (a, b) in together.log_probs.iter().zip(&alone[0].log_probs) {
+                assert!((a - b).abs() < 1e-4, "{name}: log-probs {a} vs {b}");
+            }
+        }
+    });
+}
+
+#[test]
+fn a_checkpoint_saved_by_plumb_loads_in_transformers_with_the_same_logits() {
+    each_llama_family_case(|name, path, model, reference| {
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&run_python(&[
+            "logits",
+            out.path().to_str().unwrap(),
+            path.join("reference.json").to_str().unwrap(),
+        ]))
+        .unwrap();
+        let expected_class = match name {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        assert_eq!(json["architecture"], expected_class);
+        let diff = max_abs(&tensor3(&json["logits"]), &reference.logits);
+        assert!(diff < TOLERANCE, "{name}: transformers on plumb's save differs by {diff}");
+    });
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible_and_log_probs_are_of_the_sampled_tokens() {
+    each_llama_family_case(|name, _, model, reference| {
+        let settings = GenerationSettings {
+            max_new_tokens: 12,
+            temperature: 0.8,
+            top_k: 20,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let a = model.generate(&reference.prompts, &settings).unwrap();
+        let b = model.generate(&reference.prompts, &settings).unwrap();
+        assert_eq!(a, b, "{name}");
+        assert!(a.iter().all(|g| g.log_probs.iter().all(|&lp| lp.is_finite() && lp <= 0.0)), "{name}");
+    });
+}
