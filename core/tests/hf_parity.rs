@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use plumb_core::model::llama::LlamaForCausalLm;
-use plumb_core::model::{GenerationSettings, Policy};
+use plumb_core::model::{self, GenerationSettings, Policy};
 use plumb_core::tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
@@ -71,19 +70,20 @@ fn checkpoints() -> &'static (tempfile::TempDir, Vec<String>) {
     })
 }
 
-fn each_llama_family_case(test: impl Fn(&str, &Path, &LlamaForCausalLm, &Reference)) {
+/// Runs `test` on every family's checkpoint, loaded by `model_type`.
+fn each_case(test: impl Fn(&str, &Path, &dyn Policy, &Reference)) {
     let (dir, names) = checkpoints();
     assert_eq!(*names, ["llama3", "llama_dynamic", "llama_linear", "mistral", "qwen2"]);
     for name in names {
         let path = dir.path().join(name);
-        let model = LlamaForCausalLm::from_dir(&path, Device::Cpu, Kind::Float).unwrap();
-        test(name, &path, &model, &reference(&path));
+        let model = model::load(&path, Device::Cpu, Kind::Float).unwrap();
+        test(name, &path, model.as_ref(), &reference(&path));
     }
 }
 
 #[test]
 fn logits_match_transformers() {
-    each_llama_family_case(|name, _, model, reference| {
+    each_case(|name, _, model, reference| {
         let logits = model.logits(&reference.input_ids, None).unwrap();
         let diff = max_abs(&logits, &reference.logits);
         assert!(diff < TOLERANCE, "{name}: max abs logit difference {diff}");
@@ -92,7 +92,7 @@ fn logits_match_transformers() {
 
 #[test]
 fn greedy_continuations_match_transformers() {
-    each_llama_family_case(|name, _, model, reference| {
+    each_case(|name, _, model, reference| {
         let settings = GenerationSettings { max_new_tokens: 32, temperature: 0.0, ..Default::default() };
         for (prompt, expected) in reference.prompts.iter().zip(&reference.greedy) {
             let out = model.generate(std::slice::from_ref(prompt), &settings).unwrap();
@@ -103,7 +103,7 @@ fn greedy_continuations_match_transformers() {
 
 #[test]
 fn batched_left_padded_generation_equals_one_by_one() {
-    each_llama_family_case(|name, _, model, reference| {
+    each_case(|name, _, model, reference| {
         let settings = GenerationSettings { max_new_tokens: 32, temperature: 0.0, ..Default::default() };
         let batched = model.generate(&reference.prompts, &settings).unwrap();
         for (prompt, together) in reference.prompts.iter().zip(&batched) {
@@ -118,7 +118,7 @@ fn batched_left_padded_generation_equals_one_by_one() {
 
 #[test]
 fn a_checkpoint_saved_by_plumb_loads_in_transformers_with_the_same_logits() {
-    each_llama_family_case(|name, path, model, reference| {
+    each_case(|name, path, model, reference| {
         let out = tempfile::tempdir().unwrap();
         model.save(out.path()).unwrap();
         let json: serde_json::Value = serde_json::from_str(&run_python(&[
@@ -127,12 +127,9 @@ fn a_checkpoint_saved_by_plumb_loads_in_transformers_with_the_same_logits() {
             path.join("reference.json").to_str().unwrap(),
         ]))
         .unwrap();
-        let expected_class = match name {
-            "qwen2" => "Qwen2ForCausalLM",
-            "mistral" => "MistralForCausalLM",
-            _ => "LlamaForCausalLM",
-        };
-        assert_eq!(json["architecture"], expected_class);
+        let original: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path.join("config.json")).unwrap()).unwrap();
+        assert_eq!(json["architecture"], original["architectures"][0], "{name}");
         let diff = max_abs(&tensor3(&json["logits"]), &reference.logits);
         assert!(diff < TOLERANCE, "{name}: transformers on plumb's save differs by {diff}");
     });
@@ -140,7 +137,7 @@ fn a_checkpoint_saved_by_plumb_loads_in_transformers_with_the_same_logits() {
 
 #[test]
 fn sampling_with_a_seed_is_reproducible_and_log_probs_are_of_the_sampled_tokens() {
-    each_llama_family_case(|name, _, model, reference| {
+    each_case(|name, _, model, reference| {
         let settings = GenerationSettings {
             max_new_tokens: 12,
             temperature: 0.8,
@@ -155,4 +152,15 @@ fn sampling_with_a_seed_is_reproducible_and_log_probs_are_of_the_sampled_tokens(
         assert_eq!(a, b, "{name}");
         assert!(a.iter().all(|g| g.log_probs.iter().all(|&lp| lp.is_finite() && lp <= 0.0)), "{name}");
     });
+}
+
+#[test]
+fn an_unknown_model_type_names_the_field_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "mamba", "vocab_size": 10}"#).unwrap();
+    let message = model::load(dir.path(), Device::Cpu, Kind::Float).err().unwrap().to_string();
+    assert!(
+        message.ends_with("config.json: model_type: unsupported model type `mamba`; supported: llama, qwen2, mistral"),
+        "{message}"
+    );
 }

@@ -3,11 +3,13 @@
 //! stop check), and the log-prob of every sampled token comes back with it.
 //!
 //! Sampling follows `transformers`' logits processors, in their order: repetition
-//! penalty, temperature, top-k, top-p. Sampling draws from libtorch's generator;
-//! `seed` makes it reproducible.
+//! penalty, temperature, top-k, top-p. Draws come from a generator owned by the call
+//! (seeded by `seed`, or from libtorch's global generator when there is none), so a
+//! seeded generation is the same whatever else runs in the process.
 use tch::{Kind, Tensor};
 
 use super::Policy;
+use crate::data::SplitMix64;
 use crate::error::{Error, Result};
 
 /// Sampling settings for [`Policy::generate`].
@@ -24,7 +26,7 @@ pub struct GenerationSettings {
     pub repetition_penalty: f64,
     /// Token ids that end a sequence; the stop token is kept in the output.
     pub stop_tokens: Vec<i64>,
-    /// Seeds libtorch's generator before sampling, for reproducible samples.
+    /// Seeds this call's generator; None draws a seed from libtorch's global one.
     pub seed: Option<u64>,
     /// The id written into padding positions (masked out; any valid id works).
     pub pad_token: i64,
@@ -89,9 +91,10 @@ pub fn generate<P: Policy + ?Sized>(
         return Err(Error::Other(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
     }
     let _no_grad = tch::no_grad_guard();
-    if let Some(seed) = settings.seed {
-        tch::manual_seed(seed as i64);
-    }
+    let seed = settings
+        .seed
+        .unwrap_or_else(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64);
+    let mut rng = SplitMix64::new(seed);
     let device = policy.var_store().device();
     let batch = prompts.len() as i64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -121,7 +124,7 @@ pub fn generate<P: Policy + ?Sized>(
     for _ in 0..new_tokens {
         let logits = policy.forward(&input, &positions, Some(&attention), Some(&mut cache))?;
         let last = logits.select(1, -1).to_kind(Kind::Float); // (B, V)
-        let (next, log_probs) = sample(&last, &seen, settings)?;
+        let (next, log_probs) = sample(&last, &seen, settings, &mut rng)?;
         let next_ids = Vec::<i64>::try_from(&next)?;
         let next_log_probs = Vec::<f64>::try_from(&log_probs.to_kind(Kind::Double))?;
         for (row, out) in outputs.iter_mut().enumerate() {
@@ -150,8 +153,15 @@ pub fn generate<P: Policy + ?Sized>(
     Ok(outputs)
 }
 
-/// Picks the next token of each row of `logits` (B, V); returns (ids (B), log-probs (B)).
-pub fn sample(logits: &Tensor, seen: &Tensor, settings: &GenerationSettings) -> Result<(Tensor, Tensor)> {
+/// Picks the next token of each row of `logits` (B, V) given the tokens `seen` so far
+/// (B, L); returns (ids (B), log-probs (B)). Draws by inverse CDF with one uniform
+/// number a row from `rng`.
+pub fn sample(
+    logits: &Tensor,
+    seen: &Tensor,
+    settings: &GenerationSettings,
+    rng: &mut SplitMix64,
+) -> Result<(Tensor, Tensor)> {
     let mut logits = logits.shallow_clone();
     if settings.repetition_penalty != 1.0 {
         let p = settings.repetition_penalty;
@@ -181,7 +191,60 @@ pub fn sample(logits: &Tensor, seen: &Tensor, settings: &GenerationSettings) -> 
         let drop = drop_sorted.scatter(1, &order, &drop_sorted);
         filtered = filtered.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    let next = filtered.softmax(-1, Kind::Float).f_multinomial(1, false)?.squeeze_dim(1);
+    let cdf = filtered.softmax(-1, Kind::Double).cumsum(-1, Kind::Double); // (B, V)
+    let rows = cdf.size()[0];
+    // 53 random bits → a uniform in [0, 1), scaled by each row's total mass.
+    let draws: Vec<f64> = (0..rows).map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64).collect();
+    let u = Tensor::from_slice(&draws).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
+    let next = u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(vocab - 1).squeeze_dim(1);
     let log_probs = log_probs_all.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
     Ok((next, log_probs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(logits: &[f32], settings: &GenerationSettings, draws: usize) -> Vec<f64> {
+        let row = Tensor::from_slice(logits).unsqueeze(0);
+        let logits = row.repeat([draws as i64, 1]);
+        let seen = Tensor::zeros([draws as i64, 1], (Kind::Int64, tch::Device::Cpu));
+        let (next, log_probs) = sample(&logits, &seen, settings, &mut SplitMix64::new(3)).unwrap();
+        assert!(log_probs.le(0.0).all().int64_value(&[]) == 1);
+        let next = Vec::<i64>::try_from(next).unwrap();
+        (0..logits.size()[1]).map(|t| next.iter().filter(|&&n| n == t).count() as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_distribution() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let total: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let freq = counts(&logits, &GenerationSettings::default(), 40_000);
+        for (f, l) in freq.iter().zip(logits) {
+            let p = (l as f64).exp() / total;
+            assert!((f - p).abs() < 0.01, "frequency {f} vs probability {p}");
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_keep_only_the_head() {
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let top2 = counts(&logits, &GenerationSettings { top_k: 2, ..Default::default() }, 5_000);
+        assert_eq!((top2[2], top2[3]), (0.0, 0.0));
+        // p = [0.64, 0.24, 0.09, 0.03]: top_p 0.7 needs the first two.
+        let nucleus = counts(&logits, &GenerationSettings { top_p: 0.7, ..Default::default() }, 5_000);
+        assert!(nucleus[1] > 0.2 && nucleus[2] == 0.0 && nucleus[3] == 0.0, "{nucleus:?}");
+        let greedy = counts(&logits, &GenerationSettings { temperature: 0.0, ..Default::default() }, 10);
+        assert_eq!(greedy[0], 1.0);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        let logits = Tensor::from_slice(&[2.0f32, -2.0, 1.0]).unsqueeze(0);
+        let seen = Tensor::from_slice(&[0i64, 1]).unsqueeze(0);
+        let settings = GenerationSettings { temperature: 0.0, repetition_penalty: 4.0, ..Default::default() };
+        // Penalised: [0.5, -8, 1] -> token 2 wins.
+        let (next, _) = sample(&logits, &seen, &settings, &mut SplitMix64::new(0)).unwrap();
+        assert_eq!(next.int64_value(&[0]), 2);
+    }
 }

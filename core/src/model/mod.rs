@@ -7,12 +7,29 @@ pub mod rope;
 
 use std::path::Path;
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 pub use cache::KvCache;
 pub use generate::{Generated, GenerationSettings};
 
-use crate::error::Result;
+use crate::checkpoint;
+use crate::error::{Error, Result};
+
+/// Loads the causal LM in `dir` (HF layout) in `kind` on `device`, choosing the family
+/// from `config.json`'s `model_type`.
+pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
+    let config_file = dir.join("config.json");
+    let config: serde_json::Value = checkpoint::read_json(&config_file)?;
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    match model_type {
+        t if llama::MODEL_TYPES.contains(&t) => Ok(Box::new(llama::LlamaForCausalLm::from_dir(dir, device, kind)?)),
+        "" => Err(Error::file(&config_file, "model_type: missing; expected one of llama, qwen2, mistral")),
+        other => Err(Error::file(
+            &config_file,
+            format!("model_type: unsupported model type `{other}`; supported: {}", llama::MODEL_TYPES.join(", ")),
+        )),
+    }
+}
 
 /// A causal language model that plugins train, score with and sample from.
 ///
