@@ -3,6 +3,9 @@
 //! Exit codes: 0 success; 1 a user error (bad recipe, data or plugin, a stage that
 //! failed on its input); 2 an internal error (a panic in a plugin, a broken invariant);
 //! 130 the run stopped cleanly on Ctrl-C.
+mod bench;
+mod device;
+mod generate;
 mod plugins;
 mod run;
 
@@ -30,6 +33,11 @@ enum Command {
     Validate { recipe: PathBuf, overrides: Vec<String> },
     /// List the plugins found on PLUMB_PLUGIN_PATH and next to this executable.
     Plugins,
+    /// Continue a prompt with a model in HF layout (temperature 0 = greedy).
+    Generate(generate::GenerateArgs),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 /// An error with the exit code it deserves.
@@ -67,6 +75,8 @@ fn main() -> ExitCode {
         Command::Run { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Run),
         Command::Validate { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Validate),
         Command::Plugins => plugins::list(),
+        Command::Generate(args) => generate::run(&args),
+        Command::Bench(bench) => bench::run(&bench),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

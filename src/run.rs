@@ -13,7 +13,7 @@ use plumb_core::log::TbWriter;
 use plumb_core::plugin::host::HostServices;
 use plumb_core::plugin::registry::RewardInstance;
 use plumb_core::plugin::{loader, CallError, Component, Kind, Registry};
-use plumb_core::recipe::{Device, LoadedRecipe, Recipe, RecipeError};
+use plumb_core::recipe::{LoadedRecipe, Recipe, RecipeError};
 
 use crate::Failure;
 
@@ -110,7 +110,13 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
         .map_err(|e| Failure::User(format!("{}: cannot create the output directory: {e}", output_dir.display())))?;
     write_file_atomically(&output_dir.join("recipe.yaml"), recipe.resolved_yaml().as_bytes())
         .map_err(|e| Failure::User(e.to_string()))?;
-    let device = resolve_device(spec.run.device)?;
+    let device = match crate::device::resolve_device(&spec.run.device.to_string()).map_err(|e| match e {
+        Failure::User(m) => user(recipe.error_at("run.device", m)),
+        other => other,
+    })? {
+        plumb_core::tch::Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".to_string(),
+    };
     // The first Ctrl-C asks the running stage to finish its step and save; a second one
     // exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -198,18 +204,5 @@ fn short(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v:.4}")
-    }
-}
-
-/// `auto` becomes `cuda:0` when libtorch sees a GPU, else `cpu`.
-fn resolve_device(device: Device) -> Result<String, Failure> {
-    let cuda = plumb_core::tch::Cuda::device_count() as usize;
-    match device {
-        Device::Auto => Ok(if cuda > 0 { "cuda:0".into() } else { "cpu".into() }),
-        Device::Cpu => Ok("cpu".into()),
-        Device::Cuda(n) if n < cuda => Ok(format!("cuda:{n}")),
-        Device::Cuda(n) => {
-            Err(Failure::User(format!("run.device asks for cuda:{n}, but libtorch sees {cuda} CUDA device(s)")))
-        }
     }
 }

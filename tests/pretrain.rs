@@ -98,6 +98,26 @@ fn pretraining_learns_saves_hf_layout_and_logs_what_tensorboard_reads() {
     assert_eq!(events["hparams"]["max_steps"], 8.0);
     assert_eq!(events["hparams"]["batch_size"], 8.0);
     assert_eq!(events["metrics"], serde_json::json!(["eval/loss", "train/loss"]));
+
+    // The saved model generates from the command line: greedy is deterministic, and a
+    // seed makes sampling so too.
+    let model = run.join("pretrain/final");
+    let generate = |extra: &[&str]| {
+        let mut args =
+            vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "One day,", "--max-new-tokens", "6"];
+        args.extend_from_slice(extra);
+        let out = plumb(dir.path(), &args);
+        assert_exit(&out, 0);
+        stdout(&out)
+    };
+    assert_eq!(generate(&[]), generate(&[]));
+    assert_eq!(generate(&["--temperature", "1.0", "--seed", "5"]), generate(&["--temperature", "1.0", "--seed", "5"]));
+    let bad = plumb(dir.path(), &["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--top-p", "0"]);
+    assert_exit(&bad, 1);
+    assert!(stderr(&bad).contains("--top-p: expected a value in (0, 1]"), "{}", stderr(&bad));
+    let missing = plumb(dir.path(), &["generate", "--model", "nowhere", "--prompt", "x"]);
+    assert_exit(&missing, 1);
+    assert!(stderr(&missing).contains("nowhere/tokenizer.json"), "{}", stderr(&missing));
 }
 
 #[test]

@@ -177,8 +177,20 @@ impl Tokenizer {
         ))
     }
 
+    /// Token ids of `text` alone (no BOS/EOS added): for text already formatted, such as
+    /// a rendered chat template, and for corpora.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let encoding = self.inner.encode(text, false).map_err(|e| Error::Other(format!("tokenizing: {e}")))?;
+        self.encode_inner(text, false)
+    }
+
+    /// Token ids of `text` with the tokenizer's own special tokens (e.g. Llama's BOS), as
+    /// `transformers`' `tokenizer(text)` does by default: for plain prompts.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<i64>> {
+        self.encode_inner(text, true)
+    }
+
+    fn encode_inner(&self, text: &str, special: bool) -> Result<Vec<i64>> {
+        let encoding = self.inner.encode(text, special).map_err(|e| Error::Other(format!("tokenizing: {e}")))?;
         Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
 
