@@ -73,7 +73,7 @@ fn checkpoints() -> &'static (tempfile::TempDir, Vec<String>) {
 /// Runs `test` on every family's checkpoint, loaded by `model_type`.
 fn each_case(test: impl Fn(&str, &Path, &dyn Policy, &Reference)) {
     let (dir, names) = checkpoints();
-    assert_eq!(*names, ["llama3", "llama_dynamic", "llama_linear", "mistral", "qwen2"]);
+    assert_eq!(*names, ["gpt2", "llama3", "llama_dynamic", "llama_linear", "mistral", "qwen2"]);
     for name in names {
         let path = dir.path().join(name);
         let model = model::load(&path, Device::Cpu, Kind::Float).unwrap();
@@ -160,7 +160,59 @@ fn an_unknown_model_type_names_the_field_and_the_file() {
     std::fs::write(dir.path().join("config.json"), r#"{"model_type": "mamba", "vocab_size": 10}"#).unwrap();
     let message = model::load(dir.path(), Device::Cpu, Kind::Float).err().unwrap().to_string();
     assert!(
-        message.ends_with("config.json: model_type: unsupported model type `mamba`; supported: llama, qwen2, mistral"),
+        message.ends_with(
+            "config.json: model_type: unsupported model type `mamba`; supported: llama, qwen2, mistral, gpt2"
+        ),
         "{message}"
     );
+}
+
+#[test]
+fn a_scalar_head_model_saved_by_plumb_loads_as_sequence_classification() {
+    use plumb_core::model::scalar_head::ScalarHeadModel;
+    let (dir, _) = checkpoints();
+    // Row 1 is right-padded with the pad id 0, which no real token uses here.
+    let rows: Vec<Vec<i64>> = vec![(1..=10).collect(), vec![7, 3, 9, 4, 0, 0, 0, 0, 0, 0]];
+    let ids = Tensor::from_slice(&rows.concat()).view([2, 10]);
+    let mask = ids.ne(0).to_kind(Kind::Int64);
+    for name in ["llama3", "qwen2", "mistral"] {
+        plumb_core::tch::manual_seed(1);
+        let model = ScalarHeadModel::from_causal_lm(&dir.path().join(name), Device::Cpu, Kind::Float).unwrap();
+        let ours = Vec::<f64>::try_from(model.scores(&ids, &mask).unwrap().to_kind(Kind::Double)).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path(), 0).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&run_python(&[
+            "scores",
+            out.path().to_str().unwrap(),
+            &serde_json::to_string(&rows).unwrap(),
+        ]))
+        .unwrap();
+        assert!(json["architecture"].as_str().unwrap().ends_with("ForSequenceClassification"), "{json}");
+        assert_eq!(json["num_labels"], 1);
+        let theirs: Vec<f64> = serde_json::from_value(json["scores"].clone()).unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() < TOLERANCE, "{name}: scores {ours:?} vs transformers {theirs:?}");
+        }
+        // And plumb reads back what it saved.
+        let again = ScalarHeadModel::from_dir(out.path(), Device::Cpu, Kind::Float).unwrap();
+        let reread = again.scores(&ids, &mask).unwrap();
+        assert_eq!(Vec::<f64>::try_from(reread.to_kind(Kind::Double)).unwrap(), ours, "{name}");
+    }
+}
+
+#[test]
+fn bf16_and_fp16_loads_stay_close_to_fp32() {
+    let (dir, _) = checkpoints();
+    let path = dir.path().join("llama3");
+    let reference = reference(&path);
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let model = model::load(&path, Device::Cpu, kind).unwrap();
+        assert_eq!(model.var_store().kind(), kind);
+        let logits = model.logits(&reference.input_ids, None).unwrap();
+        assert_eq!(logits.kind(), kind);
+        // Half precision keeps about 3 significant digits; the logits here are O(1-10).
+        let diff = max_abs(&logits.to_kind(Kind::Float), &reference.logits);
+        let scale = reference.logits.abs().max().double_value(&[]);
+        assert!(diff < 0.05 * scale, "{kind:?}: max abs difference {diff} on logits up to {scale}");
+    }
 }

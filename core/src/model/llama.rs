@@ -409,6 +409,16 @@ impl Llama {
     /// Builds the model's variables under `root` (`model.*`, `lm_head.*`), freshly
     /// initialised; load a checkpoint into the same VarStore to restore weights.
     pub fn new(root: &nn::Path, config: &Config) -> Self {
+        Self::build(root, config, true)
+    }
+
+    /// The decoder stack without an LM head (`*Model` in transformers), for models with
+    /// another head, such as a scalar reward/value head.
+    pub fn backbone(root: &nn::Path, config: &Config) -> Self {
+        Self::build(root, config, false)
+    }
+
+    fn build(root: &nn::Path, config: &Config, with_lm_head: bool) -> Self {
         let model = root / "model";
         let embed_config = nn::EmbeddingConfig {
             ws_init: nn::Init::Randn { mean: 0.0, stdev: config.initializer_range },
@@ -418,7 +428,7 @@ impl Llama {
         let layers =
             config.windows.iter().enumerate().map(|(i, &w)| Block::new(&model / "layers" / i, config, w)).collect();
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
-        let lm_head = (!config.tie_word_embeddings)
+        let lm_head = (with_lm_head && !config.tie_word_embeddings)
             .then(|| linear(root / "lm_head", config.hidden_size, config.vocab_size, false, config.initializer_range));
         Self { embed_tokens, layers, norm, lm_head, config: config.clone() }
     }
@@ -448,7 +458,7 @@ impl Llama {
                 )));
             }
         }
-        let (cos, sin) = self.config.rope.cos_sin(positions);
+        let (cos, sin) = self.config.rope.cos_sin(positions, self.embed_tokens.ws.kind());
         // One mask per window size; None = plain causal (the fast path of SDPA).
         let needs_mask =
             attention_mask.is_some() || past > 0 || self.config.windows.iter().any(|w| w.is_some_and(|w| w < past + t));

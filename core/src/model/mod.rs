@@ -2,8 +2,10 @@
 //! (rotary embeddings, the KV cache, generation).
 pub mod cache;
 pub mod generate;
+pub mod gpt2;
 pub mod llama;
 pub mod rope;
+pub mod scalar_head;
 
 use std::path::Path;
 
@@ -23,10 +25,15 @@ pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
     let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     match model_type {
         t if llama::MODEL_TYPES.contains(&t) => Ok(Box::new(llama::LlamaForCausalLm::from_dir(dir, device, kind)?)),
-        "" => Err(Error::file(&config_file, "model_type: missing; expected one of llama, qwen2, mistral")),
+        gpt2::MODEL_TYPE => Ok(Box::new(gpt2::Gpt2ForCausalLm::from_dir(dir, device, kind)?)),
+        "" => Err(Error::file(&config_file, "model_type: missing; expected one of llama, qwen2, mistral, gpt2")),
         other => Err(Error::file(
             &config_file,
-            format!("model_type: unsupported model type `{other}`; supported: {}", llama::MODEL_TYPES.join(", ")),
+            format!(
+                "model_type: unsupported model type `{other}`; supported: {}, {}",
+                llama::MODEL_TYPES.join(", "),
+                gpt2::MODEL_TYPE
+            ),
         )),
     }
 }

@@ -135,12 +135,13 @@ impl Rope {
         }
     }
 
-    /// cos and sin for `positions` (B, T): each (B, T, head_dim), HF's "rotate half" layout.
-    pub fn cos_sin(&self, positions: &Tensor) -> (Tensor, Tensor) {
+    /// cos and sin for `positions` (B, T): each (B, T, head_dim), HF's "rotate half"
+    /// layout; computed in fp32, returned in `kind` (the activations' dtype).
+    pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let inv_freq = self.inv_freq(positions); // (B or 1, hd/2)
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.unsqueeze(1); // (B, T, hd/2)
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // (B, T, hd)
-        (emb.cos(), emb.sin())
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 }
 

@@ -2,6 +2,7 @@
 
     python reference.py make OUT          # small random checkpoints + reference.json in each OUT/<case>/
     python reference.py logits DIR REF    # logits of the checkpoint in DIR on REF's inputs, as JSON
+    python reference.py scores DIR IDS    # AutoModelForSequenceClassification scores of DIR on IDS (JSON rows)
 
 Each case is a tiny model of one family with the options that family is known for;
 weights are drawn with a larger std than usual so greedy decoding is not decided by
@@ -13,7 +14,7 @@ import sys
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -29,6 +30,8 @@ CASES = {
                                           rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "qwen2": ("Qwen2Config", dict(COMMON, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(COMMON, num_key_value_heads=2, max_position_embeddings=64, sliding_window=6)),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48,
+                                initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)),
 }
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 60, 7, 13, 88, 21, 3], [70, 4, 4, 19, 52]]
@@ -64,5 +67,13 @@ def logits(path, ref):
         print(json.dumps({"architecture": type(model).__name__, "logits": model(input_ids=ids).logits.tolist()}))
 
 
+def scores(path, ids):
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(json.loads(ids))).logits
+    print(json.dumps({"architecture": type(model).__name__, "num_labels": model.config.num_labels,
+                      "scores": out[:, 0].tolist()}))
+
+
 if __name__ == "__main__":
-    {"make": make, "logits": logits}[sys.argv[1]](*sys.argv[2:])
+    {"make": make, "logits": logits, "scores": scores}[sys.argv[1]](*sys.argv[2:])
