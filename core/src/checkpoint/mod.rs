@@ -129,6 +129,25 @@ pub fn hf_dtype_name(kind: Kind) -> &'static str {
     }
 }
 
+/// Writes `config.json` (with `torch_dtype` set to `kind`) and `generation_config.json`
+/// (the BOS/EOS/PAD ids that are set), as `transformers`' `save_pretrained` does.
+pub fn write_model_configs(
+    dir: &Path,
+    mut config: serde_json::Value,
+    kind: Kind,
+    token_ids: [(&str, Option<&serde_json::Value>); 3],
+) -> Result<()> {
+    config["torch_dtype"] = serde_json::json!(hf_dtype_name(kind));
+    write_json(&dir.join("config.json"), &config)?;
+    let mut generation = serde_json::json!({ "_from_model_config": true });
+    for (key, id) in token_ids {
+        if let Some(id) = id.filter(|id| !id.is_null()) {
+            generation[key] = id.clone();
+        }
+    }
+    write_json(&dir.join("generation_config.json"), &generation)
+}
+
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Shards are cut past this size, as `transformers` does by default (5 GB).

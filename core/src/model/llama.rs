@@ -583,20 +583,13 @@ impl Policy for LlamaForCausalLm {
 
     fn save(&self, dir: &Path) -> Result<()> {
         checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
-        let mut config = self.hf.to_hf_json();
-        config["torch_dtype"] = serde_json::json!(checkpoint::hf_dtype_name(self.vs.kind()));
-        checkpoint::write_json(&dir.join("config.json"), &config)?;
-        let mut generation = serde_json::json!({ "_from_model_config": true });
-        for (key, id) in [
-            ("bos_token_id", &self.hf.bos_token_id),
-            ("eos_token_id", &self.hf.eos_token_id),
-            ("pad_token_id", &self.hf.pad_token_id),
-        ] {
-            if let Some(id) = id {
-                generation[key] = id.clone();
-            }
-        }
-        checkpoint::write_json(&dir.join("generation_config.json"), &generation)
+        let hf = &self.hf;
+        let ids = [
+            ("bos_token_id", hf.bos_token_id.as_ref()),
+            ("eos_token_id", hf.eos_token_id.as_ref()),
+            ("pad_token_id", hf.pad_token_id.as_ref()),
+        ];
+        checkpoint::write_model_configs(dir, hf.to_hf_json(), self.vs.kind(), ids)
     }
 }
 

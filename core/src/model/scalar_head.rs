@@ -110,7 +110,12 @@ impl ScalarHeadModel {
         config["id2label"] = serde_json::json!({"0": "LABEL_0"});
         config["label2id"] = serde_json::json!({"LABEL_0": 0});
         config["pad_token_id"] = serde_json::json!(pad_token_id);
-        config["torch_dtype"] = serde_json::json!(checkpoint::hf_dtype_name(self.vs.kind()));
-        checkpoint::write_json(&dir.join("config.json"), &config)
+        let pad = serde_json::json!(pad_token_id);
+        let ids = [
+            ("bos_token_id", self.hf.bos_token_id.as_ref()),
+            ("eos_token_id", self.hf.eos_token_id.as_ref()),
+            ("pad_token_id", Some(&pad)),
+        ];
+        checkpoint::write_model_configs(dir, config, self.vs.kind(), ids)
     }
 }
