@@ -28,6 +28,10 @@ enum Command {
         recipe: PathBuf,
         /// Overrides, e.g. `stages.pretrain.config.max_steps=10` or `run.seed=3`.
         overrides: Vec<String>,
+        /// Continue each stage from its latest checkpoint (stages already finished are
+        /// not run again).
+        #[arg(long)]
+        resume: bool,
     },
     /// Check a recipe (and its plugins' sections) and print it fully resolved.
     Validate { recipe: PathBuf, overrides: Vec<String> },
@@ -72,7 +76,9 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Run { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Run),
+        Command::Run { recipe, overrides, resume } => {
+            run::run(&recipe, &overrides, if resume { run::Mode::Resume } else { run::Mode::Run })
+        }
         Command::Validate { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Validate),
         Command::Plugins => plugins::list(),
         Command::Generate(args) => generate::run(&args),

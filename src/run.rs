@@ -20,6 +20,8 @@ use crate::Failure;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Run,
+    /// Run, continuing each stage from its latest checkpoint.
+    Resume,
     Validate,
 }
 
@@ -142,9 +144,22 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
             stage.name, stage.uses, component.plugin.name, component.plugin.version
         );
         let stage_dir = output_dir.join(&stage.name);
+        if mode == Mode::Resume {
+            if let Some(model) = finished_report(&stage_dir) {
+                println!("stage {} finished in an earlier run; not running it again", stage.name);
+                input_model = model.or(input_model);
+                continue;
+            }
+        }
         std::fs::create_dir_all(&stage_dir).map_err(|e| Failure::User(format!("{}: {e}", stage_dir.display())))?;
+        // A report marks a finished stage (see --resume); an earlier run's must not.
+        let _ = std::fs::remove_file(stage_dir.join("report.json"));
         let tb_dir = output_dir.join("tb").join(&stage.name);
         let tensorboard = TbWriter::create(&tb_dir).map_err(|e| Failure::User(e.to_string()))?;
+        if mode != Mode::Resume {
+            // Starting over: TensorBoard drops what earlier runs wrote here.
+            tensorboard.restart_at(0);
+        }
         let host = HostServices {
             plugin: component.plugin.name.clone(),
             tensorboard: &tensorboard,
@@ -160,6 +175,7 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
             input_model: stage.model.clone().or_else(|| input_model.clone()),
             device: device.clone(),
             seed: spec.run.seed,
+            resume: mode == Mode::Resume,
         };
         tracing::info!("{what}: starting");
         let started = Instant::now();
@@ -197,6 +213,13 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
         }
     }
     Ok(())
+}
+
+/// The output model of a stage that finished in an earlier run (its report exists).
+fn finished_report(stage_dir: &Path) -> Option<Option<PathBuf>> {
+    let text = std::fs::read(stage_dir.join("report.json")).ok()?;
+    let report: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    Some(report["model"].as_str().map(PathBuf::from))
 }
 
 fn short(v: f64) -> String {

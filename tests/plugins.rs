@@ -120,8 +120,10 @@ fn a_plugin_built_for_another_abi_version_is_refused() {
     assert!(err.contains(&format!("{}:6:5: plugins[0]: ", path.display())), "{err}");
     assert!(
         err.contains(&format!(
-            "{}: plugin ABI version mismatch: this plumb expects ABI version 1, the plugin was built for version 2. Rebuild the plugin against this plumb-core",
-            lib.display()
+            "{}: plugin ABI version mismatch: this plumb expects ABI version {}, the plugin was built for version {}. Rebuild the plugin against this plumb-core",
+            lib.display(),
+            plumb_core::plugin::abi::ABI_VERSION,
+            plumb_core::plugin::abi::ABI_VERSION + 1
         )),
         "{err}"
     );

@@ -153,7 +153,7 @@ fn a_corpus_that_is_not_utf8_is_reported_with_its_line() {
 }
 
 #[test]
-fn ctrl_c_finishes_the_step_saves_the_model_and_exits_130() {
+fn ctrl_c_finishes_the_step_checkpoints_and_exits_130() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), 4, 100_000);
@@ -175,10 +175,125 @@ fn ctrl_c_finishes_the_step_saves_the_model_and_exits_130() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "stdout: {rest:?}\nstderr: {err}");
     assert!(err.contains("stage `pretrain` (pretrain.causal_lm, plugin pretrain 0.1.0) stopped on request"), "{err}");
-    let saved = dir.path().join("run-4/pretrain/interrupted");
-    assert!(err.contains(&format!("the model is saved in {}", saved.display())), "{err}");
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+    assert!(err.contains("on request; resume from "), "{err}");
+    let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("run-4/pretrain/checkpoints")).unwrap().collect();
+    assert_eq!(checkpoints.len(), 1);
+    let saved = checkpoints[0].as_ref().unwrap().path();
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"] {
         assert!(saved.join(file).is_file(), "{file}");
     }
     assert!(!dir.path().join("run-4/pretrain/final").exists());
+}
+
+/// train/loss by step as TensorBoard reads it (a resumed run's events replace the
+/// killed run's from the step it resumed at).
+fn losses(run: &Path) -> Vec<(i64, f64)> {
+    let events = read_events(&run.join("tb/pretrain"));
+    events["scalars"]["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_mid_training_resumes_with_the_same_losses_step_for_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ["stages.pretrain.config.log_every=1", "stages.pretrain.config.checkpoint.every=4"];
+    let recipe = write_recipe(dir.path(), 9, 16);
+    let args = |extra: &[&str]| {
+        let mut a = vec!["run", recipe.to_str().unwrap()];
+        a.extend_from_slice(&settings);
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    // Uninterrupted.
+    let whole = dir.path().join("whole");
+    let out = plumb(
+        dir.path(),
+        &args(&[&format!("run.output_dir={}", whole.display())]).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_exit(&out, 0);
+    let expected = losses(&whole);
+    assert_eq!(expected.len(), 16);
+
+    // Killed with SIGKILL as soon as the step-8 checkpoint is being written (or is
+    // written, if the write was too quick to catch), then resumed.
+    let killed = dir.path().join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .args(args(&[&format!("run.output_dir={}", killed.display())]))
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = killed.join("pretrain/checkpoints");
+    let started = std::time::Instant::now();
+    loop {
+        let names: Vec<String> = std::fs::read_dir(&checkpoints)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        if names.iter().any(|n| n.contains("step-00000008")) {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("pretrain/final").exists());
+
+    let out = plumb(
+        dir.path(),
+        &args(&[&format!("run.output_dir={}", killed.display()), "--resume"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains("resuming from step "), "{}", stderr(&out));
+    assert_eq!(losses(&killed), expected, "losses after resuming differ from the uninterrupted run");
+
+    // Running again with --resume finds the stage finished.
+    let again = plumb(
+        dir.path(),
+        &args(&[&format!("run.output_dir={}", killed.display()), "--resume"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_exit(&again, 0);
+    assert!(
+        stdout(&again).contains("stage pretrain finished in an earlier run; not running it again"),
+        "{}",
+        stdout(&again)
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_or_is_skipped_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 6, 6);
+    let out =
+        plumb(dir.path(), &["run", recipe.to_str().unwrap(), "stages.pretrain.config.inject_nonfinite_at_step=3"]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("step 3: the loss is NaN and the gradient norm "), "{}", stderr(&out));
+    assert!(stderr(&out).contains("stopping (set on_nonfinite: skip to skip such steps)"), "{}", stderr(&out));
+
+    let out = plumb(
+        dir.path(),
+        &[
+            "run",
+            recipe.to_str().unwrap(),
+            "stages.pretrain.config.inject_nonfinite_at_step=3",
+            "stages.pretrain.config.on_nonfinite=skip",
+            "stages.pretrain.config.log_every=1",
+        ],
+    );
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains("skipping the update (1 skipped so far)"), "{}", stderr(&out));
+    let steps: Vec<i64> = losses(&dir.path().join("run-6")).iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![1, 2, 4, 5, 6], "step 3 was skipped");
 }

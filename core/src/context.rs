@@ -26,6 +26,9 @@ pub struct RunRequest {
     /// `cpu`, `cuda` or `cuda:N`, already resolved from `auto`.
     pub device: String,
     pub seed: u64,
+    /// Continue from the stage's latest checkpoint, if it has one.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// The safe face of the host for one stage or evaluator run.
@@ -59,6 +62,11 @@ impl<'h> RunContext<'h> {
     pub fn stage_dir(&self) -> &Path {
         &self.request.stage_dir
     }
+    /// True when the user asked to continue from the stage's latest checkpoint.
+    pub fn resume(&self) -> bool {
+        self.request.resume
+    }
+
     /// The model this stage starts from: the previous stage's output or the recipe's `model`.
     pub fn input_model(&self) -> Option<&Path> {
         self.request.input_model.as_deref()
@@ -75,6 +83,12 @@ impl<'h> RunContext<'h> {
     /// A TensorBoard scalar under `<output_dir>/tb/<stage>/`. Never blocks.
     pub fn scalar(&self, tag: &str, step: i64, value: f64) {
         (self.host.log_scalar)(self.host.state, StrRef::new(tag), step, value);
+    }
+
+    /// Tells TensorBoard the stage resumed at `step`: its earlier events from `step` on
+    /// are dropped, since the resumed run writes them again.
+    pub fn restart_at(&self, step: i64) {
+        (self.host.restart_at)(self.host.state, step);
     }
 
     /// A TensorBoard text summary (e.g. sampled completions). Never blocks.

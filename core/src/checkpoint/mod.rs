@@ -9,6 +9,8 @@ use tch::{nn, Kind, Tensor};
 
 use crate::error::{Error, IoResultExt, Result};
 
+pub mod training;
+
 /// Fills a fresh directory with `fill` and renames it to `dest`, replacing any
 /// previous `dest` only once the new one is complete.
 pub fn write_dir_atomically(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {

@@ -1,5 +1,8 @@
 //! Data: text corpora, train/validation splits, packing into fixed-length sequences,
 //! and a seeded batch order.
+pub mod objectives;
+
+
 use std::path::Path;
 
 use tch::{Kind, Tensor};

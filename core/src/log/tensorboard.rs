@@ -98,6 +98,7 @@ enum Msg {
     Scalar { tag: String, step: i64, value: f64, wall_time: f64 },
     Text { tag: String, step: i64, text: String, wall_time: f64 },
     HParams { hparams: Vec<(String, HParamValue)>, metric_tags: Vec<String>, wall_time: f64 },
+    Restart { step: i64, wall_time: f64 },
     Flush(Sender<Result<(), TbError>>),
     End { status: SessionStatus, wall_time: f64 },
 }
@@ -180,6 +181,13 @@ impl TbWriter {
         self.send(Msg::HParams { hparams: hparams.to_vec(), metric_tags: metric_tags.to_vec(), wall_time: now() });
     }
 
+    /// Marks a restart at `step` (a resumed run): TensorBoard drops the events of earlier
+    /// runs at this step and later, which the resumed run writes again. (A `SessionLog`
+    /// START event, as torch's `SummaryWriter(purge_step=...)` writes.)
+    pub fn restart_at(&self, step: i64) {
+        self.send(Msg::Restart { step, wall_time: now() });
+    }
+
     /// Writes everything queued so far to disk and waits until it is written.
     pub fn flush(&self) -> Result<(), TbError> {
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
@@ -259,6 +267,7 @@ impl<W: Write> Worker<W> {
                         self.write_summary(wall_time, 0, session_start);
                     }
                 }
+                Msg::Restart { step, wall_time } => self.write_event(restart_event(wall_time, step)),
                 Msg::Flush(reply) => {
                     self.flush_sink();
                     let _ = reply.send(self.result());
@@ -331,6 +340,16 @@ fn header_event(wall_time: f64) -> ProtobufResult<Vec<u8>> {
     encode(|os| {
         os.write_double(1, wall_time)?;
         os.write_string(3, "brain.Event:2")
+    })
+}
+
+/// `Event { wall_time = 1, step = 2, session_log = 7: SessionLog { status = 1: START (1) } }`.
+fn restart_event(wall_time: f64, step: i64) -> ProtobufResult<Vec<u8>> {
+    let session_log = encode(|os| os.write_enum(1, 1))?;
+    encode(|os| {
+        os.write_double(1, wall_time)?;
+        os.write_int64(2, step)?;
+        os.write_bytes(7, &session_log)
     })
 }
 

@@ -73,6 +73,31 @@ impl AdamW {
     pub fn steps_taken(&self) -> u64 {
         self.step
     }
+
+    /// Restores what [`Optimizer::state`] returned (e.g. from a checkpoint); every
+    /// parameter's moments must be there with its shape.
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let find = |name: &str| state.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let missing = |name: &str| crate::Error::Other(format!("optimizer state has no `{name}`"));
+        let step = find("step").ok_or_else(|| missing("step"))?;
+        let _no_grad = tch::no_grad_guard();
+        for p in &mut self.params {
+            for (suffix, target) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+                let name = format!("{}.{suffix}", p.name);
+                let source = find(&name).ok_or_else(|| missing(&name))?;
+                if source.size() != target.size() {
+                    return Err(crate::Error::Other(format!(
+                        "optimizer state `{name}` has shape {:?}, the parameter {:?}",
+                        source.size(),
+                        target.size()
+                    )));
+                }
+                target.f_copy_(source)?;
+            }
+        }
+        self.step = step.f_int64_value(&[])? as u64;
+        Ok(())
+    }
 }
 
 impl Optimizer for AdamW {

@@ -15,7 +15,7 @@ use std::ffi::c_void;
 /// First eight bytes of every plugin declaration.
 pub const PLUGIN_MAGIC: [u8; 8] = *b"PLUMBPLG";
 /// Version of the layout of every type in this file.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// The one symbol a plugin exports: `extern "C" fn() -> *const PluginDeclaration`.
 pub const DECLARATION_SYMBOL: &str = "plumb_plugin_declaration";
 
@@ -177,6 +177,9 @@ pub struct HostApi {
     /// Scores a JSON list of `ScorePair` with the reward named `reward` in the recipe;
     /// on success `out` holds a JSON list of numbers.
     pub score: extern "C" fn(state: *mut c_void, reward: StrRef, request: StrRef, out: ByteSink) -> i32,
+    /// The stage resumes at `step`: TensorBoard drops this stage's earlier events from
+    /// `step` on (they are written again).
+    pub restart_at: extern "C" fn(state: *mut c_void, step: i64),
 }
 
 /// A sink that appends to a `Vec<u8>`; the common receiver on both sides.

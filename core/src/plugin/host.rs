@@ -37,6 +37,7 @@ impl HostServices<'_> {
             log,
             should_stop,
             score,
+            restart_at,
         }
     }
 }
@@ -124,6 +125,10 @@ extern "C" fn log(state: *mut c_void, level: u32, message: StrRef) {
             None => emit(),
         }
     });
+}
+
+extern "C" fn restart_at(state: *mut c_void, step: i64) {
+    with_state(state, (), |s| s.tensorboard.restart_at(step));
 }
 
 extern "C" fn should_stop(state: *mut c_void) -> u8 {

@@ -10,7 +10,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use plumb_core::checkpoint::write_dir_atomically;
+use plumb_core::checkpoint::training::{load_tensors, save_tensors, Checkpoints};
+use plumb_core::checkpoint::{read_json, write_dir_atomically, write_json};
 use plumb_core::data::{self, BatchOrder};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
@@ -40,6 +41,19 @@ pub struct CausalLmConfig {
     /// Sequences per optimizer step.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Sequences per forward/backward pass; gradients of `batch_size / micro_batch_size`
+    /// micro-batches are accumulated into one step. Default: `batch_size`.
+    #[serde(default)]
+    pub micro_batch_size: Option<usize>,
+    /// What a non-finite loss or gradient does: `stop` the run naming the step, or
+    /// `skip` the step (no update) and go on.
+    #[serde(default = "default_on_nonfinite")]
+    pub on_nonfinite: OnNonFinite,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// Fault injection for testing the non-finite guard: the loss of this step is NaN.
+    #[serde(default)]
+    pub inject_nonfinite_at_step: Option<u64>,
     pub max_steps: u64,
     /// Global-norm gradient clipping; 0 turns it off.
     #[serde(default = "default_grad_clip")]
@@ -49,6 +63,30 @@ pub struct CausalLmConfig {
     /// Log training scalars every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    Stop,
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save a resumable checkpoint every this many steps (and on Ctrl-C); 0 = never.
+    #[serde(default = "default_checkpoint_every")]
+    pub every: u64,
+    /// Keep this many of the newest checkpoints.
+    #[serde(default = "default_checkpoint_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: default_checkpoint_every(), keep: default_checkpoint_keep() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +203,15 @@ impl Default for EvalConfig {
     }
 }
 
+fn default_on_nonfinite() -> OnNonFinite {
+    OnNonFinite::Stop
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_checkpoint_keep() -> usize {
+    2
+}
 fn default_batch_size() -> usize {
     16
 }
@@ -237,6 +284,14 @@ impl Stage for CausalLm {
         )?;
         check(c.data.seq_len >= 2, "data.seq_len", "expected at least 2")?;
         check(c.batch_size > 0, "batch_size", "expected at least 1")?;
+        if let Some(micro) = c.micro_batch_size {
+            check(
+                micro > 0 && c.batch_size % micro == 0,
+                "micro_batch_size",
+                "expected a positive divisor of batch_size",
+            )?;
+        }
+        check(c.checkpoint.keep > 0, "checkpoint.keep", "expected at least 1")?;
         check(c.max_steps > 0, "max_steps", "expected at least 1")?;
         check(c.eval.every > 0, "eval.every", "expected at least 1")?;
         check(c.log_every > 0, "log_every", "expected at least 1")?;
@@ -277,12 +332,22 @@ impl Stage for CausalLm {
         // Data: documents, a held-out split, the tokenizer, packed sequences.
         let documents = data::read_documents(&c.data.train)?;
         let (train_docs, val_docs) = data::split_documents(documents, c.data.validation_fraction, ctx.seed())?;
-        let (policy, tokenizer) = match (ctx.input_model(), &c.model) {
-            (Some(dir), None) => {
+        let checkpoints = Checkpoints::new(ctx.stage_dir(), c.checkpoint.keep);
+        let resume_from = if ctx.resume() { checkpoints.latest()? } else { None };
+        if !ctx.resume() && checkpoints.latest()?.is_some() {
+            tracing::warn!("starting over: removing the checkpoints of an earlier run (use --resume to continue one)");
+            checkpoints.clear()?;
+        }
+        let (policy, tokenizer) = match (&resume_from, ctx.input_model(), &c.model) {
+            (Some((step, dir)), _, _) => {
+                tracing::info!("resuming from step {step}: {}", dir.display());
+                (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, Tokenizer::from_dir(dir)?)
+            }
+            (None, Some(dir), None) => {
                 let tokenizer = Tokenizer::from_dir(dir)?;
                 (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, tokenizer)
             }
-            (None, Some(m)) => {
+            (None, None, Some(m)) => {
                 let tokenizer = Tokenizer::train_bpe(
                     train_docs.iter().map(String::as_str),
                     c.tokenizer.vocab_size,
@@ -293,13 +358,13 @@ impl Stage for CausalLm {
                 hf.bos_token_id = tokenizer.eos_id().map(Into::into);
                 (LlamaForCausalLm::new(hf, device)?, tokenizer)
             }
-            (Some(dir), Some(_)) => {
+            (None, Some(dir), Some(_)) => {
                 return Err(Error::config(
                     "model",
                     format!("the stage starts from the model in {}; drop `model:` or the input model", dir.display()),
                 ))
             }
-            (None, None) => {
+            (None, None, None) => {
                 return Err(Error::config(
                     "model",
                     "expected an architecture (`model:`) or an input model (the stage's `model:` path in the recipe)",
@@ -338,37 +403,73 @@ impl Stage for CausalLm {
             decay: c.schedule.decay,
             min_lr_ratio: c.schedule.min_lr_ratio,
         };
-        let mut order = BatchOrder::new(train.size()[0] as usize, ctx.seed());
+        let mut state =
+            TrainerState { step: 0, order: BatchOrder::new(train.size()[0] as usize, ctx.seed()), skipped: 0 };
+        if let Some((_, dir)) = &resume_from {
+            state = read_json(&dir.join(TRAINER_STATE))?;
+            optimizer.load_state(&load_tensors(&dir.join(OPTIMIZER_STATE))?)?;
+            ctx.restart_at(state.step as i64 + 1);
+        }
         let tokens_per_step = (c.batch_size * c.data.seq_len) as f64;
+        let micro = c.micro_batch_size.unwrap_or(c.batch_size);
+        let save_checkpoint = |state: &TrainerState, optimizer: &AdamW| {
+            checkpoints.save(state.step, |dir| {
+                policy.save(dir)?;
+                tokenizer.save(dir, c.data.seq_len)?;
+                save_tensors(&dir.join(OPTIMIZER_STATE), &optimizer.state())?;
+                let json = serde_json::to_value(state).map_err(|e| Error::Other(e.to_string()))?;
+                write_json(&dir.join(TRAINER_STATE), &json)
+            })
+        };
         let initial_eval = evaluate(&policy, &validation, &c, device)?;
-        tracing::info!("step 0: eval/loss {initial_eval:.4}");
-        ctx.scalar("eval/loss", 0, initial_eval);
+        if resume_from.is_none() {
+            tracing::info!("step 0: eval/loss {initial_eval:.4}");
+            ctx.scalar("eval/loss", 0, initial_eval);
+        }
 
-        // Train.
+        // Train: each step accumulates the gradients of batch_size / micro micro-batches.
         let mut last = Stats::default();
         let mut eval_loss = initial_eval;
         let mut window = Instant::now();
-        let mut step = 0;
-        while step < c.max_steps {
+        while state.step < c.max_steps {
             if ctx.should_stop() {
-                let dir = ctx.stage_dir().join("interrupted");
-                save_model(&dir, &policy, &tokenizer, c.data.seq_len)?;
-                tracing::warn!("stopped at step {step} on request; the model is saved in {}", dir.display());
+                let dir = save_checkpoint(&state, &optimizer)?;
+                tracing::warn!(
+                    "stopped at step {} on request; resume from {} with --resume",
+                    state.step,
+                    dir.display()
+                );
                 return Err(Error::Cancelled);
             }
-            let lr = schedule.lr(step);
+            let lr = schedule.lr(state.step);
             optimizer.set_learning_rate(lr);
-            let (inputs, targets) = data::causal_batch(&train, &order.next_batch(c.batch_size), device);
-            let loss = next_token_loss(&policy, &inputs, &targets)?;
             optimizer.zero_grad();
-            loss.backward();
-            let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
-            optimizer.step()?;
-            step += 1;
-            last = Stats { loss: loss.double_value(&[]), grad_norm, lr, tokens_per_second: 0.0 };
-            if !last.loss.is_finite() {
-                return Err(Error::Other(format!("the loss became {} at step {step}", last.loss)));
+            let batch = state.order.next_batch(c.batch_size);
+            let mut loss = accumulate_gradients(&policy, &train, &batch, micro, device)?;
+            if c.inject_nonfinite_at_step == Some(state.step + 1) {
+                loss = f64::NAN; // fault injection, to test the guard
             }
+            let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
+            state.step += 1;
+            if !loss.is_finite() || !grad_norm.is_finite() {
+                let what = format!("step {}: the loss is {loss} and the gradient norm {grad_norm}", state.step);
+                match c.on_nonfinite {
+                    OnNonFinite::Stop => {
+                        return Err(Error::Other(format!(
+                            "{what}; stopping (set on_nonfinite: skip to skip such steps)"
+                        )))
+                    }
+                    OnNonFinite::Skip => {
+                        state.skipped += 1;
+                        tracing::warn!("{what}; skipping the update ({} skipped so far)", state.skipped);
+                        ctx.scalar("train/skipped_steps", state.step as i64, state.skipped as f64);
+                        continue;
+                    }
+                }
+            }
+            optimizer.step()?;
+            last = Stats { loss, grad_norm, lr, tokens_per_second: 0.0 };
+            let step = state.step;
 
             if step % c.log_every == 0 || step == c.max_steps {
                 let steps_in_window = if step % c.log_every == 0 { c.log_every } else { step % c.log_every };
@@ -391,7 +492,11 @@ impl Stage for CausalLm {
                 log_samples(ctx, &policy, &tokenizer, &c.eval, step, eos)?;
                 window = Instant::now();
             }
+            if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < c.max_steps {
+                save_checkpoint(&state, &optimizer)?;
+            }
         }
+        let step = state.step;
 
         // Save in HF layout, atomically.
         let final_dir = ctx.stage_dir().join("final");
@@ -433,6 +538,20 @@ fn save_model(
     })
 }
 
+const TRAINER_STATE: &str = "trainer_state.json";
+const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+
+/// Where training is, beside the model and optimizer: enough to continue exactly.
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct TrainerState {
+    /// Optimizer steps taken (skipped ones included).
+    step: u64,
+    /// The data order, at the next batch.
+    order: BatchOrder,
+    /// Steps skipped for a non-finite loss or gradient.
+    skipped: u64,
+}
+
 /// Named statistics of one training step.
 #[derive(Debug, Default, Clone, Copy)]
 struct Stats {
@@ -450,6 +569,25 @@ fn log_train(ctx: &RunContext, step: u64, s: &Stats) {
     ctx.scalar("train/learning_rate", step, s.lr);
     ctx.scalar("train/grad_norm", step, s.grad_norm);
     ctx.scalar("train/tokens_per_second", step, s.tokens_per_second);
+}
+
+/// Runs forward and backward over `rows` in micro-batches of `micro`, accumulating the
+/// gradients of the mean loss over all rows; returns that mean loss.
+pub fn accumulate_gradients(
+    policy: &impl Policy,
+    data: &Tensor,
+    rows: &[i64],
+    micro: usize,
+    device: tch::Device,
+) -> Result<f64> {
+    let mut loss_sum = 0.0;
+    for chunk in rows.chunks(micro.max(1)) {
+        let (inputs, targets) = data::causal_batch(data, chunk, device);
+        let loss = next_token_loss(policy, &inputs, &targets)?;
+        (&loss * (chunk.len() as f64 / rows.len() as f64)).backward();
+        loss_sum += loss.double_value(&[]) * chunk.len() as f64;
+    }
+    Ok(loss_sum / rows.len() as f64)
 }
 
 /// Mean cross-entropy of predicting `targets` (B, T) from `inputs` (B, T).
@@ -533,5 +671,39 @@ fn llama_config(m: &ModelConfig, vocab_size: usize, seq_len: usize) -> LlamaConf
         bos_token_id: None,
         eos_token_id: None,
         pad_token_id: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plumb_core::Optimizer;
+
+    fn grads(micro: usize) -> (f64, Vec<Tensor>) {
+        tch::manual_seed(0);
+        let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        let policy = LlamaForCausalLm::new(hf, tch::Device::Cpu).unwrap();
+        let data = Tensor::arange(8 * 9, (Kind::Int64, tch::Device::Cpu)).remainder(40).view([8, 9]);
+        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
+        optimizer.zero_grad();
+        let loss = accumulate_gradients(&policy, &data, &[0, 1, 2, 3, 4, 5, 6, 7], micro, tch::Device::Cpu).unwrap();
+        (loss, optimizer.parameters().iter().map(|p| p.grad().copy()).collect())
+    }
+
+    #[test]
+    fn accumulating_micro_batches_equals_one_large_batch() {
+        let (loss, whole) = grads(8);
+        for micro in [1, 2, 4] {
+            let (accumulated_loss, accumulated) = grads(micro);
+            assert!((loss - accumulated_loss).abs() < 1e-6, "micro {micro}: loss {loss} vs {accumulated_loss}");
+            for (a, b) in whole.iter().zip(&accumulated) {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "micro {micro}: gradient differs by {diff}");
+            }
+        }
     }
 }
