@@ -4,6 +4,7 @@
 //! failed on its input); 2 an internal error (a panic in a plugin, a broken invariant);
 //! 130 the run stopped cleanly on Ctrl-C.
 mod bench;
+mod data_cmd;
 mod device;
 mod generate;
 mod plugins;
@@ -39,6 +40,9 @@ enum Command {
     Plugins,
     /// Continue a prompt with a model in HF layout (temperature 0 = greedy).
     Generate(generate::GenerateArgs),
+    /// Data preparation: `plumb data filter` curates corpora.
+    #[command(subcommand)]
+    Data(data_cmd::Data),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Plugins => plugins::list(),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench) => bench::run(&bench),
+        Command::Data(data) => data_cmd::run(&data),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -116,3 +116,72 @@ fn a_missing_recipe_is_a_user_error() {
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("cannot read recipe `recipes/none.yaml`"), "{}", stderr(&out));
 }
+
+#[test]
+fn data_filter_removes_duplicates_and_low_quality_documents_and_reports_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let story = |name: &str| {
+        format!(
+            "{name} went to the park with a friend and they played with a red ball for the whole afternoon. \
+             It was a sunny day and the children were happy. They ran on the grass and found a small frog near \
+             the pond, and then they walked home together and told their families about the frog and the ball."
+        )
+    };
+    let near = story("Lily").replace("afternoon", "morning");
+    let other = "The old fisherman mended his nets every evening while the gulls circled above the harbour. \
+                 His grandson watched from the pier and asked about storms, whales and the lighthouse keeper, and the \
+                 old man answered each question slowly, as if the sea itself were listening to the story he told."
+        .to_string();
+    let corpus = [story("Lily"), story("LILY"), near, "too short".to_string(), other.clone()];
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, corpus.join("\n\n")).unwrap();
+    let output = dir.path().join("out.txt");
+    let report = dir.path().join("report.json");
+    let out = plumb(
+        dir.path(),
+        &[
+            "data",
+            "filter",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_exit(&out, 0);
+    let kept = std::fs::read_to_string(&output).unwrap();
+    let kept: Vec<&str> = kept.trim_end().split("\n\n").collect();
+    assert_eq!(kept, vec![story("Lily").as_str(), other.as_str()]);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let removed: Vec<(String, u64)> = report["filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["filter"].as_str().unwrap().to_string(), f["removed"]["documents"].as_u64().unwrap()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(
+        removed,
+        vec![("quality.min_words".into(), 1), ("exact_dedup".into(), 1), ("near_dedup".into(), 1)],
+        "{report}"
+    );
+    assert_eq!(report["kept"]["documents"], 2);
+    assert!(stdout(&out).contains("wrote 2 documents to"), "{}", stdout(&out));
+}
+
+#[test]
+fn curation_options_of_the_pretrain_stage_are_checked_before_compute() {
+    let out = validate(&[
+        QUICKSTART,
+        "stages.pretrain.config.data.curation={near_dedup: {num_perm: 128, bands: 20, rows: 5}}",
+    ]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(
+            "stages[0].config.data.curation.near_dedup.bands: bands × rows must equal num_perm (128), found 20 × 5"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -86,6 +86,7 @@ fn logits_match_transformers() {
     each_case(|name, _, model, reference| {
         let logits = model.logits(&reference.input_ids, None).unwrap();
         let diff = max_abs(&logits, &reference.logits);
+        eprintln!("{name}: max abs logit difference to transformers {diff:.2e}");
         assert!(diff < TOLERANCE, "{name}: max abs logit difference {diff}");
     });
 }

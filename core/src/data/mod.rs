@@ -1,7 +1,7 @@
 //! Data: text corpora, train/validation splits, packing into fixed-length sequences,
 //! and a seeded batch order.
+pub mod curation;
 pub mod objectives;
-
 
 use std::path::Path;
 

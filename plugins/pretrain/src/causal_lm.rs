@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use plumb_core::checkpoint::training::{load_tensors, save_tensors, Checkpoints};
 use plumb_core::checkpoint::{read_json, write_dir_atomically, write_json};
+use plumb_core::data::curation::{count_words, curate, CurationConfig};
 use plumb_core::data::{self, BatchOrder};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
@@ -100,6 +101,10 @@ pub struct DataConfig {
     /// Tokens per training sequence.
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
+    /// Curate the corpus before training (quality heuristics, exact and near
+    /// deduplication); the report goes to the log and TensorBoard.
+    #[serde(default)]
+    pub curation: Option<CurationConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +288,15 @@ impl Stage for CausalLm {
             "expected a fraction strictly between 0 and 1",
         )?;
         check(c.data.seq_len >= 2, "data.seq_len", "expected at least 2")?;
+        if let Some(curation) = &c.data.curation {
+            curation.validate().map_err(|e| match e {
+                Error::Config(mut section) => {
+                    section.path = format!("data.curation.{}", section.path);
+                    Error::Config(section)
+                }
+                other => other,
+            })?;
+        }
         check(c.batch_size > 0, "batch_size", "expected at least 1")?;
         if let Some(micro) = c.micro_batch_size {
             check(
@@ -330,7 +344,16 @@ impl Stage for CausalLm {
         tch::manual_seed(ctx.seed() as i64);
 
         // Data: documents, a held-out split, the tokenizer, packed sequences.
-        let documents = data::read_documents(&c.data.train)?;
+        let mut documents = data::read_documents(&c.data.train)?;
+        if let Some(curation) = &c.data.curation {
+            let (kept, report) = curate(documents, curation, &count_words)?;
+            tracing::info!("curation of {}:\n{report}", c.data.train.display());
+            ctx.text("data/curation", 0, &report.to_markdown());
+            for (tag, value) in report.scalars() {
+                ctx.scalar(&tag, 0, value);
+            }
+            documents = kept;
+        }
         let (train_docs, val_docs) = data::split_documents(documents, c.data.validation_fraction, ctx.seed())?;
         let checkpoints = Checkpoints::new(ctx.stage_dir(), c.checkpoint.keep);
         let resume_from = if ctx.resume() { checkpoints.latest()? } else { None };
