@@ -98,6 +98,7 @@ pub fn generate<P: Policy + ?Sized>(
     let device = policy.var_store().device();
     let batch = prompts.len() as i64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let padded = prompts.iter().any(|p| p.len() != longest);
     let new_tokens = settings.max_new_tokens as i64;
 
     // Left-pad the prompts: (B, P) ids and mask.
@@ -122,7 +123,10 @@ pub fn generate<P: Policy + ?Sized>(
         .collect();
     let mut running = vec![true; prompts.len()];
     for _ in 0..new_tokens {
-        let logits = policy.forward(&input, &positions, Some(&attention), Some(&mut cache))?;
+        // Without padding the mask is all ones: leave it out, so the prefill takes
+        // attention's plain causal path.
+        let mask = padded.then_some(&attention);
+        let logits = policy.forward(&input, &positions, mask, Some(&mut cache))?;
         let last = logits.select(1, -1).to_kind(Kind::Float); // (B, V)
         let (next, log_probs) = sample(&last, &seen, settings, &mut rng)?;
         let next_ids = Vec::<i64>::try_from(&next)?;
