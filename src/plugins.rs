@@ -5,21 +5,10 @@ use plumb_core::plugin::loader;
 
 use crate::Failure;
 
-/// Directories searched for plugins, in order.
-fn search_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PLUMB_PLUGIN_PATH")
-        .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
-        .unwrap_or_default();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
-        dirs.push(dir);
-    }
-    dirs
-}
-
 pub fn list() -> Result<(), Failure> {
     let mut seen = std::collections::BTreeSet::new();
     let mut found = 0;
-    for dir in search_dirs() {
+    for dir in loader::search_dirs() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -60,7 +49,7 @@ pub fn list() -> Result<(), Failure> {
         }
     }
     if found == 0 {
-        let dirs: Vec<String> = search_dirs().iter().map(|d| d.display().to_string()).collect();
+        let dirs: Vec<String> = loader::search_dirs().iter().map(|d| d.display().to_string()).collect();
         println!("no plugins found in {}", dirs.join(", "));
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
-use super::{save_safetensors, write_dir_atomically, Mapped};
+use super::{write_dir_atomically, Mapped};
 use crate::error::{Error, IoResultExt, Result};
 
 const PREFIX: &str = "step-";
@@ -68,12 +68,8 @@ impl Checkpoints {
     }
 }
 
-/// Saves named tensors (e.g. optimizer moments) to a safetensors file.
-pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    save_safetensors(path, tensors)
-}
-
-/// Reads every tensor of a safetensors file (copied out of the memory map).
+/// Reads every tensor of a safetensors file (copied out of the memory map); the
+/// counterpart of [`super::save_safetensors`].
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let mapped = Mapped::open(path)?;
     let tensors = mapped.tensors()?;
@@ -112,7 +108,11 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let path = root.path().join("state.safetensors");
         let a = Tensor::from_slice(&[1.5f32, -2.0]);
-        save_tensors(&path, &[("m".into(), a.shallow_clone()), ("step".into(), Tensor::from(7i64))]).unwrap();
+        crate::checkpoint::save_safetensors(
+            &path,
+            &[("m".into(), a.shallow_clone()), ("step".into(), Tensor::from(7i64))],
+        )
+        .unwrap();
         let back = load_tensors(&path).unwrap();
         assert_eq!(back[0].0, "m");
         assert_eq!(Vec::<f32>::try_from(&back[0].1).unwrap(), vec![1.5, -2.0]);

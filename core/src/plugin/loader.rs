@@ -73,18 +73,25 @@ pub fn library_names(name: &str) -> Vec<String> {
     vec![format!("{prefix}plumb_{stem}{suffix}"), format!("{prefix}{stem}{suffix}")]
 }
 
-/// Finds plugin `name`: the explicit path if given, else each directory of
-/// `PLUMB_PLUGIN_PATH`, else the directory of the running executable.
-pub fn locate(name: &str, explicit: Option<&Path>) -> Result<PathBuf, LoadError> {
-    if let Some(path) = explicit {
-        return if path.is_file() { Ok(path.to_path_buf()) } else { Err(LoadError::MissingFile { path: path.into() }) };
-    }
+/// Directories searched for plugins, in order: each of `PLUMB_PLUGIN_PATH`, then the
+/// directory of the running executable.
+pub fn search_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PLUMB_PLUGIN_PATH")
         .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
         .unwrap_or_default();
     if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
         dirs.push(dir);
     }
+    dirs
+}
+
+/// Finds plugin `name`: the explicit path if given, else each directory of
+/// `PLUMB_PLUGIN_PATH`, else the directory of the running executable.
+pub fn locate(name: &str, explicit: Option<&Path>) -> Result<PathBuf, LoadError> {
+    if let Some(path) = explicit {
+        return if path.is_file() { Ok(path.to_path_buf()) } else { Err(LoadError::MissingFile { path: path.into() }) };
+    }
+    let dirs = search_dirs();
     let mut tried = Vec::new();
     for dir in &dirs {
         for file in library_names(name) {

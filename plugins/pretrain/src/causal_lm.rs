@@ -10,8 +10,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use plumb_core::checkpoint::training::{load_tensors, save_tensors, Checkpoints};
-use plumb_core::checkpoint::{read_json, write_dir_atomically, write_json};
+use plumb_core::checkpoint::training::{load_tensors, Checkpoints};
+use plumb_core::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
 use plumb_core::data::curation::{count_words, curate, CurationConfig};
 use plumb_core::data::{self, BatchOrder};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
@@ -437,9 +437,8 @@ impl Stage for CausalLm {
         let micro = c.micro_batch_size.unwrap_or(c.batch_size);
         let save_checkpoint = |state: &TrainerState, optimizer: &AdamW| {
             checkpoints.save(state.step, |dir| {
-                policy.save(dir)?;
-                tokenizer.save(dir, c.data.seq_len)?;
-                save_tensors(&dir.join(OPTIMIZER_STATE), &optimizer.state())?;
+                write_model(dir, &policy, &tokenizer, c.data.seq_len)?;
+                save_safetensors(&dir.join(OPTIMIZER_STATE), &optimizer.state())?;
                 let json = serde_json::to_value(state).map_err(|e| Error::Other(e.to_string()))?;
                 write_json(&dir.join(TRAINER_STATE), &json)
             })
@@ -555,10 +554,18 @@ fn save_model(
     tokenizer: &Tokenizer,
     max_length: usize,
 ) -> Result<()> {
-    write_dir_atomically(dir, |staging| {
-        policy.save(staging)?;
-        tokenizer.save(staging, max_length)
-    })
+    write_dir_atomically(dir, |staging| write_model(staging, policy, tokenizer, max_length))
+}
+
+/// The model and its tokenizer in HF layout, into an existing directory.
+fn write_model(
+    dir: &std::path::Path,
+    policy: &LlamaForCausalLm,
+    tokenizer: &Tokenizer,
+    max_length: usize,
+) -> Result<()> {
+    policy.save(dir)?;
+    tokenizer.save(dir, max_length)
 }
 
 const TRAINER_STATE: &str = "trainer_state.json";
