@@ -15,6 +15,7 @@ pub mod recipe;
 pub mod reward;
 pub mod rollout;
 pub mod tokenizer;
+pub mod train;
 
 pub use context::RunContext;
 pub use error::{Error, Result};

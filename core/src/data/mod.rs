@@ -80,9 +80,9 @@ impl SplitMix64 {
     }
 }
 
-/// Splits documents into (train, validation), holding out `fraction` of them (at
-/// least one each side), chosen by a seeded shuffle.
-pub fn split_documents(mut documents: Vec<String>, fraction: f64, seed: u64) -> Result<(Vec<String>, Vec<String>)> {
+/// Splits documents (or examples) into (train, validation), holding out `fraction` of
+/// them (at least one each side), chosen by a seeded shuffle.
+pub fn split_documents<T>(mut documents: Vec<T>, fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     if documents.len() < 2 {
         return Err(Error::Other("a train/validation split needs at least two documents".into()));
     }

@@ -59,9 +59,11 @@ impl KvCache {
 }
 
 /// Additive attention mask (B, 1, t, past + t) for `t` new queries after `past` cached
-/// positions: causal, hiding padded keys (`key_mask` (B, past + t), 1 = token), and,
-/// with a window, keys more than `window - 1` positions back. A query row with nothing
-/// to attend to (a padding query) sees itself, so no row is all -inf.
+/// positions: causal, hiding padded keys, and, with a window, keys more than
+/// `window - 1` positions back. `key_mask` (B, past + t) is 0 for padding and a segment
+/// id otherwise: a token sees only earlier tokens of its own segment, so examples packed
+/// into one row stay isolated (with all-ones, it is a plain padding mask). A query row
+/// with nothing to attend to (a padding query) sees itself, so no row is all -inf.
 pub fn attention_mask(key_mask: &Tensor, past: i64, t: i64, window: Option<i64>) -> Tensor {
     let device = key_mask.device();
     let total = past + t;
@@ -72,7 +74,11 @@ pub fn attention_mask(key_mask: &Tensor, past: i64, t: i64, window: Option<i64>)
     if let Some(w) = window {
         allowed = allowed.logical_and(&(&query_pos - &key_pos).lt(w));
     }
-    let allowed = allowed.view([1, 1, t, total]).logical_and(&key_mask.to_kind(Kind::Bool).view([b, 1, 1, total]));
+    let key_segment = key_mask.to_kind(Kind::Int64);
+    let query_segment = key_segment.narrow(1, past, t).view([b, 1, t, 1]);
+    let key_segment = key_segment.view([b, 1, 1, total]);
+    let same_segment = key_segment.ne(0).logical_and(&key_segment.eq_tensor(&query_segment)); // (B, 1, t, total)
+    let allowed = allowed.view([1, 1, t, total]).logical_and(&same_segment);
     let itself = key_pos.eq_tensor(&query_pos).view([1, 1, t, total]);
     let allowed = allowed.logical_or(&itself);
     Tensor::zeros([b, 1, t, total], (Kind::Float, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
@@ -104,6 +110,26 @@ mod tests {
             ]
         );
         assert_eq!(Vec::<i64>::try_from(positions_from_mask(&key_mask).view([-1])).unwrap(), vec![0, 0, 1, 2]);
+    }
+
+    #[test]
+    fn packed_segments_only_see_themselves() {
+        let key_mask = Tensor::from_slice(&[1i64, 1, 2, 2, 2, 0]).view([1, 6]);
+        let m = attention_mask(&key_mask, 0, 6, None);
+        let allowed: Vec<Vec<bool>> =
+            (0..6).map(|q| (0..6).map(|k| m.double_value(&[0, 0, q, k]) == 0.0).collect()).collect();
+        let expected: Vec<Vec<bool>> = [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0],
+            [0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1], // padding sees only itself
+        ]
+        .iter()
+        .map(|row| row.iter().map(|&a| a == 1).collect())
+        .collect();
+        assert_eq!(allowed, expected);
     }
 
     #[test]

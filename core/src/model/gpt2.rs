@@ -578,9 +578,6 @@ impl Gpt2ForCausalLm {
         &self.model
     }
 
-    pub fn num_parameters(&self) -> i64 {
-        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
-    }
 }
 
 impl Policy for Gpt2ForCausalLm {

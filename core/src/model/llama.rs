@@ -547,10 +547,6 @@ impl LlamaForCausalLm {
         &self.model
     }
 
-    pub fn num_parameters(&self) -> i64 {
-        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
-    }
-
     /// Casts every weight (and so the activations and the KV cache) to `kind`.
     pub fn set_kind(&mut self, kind: Kind) {
         self.vs.set_kind(kind);

@@ -44,7 +44,8 @@ pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
 /// logits, per-token log-probs and batched generation from it.
 pub trait Policy {
     /// Logits (B, T, vocab) for `input_ids` (B, T) at `positions` (B, T).
-    /// `attention_mask` (B, past + T) is 1 for tokens and 0 for padding; with a cache,
+    /// `attention_mask` (B, past + T) is 1 for tokens and 0 for padding (or, for packed
+    /// examples, a segment id per token: see [`cache::attention_mask`]); with a cache,
     /// `past` positions are already in it and the new ones are appended.
     fn forward(
         &self,
@@ -86,6 +87,11 @@ pub trait Policy {
 
     /// The trainable variables (and the device and dtype they live in).
     fn var_store(&self) -> &nn::VarStore;
+
+    /// Trainable parameters.
+    fn num_parameters(&self) -> i64 {
+        self.var_store().trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
 
     /// Rows of the token embedding.
     fn vocab_size(&self) -> i64;

@@ -148,6 +148,15 @@ impl Tokenizer {
         self.chat_template.as_ref()
     }
 
+    /// Replaces the chat template with `source` (Jinja, seeing this tokenizer's special tokens);
+    /// `origin` names it in errors. [`save`](Self::save) writes it to `tokenizer_config.json`, so
+    /// a model fine-tuned on a template keeps it.
+    pub fn set_chat_template(&mut self, source: &str, origin: &Path) -> Result<&ChatTemplate> {
+        let template = ChatTemplate::new(source, origin, &self.special.tokens)?;
+        self.config.insert("chat_template".into(), json!(source));
+        Ok(self.chat_template.insert(template))
+    }
+
     /// A conversation as the model's prompt text, through its chat template (see [`ChatTemplate::render`]).
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         match &self.chat_template {

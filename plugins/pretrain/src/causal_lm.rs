@@ -10,17 +10,19 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use plumb_core::checkpoint::training::{load_tensors, Checkpoints};
-use plumb_core::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
+use plumb_core::checkpoint::training::Checkpoints;
 use plumb_core::data::curation::{count_words, curate, CurationConfig};
 use plumb_core::data::{self, BatchOrder};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
-use plumb_core::optim::schedule::Decay;
-use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer, Schedule};
+use plumb_core::optim::{clip_grad_norm, Optimizer};
 use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
+use plumb_core::train::{
+    load_checkpoint, nested, require, resume_point, save_checkpoint, save_model, CheckpointConfig, OnNonFinite,
+    OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
+};
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
@@ -48,7 +50,7 @@ pub struct CausalLmConfig {
     pub micro_batch_size: Option<usize>,
     /// What a non-finite loss or gradient does: `stop` the run naming the step, or
     /// `skip` the step (no update) and go on.
-    #[serde(default = "default_on_nonfinite")]
+    #[serde(default)]
     pub on_nonfinite: OnNonFinite,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
@@ -64,30 +66,6 @@ pub struct CausalLmConfig {
     /// Log training scalars every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnNonFinite {
-    Stop,
-    Skip,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckpointConfig {
-    /// Save a resumable checkpoint every this many steps (and on Ctrl-C); 0 = never.
-    #[serde(default = "default_checkpoint_every")]
-    pub every: u64,
-    /// Keep this many of the newest checkpoints.
-    #[serde(default = "default_checkpoint_keep")]
-    pub keep: usize,
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        Self { every: default_checkpoint_every(), keep: default_checkpoint_keep() }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,44 +123,6 @@ pub struct ModelConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OptimizerConfig {
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    #[serde(default = "default_betas")]
-    pub betas: [f64; 2],
-    #[serde(default = "default_eps")]
-    pub eps: f64,
-    /// Decoupled weight decay on matrices (not on norms, biases or embeddings).
-    #[serde(default = "default_weight_decay")]
-    pub weight_decay: f64,
-}
-
-impl Default for OptimizerConfig {
-    fn default() -> Self {
-        Self { lr: default_lr(), betas: default_betas(), eps: default_eps(), weight_decay: default_weight_decay() }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleConfig {
-    #[serde(default)]
-    pub warmup_steps: u64,
-    #[serde(default = "default_decay")]
-    pub decay: Decay,
-    /// The floor of the decay, as a fraction of the peak learning rate.
-    #[serde(default = "default_min_lr_ratio")]
-    pub min_lr_ratio: f64,
-}
-
-impl Default for ScheduleConfig {
-    fn default() -> Self {
-        Self { warmup_steps: 0, decay: default_decay(), min_lr_ratio: default_min_lr_ratio() }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// Evaluate every this many steps (and after the last).
     #[serde(default = "default_eval_every")]
@@ -208,15 +148,6 @@ impl Default for EvalConfig {
     }
 }
 
-fn default_on_nonfinite() -> OnNonFinite {
-    OnNonFinite::Stop
-}
-fn default_checkpoint_every() -> u64 {
-    100
-}
-fn default_checkpoint_keep() -> usize {
-    2
-}
 fn default_batch_size() -> usize {
     16
 }
@@ -247,24 +178,6 @@ fn default_rms_norm_eps() -> f64 {
 fn default_true() -> bool {
     true
 }
-fn default_lr() -> f64 {
-    1e-3
-}
-fn default_betas() -> [f64; 2] {
-    [0.9, 0.95]
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-fn default_weight_decay() -> f64 {
-    0.1
-}
-fn default_decay() -> Decay {
-    Decay::Cosine
-}
-fn default_min_lr_ratio() -> f64 {
-    0.1
-}
 fn default_eval_every() -> u64 {
     100
 }
@@ -281,59 +194,39 @@ impl Stage for CausalLm {
 
     fn validate(c: &CausalLmConfig, ctx: &ValidateContext) -> Result<()> {
         ctx.existing_file("data.train", &c.data.train)?;
-        let check = |ok: bool, key: &str, message: &str| if ok { Ok(()) } else { Err(Error::config(key, message)) };
-        check(
+        require(
             c.data.validation_fraction > 0.0 && c.data.validation_fraction < 1.0,
             "data.validation_fraction",
             "expected a fraction strictly between 0 and 1",
         )?;
-        check(c.data.seq_len >= 2, "data.seq_len", "expected at least 2")?;
+        require(c.data.seq_len >= 2, "data.seq_len", "expected at least 2")?;
         if let Some(curation) = &c.data.curation {
-            curation.validate().map_err(|e| match e {
-                Error::Config(mut section) => {
-                    section.path = format!("data.curation.{}", section.path);
-                    Error::Config(section)
-                }
-                other => other,
-            })?;
+            curation.validate().map_err(|e| nested("data.curation", e))?;
         }
-        check(c.batch_size > 0, "batch_size", "expected at least 1")?;
+        require(c.batch_size > 0, "batch_size", "expected at least 1")?;
         if let Some(micro) = c.micro_batch_size {
-            check(
+            require(
                 micro > 0 && c.batch_size % micro == 0,
                 "micro_batch_size",
                 "expected a positive divisor of batch_size",
             )?;
         }
-        check(c.checkpoint.keep > 0, "checkpoint.keep", "expected at least 1")?;
-        check(c.max_steps > 0, "max_steps", "expected at least 1")?;
-        check(c.eval.every > 0, "eval.every", "expected at least 1")?;
-        check(c.log_every > 0, "log_every", "expected at least 1")?;
-        check(c.optimizer.lr > 0.0 && c.optimizer.lr.is_finite(), "optimizer.lr", "expected a positive learning rate")?;
-        check(
-            c.optimizer.betas.iter().all(|b| (0.0..1.0).contains(b)),
-            "optimizer.betas",
-            "expected two values in [0, 1)",
-        )?;
-        check(c.optimizer.weight_decay >= 0.0, "optimizer.weight_decay", "expected a non-negative value")?;
-        check((0.0..=1.0).contains(&c.schedule.min_lr_ratio), "schedule.min_lr_ratio", "expected a value in [0, 1]")?;
-        check(c.schedule.warmup_steps <= c.max_steps, "schedule.warmup_steps", "expected at most max_steps")?;
-        check(c.grad_clip >= 0.0, "grad_clip", "expected a non-negative value (0 turns clipping off)")?;
-        check(
+        require(c.checkpoint.keep > 0, "checkpoint.keep", "expected at least 1")?;
+        require(c.max_steps > 0, "max_steps", "expected at least 1")?;
+        require(c.eval.every > 0, "eval.every", "expected at least 1")?;
+        require(c.log_every > 0, "log_every", "expected at least 1")?;
+        c.optimizer.validate()?;
+        c.schedule.validate(c.max_steps)?;
+        require(c.grad_clip >= 0.0, "grad_clip", "expected a non-negative value (0 turns clipping off)")?;
+        require(
             c.tokenizer.vocab_size >= 257 + 1,
             "tokenizer.vocab_size",
             "expected at least 258 (256 bytes, EOS and one merge)",
         )?;
         if let Some(m) = &c.model {
             let positions = m.max_position_embeddings.unwrap_or(c.data.seq_len);
-            check(positions >= c.data.seq_len, "model.max_position_embeddings", "expected at least data.seq_len")?;
-            llama_config(m, 0, c.data.seq_len).resolve().map_err(|e| match e {
-                Error::Config(mut section) => {
-                    section.path = format!("model.{}", section.path);
-                    Error::Config(section)
-                }
-                other => other,
-            })?;
+            require(positions >= c.data.seq_len, "model.max_position_embeddings", "expected at least data.seq_len")?;
+            llama_config(m, 0, c.data.seq_len).resolve().map_err(|e| nested("model", e))?;
         }
         Ok(())
     }
@@ -356,16 +249,9 @@ impl Stage for CausalLm {
         }
         let (train_docs, val_docs) = data::split_documents(documents, c.data.validation_fraction, ctx.seed())?;
         let checkpoints = Checkpoints::new(ctx.stage_dir(), c.checkpoint.keep);
-        let resume_from = if ctx.resume() { checkpoints.latest()? } else { None };
-        if !ctx.resume() && checkpoints.latest()?.is_some() {
-            tracing::warn!("starting over: removing the checkpoints of an earlier run (use --resume to continue one)");
-            checkpoints.clear()?;
-        }
+        let resume_from = resume_point(ctx, &checkpoints)?;
         let (policy, tokenizer) = match (&resume_from, ctx.input_model(), &c.model) {
-            (Some((step, dir)), _, _) => {
-                tracing::info!("resuming from step {step}: {}", dir.display());
-                (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, Tokenizer::from_dir(dir)?)
-            }
+            (Some((_, dir)), _, _) => (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, Tokenizer::from_dir(dir)?),
             (None, Some(dir), None) => {
                 let tokenizer = Tokenizer::from_dir(dir)?;
                 (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, tokenizer)
@@ -410,39 +296,16 @@ impl Stage for CausalLm {
         tracing::info!("model: {} parameters on {device:?}", policy.num_parameters());
 
         // Optimizer and schedule.
-        let mut optimizer = AdamW::new(
-            policy.var_store(),
-            AdamWConfig {
-                lr: c.optimizer.lr,
-                betas: (c.optimizer.betas[0], c.optimizer.betas[1]),
-                eps: c.optimizer.eps,
-                weight_decay: c.optimizer.weight_decay,
-            },
-        );
-        let schedule = Schedule {
-            peak_lr: c.optimizer.lr,
-            warmup_steps: c.schedule.warmup_steps,
-            total_steps: c.max_steps,
-            decay: c.schedule.decay,
-            min_lr_ratio: c.schedule.min_lr_ratio,
-        };
+        let mut optimizer = c.optimizer.adamw(policy.var_store());
+        let schedule = c.schedule.schedule(c.optimizer.lr, c.max_steps);
         let mut state =
             TrainerState { step: 0, order: BatchOrder::new(train.size()[0] as usize, ctx.seed()), skipped: 0 };
         if let Some((_, dir)) = &resume_from {
-            state = read_json(&dir.join(TRAINER_STATE))?;
-            optimizer.load_state(&load_tensors(&dir.join(OPTIMIZER_STATE))?)?;
+            state = load_checkpoint(dir, &mut optimizer)?;
             ctx.restart_at(state.step as i64 + 1);
         }
         let tokens_per_step = (c.batch_size * c.data.seq_len) as f64;
         let micro = c.micro_batch_size.unwrap_or(c.batch_size);
-        let save_checkpoint = |state: &TrainerState, optimizer: &AdamW| {
-            checkpoints.save(state.step, |dir| {
-                write_model(dir, &policy, &tokenizer, c.data.seq_len)?;
-                save_safetensors(&dir.join(OPTIMIZER_STATE), &optimizer.state())?;
-                let json = serde_json::to_value(state).map_err(|e| Error::Other(e.to_string()))?;
-                write_json(&dir.join(TRAINER_STATE), &json)
-            })
-        };
         let initial_eval = evaluate(&policy, &validation, &c, device)?;
         if resume_from.is_none() {
             tracing::info!("step 0: eval/loss {initial_eval:.4}");
@@ -450,12 +313,12 @@ impl Stage for CausalLm {
         }
 
         // Train: each step accumulates the gradients of batch_size / micro micro-batches.
-        let mut last = Stats::default();
+        let mut last = StepStats::default();
         let mut eval_loss = initial_eval;
         let mut window = Instant::now();
         while state.step < c.max_steps {
             if ctx.should_stop() {
-                let dir = save_checkpoint(&state, &optimizer)?;
+                let dir = save_checkpoint(&checkpoints, &state, &policy, &tokenizer, &optimizer, c.data.seq_len)?;
                 tracing::warn!(
                     "stopped at step {} on request; resume from {} with --resume",
                     state.step,
@@ -473,31 +336,18 @@ impl Stage for CausalLm {
             }
             let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
             state.step += 1;
-            if !loss.is_finite() || !grad_norm.is_finite() {
-                let what = format!("step {}: the loss is {loss} and the gradient norm {grad_norm}", state.step);
-                match c.on_nonfinite {
-                    OnNonFinite::Stop => {
-                        return Err(Error::Other(format!(
-                            "{what}; stopping (set on_nonfinite: skip to skip such steps)"
-                        )))
-                    }
-                    OnNonFinite::Skip => {
-                        state.skipped += 1;
-                        tracing::warn!("{what}; skipping the update ({} skipped so far)", state.skipped);
-                        ctx.scalar("train/skipped_steps", state.step as i64, state.skipped as f64);
-                        continue;
-                    }
-                }
+            if !c.on_nonfinite.check(ctx, &mut state, loss, grad_norm)? {
+                continue;
             }
             optimizer.step()?;
-            last = Stats { loss, grad_norm, lr, tokens_per_second: 0.0 };
+            last = StepStats { loss, grad_norm, learning_rate: lr, tokens_per_second: 0.0, batch_size: c.batch_size };
             let step = state.step;
 
             if step % c.log_every == 0 || step == c.max_steps {
                 let steps_in_window = if step % c.log_every == 0 { c.log_every } else { step % c.log_every };
                 last.tokens_per_second = tokens_per_step * steps_in_window as f64 / window.elapsed().as_secs_f64();
                 window = Instant::now();
-                log_train(ctx, step, &last);
+                last.log(ctx, step);
             }
             ctx.progress(
                 step,
@@ -515,7 +365,7 @@ impl Stage for CausalLm {
                 window = Instant::now();
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < c.max_steps {
-                save_checkpoint(&state, &optimizer)?;
+                save_checkpoint(&checkpoints, &state, &policy, &tokenizer, &optimizer, c.data.seq_len)?;
             }
         }
         let step = state.step;
@@ -545,60 +395,6 @@ impl Stage for CausalLm {
         }
         Ok(StageOutput { model: Some(final_dir), metrics })
     }
-}
-
-/// The model and its tokenizer in HF layout, written atomically.
-fn save_model(
-    dir: &std::path::Path,
-    policy: &LlamaForCausalLm,
-    tokenizer: &Tokenizer,
-    max_length: usize,
-) -> Result<()> {
-    write_dir_atomically(dir, |staging| write_model(staging, policy, tokenizer, max_length))
-}
-
-/// The model and its tokenizer in HF layout, into an existing directory.
-fn write_model(
-    dir: &std::path::Path,
-    policy: &LlamaForCausalLm,
-    tokenizer: &Tokenizer,
-    max_length: usize,
-) -> Result<()> {
-    policy.save(dir)?;
-    tokenizer.save(dir, max_length)
-}
-
-const TRAINER_STATE: &str = "trainer_state.json";
-const OPTIMIZER_STATE: &str = "optimizer.safetensors";
-
-/// Where training is, beside the model and optimizer: enough to continue exactly.
-#[derive(Debug, serde::Serialize, Deserialize)]
-struct TrainerState {
-    /// Optimizer steps taken (skipped ones included).
-    step: u64,
-    /// The data order, at the next batch.
-    order: BatchOrder,
-    /// Steps skipped for a non-finite loss or gradient.
-    skipped: u64,
-}
-
-/// Named statistics of one training step.
-#[derive(Debug, Default, Clone, Copy)]
-struct Stats {
-    loss: f64,
-    grad_norm: f64,
-    lr: f64,
-    tokens_per_second: f64,
-}
-
-/// The one place training statistics become TensorBoard tags.
-fn log_train(ctx: &RunContext, step: u64, s: &Stats) {
-    let step = step as i64;
-    ctx.scalar("train/loss", step, s.loss);
-    ctx.scalar("train/perplexity", step, s.loss.exp());
-    ctx.scalar("train/learning_rate", step, s.lr);
-    ctx.scalar("train/grad_norm", step, s.grad_norm);
-    ctx.scalar("train/tokens_per_second", step, s.tokens_per_second);
 }
 
 /// Runs forward and backward over `rows` in micro-batches of `micro`, accumulating the

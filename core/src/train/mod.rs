@@ -1,0 +1,282 @@
+//! What every training stage shares, so each stage's file holds only its own loop: the
+//! `optimizer`, `schedule`, `checkpoint` and `on_nonfinite` sections of a recipe, the
+//! non-finite guard, the `train/*` scalars, resumable checkpoints and the final save.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::nn;
+
+use crate::checkpoint::training::{load_tensors, Checkpoints};
+use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
+use crate::data::BatchOrder;
+use crate::error::{Error, Result};
+use crate::optim::schedule::Decay;
+use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule};
+use crate::tokenizer::Tokenizer;
+use crate::{Policy, RunContext};
+
+/// An error at `key` unless `ok`: the shape of every check in a stage's `validate`.
+pub fn require(ok: bool, key: &str, message: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(key, message))
+    }
+}
+
+/// Moves a config error of a nested section under `prefix` (`model` + `hidden_size`
+/// → `model.hidden_size`), so the recipe error points at the right line.
+pub fn nested(prefix: &str, error: Error) -> Error {
+    match error {
+        Error::Config(mut section) => {
+            section.path = format!("{prefix}.{}", section.path);
+            Error::Config(section)
+        }
+        other => other,
+    }
+}
+
+/// The `optimizer:` section: AdamW with decoupled weight decay on matrices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay on matrices (not on norms, biases or embeddings).
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self { lr: default_lr(), betas: default_betas(), eps: default_eps(), weight_decay: default_weight_decay() }
+    }
+}
+
+impl OptimizerConfig {
+    /// Checks under `optimizer.`.
+    pub fn validate(&self) -> Result<()> {
+        require(self.lr > 0.0 && self.lr.is_finite(), "optimizer.lr", "expected a positive learning rate")?;
+        require(self.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "expected two values in [0, 1)")?;
+        require(self.eps > 0.0, "optimizer.eps", "expected a positive value")?;
+        require(self.weight_decay >= 0.0, "optimizer.weight_decay", "expected a non-negative value")
+    }
+
+    pub fn adamw(&self, vs: &nn::VarStore) -> AdamW {
+        AdamW::new(
+            vs,
+            AdamWConfig {
+                lr: self.lr,
+                betas: (self.betas[0], self.betas[1]),
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+            },
+        )
+    }
+}
+
+/// The `schedule:` section: linear warmup, then a decay to a floor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "default_decay")]
+    pub decay: Decay,
+    /// The floor of the decay, as a fraction of the peak learning rate.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { warmup_steps: 0, decay: default_decay(), min_lr_ratio: default_min_lr_ratio() }
+    }
+}
+
+impl ScheduleConfig {
+    /// Checks under `schedule.` for a run of `max_steps`.
+    pub fn validate(&self, max_steps: u64) -> Result<()> {
+        require((0.0..=1.0).contains(&self.min_lr_ratio), "schedule.min_lr_ratio", "expected a value in [0, 1]")?;
+        require(self.warmup_steps <= max_steps, "schedule.warmup_steps", "expected at most max_steps")
+    }
+
+    pub fn schedule(&self, peak_lr: f64, total_steps: u64) -> Schedule {
+        Schedule {
+            peak_lr,
+            warmup_steps: self.warmup_steps,
+            total_steps,
+            decay: self.decay,
+            min_lr_ratio: self.min_lr_ratio,
+        }
+    }
+}
+
+/// The `checkpoint:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save a resumable checkpoint every this many steps (and on Ctrl-C); 0 = never.
+    #[serde(default = "default_checkpoint_every")]
+    pub every: u64,
+    /// Keep this many of the newest checkpoints.
+    #[serde(default = "default_checkpoint_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: default_checkpoint_every(), keep: default_checkpoint_keep() }
+    }
+}
+
+/// What a non-finite loss or gradient does (`on_nonfinite:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop the run with an error naming the step.
+    #[default]
+    Stop,
+    /// Skip the step (no update), count it, and go on.
+    Skip,
+}
+
+impl OnNonFinite {
+    /// After step `step` (1-based) computed `loss` and `grad_norm`: `Ok(true)` to apply
+    /// the update, `Ok(false)` to skip it (counted in `state.skipped`), or the error that
+    /// stops the run.
+    pub fn check(self, ctx: &RunContext, state: &mut TrainerState, loss: f64, grad_norm: f64) -> Result<bool> {
+        if loss.is_finite() && grad_norm.is_finite() {
+            return Ok(true);
+        }
+        let what = format!("step {}: the loss is {loss} and the gradient norm {grad_norm}", state.step);
+        match self {
+            OnNonFinite::Stop => Err(Error::Other(format!("{what}; stopping (set on_nonfinite: skip to skip such steps)"))),
+            OnNonFinite::Skip => {
+                state.skipped += 1;
+                tracing::warn!("{what}; skipping the update ({} skipped so far)", state.skipped);
+                ctx.scalar("train/skipped_steps", state.step as i64, state.skipped as f64);
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Named statistics of one training step.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub tokens_per_second: f64,
+    /// Sequences in the step.
+    pub batch_size: usize,
+}
+
+impl StepStats {
+    /// The one place training statistics become TensorBoard tags.
+    pub fn log(&self, ctx: &RunContext, step: u64) {
+        let step = step as i64;
+        ctx.scalar("train/loss", step, self.loss);
+        ctx.scalar("train/perplexity", step, self.loss.exp());
+        ctx.scalar("train/learning_rate", step, self.learning_rate);
+        ctx.scalar("train/grad_norm", step, self.grad_norm);
+        ctx.scalar("train/tokens_per_second", step, self.tokens_per_second);
+        ctx.scalar("train/batch_size", step, self.batch_size as f64);
+    }
+}
+
+/// Where training is, beside the model and optimizer: enough to continue exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken (skipped ones included).
+    pub step: u64,
+    /// The data order, at the next batch.
+    pub order: BatchOrder,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped: u64,
+}
+
+const TRAINER_STATE: &str = "trainer_state.json";
+const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+
+/// A resumable checkpoint of step `state.step`: the model and tokenizer in HF layout,
+/// the optimizer's state and the trainer state, written atomically.
+pub fn save_checkpoint(
+    checkpoints: &Checkpoints,
+    state: &TrainerState,
+    policy: &dyn Policy,
+    tokenizer: &Tokenizer,
+    optimizer: &AdamW,
+    max_length: usize,
+) -> Result<PathBuf> {
+    checkpoints.save(state.step, |dir| {
+        write_model(dir, policy, tokenizer, max_length)?;
+        save_safetensors(&dir.join(OPTIMIZER_STATE), &optimizer.state())?;
+        let json = serde_json::to_value(state).map_err(|e| Error::Other(e.to_string()))?;
+        write_json(&dir.join(TRAINER_STATE), &json)
+    })
+}
+
+/// Restores the optimizer from checkpoint `dir` and returns its trainer state.
+pub fn load_checkpoint(dir: &Path, optimizer: &mut AdamW) -> Result<TrainerState> {
+    optimizer.load_state(&load_tensors(&dir.join(OPTIMIZER_STATE))?)?;
+    read_json(&dir.join(TRAINER_STATE))
+}
+
+/// Where a stage starts: its latest checkpoint when resuming, else nothing (a fresh
+/// run removes the checkpoints of an earlier one, so they cannot be mistaken for its own).
+pub fn resume_point(ctx: &RunContext, checkpoints: &Checkpoints) -> Result<Option<(u64, PathBuf)>> {
+    if ctx.resume() {
+        let latest = checkpoints.latest()?;
+        if let Some((step, dir)) = &latest {
+            tracing::info!("resuming from step {step}: {}", dir.display());
+        }
+        return Ok(latest);
+    }
+    if checkpoints.latest()?.is_some() {
+        tracing::warn!("starting over: removing the checkpoints of an earlier run (use --resume to continue one)");
+        checkpoints.clear()?;
+    }
+    Ok(None)
+}
+
+/// The model and its tokenizer in HF layout, written atomically to `dir`.
+pub fn save_model(dir: &Path, policy: &dyn Policy, tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
+    write_dir_atomically(dir, |staging| write_model(staging, policy, tokenizer, max_length))
+}
+
+/// The model and its tokenizer in HF layout, into an existing directory.
+pub fn write_model(dir: &Path, policy: &dyn Policy, tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
+    policy.save(dir)?;
+    tokenizer.save(dir, max_length)
+}
+
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_decay() -> Decay {
+    Decay::Cosine
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_checkpoint_keep() -> usize {
+    2
+}
