@@ -22,34 +22,6 @@ fn report(run: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(run.join("pretrain/report.json")).unwrap()).unwrap()
 }
 
-/// Reads every event of a TensorBoard run folder with the official reader.
-fn read_events(tb_dir: &Path) -> serde_json::Value {
-    let script = r#"
-import json, sys
-from tensorboard.backend.event_processing import event_accumulator as ea
-from tensorboard.plugins.hparams import plugin_data_pb2
-acc = ea.EventAccumulator(sys.argv[1], size_guidance={k: 0 for k in [ea.SCALARS, ea.TENSORS, ea.HISTOGRAMS, ea.IMAGES, ea.AUDIO, ea.COMPRESSED_HISTOGRAMS]})
-acc.Reload()
-tags = acc.Tags()
-out = {"scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]}, "text": {}, "hparams": {}}
-for t in tags["tensors"]:
-    for e in acc.Tensors(t):
-        if e.tensor_proto.string_val:
-            out["text"].setdefault(t, []).append([e.step, e.tensor_proto.string_val[0].decode("utf-8")])
-content = acc.PluginTagToContent("hparams")
-for tag, raw in content.items():
-    data = plugin_data_pb2.HParamsPluginData.FromString(raw)
-    if data.HasField("session_start_info"):
-        out["hparams"] = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in data.session_start_info.hparams.items()}
-    if data.HasField("experiment"):
-        out["metrics"] = [m.name.tag for m in data.experiment.metric_infos]
-print(json.dumps(out))
-"#;
-    let output = std::process::Command::new(python()).args(["-c", script]).arg(tb_dir).output().expect("python runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 #[test]
 fn pretraining_learns_saves_hf_layout_and_logs_what_tensorboard_reads() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,9 +50,16 @@ fn pretraining_learns_saves_hf_layout_and_logs_what_tensorboard_reads() {
     assert!(last < initial - 1.0, "eval/loss {initial} -> {last}");
 
     // TensorBoard reads back every tag, at the right steps, with the logged values.
-    let events = read_events(&run.join("tb/pretrain"));
+    let events = read_tensorboard(&run.join("tb/pretrain"));
     let scalars = &events["scalars"];
-    for tag in ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/perplexity"] {
+    for tag in [
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "train/perplexity",
+        "train/batch_size",
+    ] {
         let steps: Vec<i64> = scalars[tag].as_array().unwrap().iter().map(|e| e[0].as_i64().unwrap()).collect();
         assert_eq!(steps, vec![2, 4, 6, 8], "{tag}");
     }
@@ -131,7 +110,7 @@ fn a_seeded_run_is_reproducible_on_cpu() {
             std::fs::create_dir(&sub).unwrap();
             let recipe = write_recipe(&sub, seed, 4);
             assert_exit(&plumb(&sub, &["run", recipe.to_str().unwrap()]), 0);
-            let events = read_events(&sub.join(format!("run-{seed}/tb/pretrain")));
+            let events = read_tensorboard(&sub.join(format!("run-{seed}/tb/pretrain")));
             events["scalars"]["train/loss"].clone()
         })
         .collect();
@@ -188,7 +167,7 @@ fn ctrl_c_finishes_the_step_checkpoints_and_exits_130() {
 /// train/loss by step as TensorBoard reads it (a resumed run's events replace the
 /// killed run's from the step it resumed at).
 fn losses(run: &Path) -> Vec<(i64, f64)> {
-    let events = read_events(&run.join("tb/pretrain"));
+    let events = read_tensorboard(&run.join("tb/pretrain"));
     events["scalars"]["train/loss"]
         .as_array()
         .unwrap()

@@ -101,3 +101,31 @@ pub fn python() -> PathBuf {
     assert!(venv.is_file(), "no Python with tensorboard: run the tests with `./dev test`, which installs it");
     venv
 }
+
+/// Reads every event of a TensorBoard run folder with the official reader.
+pub fn read_tensorboard(tb_dir: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.hparams import plugin_data_pb2
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={k: 0 for k in [ea.SCALARS, ea.TENSORS, ea.HISTOGRAMS, ea.IMAGES, ea.AUDIO, ea.COMPRESSED_HISTOGRAMS]})
+acc.Reload()
+tags = acc.Tags()
+out = {"scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]}, "text": {}, "hparams": {}}
+for t in tags["tensors"]:
+    for e in acc.Tensors(t):
+        if e.tensor_proto.string_val:
+            out["text"].setdefault(t, []).append([e.step, e.tensor_proto.string_val[0].decode("utf-8")])
+content = acc.PluginTagToContent("hparams")
+for tag, raw in content.items():
+    data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+    if data.HasField("session_start_info"):
+        out["hparams"] = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in data.session_start_info.hparams.items()}
+    if data.HasField("experiment"):
+        out["metrics"] = [m.name.tag for m in data.experiment.metric_infos]
+print(json.dumps(out))
+"#;
+    let output = std::process::Command::new(python()).args(["-c", script]).arg(tb_dir).output().expect("python runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}

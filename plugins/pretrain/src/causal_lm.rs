@@ -503,7 +503,7 @@ fn llama_config(m: &ModelConfig, vocab_size: usize, seq_len: usize) -> LlamaConf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plumb_core::Optimizer;
+    use plumb_core::optim::{AdamW, AdamWConfig};
 
     fn grads(micro: usize) -> (f64, Vec<Tensor>) {
         tch::manual_seed(0);

@@ -180,6 +180,10 @@ impl Stage for Sft {
                 "expected a fraction strictly between 0 and 1",
             )?;
         }
+        // Malformed lines are found before any stage computes anything.
+        for path in std::iter::once(&c.data.train).chain(&c.data.validation) {
+            read_jsonl(path, c.data.format, &c.data.fields, c.data.on_malformed)?;
+        }
         if let TemplateChoice::File(path) = &c.template {
             ctx.existing_file("template", path)
                 .map_err(|_| Error::config("template", format!("expected auto, model, default, chatml or an existing .jinja file; `{}` is none of them", path.display())))?;
@@ -373,6 +377,14 @@ impl Stage for Sft {
                     metrics.insert(format!("{prefix}format_compliance"), compliance);
                 }
             }
+        }
+        let hparams = serde_json::json!({
+            "lr": c.optimizer.lr, "batch_size": c.batch_size, "max_length": c.max_length, "max_steps": max_steps,
+            "weight_decay": c.optimizer.weight_decay, "train_on": format!("{:?}", c.train_on).to_lowercase(),
+            "batching": format!("{:?}", c.batching).to_lowercase(), "parameters": policy.num_parameters(),
+        });
+        if let serde_json::Value::Object(map) = hparams {
+            ctx.hparams(&map, &["eval/loss", "eval/format_compliance"]);
         }
         Ok(StageOutput { model: Some(final_dir), metrics })
     }
