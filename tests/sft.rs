@@ -196,3 +196,38 @@ fn a_malformed_line_stops_the_run_with_its_file_and_line() {
     let err = stderr(&out);
     assert!(err.contains("instructions.jsonl: line 6: missing field `output`"), "{err}");
 }
+
+#[test]
+fn a_resumed_sft_run_continues_the_same_trajectory() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 100);
+    let instructions = small_instructions(dir.path(), 80);
+    let recipe = dir.path().join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "run:\n  output_dir: run\n  seed: 9\n  device: cpu\nplugins:\n  - name: pretrain\n  - name: sft\nstages:\n{}  - name: sft\n    uses: sft.sft\n    config:\n      data: {{train: {}, format: alpaca}}\n      max_length: 64\n      batch_size: 4\n      max_steps: 8\n      log_every: 1\n      checkpoint: {{every: 4}}\n      eval: {{every: 8, num_prompts: 0}}\n",
+            tiny_pretrain_stage("pretrain", &corpus, 4),
+            instructions.display()
+        ),
+    )
+    .unwrap();
+    let losses = |run: &Path| -> Vec<(i64, f64)> {
+        let events = read_tensorboard(&run.join("tb/sft"));
+        events["scalars"]["train/loss"].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect()
+    };
+    assert_exit(&plumb(dir.path(), &["run", recipe.to_str().unwrap()]), 0);
+    let run = dir.path().join("run");
+    let expected = losses(&run);
+    assert_eq!(expected.len(), 8);
+    let expected_eval = report(&run, "sft")["metrics"]["eval/loss"].as_f64().unwrap();
+
+    // As if the run had died after the step-4 checkpoint: no final model, no report.
+    std::fs::remove_dir_all(run.join("sft/final")).unwrap();
+    std::fs::remove_file(run.join("sft/report.json")).unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--resume"]);
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains("resuming from step 4"), "{}", stderr(&out));
+    assert_eq!(losses(&run), expected, "steps 5-8 after resuming differ from the uninterrupted run");
+    assert_eq!(report(&run, "sft")["metrics"]["eval/loss"].as_f64().unwrap(), expected_eval);
+}
