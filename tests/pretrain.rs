@@ -276,3 +276,45 @@ fn a_non_finite_loss_stops_or_is_skipped_as_configured() {
     let steps: Vec<i64> = losses(&dir.path().join("run-6")).iter().map(|(s, _)| *s).collect();
     assert_eq!(steps, vec![1, 2, 4, 5, 6], "step 3 was skipped");
 }
+
+#[test]
+fn the_batch_size_warms_up_in_whole_micro_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 8, 6);
+    let out = plumb(
+        dir.path(),
+        &[
+            "run",
+            recipe.to_str().unwrap(),
+            "stages.pretrain.config.micro_batch_size=2",
+            "stages.pretrain.config.batch_size_warmup.start=2",
+            "stages.pretrain.config.batch_size_warmup.steps=4",
+            "stages.pretrain.config.log_every=1",
+        ],
+    );
+    assert_exit(&out, 0);
+    let run = dir.path().join("run-8");
+    let events = read_tensorboard(&run.join("tb/pretrain"));
+    let sizes: Vec<f64> =
+        events["scalars"]["train/batch_size"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect();
+    assert_eq!(sizes, [2.0, 2.0, 4.0, 6.0, 8.0, 8.0]);
+    // Tokens count what was trained on: (2 + 2 + 4 + 6 + 8 + 8) sequences of 32 tokens.
+    assert_eq!(report(&run)["metrics"]["train/tokens"], 30.0 * 32.0);
+
+    let bad = plumb(
+        dir.path(),
+        &[
+            "run",
+            recipe.to_str().unwrap(),
+            "stages.pretrain.config.micro_batch_size=2",
+            "stages.pretrain.config.batch_size_warmup.start=3",
+            "stages.pretrain.config.batch_size_warmup.steps=4",
+        ],
+    );
+    assert_exit(&bad, 1);
+    assert!(
+        stderr(&bad).contains("batch_size_warmup.start: expected a multiple of micro_batch_size"),
+        "{}",
+        stderr(&bad)
+    );
+}

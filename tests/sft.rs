@@ -95,7 +95,12 @@ fn sft_after_pretraining_learns_the_answer_format_and_saves_a_model_transformers
     // TensorBoard: losses, compliance and the answers as text at every evaluation.
     let events = read_tensorboard(&run.join("tb/sft"));
     let steps = |tag: &str| -> Vec<i64> {
-        events["scalars"][tag].as_array().unwrap_or_else(|| panic!("{tag} missing")).iter().map(|e| e[0].as_i64().unwrap()).collect()
+        events["scalars"][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("{tag} missing"))
+            .iter()
+            .map(|e| e[0].as_i64().unwrap())
+            .collect()
     };
     assert_eq!(steps("eval/loss"), [0, 40, 80]);
     assert_eq!(steps("eval/format_compliance"), [0, 40, 80]);
@@ -214,7 +219,12 @@ fn a_resumed_sft_run_continues_the_same_trajectory() {
     .unwrap();
     let losses = |run: &Path| -> Vec<(i64, f64)> {
         let events = read_tensorboard(&run.join("tb/sft"));
-        events["scalars"]["train/loss"].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect()
+        events["scalars"]["train/loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
+            .collect()
     };
     assert_exit(&plumb(dir.path(), &["run", recipe.to_str().unwrap()]), 0);
     let run = dir.path().join("run");

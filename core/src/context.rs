@@ -103,12 +103,20 @@ impl<'h> RunContext<'h> {
     }
 
     /// Moves the progress bar: `position` of `total` steps, with the latest loss and throughput.
-    pub fn progress(&self, position: u64, total: u64, loss: Option<f64>, tokens_per_second: Option<f64>) {
+    pub fn progress(
+        &self,
+        position: u64,
+        total: u64,
+        loss: Option<f64>,
+        tokens_per_second: Option<f64>,
+        tokens_seen: Option<u64>,
+    ) {
         let update = ProgressUpdate {
             position,
             total,
             loss: loss.unwrap_or(f64::NAN),
             tokens_per_second: tokens_per_second.unwrap_or(f64::NAN),
+            tokens_seen: tokens_seen.map_or(f64::NAN, |t| t as f64),
         };
         (self.host.progress)(self.host.state, &update);
     }

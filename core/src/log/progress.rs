@@ -92,7 +92,20 @@ fn figures(update: &ProgressUpdate) -> String {
     if update.tokens_per_second.is_finite() {
         parts.push(format!("{:.0} tok/s", update.tokens_per_second));
     }
+    if update.tokens_seen.is_finite() {
+        parts.push(format!("{} tokens", count(update.tokens_seen)));
+    }
     parts.join(" ")
+}
+
+/// 950, 12.3k, 4.56M, 1.20B.
+fn count(n: f64) -> String {
+    match n {
+        n if n >= 1e9 => format!("{:.2}B", n / 1e9),
+        n if n >= 1e6 => format!("{:.2}M", n / 1e6),
+        n if n >= 1e3 => format!("{:.1}k", n / 1e3),
+        n => format!("{n:.0}"),
+    }
 }
 
 fn eta(elapsed: Duration, update: &ProgressUpdate) -> Option<Duration> {
@@ -115,7 +128,13 @@ mod tests {
 
     #[test]
     fn eta_scales_remaining_work_by_elapsed_time() {
-        let update = ProgressUpdate { position: 25, total: 100, loss: f64::NAN, tokens_per_second: f64::NAN };
+        let update = ProgressUpdate {
+            position: 25,
+            total: 100,
+            loss: f64::NAN,
+            tokens_per_second: f64::NAN,
+            tokens_seen: f64::NAN,
+        };
         assert_eq!(eta(Duration::from_secs(10), &update), Some(Duration::from_secs(30)));
         assert_eq!(human(Duration::from_secs(3725)), "1h02m");
         assert_eq!(human(Duration::from_secs(65)), "1m05s");
@@ -123,7 +142,8 @@ mod tests {
 
     #[test]
     fn figures_leave_out_missing_values() {
-        let update = ProgressUpdate { position: 1, total: 2, loss: 2.5, tokens_per_second: f64::NAN };
-        assert_eq!(figures(&update), "loss 2.5000");
+        let update =
+            ProgressUpdate { position: 1, total: 2, loss: 2.5, tokens_per_second: f64::NAN, tokens_seen: 1.5e6 };
+        assert_eq!(figures(&update), "loss 2.5000 1.50M tokens");
     }
 }

@@ -577,7 +577,6 @@ impl Gpt2ForCausalLm {
     pub fn model(&self) -> &Gpt2 {
         &self.model
     }
-
 }
 
 impl Policy for Gpt2ForCausalLm {

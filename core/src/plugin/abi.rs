@@ -15,7 +15,7 @@ use std::ffi::c_void;
 /// First eight bytes of every plugin declaration.
 pub const PLUGIN_MAGIC: [u8; 8] = *b"PLUMBPLG";
 /// Version of the layout of every type in this file.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// The one symbol a plugin exports: `extern "C" fn() -> *const PluginDeclaration`.
 pub const DECLARATION_SYMBOL: &str = "plumb_plugin_declaration";
 
@@ -152,6 +152,8 @@ pub struct ProgressUpdate {
     pub loss: f64,
     /// Throughput; NaN when none.
     pub tokens_per_second: f64,
+    /// Tokens trained on so far; NaN when not counted.
+    pub tokens_seen: f64,
 }
 
 /// Log levels of [`HostApi::log`].

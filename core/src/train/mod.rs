@@ -134,6 +134,39 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// `batch_size_warmup:`: the batch grows linearly from `start` sequences to the full
+/// batch size over the first `steps` optimizer steps, in whole micro-batches, as large
+/// LLM runs ramp their batch while the loss falls fastest.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSizeWarmup {
+    pub start: usize,
+    pub steps: u64,
+}
+
+impl BatchSizeWarmup {
+    /// Checks under `batch_size_warmup.` against the full `batch_size` and `micro` batch.
+    pub fn validate(&self, batch_size: usize, micro: usize) -> Result<()> {
+        require(
+            self.start >= 1 && self.start <= batch_size,
+            "batch_size_warmup.start",
+            "expected a value from 1 to batch_size",
+        )?;
+        require(self.start % micro == 0, "batch_size_warmup.start", "expected a multiple of micro_batch_size")?;
+        require(self.steps > 0, "batch_size_warmup.steps", "expected at least 1")
+    }
+
+    /// Sequences in optimizer step `step` (0-based): `start + (full - start) * step / steps`,
+    /// rounded down to a multiple of `micro`, reaching `full` at `steps`.
+    pub fn batch_size(&self, step: u64, full: usize, micro: usize) -> usize {
+        if step >= self.steps {
+            return full;
+        }
+        let grown = self.start + ((full - self.start) as u128 * step as u128 / self.steps as u128) as usize;
+        (grown / micro * micro).clamp(self.start, full)
+    }
+}
+
 /// What a non-finite loss or gradient does (`on_nonfinite:`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,7 +188,9 @@ impl OnNonFinite {
         }
         let what = format!("step {}: the loss is {loss} and the gradient norm {grad_norm}", state.step);
         match self {
-            OnNonFinite::Stop => Err(Error::Other(format!("{what}; stopping (set on_nonfinite: skip to skip such steps)"))),
+            OnNonFinite::Stop => {
+                Err(Error::Other(format!("{what}; stopping (set on_nonfinite: skip to skip such steps)")))
+            }
             OnNonFinite::Skip => {
                 state.skipped += 1;
                 tracing::warn!("{what}; skipping the update ({} skipped so far)", state.skipped);
@@ -199,6 +234,9 @@ pub struct TrainerState {
     pub order: BatchOrder,
     /// Steps skipped for a non-finite loss or gradient.
     pub skipped: u64,
+    /// Tokens trained on so far (skipped steps included).
+    #[serde(default)]
+    pub tokens: u64,
 }
 
 const TRAINER_STATE: &str = "trainer_state.json";
@@ -279,4 +317,20 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_checkpoint_keep() -> usize {
     2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batch_grows_linearly_in_whole_micro_batches() {
+        let warmup = BatchSizeWarmup { start: 4, steps: 10 };
+        let sizes: Vec<usize> = (0..12).map(|s| warmup.batch_size(s, 32, 4)).collect();
+        // 4 + 28 * s / 10, rounded down to a multiple of 4.
+        assert_eq!(sizes, [4, 4, 8, 12, 12, 16, 20, 20, 24, 28, 32, 32]);
+        assert!(warmup.validate(32, 4).is_ok());
+        assert!(BatchSizeWarmup { start: 6, steps: 10 }.validate(32, 4).is_err());
+        assert!(BatchSizeWarmup { start: 64, steps: 10 }.validate(32, 4).is_err());
+    }
 }

@@ -20,8 +20,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
-    load_checkpoint, nested, require, resume_point, save_checkpoint, save_model, CheckpointConfig, OnNonFinite,
-    OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
+    load_checkpoint, nested, require, resume_point, save_checkpoint, save_model, BatchSizeWarmup, CheckpointConfig,
+    OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
@@ -48,6 +48,9 @@ pub struct CausalLmConfig {
     /// micro-batches are accumulated into one step. Default: `batch_size`.
     #[serde(default)]
     pub micro_batch_size: Option<usize>,
+    /// Grow the batch from `start` sequences to `batch_size` over the first `steps` steps.
+    #[serde(default)]
+    pub batch_size_warmup: Option<BatchSizeWarmup>,
     /// What a non-finite loss or gradient does: `stop` the run naming the step, or
     /// `skip` the step (no update) and go on.
     #[serde(default)]
@@ -211,6 +214,9 @@ impl Stage for CausalLm {
                 "expected a positive divisor of batch_size",
             )?;
         }
+        if let Some(warmup) = &c.batch_size_warmup {
+            warmup.validate(c.batch_size, c.micro_batch_size.unwrap_or(c.batch_size))?;
+        }
         require(c.checkpoint.keep > 0, "checkpoint.keep", "expected at least 1")?;
         require(c.max_steps > 0, "max_steps", "expected at least 1")?;
         require(c.eval.every > 0, "eval.every", "expected at least 1")?;
@@ -251,7 +257,9 @@ impl Stage for CausalLm {
         let checkpoints = Checkpoints::new(ctx.stage_dir(), c.checkpoint.keep);
         let resume_from = resume_point(ctx, &checkpoints)?;
         let (policy, tokenizer) = match (&resume_from, ctx.input_model(), &c.model) {
-            (Some((_, dir)), _, _) => (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, Tokenizer::from_dir(dir)?),
+            (Some((_, dir)), _, _) => {
+                (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, Tokenizer::from_dir(dir)?)
+            }
             (None, Some(dir), None) => {
                 let tokenizer = Tokenizer::from_dir(dir)?;
                 (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, tokenizer)
@@ -298,13 +306,16 @@ impl Stage for CausalLm {
         // Optimizer and schedule.
         let mut optimizer = c.optimizer.adamw(policy.var_store());
         let schedule = c.schedule.schedule(c.optimizer.lr, c.max_steps);
-        let mut state =
-            TrainerState { step: 0, order: BatchOrder::new(train.size()[0] as usize, ctx.seed()), skipped: 0 };
+        let mut state = TrainerState {
+            step: 0,
+            order: BatchOrder::new(train.size()[0] as usize, ctx.seed()),
+            skipped: 0,
+            tokens: 0,
+        };
         if let Some((_, dir)) = &resume_from {
             state = load_checkpoint(dir, &mut optimizer)?;
             ctx.restart_at(state.step as i64 + 1);
         }
-        let tokens_per_step = (c.batch_size * c.data.seq_len) as f64;
         let micro = c.micro_batch_size.unwrap_or(c.batch_size);
         let initial_eval = evaluate(&policy, &validation, &c, device)?;
         if resume_from.is_none() {
@@ -312,10 +323,11 @@ impl Stage for CausalLm {
             ctx.scalar("eval/loss", 0, initial_eval);
         }
 
-        // Train: each step accumulates the gradients of batch_size / micro micro-batches.
+        // Train: each step accumulates the gradients of batch_size / micro micro-batches
+        // (fewer while the batch size warms up).
         let mut last = StepStats::default();
         let mut eval_loss = initial_eval;
-        let mut window = Instant::now();
+        let (mut window, mut window_tokens) = (Instant::now(), 0u64);
         while state.step < c.max_steps {
             if ctx.should_stop() {
                 let dir = save_checkpoint(&checkpoints, &state, &policy, &tokenizer, &optimizer, c.data.seq_len)?;
@@ -329,24 +341,30 @@ impl Stage for CausalLm {
             let lr = schedule.lr(state.step);
             optimizer.set_learning_rate(lr);
             optimizer.zero_grad();
-            let batch = state.order.next_batch(c.batch_size);
+            let batch_size = match &c.batch_size_warmup {
+                Some(warmup) => warmup.batch_size(state.step, c.batch_size, micro),
+                None => c.batch_size,
+            };
+            let batch = state.order.next_batch(batch_size);
             let mut loss = accumulate_gradients(&policy, &train, &batch, micro, device)?;
             if c.inject_nonfinite_at_step == Some(state.step + 1) {
                 loss = f64::NAN; // fault injection, to test the guard
             }
             let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
             state.step += 1;
+            let step_tokens = (batch_size * c.data.seq_len) as u64;
+            state.tokens += step_tokens;
+            window_tokens += step_tokens;
             if !c.on_nonfinite.check(ctx, &mut state, loss, grad_norm)? {
                 continue;
             }
             optimizer.step()?;
-            last = StepStats { loss, grad_norm, learning_rate: lr, tokens_per_second: 0.0, batch_size: c.batch_size };
+            last = StepStats { loss, grad_norm, learning_rate: lr, tokens_per_second: 0.0, batch_size };
             let step = state.step;
 
             if step % c.log_every == 0 || step == c.max_steps {
-                let steps_in_window = if step % c.log_every == 0 { c.log_every } else { step % c.log_every };
-                last.tokens_per_second = tokens_per_step * steps_in_window as f64 / window.elapsed().as_secs_f64();
-                window = Instant::now();
+                last.tokens_per_second = window_tokens as f64 / window.elapsed().as_secs_f64();
+                (window, window_tokens) = (Instant::now(), 0);
                 last.log(ctx, step);
             }
             ctx.progress(
@@ -354,6 +372,7 @@ impl Stage for CausalLm {
                 c.max_steps,
                 Some(last.loss),
                 (last.tokens_per_second > 0.0).then_some(last.tokens_per_second),
+                Some(state.tokens),
             );
 
             if step % c.eval.every == 0 || step == c.max_steps {
@@ -362,7 +381,7 @@ impl Stage for CausalLm {
                 ctx.scalar("eval/perplexity", step as i64, eval_loss.exp());
                 tracing::info!("step {step}: train/loss {:.4} eval/loss {eval_loss:.4}", last.loss);
                 log_samples(ctx, &policy, &tokenizer, &c.eval, step, eos)?;
-                window = Instant::now();
+                (window, window_tokens) = (Instant::now(), 0);
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < c.max_steps {
                 save_checkpoint(&checkpoints, &state, &policy, &tokenizer, &optimizer, c.data.seq_len)?;
@@ -381,7 +400,7 @@ impl Stage for CausalLm {
             ("eval/initial_loss".to_string(), initial_eval),
             ("data/unigram_entropy".to_string(), unigram_entropy),
             ("train/steps".to_string(), step as f64),
-            ("train/tokens".to_string(), step as f64 * tokens_per_step),
+            ("train/tokens".to_string(), state.tokens as f64),
             ("time/seconds".to_string(), started.elapsed().as_secs_f64()),
             ("model/parameters".to_string(), policy.num_parameters() as f64),
         ]);

@@ -66,11 +66,8 @@ impl Plan {
     pub fn efficiency(&self, examples: &[Example]) -> f64 {
         let row_len = |r: &Vec<usize>| r.iter().map(|&i| examples[i].len()).sum::<usize>();
         let real: usize = self.rows.iter().map(row_len).sum();
-        let padded: usize = self
-            .batches
-            .iter()
-            .map(|b| b.len() * b.iter().map(|&r| row_len(&self.rows[r])).max().unwrap_or(0))
-            .sum();
+        let padded: usize =
+            self.batches.iter().map(|b| b.len() * b.iter().map(|&r| row_len(&self.rows[r])).max().unwrap_or(0)).sum();
         real as f64 / padded.max(1) as f64
     }
 }
@@ -91,7 +88,8 @@ pub struct Batch {
 pub fn collate(examples: &[Example], rows: &[&[usize]], device: Device) -> Batch {
     let width = rows.iter().map(|r| r.iter().map(|&i| examples[i].len()).sum::<usize>()).max().unwrap_or(0);
     let n = rows.len() * width;
-    let (mut ids, mut targets, mut positions, mut segments) = (vec![0i64; n], vec![IGNORE; n], vec![0i64; n], vec![0i64; n]);
+    let (mut ids, mut targets, mut positions, mut segments) =
+        (vec![0i64; n], vec![IGNORE; n], vec![0i64; n], vec![0i64; n]);
     let mut target_count = 0;
     let mut simple = true;
     for (r, row) in rows.iter().enumerate() {
@@ -138,8 +136,11 @@ mod tests {
 
     #[test]
     fn targets_are_shifted_and_stay_inside_their_example() {
-        let examples =
-            [ex(&[1, 2, 3], &[false, false, true]), ex(&[4, 5], &[false, true]), ex(&[6, 7, 8, 9], &[false, true, true, true])];
+        let examples = [
+            ex(&[1, 2, 3], &[false, false, true]),
+            ex(&[4, 5], &[false, true]),
+            ex(&[6, 7, 8, 9], &[false, true, true, true]),
+        ];
         let b = collate(&examples, &[&[0, 1], &[2]], Device::Cpu);
         let rows = |t: &Tensor| Vec::<Vec<i64>>::try_from(t).unwrap();
         assert_eq!(rows(&b.input_ids), [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]);

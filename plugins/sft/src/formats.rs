@@ -121,7 +121,10 @@ pub fn read_jsonl(
         match (parsed, on_malformed) {
             (Ok(messages), _) => conversations.push(Conversation { messages, line: number }),
             (Err(why), OnMalformed::Stop) => {
-                return Err(Error::file(path, format!("line {number}: {why} (set data.on_malformed: skip to skip such lines)")))
+                return Err(Error::file(
+                    path,
+                    format!("line {number}: {why} (set data.on_malformed: skip to skip such lines)"),
+                ))
             }
             (Err(why), OnMalformed::Skip) => skipped.lines.push((number, why)),
         }
@@ -166,12 +169,15 @@ pub fn parse_line(text: &str, format: Format, fields: &Fields) -> std::result::R
         Format::Messages => {
             let list = match object.get(&fields.messages) {
                 Some(Value::Array(list)) => list,
-                Some(other) => return Err(format!("field `{}`: expected a list, found {}", fields.messages, kind_of(other))),
+                Some(other) => {
+                    return Err(format!("field `{}`: expected a list, found {}", fields.messages, kind_of(other)))
+                }
                 None => return Err(format!("missing field `{}`", fields.messages)),
             };
             for (i, turn) in list.iter().enumerate() {
                 let at = format!("{}[{i}]", fields.messages);
-                let turn = turn.as_object().ok_or_else(|| format!("{at}: expected an object, found {}", kind_of(turn)))?;
+                let turn =
+                    turn.as_object().ok_or_else(|| format!("{at}: expected an object, found {}", kind_of(turn)))?;
                 let get = |name: &str| match turn.get(name) {
                     Some(Value::String(s)) => Ok(s.clone()),
                     Some(other) => Err(format!("{at}.{name}: expected a string, found {}", kind_of(other))),
@@ -179,7 +185,11 @@ pub fn parse_line(text: &str, format: Format, fields: &Fields) -> std::result::R
                 };
                 let role = get(&fields.role)?;
                 if !ROLES.contains(&role.as_str()) {
-                    return Err(format!("{at}.{}: unknown role `{role}`; expected one of {}", fields.role, ROLES.join(", ")));
+                    return Err(format!(
+                        "{at}.{}: unknown role `{role}`; expected one of {}",
+                        fields.role,
+                        ROLES.join(", ")
+                    ));
                 }
                 messages.push(ChatMessage::new(role, get(&fields.content)?));
             }
@@ -218,7 +228,11 @@ mod tests {
         let fields = Fields::default();
         let m = parse_line(r#"{"instruction": "Add", "input": "2 and 3", "output": "5"}"#, Format::Alpaca, &fields);
         assert_eq!(turns(&m.unwrap()), [("user", "Add\n\n2 and 3"), ("assistant", "5")]);
-        let m = parse_line(r#"{"instruction": "Hi", "input": "", "output": "Hello", "system": "Be brief."}"#, Format::Alpaca, &fields);
+        let m = parse_line(
+            r#"{"instruction": "Hi", "input": "", "output": "Hello", "system": "Be brief."}"#,
+            Format::Alpaca,
+            &fields,
+        );
         assert_eq!(turns(&m.unwrap()), [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")]);
     }
 
@@ -227,7 +241,12 @@ mod tests {
         let fields = Fields { prompt: "question".into(), completion: "answer".into(), ..Fields::default() };
         let m = parse_line(r#"{"question": "Why?", "answer": "Because."}"#, Format::PromptCompletion, &fields);
         assert_eq!(turns(&m.unwrap()), [("user", "Why?"), ("assistant", "Because.")]);
-        let fields = Fields { messages: "conversation".into(), role: "from".into(), content: "value".into(), ..Fields::default() };
+        let fields = Fields {
+            messages: "conversation".into(),
+            role: "from".into(),
+            content: "value".into(),
+            ..Fields::default()
+        };
         let line = r#"{"conversation": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]}"#;
         assert_eq!(turns(&parse_line(line, Format::Messages, &fields).unwrap()), [("user", "a"), ("assistant", "b")]);
     }
@@ -239,12 +258,21 @@ mod tests {
         assert!(err("{not json", Format::Alpaca).starts_with("not JSON"));
         assert_eq!(err("[1]", Format::Alpaca), "expected a JSON object, found a list");
         assert_eq!(err(r#"{"instruction": "x"}"#, Format::Alpaca), "missing field `output`");
-        assert_eq!(err(r#"{"prompt": 3, "completion": "x"}"#, Format::PromptCompletion), "field `prompt`: expected a string, found a number");
         assert_eq!(
-            err(r#"{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}"#, Format::Messages),
+            err(r#"{"prompt": 3, "completion": "x"}"#, Format::PromptCompletion),
+            "field `prompt`: expected a string, found a number"
+        );
+        assert_eq!(
+            err(
+                r#"{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}"#,
+                Format::Messages
+            ),
             "messages[1].role: unknown role `bot`; expected one of system, user, assistant"
         );
-        assert_eq!(err(r#"{"messages": [{"role": "user", "content": "a"}]}"#, Format::Messages), "no assistant turn to learn from");
+        assert_eq!(
+            err(r#"{"messages": [{"role": "user", "content": "a"}]}"#, Format::Messages),
+            "no assistant turn to learn from"
+        );
         assert_eq!(
             err(r#"{"messages": [{"role": "assistant", "content": "a"}]}"#, Format::Messages),
             "the first assistant turn has no user turn before it"

@@ -185,17 +185,30 @@ impl Stage for Sft {
             read_jsonl(path, c.data.format, &c.data.fields, c.data.on_malformed)?;
         }
         if let TemplateChoice::File(path) = &c.template {
-            ctx.existing_file("template", path)
-                .map_err(|_| Error::config("template", format!("expected auto, model, default, chatml or an existing .jinja file; `{}` is none of them", path.display())))?;
+            ctx.existing_file("template", path).map_err(|_| {
+                Error::config(
+                    "template",
+                    format!(
+                        "expected auto, model, default, chatml or an existing .jinja file; `{}` is none of them",
+                        path.display()
+                    ),
+                )
+            })?;
         }
         require(c.max_length >= 2, "max_length", "expected at least 2")?;
         require(c.batch_size > 0, "batch_size", "expected at least 1")?;
         if let Some(micro) = c.micro_batch_size {
-            require(micro > 0 && c.batch_size % micro == 0, "micro_batch_size", "expected a positive divisor of batch_size")?;
+            require(
+                micro > 0 && c.batch_size % micro == 0,
+                "micro_batch_size",
+                "expected a positive divisor of batch_size",
+            )?;
         }
         match (c.max_steps, c.epochs) {
             (Some(steps), None) => require(steps > 0, "max_steps", "expected at least 1")?,
-            (None, Some(epochs)) => require(epochs > 0.0 && epochs.is_finite(), "epochs", "expected a positive number")?,
+            (None, Some(epochs)) => {
+                require(epochs > 0.0 && epochs.is_finite(), "epochs", "expected a positive number")?
+            }
             _ => return Err(Error::config("max_steps", "expected exactly one of max_steps and epochs")),
         }
         c.optimizer.validate()?;
@@ -290,20 +303,22 @@ impl Stage for Sft {
         tracing::info!("model: {} parameters on {device:?}, from {}", policy.num_parameters(), load_from.display());
         let mut optimizer = c.optimizer.adamw(policy.var_store());
         let schedule = c.schedule.schedule(c.optimizer.lr, max_steps);
-        let mut state = TrainerState { step: 0, order: BatchOrder::new(plan.batches.len(), ctx.seed()), skipped: 0 };
+        let mut state =
+            TrainerState { step: 0, order: BatchOrder::new(plan.batches.len(), ctx.seed()), skipped: 0, tokens: 0 };
         if let Some((_, dir)) = &resume_from {
             state = load_checkpoint(dir, &mut optimizer)?;
             ctx.restart_at(state.step as i64 + 1);
         }
         let tokens_of = |rows: &[&[usize]]| rows.iter().flat_map(|r| r.iter()).map(|&i| train[i].len()).sum::<usize>();
         let held_out: Vec<&Conversation> = val_conversations.iter().take(c.eval.num_prompts).collect();
-        let pattern = c.eval.response_pattern.as_deref().map(Regex::new).transpose().map_err(|e| Error::Other(e.to_string()))?;
+        let pattern =
+            c.eval.response_pattern.as_deref().map(Regex::new).transpose().map_err(|e| Error::Other(e.to_string()))?;
         let evaluate = |step: u64| -> Result<Evaluation> {
             let loss = validation_loss(policy.as_ref(), &validation, &c, device)?;
             let answers = answer(policy.as_ref(), &tokenizer, template, &held_out, &c, &stops)?;
-            let compliance = pattern.as_ref().map(|p| {
-                answers.iter().filter(|a| p.is_match(&a.answer)).count() as f64 / answers.len().max(1) as f64
-            });
+            let compliance = pattern
+                .as_ref()
+                .map(|p| answers.iter().filter(|a| p.is_match(&a.answer)).count() as f64 / answers.len().max(1) as f64);
             log_evaluation(ctx, step, loss, compliance, &answers);
             Ok(Evaluation { loss, compliance })
         };
@@ -318,7 +333,11 @@ impl Stage for Sft {
         while state.step < max_steps {
             if ctx.should_stop() {
                 let dir = save_checkpoint(&checkpoints, &state, policy.as_ref(), &tokenizer, &optimizer, c.max_length)?;
-                tracing::warn!("stopped at step {} on request; resume from {} with --resume", state.step, dir.display());
+                tracing::warn!(
+                    "stopped at step {} on request; resume from {} with --resume",
+                    state.step,
+                    dir.display()
+                );
                 return Err(Error::Cancelled);
             }
             let lr = schedule.lr(state.step);
@@ -337,6 +356,7 @@ impl Stage for Sft {
             let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
             state.step += 1;
             window_tokens += tokens_of(&rows);
+            state.tokens += tokens_of(&rows) as u64;
             if !c.on_nonfinite.check(ctx, &mut state, loss, grad_norm)? {
                 continue;
             }
@@ -349,7 +369,13 @@ impl Stage for Sft {
                 last.log(ctx, step);
                 ctx.scalar("train/epoch", step as i64, step as f64 / plan.batches.len() as f64);
             }
-            ctx.progress(step, max_steps, Some(last.loss), (last.tokens_per_second > 0.0).then_some(last.tokens_per_second));
+            ctx.progress(
+                step,
+                max_steps,
+                Some(last.loss),
+                (last.tokens_per_second > 0.0).then_some(last.tokens_per_second),
+                Some(state.tokens),
+            );
             if step % c.eval.every == 0 || step == max_steps {
                 let evaluation = evaluate(step)?;
                 tracing::info!("step {step}: train/loss {:.4} {evaluation}", last.loss);
@@ -367,6 +393,7 @@ impl Stage for Sft {
         let mut metrics = Metrics::from([
             ("train/loss".to_string(), last.loss),
             ("train/steps".to_string(), state.step as f64),
+            ("train/tokens".to_string(), state.tokens as f64),
             ("time/seconds".to_string(), started.elapsed().as_secs_f64()),
             ("data/train_examples".to_string(), train.len() as f64),
         ]);
@@ -471,8 +498,12 @@ fn answer(
             Ok(ids)
         })
         .collect::<Result<Vec<_>>>()?;
-    let settings =
-        GenerationSettings { max_new_tokens: c.eval.max_new_tokens, temperature: 0.0, stop_tokens: stops.to_vec(), ..Default::default() };
+    let settings = GenerationSettings {
+        max_new_tokens: c.eval.max_new_tokens,
+        temperature: 0.0,
+        stop_tokens: stops.to_vec(),
+        ..Default::default()
+    };
     let generated = policy.generate(&prompts, &settings)?;
     asks.into_iter()
         .zip(generated)

@@ -87,7 +87,8 @@ pub fn use_template(choice: &TemplateChoice, tokenizer: &mut Tokenizer, model_di
             tokenizer.set_chat_template(CHATML_TEMPLATE, &builtin("chatml"))?;
         }
         TemplateChoice::File(path) => {
-            let source = std::fs::read_to_string(path).map_err(|e| Error::config("template", format!("{}: {e}", path.display())))?;
+            let source = std::fs::read_to_string(path)
+                .map_err(|e| Error::config("template", format!("{}: {e}", path.display())))?;
             tokenizer.set_chat_template(&source, path)?;
         }
     }

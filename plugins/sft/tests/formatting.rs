@@ -33,7 +33,9 @@ fn python() -> PathBuf {
 
 /// Every fixture conversation: (file, conversations).
 fn fixtures() -> Vec<(&'static str, Vec<Conversation>)> {
-    let read = |file: &str, format, fields: Fields| read_jsonl(&here().join("fixtures").join(file), format, &fields, OnMalformed::Stop).unwrap().0;
+    let read = |file: &str, format, fields: Fields| {
+        read_jsonl(&here().join("fixtures").join(file), format, &fields, OnMalformed::Stop).unwrap().0
+    };
     vec![
         ("alpaca.jsonl", read("alpaca.jsonl", Format::Alpaca, Fields::default())),
         (
@@ -136,8 +138,10 @@ fn the_default_template_trains_on_answers_and_their_eos() {
         "You are a helpful assistant.\n\n### Instruction:\nWhat is the capital of France?\n\n### Response:\nParis.<|im_end|>\n\n\
          ### Instruction:\nThank you!\n\n### Response:\nYou're welcome.<|im_end|>\n\n"
     );
-    let answers: Vec<Vec<i64>> =
-        ["Paris.<|im_end|>\n\n", "You're welcome.<|im_end|>\n\n"].iter().map(|a| tokenizer.encode(a).unwrap()).collect();
+    let answers: Vec<Vec<i64>> = ["Paris.<|im_end|>\n\n", "You're welcome.<|im_end|>\n\n"]
+        .iter()
+        .map(|a| tokenizer.encode(a).unwrap())
+        .collect();
     assert_eq!(trained_runs(&example), answers);
 }
 
@@ -162,7 +166,10 @@ fn a_template_that_rewrites_earlier_turns_is_refused_with_its_name() {
 fn malformed_lines_are_reported_with_their_numbers_or_skipped_and_counted() {
     let file = here().join("fixtures/malformed.jsonl");
     let err = read_jsonl(&file, Format::Alpaca, &Fields::default(), OnMalformed::Stop).unwrap_err().to_string();
-    assert!(err.contains("malformed.jsonl") && err.contains("line 3: field `output`: expected a string, found a number"), "{err}");
+    assert!(
+        err.contains("malformed.jsonl") && err.contains("line 3: field `output`: expected a string, found a number"),
+        "{err}"
+    );
     assert!(err.contains("on_malformed: skip"), "{err}");
 
     let (kept, skipped) = read_jsonl(&file, Format::Alpaca, &Fields::default(), OnMalformed::Skip).unwrap();
