@@ -1,7 +1,8 @@
-//! `plumb bench generate`: generation throughput and time to first token, measured the
-//! way `../shared/bench/hf_baseline.py` measures `transformers` (same shapes, batch,
-//! prompt and lengths, sampling at temperature 1), so the two can be compared side by
-//! side on one machine.
+//! `plumb bench generate` and `plumb bench train`: generation throughput and time to
+//! first token, and training tokens/s (and MFU), measured the way
+//! `../shared/bench/hf_baseline.py` measures `transformers` (same shapes, batch, lengths;
+//! a training step is forward, backward, clipping and AdamW), so the two can be compared
+//! side by side on one machine. `bench/hf_train.py` measures transformers on a CPU too.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -9,7 +10,9 @@ use plumb_core::data::SplitMix64;
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::Policy;
-use plumb_core::tch::{self, Device};
+use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
+use plumb_core::tch::{self, Device, Tensor};
+use plumb_core::train::accumulate_gradients;
 
 use crate::device::{parse_dtype, resolve_device};
 use crate::Failure;
@@ -18,6 +21,32 @@ use crate::Failure;
 pub enum Bench {
     /// New tokens per second and time to first token of batched generation.
     Generate(GenerateBench),
+    /// Training tokens per second (and MFU, given the device's peak FLOP/s).
+    Train(TrainBench),
+}
+
+#[derive(clap::Args)]
+pub struct TrainBench {
+    /// quickstart (the quickstart recipe's model), or a shape of hf_baseline.py:
+    /// llama-125m, llama-350m, llama-1b.
+    #[arg(long, default_value = "quickstart")]
+    pub shape: String,
+    /// Sequences per step; default: the shape's case in hf_baseline.py (16 for quickstart).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per sequence; default 1024 (128 for quickstart).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Timed steps (the mean is reported), after `--warmup` untimed ones.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The device's peak FLOP/s, for MFU (hf_baseline.py uses 790e12 for an H100 in bf16).
+    #[arg(long)]
+    pub peak_flops: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -44,16 +73,19 @@ pub struct GenerateBench {
     pub dtype: Option<String>,
 }
 
-/// The shapes of hf_baseline.py.
+/// The shapes of hf_baseline.py, and the quickstart recipe's model.
 fn shape(name: &str) -> Option<LlamaConfig> {
-    let (hidden, intermediate, layers, heads, kv_heads) = match name {
-        "llama-125m" => (768, 2048, 12, 12, 12),
-        "llama-350m" => (1024, 2816, 24, 16, 16),
-        "llama-1b" => (2048, 5632, 16, 32, 8),
+    // The quickstart's tokenizer comes out at 637 tokens; it ties its embeddings.
+    let (vocab, hidden, intermediate, layers, heads, kv_heads, tie) = match name {
+        "quickstart" => (637, 128, 352, 4, 4, 4, true),
+        "llama-125m" => (32000, 768, 2048, 12, 12, 12, false),
+        "llama-350m" => (32000, 1024, 2816, 24, 16, 16, false),
+        "llama-1b" => (32000, 2048, 5632, 16, 32, 8, false),
         _ => return None,
     };
     serde_json::from_value(serde_json::json!({
-        "model_type": "llama", "vocab_size": 32000, "hidden_size": hidden, "intermediate_size": intermediate,
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+        "tie_word_embeddings": tie,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "max_position_embeddings": 4096
     }))
@@ -72,7 +104,64 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 pub fn run(bench: &Bench) -> Result<(), Failure> {
-    let Bench::Generate(args) = bench;
+    match bench {
+        Bench::Generate(args) => generate(args),
+        Bench::Train(args) => train(args),
+    }
+}
+
+fn unknown_shape(name: &str) -> Failure {
+    Failure::User(format!("--shape: unknown shape `{name}`; expected quickstart, llama-125m, llama-350m or llama-1b"))
+}
+
+/// Mean seconds of a full training step on random tokens, as hf_baseline.py's `train`.
+fn train(args: &TrainBench) -> Result<(), Failure> {
+    let user = |e: plumb_core::Error| Failure::User(e.to_string());
+    let config = shape(&args.shape).ok_or_else(|| unknown_shape(&args.shape))?;
+    let quickstart = args.shape == "quickstart";
+    let batch = args.batch.unwrap_or(if quickstart || args.shape == "llama-125m" { 16 } else { 8 });
+    let seq = args.seq.unwrap_or(if quickstart { 128 } else { 1024 });
+    if batch == 0 || seq == 0 || args.steps == 0 {
+        return Err(Failure::User("--batch, --seq and --steps must be positive".into()));
+    }
+    let device = resolve_device(&args.device)?;
+    tch::manual_seed(0);
+    let (layers, hidden) = (config.num_hidden_layers, config.hidden_size);
+    let model = LlamaForCausalLm::new(config, device).map_err(user)?;
+    let params = model.num_parameters();
+    let mut optimizer = AdamW::new(model.var_store(), AdamWConfig { lr: 1e-4, ..Default::default() });
+    let data = Tensor::randint(model.vocab_size(), [batch as i64, seq as i64 + 1], (tch::Kind::Int64, device));
+    let rows: Vec<i64> = (0..batch as i64).collect();
+    let mut step = || -> Result<(), Failure> {
+        optimizer.zero_grad();
+        accumulate_gradients(&model, &data, &rows, batch, device).map_err(user)?;
+        clip_grad_norm(&optimizer.parameters(), 1.0).map_err(user)?;
+        optimizer.step().map_err(user)
+    };
+    for _ in 0..args.warmup {
+        step()?;
+    }
+    synchronize(device);
+    let start = Instant::now();
+    for _ in 0..args.steps {
+        step()?;
+    }
+    synchronize(device);
+    let step_s = start.elapsed().as_secs_f64() / args.steps as f64;
+    let tokens_per_s = (batch * seq) as f64 / step_s;
+    // Parameters and attention, as hf_baseline.py counts them (Kaplan/PaLM accounting).
+    let flops_per_token = 6.0 * params as f64 + 12.0 * (layers * hidden * seq) as f64;
+    let line = serde_json::json!({
+        "case": "train", "model": args.shape, "device": format!("{device:?}"), "dtype": "Float",
+        "params": params, "batch": batch, "seq": seq, "steps": args.steps,
+        "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "mfu": args.peak_flops.map(|peak| tokens_per_s * flops_per_token / peak),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn generate(args: &GenerateBench) -> Result<(), Failure> {
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     if args.repeats == 0 || args.new_tokens == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
         return Err(Failure::User("--repeats, --new-tokens, --prompt-len and --batch must be positive".into()));
@@ -83,12 +172,7 @@ pub fn run(bench: &Bench) -> Result<(), Failure> {
     let (name, model): (String, Box<dyn Policy>) = match &args.model {
         Some(dir) => (dir.display().to_string(), plumb_core::model::load(dir, device, kind).map_err(user)?),
         None => {
-            let config = shape(&args.shape).ok_or_else(|| {
-                Failure::User(format!(
-                    "--shape: unknown shape `{}`; expected llama-125m, llama-350m or llama-1b",
-                    args.shape
-                ))
-            })?;
+            let config = shape(&args.shape).ok_or_else(|| unknown_shape(&args.shape))?;
             let mut model = LlamaForCausalLm::new(config, device).map_err(user)?;
             model.set_kind(kind);
             (args.shape.clone(), Box::new(model))

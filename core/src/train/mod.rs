@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::nn;
+use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::training::{load_tensors, Checkpoints};
 use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
-use crate::data::BatchOrder;
+use crate::data::{self, BatchOrder};
 use crate::error::{Error, Result};
 use crate::optim::schedule::Decay;
 use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule};
@@ -294,6 +294,32 @@ pub fn write_model(dir: &Path, policy: &dyn Policy, tokenizer: &Tokenizer, max_l
     tokenizer.save(dir, max_length)
 }
 
+/// Runs forward and backward over `rows` in micro-batches of `micro`, accumulating the
+/// gradients of the mean loss over all rows; returns that mean loss.
+pub fn accumulate_gradients(
+    policy: &(impl Policy + ?Sized),
+    data: &Tensor,
+    rows: &[i64],
+    micro: usize,
+    device: Device,
+) -> Result<f64> {
+    let mut loss_sum = 0.0;
+    for chunk in rows.chunks(micro.max(1)) {
+        let (inputs, targets) = data::causal_batch(data, chunk, device);
+        let loss = next_token_loss(policy, &inputs, &targets)?;
+        (&loss * (chunk.len() as f64 / rows.len() as f64)).backward();
+        loss_sum += loss.double_value(&[]) * chunk.len() as f64;
+    }
+    Ok(loss_sum / rows.len() as f64)
+}
+
+/// Mean cross-entropy of predicting `targets` (B, T) from `inputs` (B, T).
+pub fn next_token_loss(policy: &(impl Policy + ?Sized), inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = policy.logits(inputs, None)?; // (B, T, V)
+    let vocab = logits.size()[2];
+    Ok(logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_for_logits(&targets.reshape([-1])))
+}
+
 fn default_lr() -> f64 {
     1e-3
 }
@@ -322,6 +348,7 @@ fn default_checkpoint_keep() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::llama::{LlamaConfig, LlamaForCausalLm};
 
     #[test]
     fn the_batch_grows_linearly_in_whole_micro_batches() {
@@ -332,5 +359,33 @@ mod tests {
         assert!(warmup.validate(32, 4).is_ok());
         assert!(BatchSizeWarmup { start: 6, steps: 10 }.validate(32, 4).is_err());
         assert!(BatchSizeWarmup { start: 64, steps: 10 }.validate(32, 4).is_err());
+    }
+
+    fn grads(micro: usize) -> (f64, Vec<Tensor>) {
+        tch::manual_seed(0);
+        let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        let policy = LlamaForCausalLm::new(hf, Device::Cpu).unwrap();
+        let data = Tensor::arange(8 * 9, (Kind::Int64, Device::Cpu)).remainder(40).view([8, 9]);
+        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
+        optimizer.zero_grad();
+        let loss = accumulate_gradients(&policy, &data, &[0, 1, 2, 3, 4, 5, 6, 7], micro, Device::Cpu).unwrap();
+        (loss, optimizer.parameters().iter().map(|p| p.grad().copy()).collect())
+    }
+
+    #[test]
+    fn accumulating_micro_batches_equals_one_large_batch() {
+        let (loss, whole) = grads(8);
+        for micro in [1, 2, 4] {
+            let (accumulated_loss, accumulated) = grads(micro);
+            assert!((loss - accumulated_loss).abs() < 1e-6, "micro {micro}: loss {loss} vs {accumulated_loss}");
+            for (a, b) in whole.iter().zip(&accumulated) {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "micro {micro}: gradient differs by {diff}");
+            }
+        }
     }
 }

@@ -20,8 +20,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
-    load_checkpoint, nested, require, resume_point, save_checkpoint, save_model, BatchSizeWarmup, CheckpointConfig,
-    OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
+    accumulate_gradients, load_checkpoint, nested, next_token_loss, require, resume_point, save_checkpoint, save_model,
+    BatchSizeWarmup, CheckpointConfig, OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
@@ -416,32 +416,6 @@ impl Stage for CausalLm {
     }
 }
 
-/// Runs forward and backward over `rows` in micro-batches of `micro`, accumulating the
-/// gradients of the mean loss over all rows; returns that mean loss.
-pub fn accumulate_gradients(
-    policy: &impl Policy,
-    data: &Tensor,
-    rows: &[i64],
-    micro: usize,
-    device: tch::Device,
-) -> Result<f64> {
-    let mut loss_sum = 0.0;
-    for chunk in rows.chunks(micro.max(1)) {
-        let (inputs, targets) = data::causal_batch(data, chunk, device);
-        let loss = next_token_loss(policy, &inputs, &targets)?;
-        (&loss * (chunk.len() as f64 / rows.len() as f64)).backward();
-        loss_sum += loss.double_value(&[]) * chunk.len() as f64;
-    }
-    Ok(loss_sum / rows.len() as f64)
-}
-
-/// Mean cross-entropy of predicting `targets` (B, T) from `inputs` (B, T).
-fn next_token_loss(policy: &impl Policy, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logits = policy.logits(inputs, None)?; // (B, T, V)
-    let vocab = logits.size()[2];
-    Ok(logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_for_logits(&targets.reshape([-1])))
-}
-
 /// Mean loss over the validation sequences (at most `eval.max_batches` batches).
 fn evaluate(policy: &impl Policy, validation: &Tensor, c: &CausalLmConfig, device: tch::Device) -> Result<f64> {
     let _no_grad = tch::no_grad_guard();
@@ -516,39 +490,5 @@ fn llama_config(m: &ModelConfig, vocab_size: usize, seq_len: usize) -> LlamaConf
         bos_token_id: None,
         eos_token_id: None,
         pad_token_id: None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use plumb_core::optim::{AdamW, AdamWConfig};
-
-    fn grads(micro: usize) -> (f64, Vec<Tensor>) {
-        tch::manual_seed(0);
-        let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 16
-        }))
-        .unwrap();
-        let policy = LlamaForCausalLm::new(hf, tch::Device::Cpu).unwrap();
-        let data = Tensor::arange(8 * 9, (Kind::Int64, tch::Device::Cpu)).remainder(40).view([8, 9]);
-        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
-        optimizer.zero_grad();
-        let loss = accumulate_gradients(&policy, &data, &[0, 1, 2, 3, 4, 5, 6, 7], micro, tch::Device::Cpu).unwrap();
-        (loss, optimizer.parameters().iter().map(|p| p.grad().copy()).collect())
-    }
-
-    #[test]
-    fn accumulating_micro_batches_equals_one_large_batch() {
-        let (loss, whole) = grads(8);
-        for micro in [1, 2, 4] {
-            let (accumulated_loss, accumulated) = grads(micro);
-            assert!((loss - accumulated_loss).abs() < 1e-6, "micro {micro}: loss {loss} vs {accumulated_loss}");
-            for (a, b) in whole.iter().zip(&accumulated) {
-                let diff = (a - b).abs().max().double_value(&[]);
-                assert!(diff < 1e-6, "micro {micro}: gradient differs by {diff}");
-            }
-        }
     }
 }
