@@ -318,3 +318,45 @@ fn the_batch_size_warms_up_in_whole_micro_batches() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn a_mixture_of_text_and_jsonl_files_streams_by_weight_and_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 300);
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let jsonl: String =
+        text.split("\n\n").map(|d| serde_json::json!({"id": 1, "story": d}).to_string() + "\n").collect();
+    std::fs::write(dir.path().join("stories.jsonl"), jsonl).unwrap();
+    let stage = tiny_pretrain_stage("pretrain", &corpus, 12).replace(
+        &format!("        train: {}\n", corpus.display()),
+        &format!(
+            "        sources:\n          - {{path: {}, weight: 1}}\n          - {{path: {}, weight: 3, field: story}}\n        shuffle_buffer: 64\n",
+            corpus.display(),
+            dir.path().join("stories.jsonl").display()
+        ),
+    );
+    assert!(stage.contains("sources:"), "{stage}");
+    let recipe = dir.path().join("mixture.yaml");
+    let run = dir.path().join("run");
+    std::fs::write(
+        &recipe,
+        format!(
+            "run:\n  output_dir: {}\n  seed: 2\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stage}",
+            run.display()
+        ),
+    )
+    .unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains("data: 2 source(s)"), "{}", stderr(&out));
+    let metrics = &report(&run)["metrics"];
+    assert!(metrics["eval/loss"].as_f64().unwrap() < metrics["eval/initial_loss"].as_f64().unwrap() - 1.0, "{metrics}");
+
+    // A line without the field stops the run, naming the file and line.
+    let mut broken = std::fs::read_to_string(dir.path().join("stories.jsonl")).unwrap();
+    broken.insert_str(0, "{\"id\": 0, \"text\": \"no story field\"}\n");
+    std::fs::write(dir.path().join("stories.jsonl"), broken).unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("stories.jsonl: line 1: missing field `story`"), "{}", stderr(&out));
+}

@@ -2,6 +2,7 @@
 //! and a seeded batch order.
 pub mod curation;
 pub mod objectives;
+pub mod stream;
 
 use std::path::Path;
 
@@ -58,6 +59,11 @@ impl SplitMix64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / ((1u64 << 53) as f64)
     }
 
     /// Uniform in 0..n (n > 0), by rejection so there is no modulo bias.

@@ -8,6 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::training::{load_tensors, Checkpoints};
 use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
+use crate::data::stream::StreamState;
 use crate::data::{self, BatchOrder};
 use crate::error::{Error, Result};
 use crate::optim::schedule::Decay;
@@ -225,13 +226,11 @@ impl StepStats {
     }
 }
 
-/// Where training is, beside the model and optimizer: enough to continue exactly.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// How far training is: steps, skipped steps and tokens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimizer steps taken (skipped ones included).
     pub step: u64,
-    /// The data order, at the next batch.
-    pub order: BatchOrder,
     /// Steps skipped for a non-finite loss or gradient.
     pub skipped: u64,
     /// Tokens trained on so far (skipped steps included).
@@ -239,14 +238,34 @@ pub struct TrainerState {
     pub tokens: u64,
 }
 
+/// Where the data is, at the next batch: an order over a fixed set of batches or rows,
+/// or a position in a stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataPosition {
+    Batches(BatchOrder),
+    Stream(Box<StreamState>),
+}
+
+/// `trainer_state.json`: the trainer state and the data position, enough (beside the
+/// model and optimizer) to continue exactly.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    #[serde(flatten)]
+    state: TrainerState,
+    data: DataPosition,
+}
+
 const TRAINER_STATE: &str = "trainer_state.json";
 const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 
 /// A resumable checkpoint of step `state.step`: the model and tokenizer in HF layout,
-/// the optimizer's state and the trainer state, written atomically.
+/// the optimizer's state, the trainer state and the data position, written atomically.
+#[allow(clippy::too_many_arguments)]
 pub fn save_checkpoint(
     checkpoints: &Checkpoints,
     state: &TrainerState,
+    data: DataPosition,
     policy: &dyn Policy,
     tokenizer: &Tokenizer,
     optimizer: &AdamW,
@@ -255,15 +274,17 @@ pub fn save_checkpoint(
     checkpoints.save(state.step, |dir| {
         write_model(dir, policy, tokenizer, max_length)?;
         save_safetensors(&dir.join(OPTIMIZER_STATE), &optimizer.state())?;
-        let json = serde_json::to_value(state).map_err(|e| Error::Other(e.to_string()))?;
+        let json =
+            serde_json::to_value(Saved { state: state.clone(), data }).map_err(|e| Error::Other(e.to_string()))?;
         write_json(&dir.join(TRAINER_STATE), &json)
     })
 }
 
-/// Restores the optimizer from checkpoint `dir` and returns its trainer state.
-pub fn load_checkpoint(dir: &Path, optimizer: &mut AdamW) -> Result<TrainerState> {
+/// Restores the optimizer from checkpoint `dir` and returns its trainer state and data position.
+pub fn load_checkpoint(dir: &Path, optimizer: &mut AdamW) -> Result<(TrainerState, DataPosition)> {
     optimizer.load_state(&load_tensors(&dir.join(OPTIMIZER_STATE))?)?;
-    read_json(&dir.join(TRAINER_STATE))
+    let saved: Saved = read_json(&dir.join(TRAINER_STATE))?;
+    Ok((saved.state, saved.data))
 }
 
 /// Where a stage starts: its latest checkpoint when resuming, else nothing (a fresh

@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use plumb_core::checkpoint::training::Checkpoints;
+use plumb_core::checkpoint::write_file_atomically;
+use plumb_core::data;
 use plumb_core::data::curation::{count_words, curate, CurationConfig};
-use plumb_core::data::{self, BatchOrder};
+use plumb_core::data::stream::{validation_documents, Mixture, SourceConfig, TokenStream};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
 use plumb_core::optim::{clip_grad_norm, Optimizer};
@@ -21,7 +23,8 @@ use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
     accumulate_gradients, load_checkpoint, nested, next_token_loss, require, resume_point, save_checkpoint, save_model,
-    BatchSizeWarmup, CheckpointConfig, OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
+    BatchSizeWarmup, CheckpointConfig, DataPosition, OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats,
+    TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
@@ -74,8 +77,19 @@ pub struct CausalLmConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// A UTF-8 text file; documents are separated by blank lines.
-    pub train: PathBuf,
+    /// A UTF-8 text file; documents are separated by blank lines. Or `sources`.
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    /// Several files mixed by weight, streamed from disk: text (`.txt`, blank-line
+    /// separated) or JSONL (`.jsonl`, the text in `field`, default `text`).
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// Held-out documents kept for evaluation, at most, from each source.
+    #[serde(default = "default_max_validation_documents")]
+    pub max_validation_documents: usize,
+    /// Rows ready to draw from at random (a shuffle buffer over the stream).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
     /// Fraction of documents held out for evaluation.
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
@@ -95,11 +109,18 @@ pub struct TokenizerConfig {
     pub vocab_size: usize,
     #[serde(default = "default_min_frequency")]
     pub min_frequency: u64,
+    /// Trained on at most this many training documents, from the start of the stream.
+    #[serde(default = "default_max_tokenizer_documents")]
+    pub max_documents: usize,
 }
 
 impl Default for TokenizerConfig {
     fn default() -> Self {
-        Self { vocab_size: default_vocab_size(), min_frequency: default_min_frequency() }
+        Self {
+            vocab_size: default_vocab_size(),
+            min_frequency: default_min_frequency(),
+            max_documents: default_max_tokenizer_documents(),
+        }
     }
 }
 
@@ -163,6 +184,15 @@ fn default_log_every() -> u64 {
 fn default_validation_fraction() -> f64 {
     0.05
 }
+fn default_max_validation_documents() -> usize {
+    2000
+}
+fn default_shuffle_buffer() -> usize {
+    1024
+}
+fn default_max_tokenizer_documents() -> usize {
+    100_000
+}
 fn default_seq_len() -> usize {
     128
 }
@@ -196,7 +226,18 @@ impl Stage for CausalLm {
     type Config = CausalLmConfig;
 
     fn validate(c: &CausalLmConfig, ctx: &ValidateContext) -> Result<()> {
-        ctx.existing_file("data.train", &c.data.train)?;
+        match (&c.data.train, c.data.sources.as_slice()) {
+            (Some(train), []) => ctx.existing_file("data.train", train)?,
+            (None, sources) if !sources.is_empty() => {
+                for (i, source) in sources.iter().enumerate() {
+                    source.validate(&format!("data.sources[{i}]"))?;
+                }
+                require(c.data.curation.is_none(), "data.curation", "curation works on `train`, a single file")?;
+            }
+            _ => return Err(Error::config("data", "expected `train` (one text file) or `sources` (a mixture)")),
+        }
+        require(c.data.shuffle_buffer > 0, "data.shuffle_buffer", "expected at least 1")?;
+        require(c.data.max_validation_documents > 0, "data.max_validation_documents", "expected at least 1")?;
         require(
             c.data.validation_fraction > 0.0 && c.data.validation_fraction < 1.0,
             "data.validation_fraction",
@@ -242,18 +283,25 @@ impl Stage for CausalLm {
         let device = ctx.device();
         tch::manual_seed(ctx.seed() as i64);
 
-        // Data: documents, a held-out split, the tokenizer, packed sequences.
-        let mut documents = data::read_documents(&c.data.train)?;
-        if let Some(curation) = &c.data.curation {
-            let (kept, report) = curate(documents, curation, &count_words)?;
-            tracing::info!("curation of {}:\n{report}", c.data.train.display());
-            ctx.text("data/curation", 0, &report.to_markdown());
-            for (tag, value) in report.scalars() {
-                ctx.scalar(&tag, 0, value);
+        // Data: the sources (a curated copy of `train`, when asked), held-out documents,
+        // and, further down, the training stream.
+        let sources = match (&c.data.train, &c.data.curation) {
+            (Some(train), Some(curation)) => {
+                let (kept, report) = curate(data::read_documents(train)?, curation, &count_words)?;
+                tracing::info!("curation of {}:\n{report}", train.display());
+                ctx.text("data/curation", 0, &report.to_markdown());
+                for (tag, value) in report.scalars() {
+                    ctx.scalar(&tag, 0, value);
+                }
+                let curated = ctx.stage_dir().join("curated.txt");
+                write_file_atomically(&curated, (kept.join("\n\n") + "\n").as_bytes())?;
+                vec![SourceConfig::text(curated)]
             }
-            documents = kept;
-        }
-        let (train_docs, val_docs) = data::split_documents(documents, c.data.validation_fraction, ctx.seed())?;
+            (Some(train), None) => vec![SourceConfig::text(train)],
+            (None, _) => c.data.sources.clone(),
+        };
+        let fraction = c.data.validation_fraction;
+        let val_docs = validation_documents(&sources, ctx.seed(), fraction, c.data.max_validation_documents)?;
         let checkpoints = Checkpoints::new(ctx.stage_dir(), c.checkpoint.keep);
         let resume_from = resume_point(ctx, &checkpoints)?;
         let (policy, tokenizer) = match (&resume_from, ctx.input_model(), &c.model) {
@@ -265,8 +313,14 @@ impl Stage for CausalLm {
                 (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, tokenizer)
             }
             (None, None, Some(m)) => {
+                let mut mixture = Mixture::open(&sources, ctx.seed(), fraction, None)?;
+                let mut sample = Vec::new();
+                let distinct = sources.len() as u64;
+                while sample.len() < c.tokenizer.max_documents && mixture.epochs().iter().sum::<u64>() < distinct {
+                    sample.push(mixture.next_document()?);
+                }
                 let tokenizer = Tokenizer::train_bpe(
-                    train_docs.iter().map(String::as_str),
+                    sample.iter().map(String::as_str),
                     c.tokenizer.vocab_size,
                     c.tokenizer.min_frequency,
                 )?;
@@ -289,33 +343,34 @@ impl Stage for CausalLm {
             }
         };
         let eos = tokenizer.eos_id().ok_or_else(|| Error::Other("the tokenizer has no EOS token".into()))?;
-        let encode = |docs: &[String]| tokenizer.encode_batch(&docs.iter().map(String::as_str).collect::<Vec<_>>());
-        let (train_tokens, val_tokens) = (encode(&train_docs)?, encode(&val_docs)?);
-        let mut all_tokens: Vec<Vec<i64>> =
-            train_tokens.iter().chain(&val_tokens).map(|d| [d.as_slice(), &[eos]].concat()).collect();
-        let unigram_entropy = data::unigram_entropy(&all_tokens, tokenizer.vocab_size());
-        all_tokens.clear();
-        let train = data::pack(&train_tokens, eos, c.data.seq_len)?;
+        let val_tokens = tokenizer.encode_batch(&val_docs.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let with_eos: Vec<Vec<i64>> = val_tokens.iter().map(|d| [d.as_slice(), &[eos]].concat()).collect();
+        let unigram_entropy = data::unigram_entropy(&with_eos, tokenizer.vocab_size());
         let validation = data::pack(&val_tokens, eos, c.data.seq_len)?;
         tracing::info!(
-            "data: {} train / {} validation documents, {} / {} sequences of {} tokens; vocabulary {}; unigram entropy {unigram_entropy:.4} nats",
-            train_docs.len(), val_docs.len(), train.size()[0], validation.size()[0], c.data.seq_len, tokenizer.vocab_size()
+            "data: {} source(s), {} validation documents in {} sequences of {} tokens; vocabulary {}; unigram entropy {unigram_entropy:.4} nats",
+            sources.len(), val_docs.len(), validation.size()[0], c.data.seq_len, tokenizer.vocab_size()
         );
         tracing::info!("model: {} parameters on {device:?}", policy.num_parameters());
 
         // Optimizer and schedule.
         let mut optimizer = c.optimizer.adamw(policy.var_store());
         let schedule = c.schedule.schedule(c.optimizer.lr, c.max_steps);
-        let mut state = TrainerState {
-            step: 0,
-            order: BatchOrder::new(train.size()[0] as usize, ctx.seed()),
-            skipped: 0,
-            tokens: 0,
+        let mut state = TrainerState::default();
+        let (seed, seq_len, buffer) = (ctx.seed(), c.data.seq_len, c.data.shuffle_buffer);
+        let mut stream = match &resume_from {
+            Some((_, dir)) => {
+                let (saved, data) = load_checkpoint(dir, &mut optimizer)?;
+                let DataPosition::Stream(position) = data else {
+                    return Err(Error::file(dir.join("trainer_state.json"), "data: expected a stream position"));
+                };
+                state = saved;
+                ctx.restart_at(state.step as i64 + 1);
+                TokenStream::resume(&sources, seed, fraction, seq_len, eos, buffer, *position)?
+            }
+            None => TokenStream::new(Mixture::open(&sources, seed, fraction, None)?, seq_len, eos, buffer, seed, None),
         };
-        if let Some((_, dir)) = &resume_from {
-            state = load_checkpoint(dir, &mut optimizer)?;
-            ctx.restart_at(state.step as i64 + 1);
-        }
+        let position = |stream: &TokenStream| DataPosition::Stream(Box::new(stream.state()));
         let micro = c.micro_batch_size.unwrap_or(c.batch_size);
         let initial_eval = evaluate(&policy, &validation, &c, device)?;
         if resume_from.is_none() {
@@ -330,7 +385,15 @@ impl Stage for CausalLm {
         let (mut window, mut window_tokens) = (Instant::now(), 0u64);
         while state.step < c.max_steps {
             if ctx.should_stop() {
-                let dir = save_checkpoint(&checkpoints, &state, &policy, &tokenizer, &optimizer, c.data.seq_len)?;
+                let dir = save_checkpoint(
+                    &checkpoints,
+                    &state,
+                    position(&stream),
+                    &policy,
+                    &tokenizer,
+                    &optimizer,
+                    c.data.seq_len,
+                )?;
                 tracing::warn!(
                     "stopped at step {} on request; resume from {} with --resume",
                     state.step,
@@ -345,8 +408,9 @@ impl Stage for CausalLm {
                 Some(warmup) => warmup.batch_size(state.step, c.batch_size, micro),
                 None => c.batch_size,
             };
-            let batch = state.order.next_batch(batch_size);
-            let mut loss = accumulate_gradients(&policy, &train, &batch, micro, device)?;
+            let rows = stream.next_rows(&tokenizer, batch_size)?;
+            let all: Vec<i64> = (0..batch_size as i64).collect();
+            let mut loss = accumulate_gradients(&policy, &rows, &all, micro, device)?;
             if c.inject_nonfinite_at_step == Some(state.step + 1) {
                 loss = f64::NAN; // fault injection, to test the guard
             }
@@ -384,7 +448,15 @@ impl Stage for CausalLm {
                 (window, window_tokens) = (Instant::now(), 0);
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < c.max_steps {
-                save_checkpoint(&checkpoints, &state, &policy, &tokenizer, &optimizer, c.data.seq_len)?;
+                save_checkpoint(
+                    &checkpoints,
+                    &state,
+                    position(&stream),
+                    &policy,
+                    &tokenizer,
+                    &optimizer,
+                    c.data.seq_len,
+                )?;
             }
         }
         let step = state.step;

@@ -20,7 +20,7 @@ use plumb_core::plugin::{Metrics, ValidateContext};
 use plumb_core::tch::{self, Kind, Reduction, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::train::{
-    load_checkpoint, require, resume_point, save_checkpoint, save_model, CheckpointConfig, OnNonFinite,
+    load_checkpoint, require, resume_point, save_checkpoint, save_model, CheckpointConfig, DataPosition, OnNonFinite,
     OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
@@ -303,12 +303,17 @@ impl Stage for Sft {
         tracing::info!("model: {} parameters on {device:?}, from {}", policy.num_parameters(), load_from.display());
         let mut optimizer = c.optimizer.adamw(policy.var_store());
         let schedule = c.schedule.schedule(c.optimizer.lr, max_steps);
-        let mut state =
-            TrainerState { step: 0, order: BatchOrder::new(plan.batches.len(), ctx.seed()), skipped: 0, tokens: 0 };
+        let mut state = TrainerState::default();
+        let mut order = BatchOrder::new(plan.batches.len(), ctx.seed());
         if let Some((_, dir)) = &resume_from {
-            state = load_checkpoint(dir, &mut optimizer)?;
+            let (saved, data) = load_checkpoint(dir, &mut optimizer)?;
+            let DataPosition::Batches(saved_order) = data else {
+                return Err(Error::file(dir.join("trainer_state.json"), "data: expected a batch order"));
+            };
+            (state, order) = (saved, saved_order);
             ctx.restart_at(state.step as i64 + 1);
         }
+        let position = |order: &BatchOrder| DataPosition::Batches(order.clone());
         let tokens_of = |rows: &[&[usize]]| rows.iter().flat_map(|r| r.iter()).map(|&i| train[i].len()).sum::<usize>();
         let held_out: Vec<&Conversation> = val_conversations.iter().take(c.eval.num_prompts).collect();
         let pattern =
@@ -332,7 +337,15 @@ impl Stage for Sft {
         let (mut window, mut window_tokens) = (Instant::now(), 0usize);
         while state.step < max_steps {
             if ctx.should_stop() {
-                let dir = save_checkpoint(&checkpoints, &state, policy.as_ref(), &tokenizer, &optimizer, c.max_length)?;
+                let dir = save_checkpoint(
+                    &checkpoints,
+                    &state,
+                    position(&order),
+                    policy.as_ref(),
+                    &tokenizer,
+                    &optimizer,
+                    c.max_length,
+                )?;
                 tracing::warn!(
                     "stopped at step {} on request; resume from {} with --resume",
                     state.step,
@@ -343,7 +356,7 @@ impl Stage for Sft {
             let lr = schedule.lr(state.step);
             optimizer.set_learning_rate(lr);
             optimizer.zero_grad();
-            let batch = &plan.batches[state.order.next_batch(1)[0] as usize];
+            let batch = &plan.batches[order.next_batch(1)[0] as usize];
             let rows: Vec<&[usize]> = batch.iter().map(|&r| plan.rows[r].as_slice()).collect();
             let targets = count_targets(&train, &rows);
             let mut loss = 0.0;
@@ -383,7 +396,15 @@ impl Stage for Sft {
                 (window, window_tokens) = (Instant::now(), 0);
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < max_steps {
-                save_checkpoint(&checkpoints, &state, policy.as_ref(), &tokenizer, &optimizer, c.max_length)?;
+                save_checkpoint(
+                    &checkpoints,
+                    &state,
+                    position(&order),
+                    policy.as_ref(),
+                    &tokenizer,
+                    &optimizer,
+                    c.max_length,
+                )?;
             }
         }
 
