@@ -560,17 +560,16 @@ impl T5 {
 
     /// Logits (B, T, vocab) from the decoder's output.
     pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        // The original T5 (tied head) scales by d_model^-0.5; v1.1 does not. transformers
+        // follows `scale_decoder_outputs` whether tied or not, and so does plumb.
+        let hidden = if self.config.scale_decoder_outputs {
+            hidden * (self.config.d_model as f64).powf(-0.5)
+        } else {
+            hidden.shallow_clone()
+        };
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                // The original T5's tied head sees the output scaled by d_model^-0.5.
-                let hidden = if self.config.scale_decoder_outputs {
-                    hidden * (self.config.d_model as f64).powf(-0.5)
-                } else {
-                    hidden.shallow_clone()
-                };
-                hidden.matmul(&self.shared.ws.tr())
-            }
+            Some(head) => head.forward(&hidden),
+            None => hidden.matmul(&self.shared.ws.tr()),
         }
     }
 }
@@ -656,18 +655,14 @@ impl T5ForConditionalGeneration {
     /// `generation_config.json` into `dir`, which exists, as `save_pretrained` does.
     pub fn save(&self, dir: &Path) -> Result<()> {
         checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
-        let mut config = self.hf.to_hf_json();
-        let start = self.model.config.decoder_start_token_id.map(Value::from);
-        if let Some(start) = &start {
-            config["decoder_start_token_id"] = start.clone();
-        }
+        let start = self.hf.decoder_start_token_id.map(Value::from);
         let pad = self.hf.pad_token_id.map(Value::from);
         let ids = [
             ("decoder_start_token_id", start.as_ref()),
             ("eos_token_id", self.hf.eos_token_id.as_ref()),
             ("pad_token_id", pad.as_ref()),
         ];
-        checkpoint::write_model_configs(dir, config, self.vs.kind(), ids)
+        checkpoint::write_model_configs(dir, self.hf.to_hf_json(), self.vs.kind(), ids)
     }
 
     /// The trainable variables (and the device and dtype they live in).
@@ -702,10 +697,213 @@ impl T5ForConditionalGeneration {
     }
 }
 
-/// `hf` with the head's tying and the output scaling written out, as resolved, so a saved
-/// config means the same to every `transformers` version.
+/// `hf` with the head's tying, the output scaling and the decoder's start token written
+/// out, as resolved, so a saved config means the same to every `transformers` version.
 fn explicit(mut hf: T5Config, config: &Config) -> T5Config {
     hf.tie_word_embeddings = Some(config.tie_word_embeddings);
     hf.scale_decoder_outputs = Some(config.scale_decoder_outputs);
+    hf.decoder_start_token_id = config.decoder_start_token_id;
     hf
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn tiny(feed_forward: &str, tie: bool) -> T5Config {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "d_model": 16, "d_kv": 4, "d_ff": 24, "num_layers": 2, "num_decoder_layers": 3,
+            "num_heads": 4, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
+            "feed_forward_proj": feed_forward, "tie_word_embeddings": tie
+        }))
+        .unwrap()
+    }
+
+    fn model(feed_forward: &str, tie: bool) -> T5ForConditionalGeneration {
+        tch::manual_seed(0);
+        T5ForConditionalGeneration::new(tiny(feed_forward, tie), tch::Device::Cpu).unwrap()
+    }
+
+    fn ids(v: &[i64]) -> Tensor {
+        Tensor::from_slice(v).view([1, -1])
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn buckets_match_mesh_tensorflow() {
+        // Expected values from transformers' T5Attention._relative_position_bucket.
+        let relative = Tensor::from_slice(&[-200i64, -40, -17, -16, -9, -8, -7, -1, 0, 1, 7, 8, 9, 16, 17, 40, 200]);
+        let buckets = |bidirectional, n, d| {
+            Vec::<i64>::try_from(relative_position_bucket(&relative, bidirectional, n, d)).unwrap()
+        };
+        assert_eq!(buckets(true, 32, 128), [15, 12, 10, 10, 8, 8, 7, 1, 0, 17, 23, 24, 24, 26, 26, 28, 31]);
+        assert_eq!(buckets(false, 32, 128), [31, 23, 16, 16, 9, 8, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(buckets(true, 8, 16), [3, 3, 3, 3, 3, 3, 3, 1, 0, 5, 7, 7, 7, 7, 7, 7, 7]);
+    }
+
+    #[test]
+    fn variables_are_named_as_hf_saves_them() {
+        let vars: BTreeMap<String, Vec<i64>> =
+            model("gated-gelu", false).var_store().variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        assert_eq!(vars["shared.weight"], [50, 16]);
+        assert_eq!(vars["lm_head.weight"], [50, 16]);
+        assert_eq!(vars["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], [8, 4]);
+        assert_eq!(vars["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], [8, 4]);
+        assert!(!vars.contains_key("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"));
+        assert_eq!(vars["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"], [24, 16]);
+        assert_eq!(vars["decoder.block.2.layer.1.EncDecAttention.q.weight"], [16, 16]);
+        assert_eq!(vars["decoder.block.2.layer.2.DenseReluDense.wo.weight"], [16, 24]);
+        assert_eq!(vars["decoder.final_layer_norm.weight"], [16]);
+        // shared, lm_head, 2 final norms; encoder blocks 9 (+1 bias), decoder blocks 14 (+1).
+        assert_eq!(vars.len(), 4 + 2 * 9 + 1 + 3 * 14 + 1);
+        let relu = model("relu", true);
+        let names: Vec<String> = relu.var_store().variables().into_keys().collect();
+        assert!(names.contains(&"encoder.block.0.layer.1.DenseReluDense.wi.weight".to_string()));
+        assert!(!names.contains(&"lm_head.weight".to_string()), "tied to shared");
+    }
+
+    #[test]
+    fn the_decoder_is_causal_and_padding_is_hidden() {
+        let m = model("relu", true);
+        let source = ids(&[5, 6, 7, 8]);
+        let a = m.forward(&source, None, &ids(&[0, 2, 3, 4, 5]), None).unwrap();
+        let b = m.forward(&source, None, &ids(&[0, 2, 3, 9, 9]), None).unwrap();
+        assert!(max_abs(&a.narrow(1, 0, 3), &b.narrow(1, 0, 3)) < 1e-6, "no position sees later ones");
+        assert!(max_abs(&a.narrow(1, 3, 2), &b.narrow(1, 3, 2)) > 1e-4);
+
+        let padded = m
+            .forward(&ids(&[5, 6, 7, 8, 0, 0]), Some(&ids(&[1, 1, 1, 1, 0, 0])), &ids(&[0, 2, 3, 4, 5]), None)
+            .unwrap();
+        let diff = max_abs(&a, &padded);
+        assert!(diff < 1e-5, "padded encoder positions are invisible to the decoder: {diff}");
+        let right = m.forward(&source, None, &ids(&[0, 2, 3, 4, 5, 0, 0]), Some(&ids(&[1, 1, 1, 1, 1, 0, 0]))).unwrap();
+        let diff = max_abs(&a, &right.narrow(1, 0, 5));
+        assert!(diff < 1e-5, "{diff}");
+        let empty = m.forward(&ids(&[0, 0]), Some(&ids(&[0, 0])), &ids(&[0, 0]), Some(&ids(&[0, 0]))).unwrap();
+        assert_eq!(empty.isfinite().all().int64_value(&[]), 1, "all-padding rows stay finite");
+    }
+
+    #[test]
+    fn the_relative_position_bias_is_trained() {
+        let m = model("gated-gelu", false);
+        let logits = m.forward(&ids(&[5, 6, 7, 8]), None, &ids(&[0, 2, 3]), None).unwrap();
+        logits.log_softmax(-1, Kind::Float).narrow(2, 7, 1).sum(Kind::Float).backward();
+        for stack in ["encoder", "decoder"] {
+            let name = format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight");
+            let grad = m.var_store().variables()[&name].grad();
+            assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_saved_model_loads_back_with_the_same_logits() {
+        for (feed_forward, tie) in [("relu", true), ("gated-gelu", false)] {
+            let m = model(feed_forward, tie);
+            let dir = tempfile::tempdir().unwrap();
+            m.save(dir.path()).unwrap();
+            let config: Value = checkpoint::read_json(&dir.path().join("config.json")).unwrap();
+            assert_eq!(config["architectures"], serde_json::json!(["T5ForConditionalGeneration"]));
+            assert_eq!(config["scale_decoder_outputs"], serde_json::json!(tie));
+            assert_eq!(config["decoder_start_token_id"], serde_json::json!(0));
+            let loaded = T5ForConditionalGeneration::from_dir(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
+            let (x, y) = (ids(&[3, 1, 4, 1, 5, 9]), ids(&[0, 2, 6]));
+            let diff = max_abs(&m.forward(&x, None, &y, None).unwrap(), &loaded.forward(&x, None, &y, None).unwrap());
+            assert_eq!(diff, 0.0);
+            assert_eq!(loaded.hf_config(), m.hf_config());
+            assert_eq!(loaded.num_parameters(), m.num_parameters());
+        }
+    }
+
+    #[test]
+    fn embed_tokens_aliases_load_and_a_missing_tensor_is_named() {
+        let m = model("relu", true);
+        let dir = tempfile::tempdir().unwrap();
+        m.save(dir.path()).unwrap();
+        let mut tensors: Vec<(String, Tensor)> = m
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (if name == "shared.weight" { "encoder.embed_tokens.weight".into() } else { name }, t))
+            .collect();
+        checkpoint::save_safetensors(&dir.path().join(checkpoint::SINGLE_FILE), &tensors).unwrap();
+        let loaded = T5ForConditionalGeneration::from_dir(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
+        let (x, y) = (ids(&[3, 1, 4]), ids(&[0, 2]));
+        assert_eq!(max_abs(&m.forward(&x, None, &y, None).unwrap(), &loaded.forward(&x, None, &y, None).unwrap()), 0.0);
+
+        tensors.retain(|(name, _)| name != "decoder.block.1.layer.1.EncDecAttention.k.weight");
+        checkpoint::save_safetensors(&dir.path().join(checkpoint::SINGLE_FILE), &tensors).unwrap();
+        let message =
+            T5ForConditionalGeneration::from_dir(dir.path(), tch::Device::Cpu, Kind::Float).err().unwrap().to_string();
+        assert!(
+            message
+                .ends_with("model.safetensors: tensor `decoder.block.1.layer.1.EncDecAttention.k.weight` is missing"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn shift_right_starts_with_the_start_token_and_pads_ignored_labels() {
+        let labels = Tensor::from_slice(&[7i64, 8, 1, -100, 4, 1, -100, -100]).view([2, 4]);
+        let shifted = Vec::<i64>::try_from(shift_right(&labels, 5, 0).view([-1])).unwrap();
+        assert_eq!(shifted, [5, 7, 8, 1, 5, 4, 1, 0]);
+    }
+
+    #[test]
+    fn unsupported_options_name_their_field_and_the_file() {
+        let error = |edit: &dyn Fn(&mut T5Config)| {
+            let mut c = tiny("relu", true);
+            edit(&mut c);
+            c.resolve().err().unwrap().to_string()
+        };
+        assert_eq!(
+            error(&|c| c.feed_forward_proj = "gated-mish".into()),
+            "feed_forward_proj: unsupported activation `mish`; supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu"
+        );
+        assert_eq!(
+            error(&|c| c.feed_forward_proj = "gated-gelu-x".into()),
+            "feed_forward_proj: `gated-gelu-x` is neither `ACT` nor `gated-ACT` (for example `relu` or `gated-gelu`)"
+        );
+        assert_eq!(
+            error(&|c| c.relative_attention_num_buckets = 2),
+            "relative_attention_num_buckets: expected at least 4, found 2"
+        );
+        assert_eq!(
+            error(&|c| c.num_decoder_layers = Some(0)),
+            "num_decoder_layers: expected a positive integer, found 0"
+        );
+        assert_eq!(error(&|c| c.pad_token_id = Some(-1)), "pad_token_id: -1 is not a token id (vocab_size is 50)");
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "t5", "d_kv": 0}"#).unwrap();
+        let message =
+            T5ForConditionalGeneration::from_dir(dir.path(), tch::Device::Cpu, Kind::Float).err().unwrap().to_string();
+        assert!(message.ends_with("config.json: d_kv: expected a positive integer, found 0"), "{message}");
+    }
+
+    #[test]
+    fn a_minimal_config_gets_t5s_defaults_and_v1_1_unties_and_unscales() {
+        let hf: T5Config = serde_json::from_str(r#"{"model_type": "t5"}"#).unwrap();
+        let c = hf.resolve().unwrap();
+        assert_eq!((c.vocab_size, c.d_model, c.d_kv, c.d_ff, c.num_heads), (32128, 512, 64, 2048, 8));
+        assert_eq!((c.num_encoder_layers, c.num_decoder_layers, c.num_buckets, c.max_distance), (6, 6, 32, 128));
+        assert_eq!((c.gated, c.activation), (false, Activation::Relu));
+        assert!(c.tie_word_embeddings && c.scale_decoder_outputs);
+        assert_eq!((c.pad_token_id, c.decoder_start_token_id), (Some(0), Some(0)));
+
+        let v1_1: T5Config =
+            serde_json::from_str(r#"{"feed_forward_proj": "gated-gelu", "tie_word_embeddings": false}"#).unwrap();
+        let c = v1_1.resolve().unwrap();
+        assert_eq!((c.gated, c.activation), (true, Activation::GeluTanh));
+        assert!(!c.tie_word_embeddings && !c.scale_decoder_outputs);
+        // As transformers 5 writes it: tied by name, unscaled; the head comes from the checkpoint.
+        let v5: T5Config =
+            serde_json::from_str(r#"{"tie_word_embeddings": true, "scale_decoder_outputs": false}"#).unwrap();
+        let c = v5.resolve().unwrap();
+        assert!(c.tie_word_embeddings && !c.scale_decoder_outputs);
+    }
 }
