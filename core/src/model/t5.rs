@@ -325,7 +325,6 @@ impl Attention {
     fn new(path: nn::Path, c: &Config, has_relative_bias: bool) -> Self {
         let (d, inner, f) = (c.d_model, c.num_heads * c.d_kv, c.initializer_factor);
         let df = d as f64;
-        // HF's init: the query std also carries T5's missing 1/sqrt(d_kv) attention scale.
         let relative_attention_bias = has_relative_bias.then(|| {
             let config = nn::EmbeddingConfig {
                 ws_init: nn::Init::Randn { mean: 0.0, stdev: f * df.powf(-0.5) },
@@ -333,6 +332,7 @@ impl Attention {
             };
             nn::embedding(&path / "relative_attention_bias", c.num_buckets, c.num_heads, config)
         });
+        // HF's init: the query's std also carries the 1/sqrt(d_kv) that T5's attention omits.
         Self {
             q: linear(&path / "q", d, inner, f * (df * c.d_kv as f64).powf(-0.5)),
             k: linear(&path / "k", d, inner, f * df.powf(-0.5)),
@@ -392,10 +392,11 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let mut hidden = self.activation.apply(&self.wi[0].forward(x)); // (B, T, d_ff)
-        if let Some(linear) = self.wi.get(1) {
-            hidden = hidden * linear.forward(x);
-        }
+        let activated = self.activation.apply(&self.wi[0].forward(x)); // (B, T, d_ff)
+        let hidden = match self.wi.get(1) {
+            Some(gate) => activated * gate.forward(x),
+            None => activated,
+        };
         self.wo.forward(&hidden)
     }
 }
@@ -470,11 +471,11 @@ impl Stack {
         // The first block's table gives the bias of every block of the stack.
         let first = self.blocks.first().map(|b| &b.self_attention);
         let table = first.and_then(|a| a.relative_attention_bias.as_ref().map(|table| (a, table)));
-        let mut bias = additive_mask(allowed, x.kind()); // (B, 1, T, T)
-        if let Some((attention, table)) = table {
-            bias = bias + attention.position_bias(table, t, t, !self.decoder, c);
-            // (B, nh, T, T)
-        }
+        let mask = additive_mask(allowed, x.kind()); // (B, 1, T, T)
+        let bias = match table {
+            Some((attention, table)) => mask + attention.position_bias(table, t, t, !self.decoder, c), // (B, nh, T, T)
+            None => mask,
+        };
         let mut x = x.shallow_clone();
         for block in &self.blocks {
             x = block.forward(&x, &bias, encoder)?;
