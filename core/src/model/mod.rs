@@ -1,12 +1,15 @@
 //! Models: the `Policy` contract, one file per model family, and the parts they share
 //! (rotary embeddings, the KV cache, generation).
+pub mod bert;
 pub mod cache;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;
 pub mod rope;
 pub mod scalar_head;
+pub mod t5;
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
@@ -99,4 +102,70 @@ pub trait Policy {
     /// Writes the weights and `config.json` (and `generation_config.json`) in HF layout
     /// into `dir`, which exists.
     fn save(&self, dir: &Path) -> Result<()>;
+}
+
+/// Additive attention mask in `kind` from `allowed` (bool, broadcastable to (B, H, Tq, Tk)):
+/// 0 where a query may attend, the dtype's lowest finite value where not, as HF's eager
+/// attention does, so a row with nothing to attend to stays finite (uniform) instead of NaN.
+pub(crate) fn additive_mask(allowed: &Tensor, kind: Kind) -> Tensor {
+    let lowest = match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    };
+    Tensor::zeros(allowed.size(), (kind, allowed.device())).masked_fill(&allowed.logical_not(), lowest)
+}
+
+/// The additive mask (B, 1, 1, T) that hides the padded keys of `mask` (B, T): 1 (or any
+/// nonzero) for tokens, 0 for padding.
+pub(crate) fn key_padding_mask(mask: &Tensor, kind: Kind) -> Tensor {
+    let (b, t) = (mask.size()[0], mask.size()[1]);
+    additive_mask(&mask.ne(0).view([b, 1, 1, t]), kind)
+}
+
+/// Copies the checkpoint in `dir` into the variables of `vs`, like
+/// [`checkpoint::load_weights`], reading a variable the checkpoint lacks under its own
+/// name from the first of `aliases(name)` it holds. Aliased variables load through a
+/// second VarStore holding the same tensors (shallow clones: one storage) under the
+/// checkpoint's names. A tensor missing under every name is reported by its own name.
+pub(crate) fn load_weights_with_aliases(
+    vs: &mut nn::VarStore,
+    dir: &Path,
+    aliases: impl Fn(&str) -> Vec<String>,
+) -> Result<()> {
+    let present: HashSet<String> = gpt2::tensor_names(dir)?.into_iter().collect();
+    let key = |name: &str| -> String {
+        if present.contains(name) {
+            return name.to_string();
+        }
+        aliases(name).into_iter().find(|a| present.contains(a)).unwrap_or_else(|| name.to_string())
+    };
+    let variables = vs.variables();
+    if variables.keys().all(|name| key(name) == *name) {
+        return checkpoint::load_weights(vs, dir);
+    }
+    let mut view = nn::VarStore::new(vs.device());
+    for (name, var) in variables {
+        let key = key(&name);
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let leaf = parts.pop().unwrap_or_default();
+        let path = parts.iter().fold(view.root(), |path, part| &path / *part);
+        let _ = path.add(leaf, var, false);
+    }
+    checkpoint::load_weights(&mut view, dir)
+}
+
+/// The rows of `table` (rows, C) for `ids`, or an error naming `name` (not a panic) for
+/// an id outside the table; the row `padding_idx` gets no gradient from the lookup. The
+/// range check is a CPU-GPU sync point.
+pub(crate) fn embedding_lookup(table: &Tensor, padding_idx: Option<i64>, ids: &Tensor, name: &str) -> Result<Tensor> {
+    if ids.numel() > 0 {
+        let rows = table.size()[0];
+        let (min, max) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        if min < 0 || max >= rows {
+            return Err(Error::Other(format!("{name}: ids must lie in [0, {rows}), found ids from {min} to {max}")));
+        }
+    }
+    Ok(Tensor::f_embedding(table, ids, padding_idx.unwrap_or(-1), false, false)?)
 }
