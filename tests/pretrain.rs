@@ -360,3 +360,98 @@ fn a_mixture_of_text_and_jsonl_files_streams_by_weight_and_learns() {
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("stories.jsonl: line 1: missing field `story`"), "{}", stderr(&out));
 }
+
+/// A stage of `uses` with `model` and `objective` sections, on the small corpus.
+fn denoising_recipe(dir: &Path, uses: &str, model: &str, objective: &str, steps: u32) -> std::path::PathBuf {
+    let corpus = small_corpus(dir, 300);
+    let name = uses.split('.').nth(1).unwrap();
+    let text = format!(
+        "run:\n  output_dir: {out}\n  seed: 4\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n  - name: {name}\n    uses: {uses}\n    config:\n      data: {{train: {corpus}, seq_len: 32}}\n      tokenizer: {{vocab_size: 400}}\n      model: {model}\n      objective: {objective}\n      optimizer: {{lr: 1.0e-2}}\n      schedule: {{warmup_steps: 2}}\n      batch_size: 8\n      micro_batch_size: 4\n      max_steps: {steps}\n      eval: {{every: {steps}, max_batches: 4}}\n      checkpoint: {{every: 10}}\n",
+        out = dir.join("run").display(),
+        corpus = corpus.display(),
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// transformers loads `dir` with `class` (no missing or unexpected weights) and its tokenizer.
+fn loads_in_transformers(dir: &Path, class: &str) -> serde_json::Value {
+    let script = format!(
+        r#"
+import json, sys, transformers
+model, info = transformers.{class}.from_pretrained(sys.argv[1], output_loading_info=True)
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+print(json.dumps({{"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+                  "mask": tok.mask_token, "pad": tok.pad_token,
+                  "extra": sum(t.startswith("<extra_id_") for t in tok.all_special_tokens)}}))
+"#
+    );
+    let out = std::process::Command::new(python()).args(["-c", &script]).arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn masked_lm_trains_a_bert_encoder_that_transformers_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2}";
+    let recipe = denoising_recipe(dir.path(), "pretrain.masked_lm", model, "{probability: 0.15}", 30);
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("run/masked_lm/report.json")).unwrap()).unwrap();
+    let metrics = &report["metrics"];
+    let (initial, last) = (metrics["eval/initial_loss"].as_f64().unwrap(), metrics["eval/loss"].as_f64().unwrap());
+    assert!(last < initial - 1.0, "eval/loss {initial} -> {last}");
+    let loaded = loads_in_transformers(&dir.path().join("run/masked_lm/final"), "BertForMaskedLM");
+    assert_eq!(loaded["missing"], serde_json::json!([]), "{loaded}");
+    assert_eq!(loaded["unexpected"], serde_json::json!([]), "{loaded}");
+    assert_eq!(loaded["mask"], "[MASK]");
+    assert_eq!(loaded["pad"], "[PAD]");
+}
+
+#[test]
+fn span_corruption_trains_a_t5_encoder_decoder_that_transformers_loads_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = "{d_model: 32, d_ff: 64, num_layers: 2, num_heads: 2}";
+    let recipe = denoising_recipe(
+        dir.path(),
+        "pretrain.span_corruption",
+        model,
+        "{noise_density: 0.15, mean_span_length: 3}",
+        30,
+    );
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let run = dir.path().join("run");
+    let report = |run: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(run.join("span_corruption/report.json")).unwrap()).unwrap()
+    };
+    let metrics = report(&run)["metrics"].clone();
+    let (initial, last) = (metrics["eval/initial_loss"].as_f64().unwrap(), metrics["eval/loss"].as_f64().unwrap());
+    assert!(last < initial - 1.0, "eval/loss {initial} -> {last}");
+    let loaded = loads_in_transformers(&run.join("span_corruption/final"), "T5ForConditionalGeneration");
+    assert_eq!(loaded["missing"], serde_json::json!([]), "{loaded}");
+    assert_eq!(loaded["pad"], "<pad>");
+    assert_eq!(loaded["extra"], 100, "T5's 100 sentinels");
+
+    // As if it had died after the step-20 checkpoint: resuming ends where the whole run did.
+    let losses = |run: &Path| -> Vec<(i64, f64)> {
+        let events = read_tensorboard(&run.join("tb/span_corruption"));
+        events["scalars"]["train/loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
+            .collect()
+    };
+    let expected = losses(&run);
+    std::fs::remove_dir_all(run.join("span_corruption/final")).unwrap();
+    std::fs::remove_file(run.join("span_corruption/report.json")).unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--resume"]);
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains("resuming from step 20"), "{}", stderr(&out));
+    assert_eq!(losses(&run), expected);
+    assert_eq!(report(&run)["metrics"]["eval/loss"], metrics["eval/loss"]);
+}

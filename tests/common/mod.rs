@@ -116,7 +116,10 @@ for t in tags["tensors"]:
     for e in acc.Tensors(t):
         if e.tensor_proto.string_val:
             out["text"].setdefault(t, []).append([e.step, e.tensor_proto.string_val[0].decode("utf-8")])
-content = acc.PluginTagToContent("hparams")
+try:
+    content = acc.PluginTagToContent("hparams")
+except KeyError:  # the stage logged no hparams
+    content = {}
 for tag, raw in content.items():
     data = plugin_data_pb2.HParamsPluginData.FromString(raw)
     if data.HasField("session_start_info"):

@@ -41,6 +41,31 @@ pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
     }
 }
 
+/// A model that can be written in HF layout: what a checkpoint needs of it. Every
+/// [`Policy`] is one; so are the encoder families ([`bert`], [`t5`]).
+pub trait SaveHf {
+    /// Writes the weights and `config.json` into `dir`, which exists.
+    fn save_hf(&self, dir: &Path) -> Result<()>;
+}
+
+impl<P: Policy + ?Sized> SaveHf for P {
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.save(dir)
+    }
+}
+
+impl SaveHf for bert::BertForMaskedLm {
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.save(dir)
+    }
+}
+
+impl SaveHf for t5::T5ForConditionalGeneration {
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.save(dir)
+    }
+}
+
 /// A causal language model that plugins train, score with and sample from.
 ///
 /// Families implement [`Policy::forward`] (with or without a KV cache), and get

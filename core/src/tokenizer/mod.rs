@@ -58,12 +58,30 @@ impl Tokenizer {
         vocab_size: usize,
         min_frequency: u64,
     ) -> Result<Self> {
+        Self::train_bpe_with(texts, vocab_size, min_frequency, &[], &[])
+    }
+
+    /// [`train_bpe`](Self::train_bpe) with more special tokens: `named` ones written to
+    /// `tokenizer_config.json` under their key (`("mask_token", "[MASK]")`), and `additional`
+    /// ones (`additional_special_tokens`, e.g. T5's sentinels), all after [`END_OF_TEXT`].
+    pub fn train_bpe_with<'a>(
+        texts: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+        min_frequency: u64,
+        named: &[(&str, &str)],
+        additional: &[String],
+    ) -> Result<Self> {
+        let specials: Vec<AddedToken> = std::iter::once(END_OF_TEXT)
+            .chain(named.iter().map(|(_, token)| *token))
+            .chain(additional.iter().map(String::as_str))
+            .map(|t| AddedToken::from(t.to_owned(), true))
+            .collect();
         let mut trainer = TrainerWrapper::BpeTrainer(
             BpeTrainerBuilder::new()
                 .vocab_size(vocab_size)
                 .min_frequency(min_frequency)
                 .show_progress(false)
-                .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+                .special_tokens(specials)
                 .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
                 .build(),
         );
@@ -83,11 +101,22 @@ impl Tokenizer {
         .map_err(|e| Error::Other(format!("building the tokenizer: {e}")))?;
         builder.train(&mut trainer, texts).map_err(|e| Error::Other(format!("training the tokenizer: {e}")))?;
         let inner = tokenizers::Tokenizer::from(builder);
-        let config: Map<String, Value> =
+        let mut config: Map<String, Value> =
             ["bos_token", "eos_token"].into_iter().map(|key| (key.to_owned(), json!(END_OF_TEXT))).collect();
+        for (key, token) in named {
+            config.insert((*key).to_owned(), json!(token));
+        }
+        if !additional.is_empty() {
+            config.insert("additional_special_tokens".into(), json!(additional));
+        }
         let config_file = PathBuf::from(CONFIG_FILE);
         let special = SpecialTokens::resolve(&inner, &config, &config_file, &ModelTokenIds::default())?;
         Ok(Self { inner, config, config_file, special, chat_template: None })
+    }
+
+    /// The id of `token` (a whole vocabulary entry, such as a special token).
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
     }
 
     /// Tokens in the vocabulary, added tokens included.

@@ -11,6 +11,7 @@ use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write
 use crate::data::stream::StreamState;
 use crate::data::{self, BatchOrder};
 use crate::error::{Error, Result};
+use crate::model::SaveHf;
 use crate::optim::schedule::Decay;
 use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule};
 use crate::tokenizer::Tokenizer;
@@ -266,13 +267,13 @@ pub fn save_checkpoint(
     checkpoints: &Checkpoints,
     state: &TrainerState,
     data: DataPosition,
-    policy: &dyn Policy,
+    model: &(impl SaveHf + ?Sized),
     tokenizer: &Tokenizer,
     optimizer: &AdamW,
     max_length: usize,
 ) -> Result<PathBuf> {
     checkpoints.save(state.step, |dir| {
-        write_model(dir, policy, tokenizer, max_length)?;
+        write_model(dir, model, tokenizer, max_length)?;
         save_safetensors(&dir.join(OPTIMIZER_STATE), &optimizer.state())?;
         let json =
             serde_json::to_value(Saved { state: state.clone(), data }).map_err(|e| Error::Other(e.to_string()))?;
@@ -305,13 +306,13 @@ pub fn resume_point(ctx: &RunContext, checkpoints: &Checkpoints) -> Result<Optio
 }
 
 /// The model and its tokenizer in HF layout, written atomically to `dir`.
-pub fn save_model(dir: &Path, policy: &dyn Policy, tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
-    write_dir_atomically(dir, |staging| write_model(staging, policy, tokenizer, max_length))
+pub fn save_model(dir: &Path, model: &(impl SaveHf + ?Sized), tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
+    write_dir_atomically(dir, |staging| write_model(staging, model, tokenizer, max_length))
 }
 
 /// The model and its tokenizer in HF layout, into an existing directory.
-pub fn write_model(dir: &Path, policy: &dyn Policy, tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
-    policy.save(dir)?;
+pub fn write_model(dir: &Path, model: &(impl SaveHf + ?Sized), tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
+    model.save_hf(dir)?;
     tokenizer.save(dir, max_length)
 }
 

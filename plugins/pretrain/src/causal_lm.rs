@@ -7,14 +7,11 @@
 //! `eval/loss`. The model is saved in HF layout under `<output_dir>/<stage>/final/`.
 //!
 //! The loop below is the whole algorithm, top to bottom.
-use std::path::PathBuf;
 use std::time::Instant;
 
 use plumb_core::checkpoint::training::Checkpoints;
-use plumb_core::checkpoint::write_file_atomically;
 use plumb_core::data;
-use plumb_core::data::curation::{count_words, curate, CurationConfig};
-use plumb_core::data::stream::{validation_documents, Mixture, SourceConfig, TokenStream};
+use plumb_core::data::stream::TokenStream;
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
 use plumb_core::optim::{clip_grad_norm, Optimizer};
@@ -28,6 +25,8 @@ use plumb_core::train::{
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
+
+use crate::corpus::{eos_of, Corpus, DataConfig, TokenizerConfig};
 
 /// The stage's recipe section.
 #[derive(Debug, Clone, Deserialize)]
@@ -72,56 +71,6 @@ pub struct CausalLmConfig {
     /// Log training scalars every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// A UTF-8 text file; documents are separated by blank lines. Or `sources`.
-    #[serde(default)]
-    pub train: Option<PathBuf>,
-    /// Several files mixed by weight, streamed from disk: text (`.txt`, blank-line
-    /// separated) or JSONL (`.jsonl`, the text in `field`, default `text`).
-    #[serde(default)]
-    pub sources: Vec<SourceConfig>,
-    /// Held-out documents kept for evaluation, at most, from each source.
-    #[serde(default = "default_max_validation_documents")]
-    pub max_validation_documents: usize,
-    /// Rows ready to draw from at random (a shuffle buffer over the stream).
-    #[serde(default = "default_shuffle_buffer")]
-    pub shuffle_buffer: usize,
-    /// Fraction of documents held out for evaluation.
-    #[serde(default = "default_validation_fraction")]
-    pub validation_fraction: f64,
-    /// Tokens per training sequence.
-    #[serde(default = "default_seq_len")]
-    pub seq_len: usize,
-    /// Curate the corpus before training (quality heuristics, exact and near
-    /// deduplication); the report goes to the log and TensorBoard.
-    #[serde(default)]
-    pub curation: Option<CurationConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenizerConfig {
-    #[serde(default = "default_vocab_size")]
-    pub vocab_size: usize,
-    #[serde(default = "default_min_frequency")]
-    pub min_frequency: u64,
-    /// Trained on at most this many training documents, from the start of the stream.
-    #[serde(default = "default_max_tokenizer_documents")]
-    pub max_documents: usize,
-}
-
-impl Default for TokenizerConfig {
-    fn default() -> Self {
-        Self {
-            vocab_size: default_vocab_size(),
-            min_frequency: default_min_frequency(),
-            max_documents: default_max_tokenizer_documents(),
-        }
-    }
 }
 
 /// A Llama-style architecture; the vocabulary size comes from the tokenizer.
@@ -181,27 +130,6 @@ fn default_grad_clip() -> f64 {
 fn default_log_every() -> u64 {
     10
 }
-fn default_validation_fraction() -> f64 {
-    0.05
-}
-fn default_max_validation_documents() -> usize {
-    2000
-}
-fn default_shuffle_buffer() -> usize {
-    1024
-}
-fn default_max_tokenizer_documents() -> usize {
-    100_000
-}
-fn default_seq_len() -> usize {
-    128
-}
-fn default_vocab_size() -> usize {
-    2048
-}
-fn default_min_frequency() -> u64 {
-    2
-}
 fn default_rope_theta() -> f64 {
     10_000.0
 }
@@ -226,27 +154,7 @@ impl Stage for CausalLm {
     type Config = CausalLmConfig;
 
     fn validate(c: &CausalLmConfig, ctx: &ValidateContext) -> Result<()> {
-        match (&c.data.train, c.data.sources.as_slice()) {
-            (Some(train), []) => ctx.existing_file("data.train", train)?,
-            (None, sources) if !sources.is_empty() => {
-                for (i, source) in sources.iter().enumerate() {
-                    source.validate(&format!("data.sources[{i}]"))?;
-                }
-                require(c.data.curation.is_none(), "data.curation", "curation works on `train`, a single file")?;
-            }
-            _ => return Err(Error::config("data", "expected `train` (one text file) or `sources` (a mixture)")),
-        }
-        require(c.data.shuffle_buffer > 0, "data.shuffle_buffer", "expected at least 1")?;
-        require(c.data.max_validation_documents > 0, "data.max_validation_documents", "expected at least 1")?;
-        require(
-            c.data.validation_fraction > 0.0 && c.data.validation_fraction < 1.0,
-            "data.validation_fraction",
-            "expected a fraction strictly between 0 and 1",
-        )?;
-        require(c.data.seq_len >= 2, "data.seq_len", "expected at least 2")?;
-        if let Some(curation) = &c.data.curation {
-            curation.validate().map_err(|e| nested("data.curation", e))?;
-        }
+        c.data.validate(ctx)?;
         require(c.batch_size > 0, "batch_size", "expected at least 1")?;
         if let Some(micro) = c.micro_batch_size {
             require(
@@ -265,11 +173,7 @@ impl Stage for CausalLm {
         c.optimizer.validate()?;
         c.schedule.validate(c.max_steps)?;
         require(c.grad_clip >= 0.0, "grad_clip", "expected a non-negative value (0 turns clipping off)")?;
-        require(
-            c.tokenizer.vocab_size >= 257 + 1,
-            "tokenizer.vocab_size",
-            "expected at least 258 (256 bytes, EOS and one merge)",
-        )?;
+        c.tokenizer.validate(0)?;
         if let Some(m) = &c.model {
             let positions = m.max_position_embeddings.unwrap_or(c.data.seq_len);
             require(positions >= c.data.seq_len, "model.max_position_embeddings", "expected at least data.seq_len")?;
@@ -283,25 +187,7 @@ impl Stage for CausalLm {
         let device = ctx.device();
         tch::manual_seed(ctx.seed() as i64);
 
-        // Data: the sources (a curated copy of `train`, when asked), held-out documents,
-        // and, further down, the training stream.
-        let sources = match (&c.data.train, &c.data.curation) {
-            (Some(train), Some(curation)) => {
-                let (kept, report) = curate(data::read_documents(train)?, curation, &count_words)?;
-                tracing::info!("curation of {}:\n{report}", train.display());
-                ctx.text("data/curation", 0, &report.to_markdown());
-                for (tag, value) in report.scalars() {
-                    ctx.scalar(&tag, 0, value);
-                }
-                let curated = ctx.stage_dir().join("curated.txt");
-                write_file_atomically(&curated, (kept.join("\n\n") + "\n").as_bytes())?;
-                vec![SourceConfig::text(curated)]
-            }
-            (Some(train), None) => vec![SourceConfig::text(train)],
-            (None, _) => c.data.sources.clone(),
-        };
-        let fraction = c.data.validation_fraction;
-        let val_docs = validation_documents(&sources, ctx.seed(), fraction, c.data.max_validation_documents)?;
+        let corpus = Corpus::open(&c.data, ctx)?;
         let checkpoints = Checkpoints::new(ctx.stage_dir(), c.checkpoint.keep);
         let resume_from = resume_point(ctx, &checkpoints)?;
         let (policy, tokenizer) = match (&resume_from, ctx.input_model(), &c.model) {
@@ -313,17 +199,7 @@ impl Stage for CausalLm {
                 (LlamaForCausalLm::from_dir(dir, device, Kind::Float)?, tokenizer)
             }
             (None, None, Some(m)) => {
-                let mut mixture = Mixture::open(&sources, ctx.seed(), fraction, None)?;
-                let mut sample = Vec::new();
-                let distinct = sources.len() as u64;
-                while sample.len() < c.tokenizer.max_documents && mixture.epochs().iter().sum::<u64>() < distinct {
-                    sample.push(mixture.next_document()?);
-                }
-                let tokenizer = Tokenizer::train_bpe(
-                    sample.iter().map(String::as_str),
-                    c.tokenizer.vocab_size,
-                    c.tokenizer.min_frequency,
-                )?;
+                let tokenizer = c.tokenizer.train(&corpus, &[], &[])?;
                 let mut hf = llama_config(m, tokenizer.vocab_size(), c.data.seq_len);
                 hf.eos_token_id = tokenizer.eos_id().map(Into::into);
                 hf.bos_token_id = tokenizer.eos_id().map(Into::into);
@@ -342,22 +218,15 @@ impl Stage for CausalLm {
                 ))
             }
         };
-        let eos = tokenizer.eos_id().ok_or_else(|| Error::Other("the tokenizer has no EOS token".into()))?;
-        let val_tokens = tokenizer.encode_batch(&val_docs.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let with_eos: Vec<Vec<i64>> = val_tokens.iter().map(|d| [d.as_slice(), &[eos]].concat()).collect();
-        let unigram_entropy = data::unigram_entropy(&with_eos, tokenizer.vocab_size());
-        let validation = data::pack(&val_tokens, eos, c.data.seq_len)?;
-        tracing::info!(
-            "data: {} source(s), {} validation documents in {} sequences of {} tokens; vocabulary {}; unigram entropy {unigram_entropy:.4} nats",
-            sources.len(), val_docs.len(), validation.size()[0], c.data.seq_len, tokenizer.vocab_size()
-        );
+        let eos = eos_of(&tokenizer)?;
+        let (validation, unigram_entropy) = corpus.validation_rows(&tokenizer, c.data.seq_len + 1)?;
+        let validation = Tensor::from_slice(&validation.concat()).view([-1, c.data.seq_len as i64 + 1]);
         tracing::info!("model: {} parameters on {device:?}", policy.num_parameters());
 
         // Optimizer and schedule.
         let mut optimizer = c.optimizer.adamw(policy.var_store());
         let schedule = c.schedule.schedule(c.optimizer.lr, c.max_steps);
         let mut state = TrainerState::default();
-        let (seed, seq_len, buffer) = (ctx.seed(), c.data.seq_len, c.data.shuffle_buffer);
         let mut stream = match &resume_from {
             Some((_, dir)) => {
                 let (saved, data) = load_checkpoint(dir, &mut optimizer)?;
@@ -366,9 +235,9 @@ impl Stage for CausalLm {
                 };
                 state = saved;
                 ctx.restart_at(state.step as i64 + 1);
-                TokenStream::resume(&sources, seed, fraction, seq_len, eos, buffer, *position)?
+                corpus.stream(c.data.seq_len + 1, eos, c.data.shuffle_buffer, Some(*position))?
             }
-            None => TokenStream::new(Mixture::open(&sources, seed, fraction, None)?, seq_len, eos, buffer, seed, None),
+            None => corpus.stream(c.data.seq_len + 1, eos, c.data.shuffle_buffer, None)?,
         };
         let position = |stream: &TokenStream| DataPosition::Stream(Box::new(stream.state()));
         let micro = c.micro_batch_size.unwrap_or(c.batch_size);

@@ -1,16 +1,24 @@
-//! Pretraining objectives as plumb stages.
+//! Pretraining objectives as plumb stages, each from scratch (training a BPE tokenizer)
+//! or from an input model, on a streamed corpus (`corpus`):
 //!
-//! - `pretrain.causal_lm`: next-token prediction on a text corpus with a Llama-style
-//!   decoder, from scratch (training a BPE tokenizer) or from an input model.
+//! - `pretrain.causal_lm`: next-token prediction with a Llama-style decoder;
+//! - `pretrain.masked_lm`: BERT's masked LM with a bidirectional encoder;
+//! - `pretrain.span_corruption`: T5's span corruption with an encoder-decoder.
 pub mod causal_lm;
+pub mod corpus;
+pub mod denoising;
+pub mod masked_lm;
+pub mod span_corruption;
 
 pub use causal_lm::CausalLm;
+pub use masked_lm::MaskedLm;
+pub use span_corruption::SpanCorruption;
 
 plumb_core::export_plugin! {
     name: "pretrain",
     version: env!("CARGO_PKG_VERSION"),
-    description: "Pretraining objectives: causal language modelling on text corpora",
-    stages: [CausalLm],
+    description: "Pretraining objectives: causal LM, masked LM (BERT) and span corruption (T5) on text corpora",
+    stages: [CausalLm, MaskedLm, SpanCorruption],
     evaluators: [],
     rewards: [],
 }
