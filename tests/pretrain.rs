@@ -164,16 +164,8 @@ fn ctrl_c_finishes_the_step_checkpoints_and_exits_130() {
     assert!(!dir.path().join("run-4/pretrain/final").exists());
 }
 
-/// train/loss by step as TensorBoard reads it (a resumed run's events replace the
-/// killed run's from the step it resumed at).
 fn losses(run: &Path) -> Vec<(i64, f64)> {
-    let events = read_tensorboard(&run.join("tb/pretrain"));
-    events["scalars"]["train/loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
-        .collect()
+    train_losses(&run.join("tb/pretrain"))
 }
 
 #[test]
@@ -437,15 +429,7 @@ fn span_corruption_trains_a_t5_encoder_decoder_that_transformers_loads_and_resum
     assert_eq!(loaded["extra"], 100, "T5's 100 sentinels");
 
     // As if it had died after the step-20 checkpoint: resuming ends where the whole run did.
-    let losses = |run: &Path| -> Vec<(i64, f64)> {
-        let events = read_tensorboard(&run.join("tb/span_corruption"));
-        events["scalars"]["train/loss"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
-            .collect()
-    };
+    let losses = |run: &Path| train_losses(&run.join("tb/span_corruption"));
     let expected = losses(&run);
     std::fs::remove_dir_all(run.join("span_corruption/final")).unwrap();
     std::fs::remove_file(run.join("span_corruption/report.json")).unwrap();

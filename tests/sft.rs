@@ -217,15 +217,7 @@ fn a_resumed_sft_run_continues_the_same_trajectory() {
         ),
     )
     .unwrap();
-    let losses = |run: &Path| -> Vec<(i64, f64)> {
-        let events = read_tensorboard(&run.join("tb/sft"));
-        events["scalars"]["train/loss"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
-            .collect()
-    };
+    let losses = |run: &Path| train_losses(&run.join("tb/sft"));
     assert_exit(&plumb(dir.path(), &["run", recipe.to_str().unwrap()]), 0);
     let run = dir.path().join("run");
     let expected = losses(&run);

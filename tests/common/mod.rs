@@ -132,3 +132,15 @@ print(json.dumps(out))
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
 }
+
+/// train/loss by step as TensorBoard reads it from a stage's folder (a resumed run's
+/// events replace the stopped run's from the step it resumed at).
+pub fn train_losses(tb_dir: &Path) -> Vec<(i64, f64)> {
+    let events = read_tensorboard(tb_dir);
+    events["scalars"]["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
+        .collect()
+}

@@ -14,19 +14,18 @@ use plumb_core::data;
 use plumb_core::data::stream::TokenStream;
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
-use plumb_core::optim::{clip_grad_norm, Optimizer};
+use plumb_core::optim::{clip_grad_norm, AdamW, Optimizer};
 use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
-    accumulate_gradients, load_checkpoint, nested, next_token_loss, require, resume_point, save_checkpoint, save_model,
-    BatchSizeWarmup, CheckpointConfig, DataPosition, OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats,
-    TrainerState,
+    accumulate_gradients, nested, next_token_loss, require, resume_point, save_checkpoint, save_model, BatchSizeWarmup,
+    CheckpointConfig, OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
-use crate::corpus::{eos_of, Corpus, DataConfig, TokenizerConfig};
+use crate::corpus::{eos_of, position, start_or_resume, Corpus, DataConfig, TokenizerConfig};
 
 /// The stage's recipe section.
 #[derive(Debug, Clone, Deserialize)]
@@ -226,20 +225,17 @@ impl Stage for CausalLm {
         // Optimizer and schedule.
         let mut optimizer = c.optimizer.adamw(policy.var_store());
         let schedule = c.schedule.schedule(c.optimizer.lr, c.max_steps);
-        let mut state = TrainerState::default();
-        let mut stream = match &resume_from {
-            Some((_, dir)) => {
-                let (saved, data) = load_checkpoint(dir, &mut optimizer)?;
-                let DataPosition::Stream(position) = data else {
-                    return Err(Error::file(dir.join("trainer_state.json"), "data: expected a stream position"));
-                };
-                state = saved;
-                ctx.restart_at(state.step as i64 + 1);
-                corpus.stream(c.data.seq_len + 1, eos, c.data.shuffle_buffer, Some(*position))?
-            }
-            None => corpus.stream(c.data.seq_len + 1, eos, c.data.shuffle_buffer, None)?,
+        let resume_dir = resume_from.as_ref().map(|(_, dir)| dir.as_path());
+        let (mut state, mut stream) = start_or_resume(
+            &corpus,
+            resume_dir,
+            &mut optimizer,
+            ctx,
+            (c.data.seq_len + 1, eos, c.data.shuffle_buffer),
+        )?;
+        let checkpoint = |state: &TrainerState, stream: &TokenStream, optimizer: &AdamW| {
+            save_checkpoint(&checkpoints, state, position(stream), &policy, &tokenizer, optimizer, c.data.seq_len)
         };
-        let position = |stream: &TokenStream| DataPosition::Stream(Box::new(stream.state()));
         let micro = c.micro_batch_size.unwrap_or(c.batch_size);
         let initial_eval = evaluate(&policy, &validation, &c, device)?;
         if resume_from.is_none() {
@@ -254,15 +250,7 @@ impl Stage for CausalLm {
         let (mut window, mut window_tokens) = (Instant::now(), 0u64);
         while state.step < c.max_steps {
             if ctx.should_stop() {
-                let dir = save_checkpoint(
-                    &checkpoints,
-                    &state,
-                    position(&stream),
-                    &policy,
-                    &tokenizer,
-                    &optimizer,
-                    c.data.seq_len,
-                )?;
+                let dir = checkpoint(&state, &stream, &optimizer)?;
                 tracing::warn!(
                     "stopped at step {} on request; resume from {} with --resume",
                     state.step,
@@ -317,15 +305,7 @@ impl Stage for CausalLm {
                 (window, window_tokens) = (Instant::now(), 0);
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < c.max_steps {
-                save_checkpoint(
-                    &checkpoints,
-                    &state,
-                    position(&stream),
-                    &policy,
-                    &tokenizer,
-                    &optimizer,
-                    c.data.seq_len,
-                )?;
+                checkpoint(&state, &stream, &optimizer)?;
             }
         }
         let step = state.step;

@@ -14,19 +14,19 @@ use plumb_core::checkpoint::training::Checkpoints;
 use plumb_core::data::stream::TokenStream;
 use plumb_core::data::SplitMix64;
 use plumb_core::model::SaveHf;
-use plumb_core::optim::{clip_grad_norm, Optimizer};
+use plumb_core::optim::{clip_grad_norm, AdamW, Optimizer};
 use plumb_core::plugin::{Metrics, ValidateContext};
 use plumb_core::tch::{self, nn, Device, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
-    load_checkpoint, require, resume_point, save_checkpoint, save_model, CheckpointConfig, DataPosition, OnNonFinite,
-    OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
+    require, resume_point, save_checkpoint, save_model, CheckpointConfig, OnNonFinite, OptimizerConfig, ScheduleConfig,
+    StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::corpus::{eos_of, Corpus, DataConfig, TokenizerConfig};
+use crate::corpus::{eos_of, position, start_or_resume, Corpus, DataConfig, TokenizerConfig};
 
 /// One denoising objective: its model family, its settings, and its loss.
 pub trait Objective: Sized + 'static {
@@ -202,20 +202,12 @@ impl<O: Objective> Stage for Denoising<O> {
 
         let mut optimizer = c.optimizer.adamw(vs);
         let schedule = c.schedule.schedule(c.optimizer.lr, c.max_steps);
-        let mut state = TrainerState::default();
-        let mut stream = match &resume_from {
-            Some((_, dir)) => {
-                let (saved, data) = load_checkpoint(dir, &mut optimizer)?;
-                let DataPosition::Stream(position) = data else {
-                    return Err(Error::file(dir.join("trainer_state.json"), "data: expected a stream position"));
-                };
-                state = saved;
-                ctx.restart_at(state.step as i64 + 1);
-                corpus.stream(row_len, eos, c.data.shuffle_buffer, Some(*position))?
-            }
-            None => corpus.stream(row_len, eos, c.data.shuffle_buffer, None)?,
+        let resume_dir = resume_from.as_ref().map(|(_, dir)| dir.as_path());
+        let (mut state, mut stream) =
+            start_or_resume(&corpus, resume_dir, &mut optimizer, ctx, (row_len, eos, c.data.shuffle_buffer))?;
+        let checkpoint = |state: &TrainerState, stream: &TokenStream, optimizer: &AdamW| {
+            save_checkpoint(&checkpoints, state, position(stream), &model, &tokenizer, optimizer, seq_len)
         };
-        let position = |stream: &TokenStream| DataPosition::Stream(Box::new(stream.state()));
         let evaluate = || -> Result<f64> {
             let _no_grad = tch::no_grad_guard();
             let mut rng = SplitMix64::new(ctx.seed() ^ 0xE7A1); // the same corruption every time
@@ -242,8 +234,7 @@ impl<O: Objective> Stage for Denoising<O> {
         let (mut window, mut window_tokens) = (Instant::now(), 0u64);
         while state.step < c.max_steps {
             if ctx.should_stop() {
-                let dir =
-                    save_checkpoint(&checkpoints, &state, position(&stream), &model, &tokenizer, &optimizer, seq_len)?;
+                let dir = checkpoint(&state, &stream, &optimizer)?;
                 tracing::warn!(
                     "stopped at step {} on request; resume from {} with --resume",
                     state.step,
@@ -295,7 +286,7 @@ impl<O: Objective> Stage for Denoising<O> {
                 (window, window_tokens) = (Instant::now(), 0);
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < c.max_steps {
-                save_checkpoint(&checkpoints, &state, position(&stream), &model, &tokenizer, &optimizer, seq_len)?;
+                checkpoint(&state, &stream, &optimizer)?;
             }
         }
 

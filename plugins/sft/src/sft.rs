@@ -15,7 +15,7 @@ use std::time::Instant;
 use plumb_core::checkpoint::training::Checkpoints;
 use plumb_core::data::{split_documents, BatchOrder};
 use plumb_core::model::{self, GenerationSettings, Policy};
-use plumb_core::optim::{clip_grad_norm, Optimizer};
+use plumb_core::optim::{clip_grad_norm, AdamW, Optimizer};
 use plumb_core::plugin::{Metrics, ValidateContext};
 use plumb_core::tch::{self, Kind, Reduction, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -313,7 +313,10 @@ impl Stage for Sft {
             (state, order) = (saved, saved_order);
             ctx.restart_at(state.step as i64 + 1);
         }
-        let position = |order: &BatchOrder| DataPosition::Batches(order.clone());
+        let checkpoint = |state: &TrainerState, order: &BatchOrder, optimizer: &AdamW| {
+            let position = DataPosition::Batches(order.clone());
+            save_checkpoint(&checkpoints, state, position, policy.as_ref(), &tokenizer, optimizer, c.max_length)
+        };
         let tokens_of = |rows: &[&[usize]]| rows.iter().flat_map(|r| r.iter()).map(|&i| train[i].len()).sum::<usize>();
         let held_out: Vec<&Conversation> = val_conversations.iter().take(c.eval.num_prompts).collect();
         let pattern =
@@ -337,15 +340,7 @@ impl Stage for Sft {
         let (mut window, mut window_tokens) = (Instant::now(), 0usize);
         while state.step < max_steps {
             if ctx.should_stop() {
-                let dir = save_checkpoint(
-                    &checkpoints,
-                    &state,
-                    position(&order),
-                    policy.as_ref(),
-                    &tokenizer,
-                    &optimizer,
-                    c.max_length,
-                )?;
+                let dir = checkpoint(&state, &order, &optimizer)?;
                 tracing::warn!(
                     "stopped at step {} on request; resume from {} with --resume",
                     state.step,
@@ -396,15 +391,7 @@ impl Stage for Sft {
                 (window, window_tokens) = (Instant::now(), 0);
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < max_steps {
-                save_checkpoint(
-                    &checkpoints,
-                    &state,
-                    position(&order),
-                    policy.as_ref(),
-                    &tokenizer,
-                    &optimizer,
-                    c.max_length,
-                )?;
+                checkpoint(&state, &order, &optimizer)?;
             }
         }
 
