@@ -12,7 +12,7 @@ use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::Policy;
 use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
 use plumb_core::tch::{self, Device, Tensor};
-use plumb_core::train::accumulate_gradients;
+use plumb_core::train::{accumulate_gradients, Precision};
 
 use crate::device::{parse_dtype, resolve_device};
 use crate::Failure;
@@ -47,6 +47,9 @@ pub struct TrainBench {
     /// The device's peak FLOP/s, for MFU (hf_baseline.py uses 790e12 for an H100 in bf16).
     #[arg(long)]
     pub peak_flops: Option<f64>,
+    /// fp32, or bf16 (forward under bf16 autocast, fp32 master weights; hf_baseline.py's setting).
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
 }
 
 #[derive(clap::Args)]
@@ -125,6 +128,11 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
         return Err(Failure::User("--batch, --seq and --steps must be positive".into()));
     }
     let device = resolve_device(&args.device)?;
+    let precision = match args.precision.as_str() {
+        "fp32" => Precision::Fp32,
+        "bf16" => Precision::Bf16,
+        other => return Err(Failure::User(format!("--precision: expected fp32 or bf16, found `{other}`"))),
+    };
     tch::manual_seed(0);
     let (layers, hidden) = (config.num_hidden_layers, config.hidden_size);
     let model = LlamaForCausalLm::new(config, device).map_err(user)?;
@@ -134,7 +142,7 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
     let rows: Vec<i64> = (0..batch as i64).collect();
     let mut step = || -> Result<(), Failure> {
         optimizer.zero_grad();
-        accumulate_gradients(&model, &data, &rows, batch, device).map_err(user)?;
+        accumulate_gradients(&model, &data, &rows, batch, device, precision).map_err(user)?;
         clip_grad_norm(&optimizer.parameters(), 1.0).map_err(user)?;
         optimizer.step().map_err(user)
     };
@@ -152,7 +160,7 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
     // Parameters and attention, as hf_baseline.py counts them (Kaplan/PaLM accounting).
     let flops_per_token = 6.0 * params as f64 + 12.0 * (layers * hidden * seq) as f64;
     let line = serde_json::json!({
-        "case": "train", "model": args.shape, "device": format!("{device:?}"), "dtype": "Float",
+        "case": "train", "model": args.shape, "device": format!("{device:?}"), "precision": args.precision,
         "params": params, "batch": batch, "seq": seq, "steps": args.steps,
         "step_s": step_s, "tokens_per_s": tokens_per_s,
         "mfu": args.peak_flops.map(|peak| tokens_per_s * flops_per_token / peak),

@@ -439,3 +439,29 @@ fn span_corruption_trains_a_t5_encoder_decoder_that_transformers_loads_and_resum
     assert_eq!(losses(&run), expected);
     assert_eq!(report(&run)["metrics"]["eval/loss"], metrics["eval/loss"]);
 }
+
+#[test]
+fn bf16_autocast_trains_like_fp32_and_keeps_fp32_master_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 12, 12);
+    assert_exit(&plumb(dir.path(), &["run", recipe.to_str().unwrap()]), 0);
+    let fp32 = report(&dir.path().join("run-12"))["metrics"]["eval/loss"].as_f64().unwrap();
+    let bf16_run = dir.path().join("bf16");
+    let out = plumb(
+        dir.path(),
+        &[
+            "run",
+            recipe.to_str().unwrap(),
+            "stages.pretrain.config.precision=bf16",
+            &format!("run.output_dir={}", bf16_run.display()),
+        ],
+    );
+    assert_exit(&out, 0);
+    let metrics = &report(&bf16_run)["metrics"];
+    let bf16 = metrics["eval/loss"].as_f64().unwrap();
+    assert!(bf16 < metrics["eval/initial_loss"].as_f64().unwrap() - 1.0, "{metrics}");
+    assert!((bf16 - fp32).abs() < 0.1 && bf16 != fp32, "bf16 {bf16} vs fp32 {fp32}: close, not identical");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bf16_run.join("pretrain/final/config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "float32", "master weights stay fp32");
+}

@@ -1,6 +1,8 @@
 //! What every training stage shares, so each stage's file holds only its own loop: the
 //! `optimizer`, `schedule`, `checkpoint` and `on_nonfinite` sections of a recipe, the
 //! non-finite guard, the `train/*` scalars, resumable checkpoints and the final save.
+pub mod precision;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,7 @@ use crate::optim::schedule::Decay;
 use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule};
 use crate::tokenizer::Tokenizer;
 use crate::{Policy, RunContext};
+pub use precision::Precision;
 
 /// An error at `key` unless `ok`: the shape of every check in a stage's `validate`.
 pub fn require(ok: bool, key: &str, message: &str) -> Result<()> {
@@ -316,19 +319,20 @@ pub fn write_model(dir: &Path, model: &(impl SaveHf + ?Sized), tokenizer: &Token
     tokenizer.save(dir, max_length)
 }
 
-/// Runs forward and backward over `rows` in micro-batches of `micro`, accumulating the
-/// gradients of the mean loss over all rows; returns that mean loss.
+/// Runs forward (in `precision`) and backward over `rows` in micro-batches of `micro`,
+/// accumulating the gradients of the mean loss over all rows; returns that mean loss.
 pub fn accumulate_gradients(
     policy: &(impl Policy + ?Sized),
     data: &Tensor,
     rows: &[i64],
     micro: usize,
     device: Device,
+    precision: Precision,
 ) -> Result<f64> {
     let mut loss_sum = 0.0;
     for chunk in rows.chunks(micro.max(1)) {
         let (inputs, targets) = data::causal_batch(data, chunk, device);
-        let loss = next_token_loss(policy, &inputs, &targets)?;
+        let loss = precision.forward(device, || next_token_loss(policy, &inputs, &targets))??;
         (&loss * (chunk.len() as f64 / rows.len() as f64)).backward();
         loss_sum += loss.double_value(&[]) * chunk.len() as f64;
     }
@@ -394,7 +398,8 @@ mod tests {
         let data = Tensor::arange(8 * 9, (Kind::Int64, Device::Cpu)).remainder(40).view([8, 9]);
         let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
         optimizer.zero_grad();
-        let loss = accumulate_gradients(&policy, &data, &[0, 1, 2, 3, 4, 5, 6, 7], micro, Device::Cpu).unwrap();
+        let rows = [0, 1, 2, 3, 4, 5, 6, 7];
+        let loss = accumulate_gradients(&policy, &data, &rows, micro, Device::Cpu, Precision::Fp32).unwrap();
         (loss, optimizer.parameters().iter().map(|p| p.grad().copy()).collect())
     }
 

@@ -20,7 +20,7 @@ use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
     accumulate_gradients, nested, next_token_loss, require, resume_point, save_checkpoint, save_model, BatchSizeWarmup,
-    CheckpointConfig, OnNonFinite, OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
+    CheckpointConfig, OnNonFinite, OptimizerConfig, Precision, ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
@@ -65,6 +65,9 @@ pub struct CausalLmConfig {
     /// Global-norm gradient clipping; 0 turns it off.
     #[serde(default = "default_grad_clip")]
     pub grad_clip: f64,
+    /// `fp32`, or `bf16`: the forward pass under bf16 autocast, fp32 master weights.
+    #[serde(default)]
+    pub precision: Precision,
     #[serde(default)]
     pub eval: EvalConfig,
     /// Log training scalars every this many steps.
@@ -267,7 +270,7 @@ impl Stage for CausalLm {
             };
             let rows = stream.next_rows(&tokenizer, batch_size)?;
             let all: Vec<i64> = (0..batch_size as i64).collect();
-            let mut loss = accumulate_gradients(&policy, &rows, &all, micro, device)?;
+            let mut loss = accumulate_gradients(&policy, &rows, &all, micro, device, c.precision)?;
             if c.inject_nonfinite_at_step == Some(state.step + 1) {
                 loss = f64::NAN; // fault injection, to test the guard
             }
@@ -349,7 +352,8 @@ fn evaluate(policy: &impl Policy, validation: &Tensor, c: &CausalLmConfig, devic
         let size = batch.min(rows - b * batch);
         let indices: Vec<i64> = (b * batch..b * batch + size).collect();
         let (inputs, targets) = data::causal_batch(validation, &indices, device);
-        total += next_token_loss(policy, &inputs, &targets)?.double_value(&[]) * size as f64;
+        let loss = c.precision.forward(device, || next_token_loss(policy, &inputs, &targets))??;
+        total += loss.double_value(&[]) * size as f64;
         count += size;
     }
     Ok(total / count as f64)

@@ -19,8 +19,8 @@ use plumb_core::plugin::{Metrics, ValidateContext};
 use plumb_core::tch::{self, nn, Device, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
-    require, resume_point, save_checkpoint, save_model, CheckpointConfig, OnNonFinite, OptimizerConfig, ScheduleConfig,
-    StepStats, TrainerState,
+    require, resume_point, save_checkpoint, save_model, CheckpointConfig, OnNonFinite, OptimizerConfig, Precision,
+    ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::de::DeserializeOwned;
@@ -91,6 +91,9 @@ pub struct DenoisingConfig<A, S> {
     pub max_steps: u64,
     #[serde(default = "default_grad_clip")]
     pub grad_clip: f64,
+    /// `fp32`, or `bf16`: the forward pass under bf16 autocast, fp32 master weights.
+    #[serde(default)]
+    pub precision: Precision,
     #[serde(default)]
     pub on_nonfinite: OnNonFinite,
     #[serde(default)]
@@ -214,7 +217,7 @@ impl<O: Objective> Stage for Denoising<O> {
             let limit = if c.eval.max_batches > 0 { c.eval.max_batches } else { usize::MAX };
             let (mut total, mut count) = (0.0, 0);
             for rows in validation.chunks(c.micro_batch_size.unwrap_or(c.batch_size)).take(limit) {
-                let (sum, n) = objective.loss(&model, rows, &mut rng, device)?;
+                let (sum, n) = c.precision.forward(device, || objective.loss(&model, rows, &mut rng, device))??;
                 total += sum.double_value(&[]);
                 count += n;
             }
@@ -251,7 +254,7 @@ impl<O: Objective> Stage for Denoising<O> {
             let mut sums = Vec::new();
             let mut targets = 0;
             for chunk in rows.chunks(micro) {
-                let (sum, n) = objective.loss(&model, chunk, &mut rng, device)?;
+                let (sum, n) = c.precision.forward(device, || objective.loss(&model, chunk, &mut rng, device))??;
                 sums.push(sum);
                 targets += n;
             }

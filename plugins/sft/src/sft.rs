@@ -21,7 +21,7 @@ use plumb_core::tch::{self, Kind, Reduction, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::train::{
     load_checkpoint, require, resume_point, save_checkpoint, save_model, CheckpointConfig, DataPosition, OnNonFinite,
-    OptimizerConfig, ScheduleConfig, StepStats, TrainerState,
+    OptimizerConfig, Precision, ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use regex::Regex;
@@ -72,6 +72,9 @@ pub struct SftConfig {
     pub schedule: ScheduleConfig,
     #[serde(default = "default_grad_clip")]
     pub grad_clip: f64,
+    /// `fp32`, or `bf16`: the forward pass under bf16 autocast, fp32 master weights.
+    #[serde(default)]
+    pub precision: Precision,
     #[serde(default)]
     pub on_nonfinite: OnNonFinite,
     #[serde(default)]
@@ -357,7 +360,7 @@ impl Stage for Sft {
             let mut loss = 0.0;
             for chunk in rows.chunks(micro) {
                 let batch = collate(&train, chunk, device);
-                let sum = target_loss_sum(policy.as_ref(), &batch)?;
+                let sum = c.precision.forward(device, || target_loss_sum(policy.as_ref(), &batch))??;
                 (&sum / targets as f64).backward();
                 loss += sum.double_value(&[]) / targets as f64;
             }
@@ -461,7 +464,7 @@ fn validation_loss(policy: &dyn Policy, validation: &[Example], c: &SftConfig, d
     let (mut total, mut count) = (0.0, 0usize);
     for chunk in batches.take(limit) {
         let batch = collate(validation, chunk, device);
-        total += target_loss_sum(policy, &batch)?.double_value(&[]);
+        total += c.precision.forward(device, || target_loss_sum(policy, &batch))??.double_value(&[]);
         count += batch.target_count;
     }
     Ok(total / count.max(1) as f64)

@@ -1,0 +1,132 @@
+//! Mixed precision: `precision: bf16` runs the forward pass under libtorch's autocast in
+//! bfloat16 while the weights, their gradients and the optimizer state stay fp32 (the
+//! "master weights"), as `torch.autocast(device_type, dtype=torch.bfloat16)` does. tch 0.24
+//! can toggle autocast but not choose its dtype (CUDA's default is fp16), so the switch goes
+//! through plumb's C++ shim (`core/csrc/shim.cpp`).
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int};
+
+use serde::Deserialize;
+use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
+
+extern "C" {
+    fn plumb_shim_last_error() -> *const c_char;
+    fn plumb_autocast_get(device: c_int, enabled: *mut bool, dtype: *mut c_int) -> c_int;
+    fn plumb_autocast_set(device: c_int, enabled: bool, dtype: c_int) -> c_int;
+}
+
+/// The numeric precision of the forward pass (`precision:` in a stage's recipe section).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in fp32.
+    #[default]
+    Fp32,
+    /// Forward under bf16 autocast; fp32 master weights, gradients and optimizer state.
+    Bf16,
+}
+
+impl Precision {
+    /// Runs `forward` (a forward pass and the loss; call `backward` outside) in this precision.
+    pub fn forward<T>(self, device: Device, forward: impl FnOnce() -> T) -> Result<T> {
+        match self {
+            Precision::Fp32 => Ok(forward()),
+            Precision::Bf16 => {
+                let _autocast = Autocast::enable(device, Kind::BFloat16)?;
+                Ok(forward())
+            }
+        }
+    }
+}
+
+/// Autocast switched on for a device; the previous state comes back on drop.
+pub struct Autocast {
+    device: c_int,
+    previous: (bool, c_int),
+}
+
+/// c10::ScalarType codes (c10/core/ScalarType.h).
+fn scalar_type(kind: Kind) -> Result<c_int> {
+    match kind {
+        Kind::Half => Ok(5),
+        Kind::BFloat16 => Ok(15),
+        other => Err(Error::Other(format!("autocast computes in bf16 or fp16, not {other:?}"))),
+    }
+}
+
+fn device_code(device: Device) -> c_int {
+    match device {
+        Device::Cuda(_) => 1,
+        _ => 0,
+    }
+}
+
+fn check(code: c_int) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
+    let message = unsafe { CStr::from_ptr(plumb_shim_last_error()) }.to_string_lossy().into_owned();
+    Err(Error::Other(format!("autocast: {message}")))
+}
+
+impl Autocast {
+    /// Turns on autocast in `kind` for `device`'s type until the guard drops.
+    pub fn enable(device: Device, kind: Kind) -> Result<Self> {
+        let code = device_code(device);
+        let dtype = scalar_type(kind)?;
+        let (mut enabled, mut previous_dtype) = (false, 0);
+        // SAFETY: plain values in and out; the shim catches every C++ exception.
+        check(unsafe { plumb_autocast_get(code, &mut enabled, &mut previous_dtype) })?;
+        check(unsafe { plumb_autocast_set(code, true, dtype) })?;
+        Ok(Self { device: code, previous: (enabled, previous_dtype) })
+    }
+
+    /// Whether autocast is on for `device`'s type, and in which kind.
+    pub fn state(device: Device) -> Result<(bool, Kind)> {
+        let (mut enabled, mut dtype) = (false, 0);
+        // SAFETY: as above.
+        check(unsafe { plumb_autocast_get(device_code(device), &mut enabled, &mut dtype) })?;
+        let kind = match dtype {
+            5 => Kind::Half,
+            15 => Kind::BFloat16,
+            _ => Kind::Float,
+        };
+        Ok((enabled, kind))
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        let (enabled, dtype) = self.previous;
+        // SAFETY: as above. A failure here cannot be reported from drop; the set that
+        // succeeded in `enable` makes one unlikely.
+        let _ = unsafe { plumb_autocast_set(self.device, enabled, dtype) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Tensor;
+
+    #[test]
+    fn bf16_autocast_computes_matmuls_in_bf16_and_restores_the_state() {
+        let a = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
+        let before = Autocast::state(Device::Cpu).unwrap();
+        assert!(!before.0);
+        let inside =
+            Precision::Bf16.forward(Device::Cpu, || (a.matmul(&b), Autocast::state(Device::Cpu).unwrap())).unwrap();
+        assert_eq!(inside.0.kind(), Kind::BFloat16, "the matmul ran in bf16");
+        assert_eq!(inside.1, (true, Kind::BFloat16));
+        assert_eq!(Autocast::state(Device::Cpu).unwrap(), before, "the previous state is back");
+        assert_eq!(a.matmul(&b).kind(), Kind::Float);
+        let exact = a.matmul(&b);
+        let diff = (inside.0.to_kind(Kind::Float) - exact).abs().max().double_value(&[]);
+        assert!(diff > 0.0 && diff < 0.1, "bf16 rounding, not garbage: {diff}");
+        assert_eq!(Precision::Fp32.forward(Device::Cpu, || a.matmul(&b).kind()).unwrap(), Kind::Float);
+    }
+}
