@@ -176,7 +176,7 @@ fn a_scalar_head_model_saved_by_plumb_loads_as_sequence_classification() {
     let rows: Vec<Vec<i64>> = vec![(1..=10).collect(), vec![7, 3, 9, 4, 0, 0, 0, 0, 0, 0]];
     let ids = Tensor::from_slice(&rows.concat()).view([2, 10]);
     let mask = ids.ne(0).to_kind(Kind::Int64);
-    for name in ["llama3", "qwen2", "mistral"] {
+    for name in ["llama3", "qwen2", "mistral", "gpt2"] {
         plumb_core::tch::manual_seed(1);
         let model = ScalarHeadModel::from_causal_lm(&dir.path().join(name), Device::Cpu, Kind::Float).unwrap();
         let ours = Vec::<f64>::try_from(model.scores(&ids, &mask).unwrap().to_kind(Kind::Double)).unwrap();
