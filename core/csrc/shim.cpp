@@ -2,11 +2,13 @@
 // not reach"), as a small C API. Every function catches C++ exceptions and reports them as a
 // non-zero return with the message in a thread-local buffer (plumb_shim_last_error).
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/_fused_adamw.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 
 #include <exception>
 #include <string>
+#include <vector>
 
 namespace {
 thread_local std::string last_error;
@@ -59,6 +61,24 @@ int plumb_autocast_set(int device, bool enabled, int dtype) {
     at::autocast::set_autocast_dtype(type, static_cast<c10::ScalarType>(dtype));
     at::autocast::set_autocast_enabled(type, enabled);
     if (!enabled) at::autocast::clear_cache();
+  });
+}
+
+// AdamW over `n` parameters in one fused kernel (torch.optim.AdamW(fused=True)): each array
+// holds pointers to the at::Tensor objects tch's Tensors wrap. `steps` are float scalars on
+// the parameters' device holding the step number, already incremented by the caller.
+int plumb_fused_adamw(void* const* params, void* const* grads, void* const* exp_avgs, void* const* exp_avg_sqs,
+                      void* const* steps, int n, double lr, double beta1, double beta2, double weight_decay,
+                      double eps) {
+  return guarded([&] {
+    auto list = [n](void* const* pointers) {
+      std::vector<at::Tensor> tensors;
+      tensors.reserve(n);
+      for (int i = 0; i < n; ++i) tensors.push_back(*static_cast<at::Tensor*>(pointers[i]));
+      return tensors;
+    };
+    at::_fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), {}, list(steps), lr, beta1,
+                      beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
   });
 }
 

@@ -14,6 +14,7 @@ pub mod plugin;
 pub mod recipe;
 pub mod reward;
 pub mod rollout;
+mod shim;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,10 +1,14 @@
 //! AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"), as
-//! `torch.optim.AdamW` computes it, with two parameter groups: weight decay on
-//! matrices, none on norms, biases and embeddings.
-use tch::{nn, Tensor};
+//! `torch.optim.AdamW(fused=True)` computes it — one fused libtorch kernel per parameter
+//! group, through plumb's C++ shim — with two groups: weight decay on matrices, none on
+//! norms, biases and embeddings.
+use std::os::raw::c_void;
+
+use tch::{nn, Kind, Tensor};
 
 use super::Optimizer;
 use crate::error::Result;
+use crate::shim;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamWConfig {
@@ -26,6 +30,8 @@ struct Param {
     decay: bool,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The step number as a float scalar on the parameter's device, as the fused kernel reads it.
+    step: Tensor,
 }
 
 pub struct AdamW {
@@ -51,6 +57,7 @@ impl AdamW {
                 decay: decays(&name, &tensor),
                 exp_avg: tensor.zeros_like(),
                 exp_avg_sq: tensor.zeros_like(),
+                step: Tensor::zeros([], (Kind::Float, tensor.device())),
                 name,
                 tensor,
             })
@@ -105,21 +112,51 @@ impl Optimizer for AdamW {
         let _no_grad = tch::no_grad_guard();
         self.step += 1;
         let AdamWConfig { lr, betas: (beta1, beta2), eps, weight_decay } = self.config;
-        let bias1 = 1.0 - beta1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        for p in &mut self.params {
-            let grad = p.tensor.grad();
-            if !grad.defined() {
+        for decay in [true, false] {
+            let mut group: Vec<(&mut Param, Tensor)> = self
+                .params
+                .iter_mut()
+                .filter(|p| p.decay == decay)
+                .map(|p| {
+                    let grad = p.tensor.grad();
+                    (p, grad)
+                })
+                .filter(|(_, grad)| grad.defined())
+                .collect();
+            if group.is_empty() {
                 continue;
             }
-            if p.decay && weight_decay != 0.0 {
-                let _ = p.tensor.f_mul_scalar_(1.0 - lr * weight_decay)?;
+            for (p, _) in group.iter_mut() {
+                let _ = p.step.f_fill_(self.step as f64)?;
             }
-            let _ = p.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-            let _ = p.exp_avg_sq.f_mul_scalar_(beta2)?.f_addcmul_(&(&grad * (1.0 - beta2)), &grad)?;
-            let denom = (p.exp_avg_sq.sqrt() / bias2_sqrt) + eps;
-            let update = (&p.exp_avg / denom) * (-lr / bias1);
-            let _ = p.tensor.f_add_(&update)?;
+            let pointers = |f: &dyn Fn(&Param, &Tensor) -> *mut c_void| -> Vec<*mut c_void> {
+                group.iter().map(|(p, g)| f(p, g)).collect()
+            };
+            let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
+            let params = pointers(&|p, _| raw(&p.tensor));
+            let grads = pointers(&|_, g| raw(g));
+            let exp_avgs = pointers(&|p, _| raw(&p.exp_avg));
+            let exp_avg_sqs = pointers(&|p, _| raw(&p.exp_avg_sq));
+            let steps = pointers(&|p, _| raw(&p.step));
+            let wd = if decay { weight_decay } else { 0.0 };
+            // SAFETY: every pointer is to an at::Tensor owned by `group` (parameters, their
+            // moments and steps, and the gradients fetched above), alive for the call.
+            let code = unsafe {
+                shim::plumb_fused_adamw(
+                    params.as_ptr(),
+                    grads.as_ptr(),
+                    exp_avgs.as_ptr(),
+                    exp_avg_sqs.as_ptr(),
+                    steps.as_ptr(),
+                    group.len() as i32,
+                    lr,
+                    beta1,
+                    beta2,
+                    wd,
+                    eps,
+                )
+            };
+            shim::check(code, "fused AdamW")?;
         }
         Ok(())
     }

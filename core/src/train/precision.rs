@@ -3,19 +3,13 @@
 //! "master weights"), as `torch.autocast(device_type, dtype=torch.bfloat16)` does. tch 0.24
 //! can toggle autocast but not choose its dtype (CUDA's default is fp16), so the switch goes
 //! through plumb's C++ shim (`core/csrc/shim.cpp`).
-use std::ffi::CStr;
-use std::os::raw::{c_char, c_int};
+use std::os::raw::c_int;
 
 use serde::Deserialize;
 use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
-
-extern "C" {
-    fn plumb_shim_last_error() -> *const c_char;
-    fn plumb_autocast_get(device: c_int, enabled: *mut bool, dtype: *mut c_int) -> c_int;
-    fn plumb_autocast_set(device: c_int, enabled: bool, dtype: c_int) -> c_int;
-}
+use crate::shim::{self, plumb_autocast_get, plumb_autocast_set};
 
 /// The numeric precision of the forward pass (`precision:` in a stage's recipe section).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -64,12 +58,7 @@ fn device_code(device: Device) -> c_int {
 }
 
 fn check(code: c_int) -> Result<()> {
-    if code == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    let message = unsafe { CStr::from_ptr(plumb_shim_last_error()) }.to_string_lossy().into_owned();
-    Err(Error::Other(format!("autocast: {message}")))
+    shim::check(code, "autocast")
 }
 
 impl Autocast {

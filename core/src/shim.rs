@@ -1,0 +1,36 @@
+//! The Rust side of plumb's C++ shim (`core/csrc/shim.cpp`): the libtorch calls tch 0.24
+//! does not bind. Safe wrappers live with their users (`train::precision`, `optim::adamw`).
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+
+use crate::error::{Error, Result};
+
+extern "C" {
+    fn plumb_shim_last_error() -> *const c_char;
+    pub(crate) fn plumb_autocast_get(device: c_int, enabled: *mut bool, dtype: *mut c_int) -> c_int;
+    pub(crate) fn plumb_autocast_set(device: c_int, enabled: bool, dtype: c_int) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plumb_fused_adamw(
+        params: *const *mut c_void,
+        grads: *const *mut c_void,
+        exp_avgs: *const *mut c_void,
+        exp_avg_sqs: *const *mut c_void,
+        steps: *const *mut c_void,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> c_int;
+}
+
+/// A shim call's status as a Result: on failure, the C++ exception's message after `what`.
+pub(crate) fn check(code: c_int, what: &str) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
+    let message = unsafe { CStr::from_ptr(plumb_shim_last_error()) }.to_string_lossy().into_owned();
+    Err(Error::Other(format!("{what}: {message}")))
+}
