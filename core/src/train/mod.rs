@@ -3,6 +3,22 @@
 //! non-finite guard, the `train/*` scalars, resumable checkpoints and the final save.
 pub mod precision;
 
+/// Defaults of the fields every training stage's section has, for `#[serde(default = ...)]`.
+pub mod defaults {
+    pub fn batch_size() -> usize {
+        16
+    }
+    pub fn grad_clip() -> f64 {
+        1.0
+    }
+    pub fn log_every() -> u64 {
+        10
+    }
+    pub fn eval_every() -> u64 {
+        100
+    }
+}
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

@@ -1,14 +1,15 @@
 //! Pretraining objectives as plumb stages, each from scratch (training a BPE tokenizer)
-//! or from an input model, on a streamed corpus (`corpus`):
+//! or from an input model, on a streamed corpus (`corpus`), through one training loop
+//! (`stage`):
 //!
 //! - `pretrain.causal_lm`: next-token prediction with a Llama-style decoder;
 //! - `pretrain.masked_lm`: BERT's masked LM with a bidirectional encoder;
 //! - `pretrain.span_corruption`: T5's span corruption with an encoder-decoder.
 pub mod causal_lm;
 pub mod corpus;
-pub mod denoising;
 pub mod masked_lm;
 pub mod span_corruption;
+pub mod stage;
 
 pub use causal_lm::CausalLm;
 pub use masked_lm::MaskedLm;

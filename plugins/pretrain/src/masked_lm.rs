@@ -13,10 +13,10 @@ use plumb_core::train::nested;
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-use crate::denoising::{Denoising, Objective};
+use crate::stage::{Objective, Pretraining};
 
 /// The stage.
-pub type MaskedLm = Denoising<MaskedLmObjective>;
+pub type MaskedLm = Pretraining<MaskedLmObjective>;
 
 /// A BERT encoder; the vocabulary comes from the tokenizer.
 #[derive(Debug, Clone, Deserialize)]

@@ -13,10 +13,10 @@ use plumb_core::train::nested;
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-use crate::denoising::{Denoising, Objective};
+use crate::stage::{Objective, Pretraining};
 
 /// The stage.
-pub type SpanCorruption = Denoising<SpanCorruptionObjective>;
+pub type SpanCorruption = Pretraining<SpanCorruptionObjective>;
 
 /// A T5 encoder-decoder; the vocabulary comes from the tokenizer.
 #[derive(Debug, Clone, Deserialize)]

@@ -56,7 +56,7 @@ pub struct SftConfig {
     #[serde(default)]
     pub batching: Batching,
     /// Examples (bucket) or rows (pack) per optimizer step.
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "plumb_core::train::defaults::batch_size")]
     pub batch_size: usize,
     /// Examples or rows per forward/backward pass; gradients accumulate over the step.
     #[serde(default)]
@@ -70,7 +70,7 @@ pub struct SftConfig {
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub schedule: ScheduleConfig,
-    #[serde(default = "default_grad_clip")]
+    #[serde(default = "plumb_core::train::defaults::grad_clip")]
     pub grad_clip: f64,
     /// `fp32`, or `bf16`: the forward pass under bf16 autocast, fp32 master weights.
     #[serde(default)]
@@ -81,7 +81,7 @@ pub struct SftConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub eval: EvalConfig,
-    #[serde(default = "default_log_every")]
+    #[serde(default = "plumb_core::train::defaults::log_every")]
     pub log_every: u64,
 }
 
@@ -107,7 +107,7 @@ pub struct DataConfig {
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// Evaluate every this many steps (and before the first and after the last).
-    #[serde(default = "default_eval_every")]
+    #[serde(default = "plumb_core::train::defaults::eval_every")]
     pub every: u64,
     /// At most this many validation batches for the loss; 0 = all.
     #[serde(default)]
@@ -129,7 +129,7 @@ pub struct EvalConfig {
 impl Default for EvalConfig {
     fn default() -> Self {
         Self {
-            every: default_eval_every(),
+            every: plumb_core::train::defaults::eval_every(),
             max_batches: 0,
             num_prompts: default_num_prompts(),
             sample_prompts: Vec::new(),
@@ -142,20 +142,8 @@ impl Default for EvalConfig {
 fn default_max_length() -> usize {
     512
 }
-fn default_batch_size() -> usize {
-    16
-}
-fn default_grad_clip() -> f64 {
-    1.0
-}
-fn default_log_every() -> u64 {
-    10
-}
 fn default_validation_fraction() -> f64 {
     0.05
-}
-fn default_eval_every() -> u64 {
-    100
 }
 fn default_num_prompts() -> usize {
     8

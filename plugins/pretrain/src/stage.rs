@@ -1,10 +1,14 @@
-//! The training loop of the denoising objectives — masked LM on a bidirectional encoder
-//! and span corruption on an encoder-decoder — which differ only in the model and in how
-//! a row of tokens becomes a loss. Each objective implements [`Objective`]; the stage
-//! ([`Denoising`]) does the rest, as `pretrain.causal_lm` does: a streamed corpus, a
-//! tokenizer trained from scratch with the objective's special tokens (or an input model),
-//! accumulation, clipping, the non-finite guard, checkpoints and resume, evaluation on the
-//! held-out rows (corrupted the same way at every evaluation), and an HF-layout save.
+//! The training loop every pretraining objective shares — causal LM on a decoder, masked
+//! LM on a bidirectional encoder, span corruption on an encoder-decoder — which differ only
+//! in the model and in how a row of tokens becomes a loss. Each objective implements
+//! [`Objective`]; the stage ([`Pretraining`]) does the rest: a streamed corpus, a tokenizer
+//! trained from scratch with the objective's special tokens (or an input model), batch-size
+//! warmup, accumulation, clipping, the non-finite guard, checkpoints and resume, evaluation
+//! on the held-out rows (corrupted the same way at every evaluation, with greedy samples
+//! where the model generates), and an HF-layout save.
+//!
+//! The loop in [`Pretraining::run`] is the whole algorithm, top to bottom.
+
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::path::Path;
@@ -19,8 +23,8 @@ use plumb_core::plugin::{Metrics, ValidateContext};
 use plumb_core::tch::{self, nn, Device, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{
-    require, resume_point, save_checkpoint, save_model, CheckpointConfig, OnNonFinite, OptimizerConfig, Precision,
-    ScheduleConfig, StepStats, TrainerState,
+    require, resume_point, save_checkpoint, save_model, BatchSizeWarmup, CheckpointConfig, OnNonFinite,
+    OptimizerConfig, Precision, ScheduleConfig, StepStats, TrainerState,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::de::DeserializeOwned;
@@ -28,7 +32,7 @@ use serde::Deserialize;
 
 use crate::corpus::{eos_of, position, start_or_resume, Corpus, DataConfig, TokenizerConfig};
 
-/// One denoising objective: its model family, its settings, and its loss.
+/// One pretraining objective: its model family, its settings, and its loss.
 pub trait Objective: Sized + 'static {
     const NAME: &'static str;
     const DESCRIPTION: &'static str;
@@ -57,8 +61,8 @@ pub trait Objective: Sized + 'static {
 
     /// The objective, its token ids looked up in `tokenizer`, for `model`.
     fn new(settings: &Self::Settings, tokenizer: &Tokenizer, model: &Self::Model) -> Result<Self>;
-    /// Corrupts `rows` with `rng` and returns the summed loss over their prediction
-    /// targets and how many there were.
+    /// Corrupts `rows` with `rng` (if the objective corrupts) and returns the summed loss
+    /// over their prediction targets and how many there were.
     fn loss(
         &self,
         model: &Self::Model,
@@ -66,12 +70,23 @@ pub trait Objective: Sized + 'static {
         rng: &mut SplitMix64,
         device: Device,
     ) -> Result<(Tensor, usize)>;
+
+    /// Greedy continuations of `prompts`, as Markdown, where the model generates.
+    fn samples(
+        &self,
+        _model: &Self::Model,
+        _tokenizer: &Tokenizer,
+        _prompts: &[String],
+        _tokens: usize,
+    ) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// The stage's recipe section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DenoisingConfig<A, S> {
+pub struct PretrainConfig<A, S> {
     pub data: DataConfig,
     #[serde(default)]
     pub tokenizer: TokenizerConfig,
@@ -84,62 +99,76 @@ pub struct DenoisingConfig<A, S> {
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub schedule: ScheduleConfig,
-    #[serde(default = "default_batch_size")]
+    /// Sequences per optimizer step.
+    #[serde(default = "plumb_core::train::defaults::batch_size")]
     pub batch_size: usize,
+    /// Sequences per forward/backward pass; gradients of `batch_size / micro_batch_size`
+    /// micro-batches are accumulated into one step. Default: `batch_size`.
     #[serde(default)]
     pub micro_batch_size: Option<usize>,
+    /// Grow the batch from `start` sequences to `batch_size` over the first `steps` steps.
+    #[serde(default)]
+    pub batch_size_warmup: Option<BatchSizeWarmup>,
     pub max_steps: u64,
-    #[serde(default = "default_grad_clip")]
+    #[serde(default = "plumb_core::train::defaults::grad_clip")]
     pub grad_clip: f64,
     /// `fp32`, or `bf16`: the forward pass under bf16 autocast, fp32 master weights.
     #[serde(default)]
     pub precision: Precision,
+    /// What a non-finite loss or gradient does: `stop` the run naming the step, or
+    /// `skip` the step (no update) and go on.
     #[serde(default)]
     pub on_nonfinite: OnNonFinite,
+    /// Fault injection for testing the non-finite guard: the loss of this step is NaN.
+    #[serde(default)]
+    pub inject_nonfinite_at_step: Option<u64>,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub eval: EvalConfig,
-    #[serde(default = "default_log_every")]
+    #[serde(default = "plumb_core::train::defaults::log_every")]
     pub log_every: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    #[serde(default = "default_eval_every")]
+    /// Evaluate every this many steps (and before the first and after the last).
+    #[serde(default = "plumb_core::train::defaults::eval_every")]
     pub every: u64,
     /// At most this many validation batches per evaluation; 0 = all.
     #[serde(default)]
     pub max_batches: usize,
+    /// Prompts continued greedily at each evaluation and written to TensorBoard as text
+    /// (for objectives whose model generates: causal LM).
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+    #[serde(default = "default_sample_tokens")]
+    pub sample_tokens: usize,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { every: default_eval_every(), max_batches: 0 }
+        Self {
+            every: plumb_core::train::defaults::eval_every(),
+            max_batches: 0,
+            sample_prompts: Vec::new(),
+            sample_tokens: default_sample_tokens(),
+        }
     }
 }
 
-fn default_batch_size() -> usize {
-    16
-}
-fn default_grad_clip() -> f64 {
-    1.0
-}
-fn default_log_every() -> u64 {
-    10
-}
-fn default_eval_every() -> u64 {
-    100
+fn default_sample_tokens() -> usize {
+    48
 }
 
-/// A denoising objective as a stage.
-pub struct Denoising<O>(PhantomData<O>);
+/// A pretraining objective as a stage.
+pub struct Pretraining<O>(PhantomData<O>);
 
-impl<O: Objective> Stage for Denoising<O> {
+impl<O: Objective> Stage for Pretraining<O> {
     const NAME: &'static str = O::NAME;
     const DESCRIPTION: &'static str = O::DESCRIPTION;
-    type Config = DenoisingConfig<O::Architecture, O::Settings>;
+    type Config = PretrainConfig<O::Architecture, O::Settings>;
 
     fn validate(c: &Self::Config, ctx: &ValidateContext) -> Result<()> {
         c.data.validate(ctx)?;
@@ -153,6 +182,9 @@ impl<O: Objective> Stage for Denoising<O> {
                 "micro_batch_size",
                 "expected a positive divisor of batch_size",
             )?;
+        }
+        if let Some(warmup) = &c.batch_size_warmup {
+            warmup.validate(c.batch_size, c.micro_batch_size.unwrap_or(c.batch_size))?;
         }
         require(c.max_steps > 0, "max_steps", "expected at least 1")?;
         c.optimizer.validate()?;
@@ -216,7 +248,7 @@ impl<O: Objective> Stage for Denoising<O> {
             let mut rng = SplitMix64::new(ctx.seed() ^ 0xE7A1); // the same corruption every time
             let limit = if c.eval.max_batches > 0 { c.eval.max_batches } else { usize::MAX };
             let (mut total, mut count) = (0.0, 0);
-            for rows in validation.chunks(c.micro_batch_size.unwrap_or(c.batch_size)).take(limit) {
+            for rows in validation.chunks(c.batch_size).take(limit) {
                 let (sum, n) = c.precision.forward(device, || objective.loss(&model, rows, &mut rng, device))??;
                 total += sum.double_value(&[]);
                 count += n;
@@ -229,8 +261,9 @@ impl<O: Objective> Stage for Denoising<O> {
             ctx.scalar("eval/loss", 0, initial_eval);
         }
 
-        // Train: each step corrupts batch_size fresh rows (the corruption drawn from the
-        // seed and the step alone) and accumulates over micro-batches.
+        // Train: each step takes batch_size fresh rows (fewer while the batch size warms
+        // up), corrupts them (drawn from the seed and the step alone) and accumulates the
+        // gradients of micro-batches.
         let micro = c.micro_batch_size.unwrap_or(c.batch_size);
         let mut last = StepStats::default();
         let mut eval_loss = initial_eval;
@@ -248,7 +281,11 @@ impl<O: Objective> Stage for Denoising<O> {
             let lr = schedule.lr(state.step);
             optimizer.set_learning_rate(lr);
             optimizer.zero_grad();
-            let rows = Vec::<Vec<i64>>::try_from(&stream.next_rows(&tokenizer, c.batch_size)?)
+            let batch_size = match &c.batch_size_warmup {
+                Some(warmup) => warmup.batch_size(state.step, c.batch_size, micro),
+                None => c.batch_size,
+            };
+            let rows = Vec::<Vec<i64>>::try_from(&stream.next_rows(&tokenizer, batch_size)?)
                 .map_err(|e| Error::Other(e.to_string()))?;
             let mut rng = SplitMix64::new(ctx.seed() ^ (state.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut sums = Vec::new();
@@ -263,16 +300,19 @@ impl<O: Objective> Stage for Denoising<O> {
                 (&sum / targets as f64).backward();
                 loss += sum.double_value(&[]) / targets as f64;
             }
+            if c.inject_nonfinite_at_step == Some(state.step + 1) {
+                loss = f64::NAN; // fault injection, to test the guard
+            }
             let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
             state.step += 1;
-            let step_tokens = (c.batch_size * row_len) as u64;
+            let step_tokens = (batch_size * seq_len) as u64; // model input tokens, as hf_baseline.py counts them
             state.tokens += step_tokens;
             window_tokens += step_tokens;
             if !c.on_nonfinite.check(ctx, &mut state, loss, grad_norm)? {
                 continue;
             }
             optimizer.step()?;
-            last = StepStats { loss, grad_norm, learning_rate: lr, tokens_per_second: 0.0, batch_size: c.batch_size };
+            last = StepStats { loss, grad_norm, learning_rate: lr, tokens_per_second: 0.0, batch_size };
             let step = state.step;
             if step % c.log_every == 0 || step == c.max_steps {
                 last.tokens_per_second = window_tokens as f64 / window.elapsed().as_secs_f64();
@@ -286,6 +326,12 @@ impl<O: Objective> Stage for Denoising<O> {
                 ctx.scalar("eval/loss", step as i64, eval_loss);
                 ctx.scalar("eval/perplexity", step as i64, eval_loss.exp());
                 tracing::info!("step {step}: train/loss {:.4} eval/loss {eval_loss:.4}", last.loss);
+                let (prompts, tokens) = (&c.eval.sample_prompts, c.eval.sample_tokens);
+                if let Some(text) =
+                    objective.samples(&model, &tokenizer, prompts, tokens)?.filter(|_| !prompts.is_empty())
+                {
+                    ctx.text("samples/greedy", step as i64, &text);
+                }
                 (window, window_tokens) = (Instant::now(), 0);
             }
             if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < c.max_steps {
