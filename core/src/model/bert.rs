@@ -546,7 +546,7 @@ impl BertForMaskedLm {
 
     /// Trainable parameters.
     pub fn num_parameters(&self) -> i64 {
-        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+        super::num_parameters(&self.vs)
     }
 
     pub fn vocab_size(&self) -> i64 {

@@ -41,6 +41,11 @@ pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
     }
 }
 
+/// Trainable parameters of a model's variables.
+pub fn num_parameters(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+}
+
 /// A model that can be written in HF layout: what a checkpoint needs of it. Every
 /// [`Policy`] is one; so are the encoder families ([`bert`], [`t5`]).
 pub trait SaveHf {
@@ -118,7 +123,7 @@ pub trait Policy {
 
     /// Trainable parameters.
     fn num_parameters(&self) -> i64 {
-        self.var_store().trainable_variables().iter().map(|t| t.numel() as i64).sum()
+        num_parameters(self.var_store())
     }
 
     /// Rows of the token embedding.

@@ -229,7 +229,7 @@ impl<O: Objective> Stage for Pretraining<O> {
             }
         };
         let vs = O::var_store(&model);
-        let parameters: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let parameters = plumb_core::model::num_parameters(vs);
         let objective = O::new(&c.objective, &tokenizer, &model)?;
         let eos = eos_of(&tokenizer)?;
         let (validation, unigram_entropy) = corpus.validation_rows(&tokenizer, row_len)?;

@@ -354,8 +354,9 @@ impl Stage for Sft {
             }
             let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
             state.step += 1;
-            window_tokens += tokens_of(&rows);
-            state.tokens += tokens_of(&rows) as u64;
+            let step_tokens = tokens_of(&rows);
+            window_tokens += step_tokens;
+            state.tokens += step_tokens as u64;
             if !c.on_nonfinite.check(ctx, &mut state, loss, grad_norm)? {
                 continue;
             }
