@@ -9,6 +9,8 @@
 //! Needs Python with transformers: `PLUMB_TEST_PYTHON`, else the workspace's `.venv/bin/python`.
 //!
 //!     cargo test -p plumb-core --test chat_template_parity
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -73,26 +75,12 @@ fn fixture(family: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers").join(family)
 }
 
-fn python() -> PathBuf {
-    if let Ok(python) = std::env::var("PLUMB_TEST_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "this test compares with Python's transformers: set PLUMB_TEST_PYTHON to a python with transformers \
-         installed, or create {}",
-        venv.display()
-    );
-    venv
-}
-
 /// transformers' renders of `cases` for each directory, in one Python process (importing it takes seconds).
 fn transformers(dirs: &[&Path], cases: &[Case]) -> Vec<Transformers> {
     let jobs: Vec<Job> = dirs.iter().map(|dir| Job { dir, cases }).collect();
     let out = tempfile::tempdir().unwrap();
     let result = out.path().join("rendered.json");
-    let mut child = Command::new(python())
+    let mut child = Command::new(common::python())
         .args(["-c", RENDER_PY])
         .arg(&result)
         // strftime_now formats local time in Python, UTC in plumb.

@@ -2,8 +2,9 @@
 //! (the reference): small random checkpoints built by `transformers`, with padding in
 //! the batch, must give the same fp32 CPU logits (1e-4 max abs), and what plumb saves
 //! (loaded or freshly initialised) must load in `transformers` with the same logits.
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use plumb_core::model::bert::BertForMaskedLm;
 use plumb_core::model::t5::{self, T5ForConditionalGeneration};
@@ -11,20 +12,8 @@ use plumb_core::tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PLUMB_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(venv.is_file(), "no Python with transformers: run the tests with `./dev test`, which installs it");
-    venv
-}
-
 fn run_python(args: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/encoders.py");
-    let out = Command::new(python()).arg(script).args(args).output().expect("python runs");
-    assert!(out.status.success(), "encoders.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    common::run_script("encoders.py", args)
 }
 
 /// Builds the reference checkpoints once per test binary.

@@ -2,31 +2,17 @@
 //! built by `transformers`, must give the same fp32 CPU logits (1e-4 max abs), the same
 //! greedy continuations, batched = one by one, and what plumb saves must load back in
 //! `transformers` with the same logits.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 
 use plumb_core::model::{self, GenerationSettings, Policy};
 use plumb_core::tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PLUMB_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(venv.is_file(), "no Python with transformers: run the tests with `./dev test`, which installs it");
-    venv
-}
-
-fn reference_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/reference.py")
-}
-
 fn run_python(args: &[&str]) -> String {
-    let out = Command::new(python()).arg(reference_script()).args(args).output().expect("python runs");
-    assert!(out.status.success(), "reference.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    common::run_script("reference.py", args)
 }
 
 struct Reference {

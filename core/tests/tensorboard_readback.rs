@@ -4,7 +4,9 @@
 //! Needs a Python with `tensorboard` installed: `$PLUMB_TEST_PYTHON` (set by `./dev test`),
 //! else the checkout's `.venv/bin/python`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
 use plumb_core::log::{HParamValue, TbWriter};
@@ -82,22 +84,8 @@ out["dashboard"] = json_format.MessageToDict(groups, preserving_proto_field_name
 print(json.dumps(out))
 "#;
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("PLUMB_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    if venv.exists() {
-        return venv;
-    }
-    panic!(
-        "no Python with tensorboard to read event files back: set PLUMB_TEST_PYTHON or run `./dev test` \
-         (it installs tensorboard into .venv/ and sets PLUMB_TEST_PYTHON)"
-    );
-}
-
 fn read_back(run_dir: &Path, logdir: &Path) -> Value {
-    let python = python();
+    let python = common::python();
     let out = Command::new(&python)
         .arg("-c")
         .arg(READER)
