@@ -13,7 +13,6 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
 
 use super::SplitMix64;
 use crate::error::{Error, IoResultExt, Result};
@@ -298,17 +297,17 @@ impl TokenStream {
         Self { mixture, seq_len, eos, pending, buffer, buffer_rows: buffer_rows.max(1), rng }
     }
 
-    /// The next `rows` rows as an int64 tensor (rows, seq_len + 1) on the CPU.
-    pub fn next_rows(&mut self, tokenizer: &Tokenizer, rows: usize) -> Result<Tensor> {
-        let mut out = Vec::with_capacity(rows * (self.seq_len + 1));
+    /// The next `rows` rows, each of `seq_len + 1` tokens.
+    pub fn next_rows(&mut self, tokenizer: &Tokenizer, rows: usize) -> Result<Vec<Vec<i64>>> {
+        let mut out = Vec::with_capacity(rows);
         for _ in 0..rows {
             while self.buffer.len() < self.buffer_rows {
                 self.fill(tokenizer)?;
             }
             let pick = self.rng.below(self.buffer.len() as u64) as usize;
-            out.extend(self.buffer.swap_remove(pick));
+            out.push(self.buffer.swap_remove(pick));
         }
-        Ok(Tensor::from_slice(&out).view([rows as i64, self.seq_len as i64 + 1]))
+        Ok(out)
     }
 
     /// Tokenizes a chunk of documents into rows.
@@ -425,8 +424,7 @@ mod tests {
         let tokenizer = Tokenizer::train_bpe(["doc has some words in it 0123456789"].into_iter(), 300, 1).unwrap();
         let open = || TokenStream::new(Mixture::open(&sources, 1, 0.05, None).unwrap(), 8, 0, 16, 1, None);
         let mut whole = open();
-        let expected: Vec<Vec<i64>> =
-            (0..50).map(|_| Vec::try_from(whole.next_rows(&tokenizer, 3).unwrap().view([-1])).unwrap()).collect();
+        let expected: Vec<Vec<i64>> = (0..50).map(|_| whole.next_rows(&tokenizer, 3).unwrap().concat()).collect();
         let mut first = open();
         for _ in 0..20 {
             let _ = first.next_rows(&tokenizer, 3).unwrap();
@@ -434,7 +432,7 @@ mod tests {
         let state: StreamState = serde_json::from_str(&serde_json::to_string(&first.state()).unwrap()).unwrap();
         let mut resumed = TokenStream::resume(&sources, 1, 0.05, 8, 0, 16, state).unwrap();
         for (i, rows) in expected.iter().enumerate().skip(20) {
-            let got: Vec<i64> = Vec::try_from(resumed.next_rows(&tokenizer, 3).unwrap().view([-1])).unwrap();
+            let got: Vec<i64> = resumed.next_rows(&tokenizer, 3).unwrap().concat();
             assert_eq!(&got, rows, "batch {i}");
         }
     }

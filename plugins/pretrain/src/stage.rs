@@ -285,8 +285,7 @@ impl<O: Objective> Stage for Pretraining<O> {
                 Some(warmup) => warmup.batch_size(state.step, c.batch_size, micro),
                 None => c.batch_size,
             };
-            let rows = Vec::<Vec<i64>>::try_from(&stream.next_rows(&tokenizer, batch_size)?)
-                .map_err(|e| Error::Other(e.to_string()))?;
+            let rows = stream.next_rows(&tokenizer, batch_size)?;
             let mut rng = SplitMix64::new(ctx.seed() ^ (state.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut sums = Vec::new();
             let mut targets = 0;
