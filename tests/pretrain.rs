@@ -247,21 +247,26 @@ fn a_run_killed_mid_training_resumes_with_the_same_losses_step_for_step() {
 fn a_non_finite_loss_stops_or_is_skipped_as_configured() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), 6, 6);
+    // The fault injection is a test-only switch, outside the recipe schema.
+    let fault = [(plumb_core::train::FAULT_NONFINITE_AT_STEP, "3")];
     let out =
         plumb(dir.path(), &["run", recipe.to_str().unwrap(), "stages.pretrain.config.inject_nonfinite_at_step=3"]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("inject_nonfinite_at_step: unknown key"), "{}", stderr(&out));
+    let out = plumb_with_env(dir.path(), &["run", recipe.to_str().unwrap()], &fault);
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("step 3: the loss is NaN and the gradient norm "), "{}", stderr(&out));
     assert!(stderr(&out).contains("stopping (set on_nonfinite: skip to skip such steps)"), "{}", stderr(&out));
 
-    let out = plumb(
+    let out = plumb_with_env(
         dir.path(),
         &[
             "run",
             recipe.to_str().unwrap(),
-            "stages.pretrain.config.inject_nonfinite_at_step=3",
             "stages.pretrain.config.on_nonfinite=skip",
             "stages.pretrain.config.log_every=1",
         ],
+        &fault,
     );
     assert_exit(&out, 0);
     assert!(stderr(&out).contains("skipping the update (1 skipped so far)"), "{}", stderr(&out));

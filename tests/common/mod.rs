@@ -28,11 +28,17 @@ pub fn repo_root() -> PathBuf {
 
 /// Runs `plumb ARGS` in `dir`, finding plugins next to the binary only.
 pub fn plumb(dir: &Path, args: &[&str]) -> Output {
+    plumb_with_env(dir, args, &[])
+}
+
+/// `plumb` with extra environment variables (e.g. the test-only fault injections).
+pub fn plumb_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_plumb"))
         .args(args)
         .current_dir(dir)
         .env_remove("PLUMB_PLUGIN_PATH")
         .env("PLUMB_LOG", "info")
+        .envs(env.iter().copied())
         .output()
         .expect("plumb runs")
 }
@@ -86,7 +92,7 @@ pub fn tiny_pretrain_stage(name: &str, corpus: &Path, steps: u32) -> String {
         every: 4
         max_batches: 4
         sample_prompts: ["One day, Lily"]
-        sample_tokens: 8
+        max_new_tokens: 8
 "#,
         corpus = corpus.display()
     )

@@ -75,7 +75,7 @@ impl SaveHf for t5::T5ForConditionalGeneration {
 ///
 /// Families implement [`Policy::forward`] (with or without a KV cache), and get
 /// logits, per-token log-probs and batched generation from it.
-pub trait Policy {
+pub trait Policy: SaveHf {
     /// Logits (B, T, vocab) for `input_ids` (B, T) at `positions` (B, T).
     /// `attention_mask` (B, past + T) is 1 for tokens and 0 for padding (or, for packed
     /// examples, a segment id per token: see [`cache::attention_mask`]); with a cache,

@@ -36,5 +36,6 @@ mod validate;
 pub use error::{Location, RecipeError};
 pub use load::LoadedRecipe;
 pub use schema::{Device, PluginSpec, Recipe, RewardSpec, RunSpec, StageSpec};
+pub(crate) use section::{located_message, parse_value};
 pub use section::{parse_section, SectionError};
 pub use suggest::suggest;

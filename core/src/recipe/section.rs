@@ -38,9 +38,33 @@ pub fn parse_section<T: DeserializeOwned>(yaml: &str) -> Result<T, SectionError>
     let value: Value = serde_yaml::from_str(yaml)
         .map_err(|e| SectionError { path: String::new(), message: format!("invalid YAML: {}", yaml_message(&e)) })?;
     let value = if value.is_null() { Value::Mapping(Mapping::new()) } else { value };
-    serde_path_to_error::deserialize(value).map_err(|e| SectionError {
-        path: KeyPath::from_serde(e.path()).to_string(),
-        message: explain(&e.inner().to_string()),
+    parse_value(value).map_err(|(path, message)| SectionError { path, message: explain(&message) })
+}
+
+/// Starts and ends the key path that a message raised inside a nested deserialization
+/// (see [`located_message`]) carries in front of it.
+const PATH_MARK: char = '\u{1f}';
+
+/// A serde message that carries the key path, relative to the value being deserialized,
+/// where it arose; [`parse_value`] puts the path back where it belongs. For
+/// `Deserialize` impls that deserialize parts of their input separately
+/// ([`TrainSection`](crate::train::TrainSection)).
+pub(crate) fn located_message(path: &str, message: &str) -> String {
+    format!("{PATH_MARK}{path}{PATH_MARK}{message}")
+}
+
+/// Deserializes `value`; an error is its key path and serde's own message.
+pub(crate) fn parse_value<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let outer = KeyPath::from_serde(e.path()).to_string();
+        let message = e.inner().to_string();
+        let located = message.strip_prefix(PATH_MARK).and_then(|rest| rest.split_once(PATH_MARK));
+        match located {
+            Some((inner, message)) if outer.is_empty() => (inner.to_owned(), message.to_owned()),
+            Some((inner, message)) if inner.is_empty() => (outer, message.to_owned()),
+            Some((inner, message)) => (format!("{outer}.{inner}"), message.to_owned()),
+            None => (outer, message),
+        }
     })
 }
 

@@ -9,7 +9,7 @@ use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
 use plumb_core::tch::{nn, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::nested;
+use plumb_core::train::{nested, summed_cross_entropy};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
@@ -105,14 +105,7 @@ impl Objective for CausalLmObjective {
         let data = Tensor::from_slice(&rows.concat()).view([-1, width]).to_device(device);
         let (inputs, targets) = (data.narrow(1, 0, width - 1), data.narrow(1, 1, width - 1));
         let logits = model.logits(&inputs, None)?; // (B, T, V)
-        let vocab = logits.size()[2];
-        let sum = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-            &targets.reshape([-1]),
-            None,
-            plumb_core::tch::Reduction::Sum,
-            -100,
-            0.0,
-        );
+        let sum = summed_cross_entropy(&logits, &targets);
         Ok((sum, targets.numel()))
     }
 

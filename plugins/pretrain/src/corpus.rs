@@ -1,17 +1,16 @@
 //! The `data:` and `tokenizer:` sections every pretraining objective shares: which files
 //! to read (one text file, curated on request, or a weighted mixture of text and JSONL
 //! files, streamed), the held-out documents, and a tokenizer trained on the stream's start.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use plumb_core::checkpoint::write_file_atomically;
 use plumb_core::data::curation::{count_words, curate, CurationConfig};
 use plumb_core::data::stream::{validation_documents, Mixture, SourceConfig, StreamState, TokenStream};
 use plumb_core::data::{self};
-use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::Tensor;
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::{load_checkpoint, nested, require, DataPosition, TrainerState};
+use plumb_core::train::{nested, require, DataPosition};
 use plumb_core::{Error, Result, RunContext};
 use serde::Deserialize;
 
@@ -188,25 +187,20 @@ impl Corpus {
     }
 }
 
-/// Where training starts: at the beginning of the corpus' stream, or, from checkpoint
-/// `resume_from`, with its optimizer state (restored into `optimizer`), trainer state and
-/// stream position; TensorBoard is told to drop what the stopped run logged after it.
-pub fn start_or_resume(
+/// The token stream from where a checkpoint left it (`resumed`, the data position the
+/// trainer restored), or from the corpus' start.
+pub fn stream_from(
     corpus: &Corpus,
-    resume_from: Option<&Path>,
-    optimizer: &mut AdamW,
-    ctx: &RunContext,
+    resumed: Option<DataPosition>,
     (row_len, eos, buffer): (usize, i64, usize),
-) -> Result<(TrainerState, TokenStream)> {
-    let Some(dir) = resume_from else {
-        return Ok((TrainerState::default(), corpus.stream(row_len, eos, buffer, None)?));
-    };
-    let (state, data) = load_checkpoint(dir, optimizer)?;
-    let DataPosition::Stream(position) = data else {
-        return Err(Error::file(dir.join("trainer_state.json"), "data: expected a stream position"));
-    };
-    ctx.restart_at(state.step as i64 + 1);
-    Ok((state, corpus.stream(row_len, eos, buffer, Some(*position))?))
+) -> Result<TokenStream> {
+    match resumed {
+        None => corpus.stream(row_len, eos, buffer, None),
+        Some(DataPosition::Stream(position)) => corpus.stream(row_len, eos, buffer, Some(*position)),
+        Some(DataPosition::Batches(_)) => Err(Error::Other(
+            "the checkpoint holds a batch order, not a stream position: was it made by another stage?".into(),
+        )),
+    }
 }
 
 /// The stream's position, for a checkpoint.

@@ -7,9 +7,9 @@ use std::path::Path;
 use plumb_core::data::objectives::{mlm_batch, MlmConfig, SpecialIds, IGNORE_INDEX};
 use plumb_core::data::SplitMix64;
 use plumb_core::model::bert::{BertConfig, BertForMaskedLm};
-use plumb_core::tch::{nn, Device, Kind, Reduction, Tensor};
+use plumb_core::tch::{nn, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::nested;
+use plumb_core::train::{nested, summed_cross_entropy};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
@@ -115,14 +115,7 @@ impl Objective for MaskedLmObjective {
         let (inputs, labels) = mlm_batch(rows, &self.settings, &self.special, rng, device)?;
         let selected = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]) as usize;
         let logits = model.forward(&inputs, None)?;
-        let vocab = logits.size()[2];
-        let sum = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-            &labels.view([-1]),
-            None,
-            Reduction::Sum,
-            IGNORE_INDEX,
-            0.0,
-        );
+        let sum = summed_cross_entropy(&logits, &labels);
         Ok((sum, selected))
     }
 }

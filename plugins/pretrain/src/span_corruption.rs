@@ -7,9 +7,9 @@ use std::path::Path;
 use plumb_core::data::objectives::{corrupt_spans, raw_length_for_inputs, Sentinels, SpanConfig};
 use plumb_core::data::SplitMix64;
 use plumb_core::model::t5::{T5Config, T5ForConditionalGeneration};
-use plumb_core::tch::{nn, Device, Kind, Reduction, Tensor};
+use plumb_core::tch::{nn, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::nested;
+use plumb_core::train::{nested, summed_cross_entropy};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
@@ -145,14 +145,7 @@ impl Objective for SpanCorruptionObjective {
         let inputs = stack(|e| &e.inputs);
         let targets = stack(|e| &e.targets);
         let logits = model.forward(&inputs, None, &model.shift_right(&targets)?, None)?;
-        let vocab = logits.size()[2];
-        let sum = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-            &targets.view([-1]),
-            None,
-            Reduction::Sum,
-            -100,
-            0.0,
-        );
+        let sum = summed_cross_entropy(&logits, &targets);
         Ok((sum, targets.numel()))
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::template::Example;
 
 /// The target of tokens that carry no loss (`cross_entropy`'s `ignore_index`).
-pub const IGNORE: i64 = -100;
+pub use plumb_core::data::objectives::IGNORE_INDEX as IGNORE;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -10,30 +10,28 @@
 //!
 //! The loop below is the whole algorithm, top to bottom.
 use std::path::PathBuf;
-use std::time::Instant;
 
-use plumb_core::checkpoint::training::Checkpoints;
 use plumb_core::data::{split_documents, BatchOrder};
 use plumb_core::model::{self, GenerationSettings, Policy};
-use plumb_core::optim::{clip_grad_norm, AdamW, Optimizer};
-use plumb_core::plugin::{Metrics, ValidateContext};
-use plumb_core::tch::{self, Kind, Reduction, Tensor};
+use plumb_core::optim::AdamW;
+use plumb_core::plugin::ValidateContext;
+use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::train::{
-    load_checkpoint, require, resume_point, save_checkpoint, save_model, CheckpointConfig, DataPosition, OnNonFinite,
-    OptimizerConfig, Precision, ScheduleConfig, StepStats, TrainerState,
+    require, summed_cross_entropy, DataPosition, EvalConfig, Length, TrainSection, Trained, Trainer, TrainingConfig,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::batching::{collate, count_targets, Batch, Batching, Plan, IGNORE};
+use crate::batching::{collate, count_targets, Batch, Batching, Plan};
 use crate::formats::{read_jsonl, Conversation, Fields, Format, OnMalformed};
 use crate::template::{
     prompt_of, render_with_spans, stop_tokens, tokenize, truncate, use_template, Example, TemplateChoice, TrainOn,
 };
 
-/// The stage's recipe section.
+/// The stage's own recipe section, beside the training fields every stage shares
+/// ([`TrainingConfig`]: optimizer, schedule, batch, steps or epochs, checkpoint, eval, ...).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
@@ -55,34 +53,6 @@ pub struct SftConfig {
     /// `bucket` (examples of similar length together) or `pack`.
     #[serde(default)]
     pub batching: Batching,
-    /// Examples (bucket) or rows (pack) per optimizer step.
-    #[serde(default = "plumb_core::train::defaults::batch_size")]
-    pub batch_size: usize,
-    /// Examples or rows per forward/backward pass; gradients accumulate over the step.
-    #[serde(default)]
-    pub micro_batch_size: Option<usize>,
-    /// Training length: `max_steps`, or `epochs` over the training examples.
-    #[serde(default)]
-    pub max_steps: Option<u64>,
-    #[serde(default)]
-    pub epochs: Option<f64>,
-    #[serde(default)]
-    pub optimizer: OptimizerConfig,
-    #[serde(default)]
-    pub schedule: ScheduleConfig,
-    #[serde(default = "plumb_core::train::defaults::grad_clip")]
-    pub grad_clip: f64,
-    /// `fp32`, or `bf16`: the forward pass under bf16 autocast, fp32 master weights.
-    #[serde(default)]
-    pub precision: Precision,
-    #[serde(default)]
-    pub on_nonfinite: OnNonFinite,
-    #[serde(default)]
-    pub checkpoint: CheckpointConfig,
-    #[serde(default)]
-    pub eval: EvalConfig,
-    #[serde(default = "plumb_core::train::defaults::log_every")]
-    pub log_every: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,53 +73,11 @@ pub struct DataConfig {
     pub on_malformed: OnMalformed,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalConfig {
-    /// Evaluate every this many steps (and before the first and after the last).
-    #[serde(default = "plumb_core::train::defaults::eval_every")]
-    pub every: u64,
-    /// At most this many validation batches for the loss; 0 = all.
-    #[serde(default)]
-    pub max_batches: usize,
-    /// Held-out prompts answered greedily at each evaluation.
-    #[serde(default = "default_num_prompts")]
-    pub num_prompts: usize,
-    /// Fixed prompts (user turns) also answered at each evaluation.
-    #[serde(default)]
-    pub sample_prompts: Vec<String>,
-    #[serde(default = "default_max_new_tokens")]
-    pub max_new_tokens: usize,
-    /// A regular expression an answer to a held-out prompt must match (anchor it with
-    /// `^…$` to require the whole answer); the share that do is `eval/format_compliance`.
-    #[serde(default)]
-    pub response_pattern: Option<String>,
-}
-
-impl Default for EvalConfig {
-    fn default() -> Self {
-        Self {
-            every: plumb_core::train::defaults::eval_every(),
-            max_batches: 0,
-            num_prompts: default_num_prompts(),
-            sample_prompts: Vec::new(),
-            max_new_tokens: default_max_new_tokens(),
-            response_pattern: None,
-        }
-    }
-}
-
 fn default_max_length() -> usize {
     512
 }
 fn default_validation_fraction() -> f64 {
     0.05
-}
-fn default_num_prompts() -> usize {
-    8
-}
-fn default_max_new_tokens() -> usize {
-    128
 }
 
 pub struct Sft;
@@ -158,9 +86,10 @@ impl Stage for Sft {
     const NAME: &'static str = "sft";
     const DESCRIPTION: &'static str =
         "Supervised fine-tuning on instruction or chat data (JSONL), with the loss on responses only";
-    type Config = SftConfig;
+    type Config = TrainSection<SftConfig>;
 
-    fn validate(c: &SftConfig, ctx: &ValidateContext) -> Result<()> {
+    fn validate(config: &Self::Config, ctx: &ValidateContext) -> Result<()> {
+        let TrainSection { train: training, stage: c } = config;
         ctx.existing_file("data.train", &c.data.train)?;
         if let Some(validation) = &c.data.validation {
             ctx.existing_file("data.validation", validation)?;
@@ -187,37 +116,15 @@ impl Stage for Sft {
             })?;
         }
         require(c.max_length >= 2, "max_length", "expected at least 2")?;
-        require(c.batch_size > 0, "batch_size", "expected at least 1")?;
-        if let Some(micro) = c.micro_batch_size {
-            require(
-                micro > 0 && c.batch_size % micro == 0,
-                "micro_batch_size",
-                "expected a positive divisor of batch_size",
-            )?;
-        }
-        match (c.max_steps, c.epochs) {
-            (Some(steps), None) => require(steps > 0, "max_steps", "expected at least 1")?,
-            (None, Some(epochs)) => {
-                require(epochs > 0.0 && epochs.is_finite(), "epochs", "expected a positive number")?
-            }
-            _ => return Err(Error::config("max_steps", "expected exactly one of max_steps and epochs")),
-        }
-        c.optimizer.validate()?;
-        if let Some(steps) = c.max_steps {
-            c.schedule.validate(steps)?;
-        }
-        require(c.grad_clip >= 0.0, "grad_clip", "expected a non-negative value (0 turns clipping off)")?;
-        require(c.checkpoint.keep > 0, "checkpoint.keep", "expected at least 1")?;
-        require(c.eval.every > 0, "eval.every", "expected at least 1")?;
-        require(c.log_every > 0, "log_every", "expected at least 1")?;
-        if let Some(pattern) = &c.eval.response_pattern {
+        training.validate(Length::StepsOrEpochs)?;
+        if let Some(pattern) = &training.eval.response_pattern {
             Regex::new(pattern).map_err(|e| Error::config("eval.response_pattern", e.to_string()))?;
         }
         Ok(())
     }
 
-    fn run(c: SftConfig, ctx: &mut RunContext) -> Result<StageOutput> {
-        let started = Instant::now();
+    fn run(config: Self::Config, ctx: &mut RunContext) -> Result<StageOutput> {
+        let TrainSection { train: training, stage: c } = config;
         let device = ctx.device();
         tch::manual_seed(ctx.seed() as i64);
         let Some(model_dir) = ctx.input_model().map(PathBuf::from) else {
@@ -270,12 +177,8 @@ impl Stage for Sft {
         let train = to_examples(&train_conversations, "train")?;
         let validation = to_examples(&val_conversations, "validation")?;
         let stops = stop_tokens(&tokenizer)?;
-        let plan = Plan::new(&train, c.batching, c.batch_size, c.max_length, ctx.seed());
-        let max_steps = match (c.max_steps, c.epochs) {
-            (Some(steps), _) => steps,
-            (None, Some(epochs)) => (epochs * plan.batches.len() as f64).ceil().max(1.0) as u64,
-            (None, None) => unreachable!("validate requires one"),
-        };
+        let plan = Plan::new(&train, c.batching, training.batch_size, c.max_length, ctx.seed());
+        let max_steps = training.total_steps(plan.batches.len());
         tracing::info!(
             "data: {} train / {} validation examples ({} targets), {} batches per epoch, {:.0}% of batch tokens are real; {max_steps} steps",
             train.len(),
@@ -285,118 +188,84 @@ impl Stage for Sft {
             100.0 * plan.efficiency(&train)
         );
 
-        // Model, optimizer, schedule; or all of them from the latest checkpoint.
-        let checkpoints = Checkpoints::new(ctx.stage_dir(), c.checkpoint.keep);
-        let resume_from = resume_point(ctx, &checkpoints)?;
-        let load_from = resume_from.as_ref().map(|(_, dir)| dir.as_path()).unwrap_or(&model_dir);
-        let policy = model::load(load_from, device, Kind::Float)?;
-        tokenizer.check_fits_embedding(policy.vocab_size() as usize, load_from)?;
+        // Model, optimizer and data order; or all of them from the latest checkpoint.
+        let mut trainer = Trainer::new(ctx, &training, max_steps)?;
+        let load_from = trainer.resume_dir().unwrap_or(&model_dir).to_path_buf();
+        let policy = model::load(&load_from, device, Kind::Float)?;
+        tokenizer.check_fits_embedding(policy.vocab_size() as usize, &load_from)?;
         tracing::info!("model: {} parameters on {device:?}, from {}", policy.num_parameters(), load_from.display());
-        let mut optimizer = c.optimizer.adamw(policy.var_store());
-        let schedule = c.schedule.schedule(c.optimizer.lr, max_steps);
-        let mut state = TrainerState::default();
-        let mut order = BatchOrder::new(plan.batches.len(), ctx.seed());
-        if let Some((_, dir)) = &resume_from {
-            let (saved, data) = load_checkpoint(dir, &mut optimizer)?;
-            let DataPosition::Batches(saved_order) = data else {
-                return Err(Error::file(dir.join("trainer_state.json"), "data: expected a batch order"));
-            };
-            (state, order) = (saved, saved_order);
-            ctx.restart_at(state.step as i64 + 1);
-        }
-        let checkpoint = |state: &TrainerState, order: &BatchOrder, optimizer: &AdamW| {
-            let position = DataPosition::Batches(order.clone());
-            save_checkpoint(&checkpoints, state, position, policy.as_ref(), &tokenizer, optimizer, c.max_length)
+        let mut optimizer = training.optimizer.adamw(policy.var_store());
+        let mut order = match trainer.restore(&mut [("model", &mut optimizer)])? {
+            None => BatchOrder::new(plan.batches.len(), ctx.seed()),
+            Some(DataPosition::Batches(order)) => order,
+            Some(DataPosition::Stream(_)) => {
+                return Err(Error::file(load_from.join("trainer_state.json"), "data: expected a batch order"))
+            }
+        };
+        let is_resumed = trainer.resume_dir().is_some();
+        let checkpoint = |trainer: &Trainer, order: &BatchOrder, optimizer: &AdamW| {
+            let models = [Trained { name: "model", model: policy.as_ref(), optimizer }];
+            trainer.save_checkpoint(&models, &tokenizer, c.max_length, DataPosition::Batches(order.clone()))
         };
         let tokens_of = |rows: &[&[usize]]| rows.iter().flat_map(|r| r.iter()).map(|&i| train[i].len()).sum::<usize>();
-        let held_out: Vec<&Conversation> = val_conversations.iter().take(c.eval.num_prompts).collect();
-        let pattern =
-            c.eval.response_pattern.as_deref().map(Regex::new).transpose().map_err(|e| Error::Other(e.to_string()))?;
+        let held_out: Vec<&Conversation> = val_conversations.iter().take(training.eval.num_prompts).collect();
+        let pattern = training
+            .eval
+            .response_pattern
+            .as_deref()
+            .map(Regex::new)
+            .transpose()
+            .map_err(|e| Error::Other(e.to_string()))?;
         let evaluate = |step: u64| -> Result<Evaluation> {
-            let loss = validation_loss(policy.as_ref(), &validation, &c, device)?;
-            let answers = answer(policy.as_ref(), &tokenizer, template, &held_out, &c, &stops)?;
+            let loss = validation_loss(policy.as_ref(), &validation, &training, device)?;
+            let answers = answer(policy.as_ref(), &tokenizer, template, &held_out, &training.eval, &c, &stops)?;
             let compliance = pattern
                 .as_ref()
                 .map(|p| answers.iter().filter(|a| p.is_match(&a.answer)).count() as f64 / answers.len().max(1) as f64);
             log_evaluation(ctx, step, loss, compliance, &answers);
             Ok(Evaluation { loss, compliance })
         };
-        let initial = if resume_from.is_none() { Some(evaluate(0)?) } else { None };
+        let initial = if is_resumed { None } else { Some(trainer.untimed(|| evaluate(0))?) };
 
         // Train: each step is one planned batch, its micro-batches' gradients accumulated,
         // the loss a mean over the step's target tokens.
-        let micro = c.micro_batch_size.unwrap_or(c.batch_size);
-        let mut last = StepStats::default();
-        let mut latest = initial.clone();
-        let (mut window, mut window_tokens) = (Instant::now(), 0usize);
-        while state.step < max_steps {
-            if ctx.should_stop() {
-                let dir = checkpoint(&state, &order, &optimizer)?;
-                tracing::warn!(
-                    "stopped at step {} on request; resume from {} with --resume",
-                    state.step,
-                    dir.display()
-                );
-                return Err(Error::Cancelled);
+        let micro = training.micro_batch_size();
+        let mut latest = initial;
+        while trainer.running() {
+            if trainer.stop_requested() {
+                return Err(trainer.stop(checkpoint(&trainer, &order, &optimizer)?));
             }
-            let lr = schedule.lr(state.step);
-            optimizer.set_learning_rate(lr);
-            optimizer.zero_grad();
+            trainer.start_step(&mut [&mut optimizer]);
             let batch = &plan.batches[order.next_batch(1)[0] as usize];
             let rows: Vec<&[usize]> = batch.iter().map(|&r| plan.rows[r].as_slice()).collect();
             let targets = count_targets(&train, &rows);
             let mut loss = 0.0;
             for chunk in rows.chunks(micro) {
                 let batch = collate(&train, chunk, device);
-                let sum = c.precision.forward(device, || target_loss_sum(policy.as_ref(), &batch))??;
+                let sum = training.precision.forward(device, || target_loss_sum(policy.as_ref(), &batch))??;
                 (&sum / targets as f64).backward();
                 loss += sum.double_value(&[]) / targets as f64;
             }
-            let grad_norm = clip_grad_norm(&optimizer.parameters(), c.grad_clip)?;
-            state.step += 1;
-            let step_tokens = tokens_of(&rows);
-            window_tokens += step_tokens;
-            state.tokens += step_tokens as u64;
-            if !c.on_nonfinite.check(ctx, &mut state, loss, grad_norm)? {
+            if !trainer.finish_step(&mut [&mut optimizer], loss, tokens_of(&rows) as u64, rows.len())? {
                 continue;
             }
-            optimizer.step()?;
-            let step = state.step;
-            last = StepStats { loss, grad_norm, learning_rate: lr, tokens_per_second: 0.0, batch_size: rows.len() };
-            if step % c.log_every == 0 || step == max_steps {
-                last.tokens_per_second = window_tokens as f64 / window.elapsed().as_secs_f64();
-                (window, window_tokens) = (Instant::now(), 0);
-                last.log(ctx, step);
+            let step = trainer.state.step;
+            if step % training.log_every == 0 || step == max_steps {
                 ctx.scalar("train/epoch", step as i64, step as f64 / plan.batches.len() as f64);
             }
-            ctx.progress(
-                step,
-                max_steps,
-                Some(last.loss),
-                (last.tokens_per_second > 0.0).then_some(last.tokens_per_second),
-                Some(state.tokens),
-            );
-            if step % c.eval.every == 0 || step == max_steps {
-                let evaluation = evaluate(step)?;
-                tracing::info!("step {step}: train/loss {:.4} {evaluation}", last.loss);
+            if trainer.eval_due() {
+                let evaluation = trainer.untimed(|| evaluate(step))?;
+                tracing::info!("step {step}: train/loss {:.4} {evaluation}", trainer.last.loss);
                 latest = Some(evaluation);
-                (window, window_tokens) = (Instant::now(), 0);
             }
-            if c.checkpoint.every > 0 && step % c.checkpoint.every == 0 && step < max_steps {
-                checkpoint(&state, &order, &optimizer)?;
+            if trainer.checkpoint_due() {
+                checkpoint(&trainer, &order, &optimizer)?;
             }
         }
 
-        let final_dir = ctx.stage_dir().join("final");
-        save_model(&final_dir, policy.as_ref(), &tokenizer, c.max_length)?;
-        tracing::info!("saved {}", final_dir.display());
-        let mut metrics = Metrics::from([
-            ("train/loss".to_string(), last.loss),
-            ("train/steps".to_string(), state.step as f64),
-            ("train/tokens".to_string(), state.tokens as f64),
-            ("time/seconds".to_string(), started.elapsed().as_secs_f64()),
-            ("data/train_examples".to_string(), train.len() as f64),
-        ]);
+        let final_dir = trainer.save_final(policy.as_ref(), &tokenizer, c.max_length)?;
+        let mut metrics = trainer.metrics();
+        metrics.insert("data/train_examples".to_string(), train.len() as f64);
         for (prefix, evaluation) in [("eval/", &latest), ("eval/initial_", &initial)] {
             if let Some(e) = evaluation {
                 metrics.insert(format!("{prefix}loss"), e.loss);
@@ -405,14 +274,14 @@ impl Stage for Sft {
                 }
             }
         }
-        let hparams = serde_json::json!({
-            "lr": c.optimizer.lr, "batch_size": c.batch_size, "max_length": c.max_length, "max_steps": max_steps,
-            "weight_decay": c.optimizer.weight_decay, "train_on": format!("{:?}", c.train_on).to_lowercase(),
-            "batching": format!("{:?}", c.batching).to_lowercase(), "parameters": policy.num_parameters(),
-        });
-        if let serde_json::Value::Object(map) = hparams {
-            ctx.hparams(&map, &["eval/loss", "eval/format_compliance"]);
-        }
+        let mut hparams = training.hparams(max_steps);
+        hparams.extend([
+            ("max_length".to_string(), c.max_length.into()),
+            ("train_on".to_string(), format!("{:?}", c.train_on).to_lowercase().into()),
+            ("batching".to_string(), format!("{:?}", c.batching).to_lowercase().into()),
+            ("parameters".to_string(), policy.num_parameters().into()),
+        ]);
+        ctx.hparams(&hparams, &["eval/loss", "eval/format_compliance"]);
         Ok(StageOutput { model: Some(final_dir), metrics })
     }
 }
@@ -432,28 +301,25 @@ pub fn format_example(
 /// Summed cross-entropy over the batch's targets (a sum, so micro-batches add up).
 fn target_loss_sum(policy: &dyn Policy, batch: &Batch) -> Result<Tensor> {
     let logits = policy.forward(&batch.input_ids, &batch.positions, batch.attention_mask.as_ref(), None)?;
-    let vocab = logits.size()[2];
-    Ok(logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-        &batch.targets.view([-1]),
-        None,
-        Reduction::Sum,
-        IGNORE,
-        0.0,
-    ))
+    Ok(summed_cross_entropy(&logits, &batch.targets))
 }
 
 /// Mean loss per target token over the validation examples.
-fn validation_loss(policy: &dyn Policy, validation: &[Example], c: &SftConfig, device: tch::Device) -> Result<f64> {
+fn validation_loss(
+    policy: &dyn Policy,
+    validation: &[Example],
+    training: &TrainingConfig,
+    device: tch::Device,
+) -> Result<f64> {
     let _no_grad = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..validation.len()).collect();
     order.sort_by_key(|&i| validation[i].len());
     let rows: Vec<&[usize]> = order.chunks(1).collect();
-    let batches = rows.chunks(c.micro_batch_size.unwrap_or(c.batch_size));
-    let limit = if c.eval.max_batches > 0 { c.eval.max_batches } else { usize::MAX };
+    let batches = rows.chunks(training.micro_batch_size());
     let (mut total, mut count) = (0.0, 0usize);
-    for chunk in batches.take(limit) {
+    for chunk in batches.take(training.eval.batch_limit()) {
         let batch = collate(validation, chunk, device);
-        total += c.precision.forward(device, || target_loss_sum(policy, &batch))??.double_value(&[]);
+        total += training.precision.forward(device, || target_loss_sum(policy, &batch))??.double_value(&[]);
         count += batch.target_count;
     }
     Ok(total / count.max(1) as f64)
@@ -472,6 +338,7 @@ fn answer(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
     held_out: &[&Conversation],
+    eval: &EvalConfig,
     c: &SftConfig,
     stops: &[i64],
 ) -> Result<Vec<Answer>> {
@@ -482,7 +349,7 @@ fn answer(
             (prompt.to_vec(), conv.messages.get(prompt.len()).map(|m| m.content.clone()))
         })
         .collect();
-    asks.extend(c.eval.sample_prompts.iter().map(|p| (vec![ChatMessage::new("user", p.clone())], None)));
+    asks.extend(eval.sample_prompts.iter().map(|p| (vec![ChatMessage::new("user", p.clone())], None)));
     if asks.is_empty() {
         return Ok(Vec::new());
     }
@@ -491,7 +358,7 @@ fn answer(
         .map(|(messages, _)| {
             let text = template.render_with(messages, true, &c.template_variables)?;
             let mut ids = tokenizer.encode(&text)?;
-            let keep = c.max_length.saturating_sub(c.eval.max_new_tokens).max(1);
+            let keep = c.max_length.saturating_sub(eval.max_new_tokens).max(1);
             if ids.len() > keep {
                 ids.drain(..ids.len() - keep); // the prompt's end, as in training
             }
@@ -499,7 +366,7 @@ fn answer(
         })
         .collect::<Result<Vec<_>>>()?;
     let settings = GenerationSettings {
-        max_new_tokens: c.eval.max_new_tokens,
+        max_new_tokens: eval.max_new_tokens,
         temperature: 0.0,
         stop_tokens: stops.to_vec(),
         ..Default::default()

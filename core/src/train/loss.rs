@@ -1,0 +1,93 @@
+//! The losses of causal and masked language models, written once.
+use tch::{Device, Kind, Reduction, Tensor};
+
+use super::Precision;
+use crate::data::{self, objectives::IGNORE_INDEX};
+use crate::error::Result;
+use crate::model::Policy;
+
+/// Summed cross-entropy of `logits` (..., V) against `targets` (...), in fp32, leaving out
+/// targets equal to [`IGNORE_INDEX`]. A sum, so that micro-batches add up and the caller
+/// divides by the step's target count.
+pub fn summed_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let vocab = logits.size()[logits.dim() - 1];
+    logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+        &targets.reshape([-1]),
+        None,
+        Reduction::Sum,
+        IGNORE_INDEX,
+        0.0,
+    )
+}
+
+/// Mean cross-entropy of predicting `targets` (B, T) from `inputs` (B, T).
+pub fn next_token_loss(policy: &(impl Policy + ?Sized), inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = policy.logits(inputs, None)?; // (B, T, V)
+    Ok(summed_cross_entropy(&logits, targets) / targets.numel() as f64)
+}
+
+/// Runs forward (in `precision`) and backward over `rows` in micro-batches of `micro`,
+/// accumulating the gradients of the mean loss over all rows; returns that mean loss.
+pub fn accumulate_gradients(
+    policy: &(impl Policy + ?Sized),
+    data: &Tensor,
+    rows: &[i64],
+    micro: usize,
+    device: Device,
+    precision: Precision,
+) -> Result<f64> {
+    let mut loss_sum = 0.0;
+    for chunk in rows.chunks(micro.max(1)) {
+        let (inputs, targets) = data::causal_batch(data, chunk, device);
+        let loss = precision.forward(device, || next_token_loss(policy, &inputs, &targets))??;
+        (&loss * (chunk.len() as f64 / rows.len() as f64)).backward();
+        loss_sum += loss.double_value(&[]) * chunk.len() as f64;
+    }
+    Ok(loss_sum / rows.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::{LlamaConfig, LlamaForCausalLm};
+    use crate::optim::{AdamW, AdamWConfig, Optimizer};
+
+    #[test]
+    fn the_summed_loss_skips_ignored_targets_and_matches_the_mean() {
+        let logits = Tensor::from_slice(&[2.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]).view([1, 2, 3]);
+        let targets = Tensor::from_slice(&[0i64, IGNORE_INDEX]).view([1, 2]);
+        let sum = summed_cross_entropy(&logits, &targets).double_value(&[]);
+        // -log softmax([2, 0, 0])[0]; the ignored position adds nothing.
+        let expected = -(2f64.exp() / (2f64.exp() + 2.0)).ln();
+        assert!((sum - expected).abs() < 1e-6, "{sum} vs {expected}");
+    }
+
+    fn grads(micro: usize) -> (f64, Vec<Tensor>) {
+        tch::manual_seed(0);
+        let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        let policy = LlamaForCausalLm::new(hf, Device::Cpu).unwrap();
+        let data = Tensor::arange(8 * 9, (Kind::Int64, Device::Cpu)).remainder(40).view([8, 9]);
+        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
+        optimizer.zero_grad();
+        let rows = [0, 1, 2, 3, 4, 5, 6, 7];
+        let loss = accumulate_gradients(&policy, &data, &rows, micro, Device::Cpu, Precision::Fp32).unwrap();
+        (loss, optimizer.parameters().iter().map(|p| p.grad().copy()).collect())
+    }
+
+    #[test]
+    fn accumulating_micro_batches_equals_one_large_batch() {
+        let (loss, whole) = grads(8);
+        for micro in [1, 2, 4] {
+            let (accumulated_loss, accumulated) = grads(micro);
+            assert!((loss - accumulated_loss).abs() < 1e-6, "micro {micro}: loss {loss} vs {accumulated_loss}");
+            for (a, b) in whole.iter().zip(&accumulated) {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "micro {micro}: gradient differs by {diff}");
+            }
+        }
+    }
+}

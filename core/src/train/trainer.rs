@@ -1,0 +1,367 @@
+//! [`Trainer`]: the parts of a training loop every stage has, as plain calls a stage's
+//! own loop makes in order — not a framework that calls the stage.
+//!
+//! ```ignore
+//! let mut trainer = Trainer::new(ctx, &train, max_steps)?;
+//! let model = load(trainer.resume_dir().unwrap_or(&input_dir))?;
+//! let mut optimizer = train.optimizer.adamw(model.var_store());
+//! let data = trainer.restore(&mut [&mut optimizer])?;        // step, optimizer, data position
+//! while trainer.running() {
+//!     if trainer.stop_requested() {
+//!         return Err(trainer.stop(trainer.save_checkpoint(&parts, &tokenizer, max_len, data)?));
+//!     }
+//!     trainer.start_step(&mut [&mut optimizer]);               // learning rate, zero_grad
+//!     let loss = /* forward and backward over the micro-batches */;
+//!     if !trainer.finish_step(&mut [&mut optimizer], loss, tokens, batch_size)? {
+//!         continue;                                            // skipped: non-finite
+//!     }
+//!     if trainer.eval_due() { trainer.untimed(|| evaluate())?; }
+//!     if trainer.checkpoint_due() { trainer.save_checkpoint(...)?; }
+//! }
+//! trainer.save_final(&model, &tokenizer, max_len)?;
+//! ```
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{OnNonFinite, TrainingConfig};
+use crate::checkpoint::training::{load_tensors, Checkpoints};
+use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
+use crate::data::stream::StreamState;
+use crate::data::BatchOrder;
+use crate::error::{Error, Result};
+use crate::model::SaveHf;
+use crate::optim::{clip_grad_norm, AdamW, Optimizer, Schedule};
+use crate::plugin::Metrics;
+use crate::tokenizer::Tokenizer;
+use crate::RunContext;
+
+/// Test-only fault injection: the loss of this step (1-based) reads as NaN, to exercise
+/// the non-finite guard end to end. Not part of any recipe.
+pub const FAULT_NONFINITE_AT_STEP: &str = "PLUMB_FAULT_NONFINITE_AT_STEP";
+
+/// Named statistics of one training step.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub tokens_per_second: f64,
+    /// Sequences in the step.
+    pub batch_size: usize,
+}
+
+impl StepStats {
+    /// The one place training statistics become TensorBoard tags.
+    pub fn log(&self, ctx: &RunContext, step: u64) {
+        let step = step as i64;
+        ctx.scalar("train/loss", step, self.loss);
+        ctx.scalar("train/perplexity", step, self.loss.exp());
+        ctx.scalar("train/learning_rate", step, self.learning_rate);
+        ctx.scalar("train/grad_norm", step, self.grad_norm);
+        ctx.scalar("train/tokens_per_second", step, self.tokens_per_second);
+        ctx.scalar("train/batch_size", step, self.batch_size as f64);
+    }
+}
+
+/// How far training is: steps, skipped steps and tokens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken (skipped ones included).
+    pub step: u64,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped: u64,
+    /// Tokens trained on so far (skipped steps included).
+    #[serde(default)]
+    pub tokens: u64,
+}
+
+/// Where the data is, at the next batch: an order over a fixed set of batches or rows,
+/// or a position in a stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataPosition {
+    Batches(BatchOrder),
+    Stream(Box<StreamState>),
+}
+
+/// One model a checkpoint holds, with its optimizer. The first of a checkpoint's models
+/// lies at the top of the checkpoint directory (HF layout, so the checkpoint loads as a
+/// model); each further one in a folder of its `name` (a PPO value model beside the
+/// policy, say).
+pub struct Trained<'a> {
+    pub name: &'a str,
+    pub model: &'a dyn SaveHf,
+    pub optimizer: &'a AdamW,
+}
+
+/// `trainer_state.json`: the trainer state and the data position, enough (beside the
+/// models and optimizers) to continue exactly.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    #[serde(flatten)]
+    state: TrainerState,
+    data: DataPosition,
+}
+
+const TRAINER_STATE: &str = "trainer_state.json";
+const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+
+/// The shared parts of one stage's training loop; see the module docs for the shape of
+/// a loop that uses it.
+pub struct Trainer<'a, 'h> {
+    ctx: &'a RunContext<'h>,
+    config: &'a TrainingConfig,
+    checkpoints: Checkpoints,
+    schedule: Schedule,
+    resume_dir: Option<PathBuf>,
+    max_steps: u64,
+    started: Instant,
+    /// Throughput since the last `train/*` log, evaluations excluded.
+    window: (Instant, u64),
+    fault_nonfinite_at: Option<u64>,
+    pub state: TrainerState,
+    /// The latest applied step's statistics.
+    pub last: StepStats,
+}
+
+impl<'a, 'h> Trainer<'a, 'h> {
+    /// A trainer for `max_steps` steps. When the run resumes, it picks the stage's latest
+    /// checkpoint; a fresh run removes the checkpoints of an earlier one, so they cannot
+    /// be mistaken for its own.
+    pub fn new(ctx: &'a RunContext<'h>, config: &'a TrainingConfig, max_steps: u64) -> Result<Self> {
+        let checkpoints = Checkpoints::new(ctx.stage_dir(), config.checkpoint.keep);
+        let latest = checkpoints.latest()?;
+        let resume_dir = match latest {
+            Some((step, dir)) if ctx.resume() => {
+                tracing::info!("resuming from step {step}: {}", dir.display());
+                Some(dir)
+            }
+            Some(_) => {
+                tracing::warn!(
+                    "starting over: removing the checkpoints of an earlier run (use --resume to continue one)"
+                );
+                checkpoints.clear()?;
+                None
+            }
+            None => None,
+        };
+        let fault_nonfinite_at = std::env::var(FAULT_NONFINITE_AT_STEP).ok().and_then(|s| s.parse().ok());
+        Ok(Self {
+            ctx,
+            config,
+            checkpoints,
+            schedule: config.schedule.schedule(config.optimizer.lr, max_steps),
+            resume_dir,
+            max_steps,
+            started: Instant::now(),
+            window: (Instant::now(), 0),
+            fault_nonfinite_at,
+            state: TrainerState::default(),
+            last: StepStats::default(),
+        })
+    }
+
+    /// The checkpoint this run continues from, if it resumes: load the models from here.
+    pub fn resume_dir(&self) -> Option<&Path> {
+        self.resume_dir.as_deref()
+    }
+
+    /// Where the checkpoint this run resumes from keeps model `name` (see [`Trained`]):
+    /// the first model at its top, the others in their folders.
+    pub fn resume_dir_of(&self, index: usize, name: &str) -> Option<PathBuf> {
+        self.resume_dir.as_ref().map(|dir| part_dir(dir, index, name))
+    }
+
+    /// Steps of the whole run.
+    pub fn max_steps(&self) -> u64 {
+        self.max_steps
+    }
+
+    /// When resuming: restores the optimizers (in the order they were saved) and the
+    /// trainer state, tells TensorBoard where the run continues, and returns the data
+    /// position to continue from. `None` for a fresh run.
+    pub fn restore(&mut self, optimizers: &mut [(&str, &mut AdamW)]) -> Result<Option<DataPosition>> {
+        let Some(dir) = self.resume_dir.clone() else {
+            return Ok(None);
+        };
+        for (index, (name, optimizer)) in optimizers.iter_mut().enumerate() {
+            optimizer.load_state(&load_tensors(&part_dir(&dir, index, name).join(OPTIMIZER_STATE))?)?;
+        }
+        let saved: Saved = read_json(&dir.join(TRAINER_STATE))?;
+        self.state = saved.state;
+        self.ctx.restart_at(self.state.step as i64 + 1);
+        Ok(Some(saved.data))
+    }
+
+    /// True while steps remain.
+    pub fn running(&self) -> bool {
+        self.state.step < self.max_steps
+    }
+
+    /// True once the user asked the run to stop (Ctrl-C): save a checkpoint and return
+    /// [`Trainer::stop`]'s error.
+    pub fn stop_requested(&self) -> bool {
+        self.ctx.should_stop()
+    }
+
+    /// The error that ends a run stopped on request, after its checkpoint in `saved`.
+    pub fn stop(&self, saved: PathBuf) -> Error {
+        tracing::warn!("stopped at step {} on request; resume from {} with --resume", self.state.step, saved.display());
+        Error::Cancelled
+    }
+
+    /// Starts step `state.step + 1`: sets its learning rate on every optimizer and clears
+    /// their gradients. Returns the learning rate.
+    pub fn start_step(&mut self, optimizers: &mut [&mut AdamW]) -> f64 {
+        let lr = self.schedule.lr(self.state.step);
+        for optimizer in optimizers.iter_mut() {
+            optimizer.set_learning_rate(lr);
+            optimizer.zero_grad();
+        }
+        lr
+    }
+
+    /// Ends a step whose gradients have been accumulated, with its mean `loss`, its
+    /// `tokens` and `batch_size` sequences: clips each optimizer's gradients, applies the
+    /// non-finite guard, steps the optimizers, and writes the `train/*` scalars when due
+    /// and the progress. `Ok(false)`: the step was skipped (non-finite), with no update.
+    pub fn finish_step(
+        &mut self,
+        optimizers: &mut [&mut AdamW],
+        mut loss: f64,
+        tokens: u64,
+        batch_size: usize,
+    ) -> Result<bool> {
+        let learning_rate = self.schedule.lr(self.state.step);
+        if self.fault_nonfinite_at == Some(self.state.step + 1) {
+            loss = f64::NAN;
+        }
+        let mut squares = 0.0;
+        for optimizer in optimizers.iter() {
+            let norm = clip_grad_norm(&optimizer.parameters(), self.config.grad_clip)?;
+            squares += norm * norm;
+        }
+        let grad_norm = squares.sqrt();
+        self.state.step += 1;
+        self.state.tokens += tokens;
+        self.window.1 += tokens;
+        if !self.guard(loss, grad_norm)? {
+            return Ok(false);
+        }
+        for optimizer in optimizers.iter_mut() {
+            optimizer.step()?;
+        }
+        self.last = StepStats { loss, grad_norm, learning_rate, tokens_per_second: 0.0, batch_size };
+        let step = self.state.step;
+        if step % self.config.log_every == 0 || step == self.max_steps {
+            self.last.tokens_per_second = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
+            self.window = (Instant::now(), 0);
+            self.last.log(self.ctx, step);
+        }
+        let speed = (self.last.tokens_per_second > 0.0).then_some(self.last.tokens_per_second);
+        self.ctx.progress(step, self.max_steps, Some(self.last.loss), speed, Some(self.state.tokens));
+        Ok(true)
+    }
+
+    /// The non-finite guard: `Ok(true)` to apply the update, `Ok(false)` to skip it
+    /// (counted in `state.skipped`), or the error that stops the run.
+    fn guard(&mut self, loss: f64, grad_norm: f64) -> Result<bool> {
+        if loss.is_finite() && grad_norm.is_finite() {
+            return Ok(true);
+        }
+        let what = format!("step {}: the loss is {loss} and the gradient norm {grad_norm}", self.state.step);
+        match self.config.on_nonfinite {
+            OnNonFinite::Stop => {
+                Err(Error::Other(format!("{what}; stopping (set on_nonfinite: skip to skip such steps)")))
+            }
+            OnNonFinite::Skip => {
+                self.state.skipped += 1;
+                tracing::warn!("{what}; skipping the update ({} skipped so far)", self.state.skipped);
+                self.ctx.scalar("train/skipped_steps", self.state.step as i64, self.state.skipped as f64);
+                Ok(false)
+            }
+        }
+    }
+
+    /// True after the last step and every `eval.every` steps.
+    pub fn eval_due(&self) -> bool {
+        let step = self.state.step;
+        step % self.config.eval.every == 0 || step == self.max_steps
+    }
+
+    /// True every `checkpoint.every` steps, except at the end (the final save follows).
+    pub fn checkpoint_due(&self) -> bool {
+        let (step, every) = (self.state.step, self.config.checkpoint.every);
+        every > 0 && step % every == 0 && step < self.max_steps
+    }
+
+    /// Runs `work` (an evaluation, samples) off the throughput clock.
+    pub fn untimed<T>(&mut self, work: impl FnOnce() -> T) -> T {
+        let out = work();
+        self.window = (Instant::now(), 0);
+        out
+    }
+
+    /// A resumable checkpoint of this step, written atomically: each model in HF layout
+    /// with `tokenizer` (see [`Trained`]), its optimizer's state, the trainer state and
+    /// the data position; the oldest beyond `checkpoint.keep` are removed.
+    pub fn save_checkpoint(
+        &self,
+        models: &[Trained<'_>],
+        tokenizer: &Tokenizer,
+        max_length: usize,
+        data: DataPosition,
+    ) -> Result<PathBuf> {
+        self.checkpoints.save(self.state.step, |dir| {
+            for (index, part) in models.iter().enumerate() {
+                let part_dir = part_dir(dir, index, part.name);
+                std::fs::create_dir_all(&part_dir).map_err(|e| Error::file(&part_dir, e.to_string()))?;
+                write_model(&part_dir, part.model, tokenizer, max_length)?;
+                save_safetensors(&part_dir.join(OPTIMIZER_STATE), &part.optimizer.state())?;
+            }
+            let saved = Saved { state: self.state.clone(), data };
+            let json = serde_json::to_value(saved).map_err(|e| Error::Other(e.to_string()))?;
+            write_json(&dir.join(TRAINER_STATE), &json)
+        })
+    }
+
+    /// The trained model in HF layout at `<stage_dir>/final/`, written atomically.
+    pub fn save_final(&self, model: &dyn SaveHf, tokenizer: &Tokenizer, max_length: usize) -> Result<PathBuf> {
+        let dir = self.ctx.stage_dir().join("final");
+        save_model(&dir, model, tokenizer, max_length)?;
+        tracing::info!("saved {}", dir.display());
+        Ok(dir)
+    }
+
+    /// The figures every training stage reports: the last loss, steps, tokens, seconds.
+    pub fn metrics(&self) -> Metrics {
+        Metrics::from([
+            ("train/loss".to_string(), self.last.loss),
+            ("train/steps".to_string(), self.state.step as f64),
+            ("train/tokens".to_string(), self.state.tokens as f64),
+            ("time/seconds".to_string(), self.started.elapsed().as_secs_f64()),
+        ])
+    }
+}
+
+/// The folder of the `index`-th model of checkpoint `dir` (see [`Trained`]).
+fn part_dir(dir: &Path, index: usize, name: &str) -> PathBuf {
+    if index == 0 {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
+/// The model and its tokenizer in HF layout, written atomically to `dir`.
+pub fn save_model(dir: &Path, model: &dyn SaveHf, tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
+    write_dir_atomically(dir, |staging| write_model(staging, model, tokenizer, max_length))
+}
+
+/// The model and its tokenizer in HF layout, into an existing directory.
+pub fn write_model(dir: &Path, model: &dyn SaveHf, tokenizer: &Tokenizer, max_length: usize) -> Result<()> {
+    model.save_hf(dir)?;
+    tokenizer.save(dir, max_length)
+}
