@@ -365,3 +365,147 @@ pub fn write_model(dir: &Path, model: &dyn SaveHf, tokenizer: &Tokenizer, max_le
     model.save_hf(dir)?;
     tokenizer.save(dir, max_length)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::c_void;
+
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::context::RunRequest;
+    use crate::model::llama::{LlamaConfig, LlamaForCausalLm};
+    use crate::model::Policy;
+    use crate::plugin::abi::{ByteSink, HostApi, ProgressUpdate, StrRef, ABI_VERSION};
+    use crate::recipe::parse_section;
+    use crate::train::{next_token_loss, TrainSection};
+
+    extern "C" fn scalar(_: *mut c_void, _: StrRef, _: i64, _: f64) {}
+    extern "C" fn text(_: *mut c_void, _: StrRef, _: i64, _: StrRef) {}
+    extern "C" fn hparams(_: *mut c_void, _: StrRef) {}
+    extern "C" fn progress(_: *mut c_void, _: *const ProgressUpdate) {}
+    extern "C" fn log(_: *mut c_void, _: u32, _: StrRef) {}
+    extern "C" fn should_stop(_: *mut c_void) -> u8 {
+        0
+    }
+    extern "C" fn score(_: *mut c_void, _: StrRef, _: StrRef, _: ByteSink) -> i32 {
+        1
+    }
+    extern "C" fn restart_at(_: *mut c_void, _: i64) {}
+
+    /// A host that takes every call and keeps nothing.
+    fn quiet_host() -> HostApi {
+        HostApi {
+            abi_version: ABI_VERSION,
+            state: std::ptr::null_mut(),
+            log_scalar: scalar,
+            log_text: text,
+            log_hparams: hparams,
+            progress,
+            log,
+            should_stop,
+            score,
+            restart_at,
+        }
+    }
+
+    fn context<'h>(host: &'h HostApi, stage_dir: &Path, resume: bool) -> RunContext<'h> {
+        let request = RunRequest {
+            stage: "ppo".into(),
+            config_yaml: String::new(),
+            run_dir: stage_dir.parent().unwrap().to_path_buf(),
+            stage_dir: stage_dir.to_path_buf(),
+            input_model: None,
+            device: "cpu".into(),
+            seed: 0,
+            resume,
+        };
+        // SAFETY: the host's functions ignore their state and outlive the context.
+        unsafe { RunContext::new(host, request) }.unwrap()
+    }
+
+    fn tiny(seed: i64) -> LlamaForCausalLm {
+        tch::manual_seed(seed);
+        let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        LlamaForCausalLm::new(hf, Device::Cpu).unwrap()
+    }
+
+    fn same(a: &AdamW, b: &AdamW) -> bool {
+        a.state().iter().zip(b.state()).all(|((na, ta), (nb, tb))| *na == nb && ta.equal(&tb))
+    }
+
+    #[test]
+    fn a_checkpoint_holds_every_model_with_its_optimizer_and_resumes_them() {
+        let root = tempfile::tempdir().unwrap();
+        let stage_dir = root.path().join("ppo");
+        let host = quiet_host();
+        let section: TrainSection<serde_yaml::Value> =
+            parse_section("max_steps: 4\ncheckpoint: {every: 2}\nlog_every: 1\n").unwrap();
+        let tokenizer = Tokenizer::train_bpe(["one two three four"].into_iter(), 300, 1).unwrap();
+        let data = Tensor::arange(2 * 9, (Kind::Int64, Device::Cpu)).remainder(200).view([2, 9]);
+        let (inputs, targets) = (data.narrow(1, 0, 8), data.narrow(1, 1, 8));
+
+        // Two models (a policy and a value model, say), each with its optimizer, two steps.
+        let ctx = context(&host, &stage_dir, false);
+        let mut trainer = Trainer::new(&ctx, &section.train, 4).unwrap();
+        let (policy, value) = (tiny(1), tiny(2));
+        let mut policy_adamw = section.train.optimizer.adamw(policy.var_store());
+        let mut value_adamw = section.train.optimizer.adamw(value.var_store());
+        let mut saved = None;
+        while trainer.running() && saved.is_none() {
+            trainer.start_step(&mut [&mut policy_adamw, &mut value_adamw]);
+            let loss = next_token_loss(&policy, &inputs, &targets).unwrap()
+                + next_token_loss(&value, &inputs, &targets).unwrap();
+            loss.backward();
+            let applied =
+                trainer.finish_step(&mut [&mut policy_adamw, &mut value_adamw], loss.double_value(&[]), 16, 2).unwrap();
+            assert!(applied);
+            if trainer.checkpoint_due() {
+                let models = [
+                    Trained { name: "policy", model: &policy, optimizer: &policy_adamw },
+                    Trained { name: "value", model: &value, optimizer: &value_adamw },
+                ];
+                let order = BatchOrder::new(3, 0);
+                saved = Some(trainer.save_checkpoint(&models, &tokenizer, 16, DataPosition::Batches(order)).unwrap());
+            }
+        }
+        let dir = saved.expect("a checkpoint at step 2");
+        assert!(dir.ends_with("checkpoints/step-00000002"), "{}", dir.display());
+        for file in
+            ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"]
+        {
+            assert!(dir.join(file).is_file(), "{file} at the top");
+        }
+        for file in ["config.json", "model.safetensors", "optimizer.safetensors"] {
+            assert!(dir.join("value").join(file).is_file(), "value/{file}");
+        }
+
+        // Resuming restores both optimizers, the step and the data position.
+        let ctx = context(&host, &stage_dir, true);
+        let mut resumed = Trainer::new(&ctx, &section.train, 4).unwrap();
+        assert_eq!(resumed.resume_dir(), Some(dir.as_path()));
+        let value_dir = resumed.resume_dir_of(1, "value").unwrap();
+        let (policy2, value2) = (
+            LlamaForCausalLm::from_dir(&resumed.resume_dir_of(0, "policy").unwrap(), Device::Cpu, Kind::Float).unwrap(),
+            LlamaForCausalLm::from_dir(&value_dir, Device::Cpu, Kind::Float).unwrap(),
+        );
+        let mut policy_adamw2 = section.train.optimizer.adamw(policy2.var_store());
+        let mut value_adamw2 = section.train.optimizer.adamw(value2.var_store());
+        assert!(!same(&value_adamw, &value_adamw2), "a fresh optimizer differs");
+        let data = resumed.restore(&mut [("policy", &mut policy_adamw2), ("value", &mut value_adamw2)]).unwrap();
+        assert!(matches!(data, Some(DataPosition::Batches(_))));
+        assert_eq!(resumed.state.step, 2);
+        assert!(same(&policy_adamw, &policy_adamw2) && same(&value_adamw, &value_adamw2));
+        let weight = |m: &LlamaForCausalLm| m.var_store().variables()["model.embed_tokens.weight"].copy();
+        assert!(weight(&value).equal(&weight(&value2)) && !weight(&value).equal(&weight(&policy2)));
+
+        // A fresh run (no --resume) removes the earlier run's checkpoints.
+        let ctx = context(&host, &stage_dir, false);
+        let fresh = Trainer::new(&ctx, &section.train, 4).unwrap();
+        assert!(fresh.resume_dir().is_none() && !dir.exists());
+    }
+}
