@@ -3,10 +3,11 @@
 //! `../shared/bench/hf_baseline.py` measures `transformers` (same shapes, batch, lengths;
 //! a training step is forward, backward, clipping and AdamW), so the two can be compared
 //! side by side on one machine. `bench/hf_train.py` measures transformers on a CPU too.
+use plumb_core::rand::Rng;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use plumb_core::data::SplitMix64;
+use plumb_core::data::seeded_rng;
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::Policy;
@@ -187,10 +188,10 @@ fn generate(args: &GenerateBench) -> Result<(), Failure> {
         }
     };
     let vocab = model.vocab_size() as u64;
-    let mut rng = SplitMix64::new(1);
+    let mut rng = seeded_rng(1);
     for &batch in &args.batch {
         let prompts: Vec<Vec<i64>> =
-            (0..batch).map(|_| (0..args.prompt_len).map(|_| rng.below(vocab) as i64).collect()).collect();
+            (0..batch).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab) as i64).collect()).collect();
         let settings = |new: usize| GenerationSettings {
             max_new_tokens: new,
             temperature: 1.0,

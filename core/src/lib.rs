@@ -13,7 +13,6 @@ pub mod optim;
 pub mod plugin;
 pub mod recipe;
 pub mod reward;
-pub mod rollout;
 mod shim;
 pub mod tokenizer;
 pub mod train;
@@ -24,7 +23,8 @@ pub use model::Policy;
 pub use optim::Optimizer;
 pub use plugin::{Evaluator, Reward, Stage, StageOutput};
 pub use reward::RewardModel;
-pub use rollout::Rollout;
 
+/// Re-exported so plugins draw from the same generator family as core ([`data::SeededRng`]).
+pub use rand;
 /// Re-exported so plugins use the same `tch` as core.
 pub use tch;

@@ -4,8 +4,9 @@ use plumb_core::data::curation::{
     count_words, curate, Counts, CurationConfig, Curator, MinHashConfig, MinHasher, QualityConfig, QualityRule, Reason,
     STOP_WORDS,
 };
-use plumb_core::data::SplitMix64;
+use plumb_core::data::seeded_rng;
 use plumb_core::error::Error;
+use plumb_core::rand::Rng;
 
 /// Real prose: passes every default quality rule.
 const BEES: &str = "Honeybees live in colonies that can hold tens of thousands of workers, a few hundred \
@@ -388,31 +389,31 @@ struct Corpus {
 }
 
 fn synthetic(n: usize, seed: u64) -> Corpus {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded_rng(seed);
     let mut words = Words::new();
     let vocab: Vec<String> = (0..5000).map(|_| words.word(7)).collect();
     let mut corpus = Corpus { docs: Vec::with_capacity(n), exact: vec![], near: vec![], originals: vec![] };
     for i in 0..n {
-        let roll = rng.below(100);
+        let roll = rng.random_range(0..100);
         if i > 10 && roll < 10 {
-            let of = corpus.originals[rng.below(corpus.originals.len() as u64) as usize];
+            let of = corpus.originals[rng.random_range(0..corpus.originals.len() as u64) as usize];
             corpus.docs.push(corpus.docs[of].to_uppercase().replace(' ', "  "));
             corpus.exact.push(i);
         } else if i > 10 && roll < 20 {
-            let of = corpus.originals[rng.below(corpus.originals.len() as u64) as usize];
+            let of = corpus.originals[rng.random_range(0..corpus.originals.len() as u64) as usize];
             let mut doc: Vec<String> = corpus.docs[of].split(' ').map(String::from).collect();
-            let at = rng.below(doc.len() as u64) as usize;
+            let at = rng.random_range(0..doc.len() as u64) as usize;
             doc[at] = "changed".to_owned();
             corpus.docs.push(doc.join(" "));
             corpus.near.push(i);
         } else {
-            let len = 100 + rng.below(100) as usize;
+            let len = 100 + rng.random_range(0..100) as usize;
             let doc: Vec<&str> = (0..len)
                 .map(|j| {
                     if j % 6 == 2 {
-                        STOP_WORDS[rng.below(8) as usize]
+                        STOP_WORDS[rng.random_range(0..8) as usize]
                     } else {
-                        vocab[rng.below(vocab.len() as u64) as usize].as_str()
+                        vocab[rng.random_range(0..vocab.len() as u64) as usize].as_str()
                     }
                 })
                 .collect();

@@ -5,7 +5,8 @@ use plumb_core::data::objectives::{
     corrupt_spans, mask_tokens, mlm_batch, random_spans, raw_length_for_inputs, reconstruct, span_batch, span_lengths,
     MlmConfig, Sentinels, SpanConfig, SpecialIds, IGNORE_INDEX,
 };
-use plumb_core::data::SplitMix64;
+use plumb_core::data::{seeded_rng, SeededRng};
+use plumb_core::rand::Rng;
 use plumb_core::tch::{Device, Kind};
 
 const PAD: i64 = 0;
@@ -21,10 +22,10 @@ fn specials() -> SpecialIds {
 /// `n` rows of `len` tokens: CLS, ordinary tokens (ids 4..VOCAB), SEP, and in every
 /// fourth row the last 16 tokens are PAD.
 fn bert_rows(n: usize, len: usize, seed: u64) -> Vec<Vec<i64>> {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded_rng(seed);
     (0..n)
         .map(|r| {
-            let mut row: Vec<i64> = (0..len).map(|_| 4 + rng.below(VOCAB as u64 - 4) as i64).collect();
+            let mut row: Vec<i64> = (0..len).map(|_| 4 + rng.random_range(0..VOCAB as u64 - 4) as i64).collect();
             row[0] = CLS;
             row[len - 1] = SEP;
             if r % 4 == 0 {
@@ -38,7 +39,7 @@ fn bert_rows(n: usize, len: usize, seed: u64) -> Vec<Vec<i64>> {
 #[test]
 fn masking_selects_15_percent_and_splits_them_80_10_10() {
     let rows = bert_rows(2000, 128, 1);
-    let mut rng = SplitMix64::new(2);
+    let mut rng = seeded_rng(2);
     let (mut maskable, mut selected, mut masked, mut random, mut kept) = (0usize, 0usize, 0usize, 0usize, 0usize);
     for row in &rows {
         let example = mask_tokens(row, &MlmConfig::default(), &specials(), &mut rng).unwrap();
@@ -77,7 +78,7 @@ fn other_fractions_are_honoured() {
     // The same checks must move with the settings: a swapped or hard-coded split fails here.
     let config = MlmConfig { probability: 0.4, mask_fraction: 0.5, random_fraction: 0.3 };
     let rows = bert_rows(500, 128, 3);
-    let mut rng = SplitMix64::new(4);
+    let mut rng = seeded_rng(4);
     let (mut maskable, mut selected, mut masked, mut kept) = (0usize, 0usize, 0usize, 0usize);
     for row in &rows {
         let example = mask_tokens(row, &config, &specials(), &mut rng).unwrap();
@@ -99,7 +100,7 @@ fn other_fractions_are_honoured() {
 fn specials_are_never_selected_even_at_probability_one() {
     let config = MlmConfig { probability: 1.0, ..MlmConfig::default() };
     let row = vec![CLS, 10, PAD, 11, SEP, MASK, 12];
-    let example = mask_tokens(&row, &config, &specials(), &mut SplitMix64::new(0)).unwrap();
+    let example = mask_tokens(&row, &config, &specials(), &mut seeded_rng(0)).unwrap();
     assert_eq!(example.labels, vec![IGNORE_INDEX, 10, IGNORE_INDEX, 11, IGNORE_INDEX, IGNORE_INDEX, 12]);
     for i in [0, 2, 4, 5] {
         assert_eq!(example.input_ids[i], row[i]);
@@ -110,7 +111,7 @@ fn specials_are_never_selected_even_at_probability_one() {
 fn masking_is_deterministic_per_seed() {
     let rows = bert_rows(4, 64, 5);
     let run = |seed| {
-        let mut rng = SplitMix64::new(seed);
+        let mut rng = seeded_rng(seed);
         rows.iter().map(|r| mask_tokens(r, &MlmConfig::default(), &specials(), &mut rng).unwrap()).collect::<Vec<_>>()
     };
     assert_eq!(run(7), run(7));
@@ -121,18 +122,17 @@ fn masking_is_deterministic_per_seed() {
 fn mlm_batch_is_the_rows_masked_in_order() {
     let rows = bert_rows(3, 32, 6);
     let (inputs, labels) =
-        mlm_batch(&rows, &MlmConfig::default(), &specials(), &mut SplitMix64::new(9), Device::Cpu).unwrap();
+        mlm_batch(&rows, &MlmConfig::default(), &specials(), &mut seeded_rng(9), Device::Cpu).unwrap();
     assert_eq!((inputs.size(), labels.size()), (vec![3, 32], vec![3, 32]));
     assert_eq!((inputs.kind(), labels.kind()), (Kind::Int64, Kind::Int64));
-    let mut rng = SplitMix64::new(9);
+    let mut rng = seeded_rng(9);
     for (b, row) in rows.iter().enumerate() {
         let example = mask_tokens(row, &MlmConfig::default(), &specials(), &mut rng).unwrap();
         assert_eq!(Vec::<i64>::try_from(inputs.get(b as i64)).unwrap(), example.input_ids);
         assert_eq!(Vec::<i64>::try_from(labels.get(b as i64)).unwrap(), example.labels);
     }
     let ragged = vec![vec![5, 6], vec![7]];
-    let message =
-        mlm_batch(&ragged, &MlmConfig::default(), &specials(), &mut SplitMix64::new(0), Device::Cpu).unwrap_err();
+    let message = mlm_batch(&ragged, &MlmConfig::default(), &specials(), &mut seeded_rng(0), Device::Cpu).unwrap_err();
     assert_eq!(message.to_string(), "batch rows differ in length: row 0 has 2 tokens, row 1 has 1");
 }
 
@@ -146,8 +146,8 @@ fn t5_sentinels(eos: Option<i64>) -> Sentinels {
     Sentinels::descending(1099, 100, eos)
 }
 
-fn text(len: usize, rng: &mut SplitMix64) -> Vec<i64> {
-    (0..len).map(|_| rng.below(1000) as i64).collect()
+fn text(len: usize, rng: &mut SeededRng) -> Vec<i64> {
+    (0..len).map(|_| rng.random_range(0..1000) as i64).collect()
 }
 
 /// round(len * 0.15), half to even, clamped to [1, len - 1]: T5's count, written out again.
@@ -169,7 +169,7 @@ fn expected_noise(len: usize) -> usize {
 #[test]
 fn noise_is_exactly_the_rounded_density_in_disjoint_spans() {
     let config = SpanConfig::default();
-    let mut rng = SplitMix64::new(11);
+    let mut rng = seeded_rng(11);
     for i in 0..3000 {
         let len = 2 + i % 600;
         let spans = random_spans(len, &config, &mut rng).unwrap();
@@ -192,10 +192,10 @@ fn noise_is_exactly_the_rounded_density_in_disjoint_spans() {
 #[test]
 fn mean_span_length_is_three() {
     let config = SpanConfig::default();
-    let mut rng = SplitMix64::new(12);
+    let mut rng = seeded_rng(12);
     let (mut noise, mut spans) = (0usize, 0usize);
     for _ in 0..2000 {
-        let len = 64 + rng.below(449) as usize;
+        let len = 64 + rng.random_range(0..449) as usize;
         let s = random_spans(len, &config, &mut rng).unwrap();
         noise += s.iter().map(|s| s.len()).sum::<usize>();
         spans += s.len();
@@ -213,7 +213,7 @@ fn choose(n: usize, k: usize) -> f64 {
 fn span_lengths_are_a_uniform_split() {
     // 128 tokens: 19 noise in 6 spans, 109 kept in 6 runs. Under a uniform split of n items
     // into k non-empty parts, a part has length j with chance C(n-1-j, k-2) / C(n-1, k-1).
-    let mut rng = SplitMix64::new(13);
+    let mut rng = seeded_rng(13);
     let (rows, len) = (2000, 128);
     let mut noise_hist = [0usize; 20];
     let mut first_kept_hist = [0usize; 110];
@@ -243,7 +243,7 @@ fn span_lengths_are_a_uniform_split() {
 #[test]
 fn corruption_layout_lengths_and_sentinels() {
     let config = SpanConfig::default();
-    let mut rng = SplitMix64::new(14);
+    let mut rng = seeded_rng(14);
     for eos in [Some(1), None] {
         let sentinels = t5_sentinels(eos);
         for i in 0..1000 {
@@ -274,11 +274,11 @@ fn corruption_layout_lengths_and_sentinels() {
 #[test]
 fn reconstruction_is_exact() {
     let config = SpanConfig::default();
-    let mut rng = SplitMix64::new(15);
+    let mut rng = seeded_rng(15);
     for eos in [Some(1), None] {
         let sentinels = t5_sentinels(eos);
         for _ in 0..3000 {
-            let len = 2 + rng.below(599) as usize;
+            let len = 2 + rng.random_range(0..599) as usize;
             let tokens = text(len, &mut rng); // includes id 1, the EOS, inside rows
             let example = corrupt_spans(&tokens, &config, &sentinels, &mut rng).unwrap();
             assert_eq!(reconstruct(&example.inputs, &example.targets, &sentinels).unwrap(), tokens);
@@ -291,7 +291,7 @@ fn reconstruction_is_exact() {
     ] {
         let sentinels = Sentinels::descending(1999, 1000, Some(1));
         for _ in 0..500 {
-            let tokens = text(2 + rng.below(300) as usize, &mut rng);
+            let tokens = text(2 + rng.random_range(0..300) as usize, &mut rng);
             let example = corrupt_spans(&tokens, &config, &sentinels, &mut rng).unwrap();
             assert_eq!(reconstruct(&example.inputs, &example.targets, &sentinels).unwrap(), tokens);
         }
@@ -300,33 +300,32 @@ fn reconstruction_is_exact() {
 
 #[test]
 fn corruption_is_deterministic_per_seed() {
-    let tokens = text(256, &mut SplitMix64::new(16));
-    let run = |seed| corrupt_spans(&tokens, &SpanConfig::default(), &t5_sentinels(Some(1)), &mut SplitMix64::new(seed));
+    let tokens = text(256, &mut seeded_rng(16));
+    let run = |seed| corrupt_spans(&tokens, &SpanConfig::default(), &t5_sentinels(Some(1)), &mut seeded_rng(seed));
     assert_eq!(run(3).unwrap(), run(3).unwrap());
     assert_ne!(run(3).unwrap(), run(4).unwrap());
 }
 
 #[test]
 fn too_few_sentinels_and_too_short_rows_are_errors() {
-    let tokens = text(128, &mut SplitMix64::new(17)); // 19 noise tokens in 6 spans
+    let tokens = text(128, &mut seeded_rng(17)); // 19 noise tokens in 6 spans
     let sentinels = Sentinels::descending(1099, 5, Some(1));
-    let error = corrupt_spans(&tokens, &SpanConfig::default(), &sentinels, &mut SplitMix64::new(0)).unwrap_err();
+    let error = corrupt_spans(&tokens, &SpanConfig::default(), &sentinels, &mut seeded_rng(0)).unwrap_err();
     assert_eq!(
         error.to_string(),
         "span corruption of a row of 128 tokens makes 6 noise spans, but only 5 sentinels are given"
     );
     let sentinels = Sentinels::descending(1099, 6, Some(1));
-    assert!(corrupt_spans(&tokens, &SpanConfig::default(), &sentinels, &mut SplitMix64::new(0)).is_ok());
+    assert!(corrupt_spans(&tokens, &SpanConfig::default(), &sentinels, &mut seeded_rng(0)).is_ok());
     for len in [0, 1] {
-        let error =
-            corrupt_spans(&tokens[..len], &SpanConfig::default(), &sentinels, &mut SplitMix64::new(0)).unwrap_err();
+        let error = corrupt_spans(&tokens[..len], &SpanConfig::default(), &sentinels, &mut seeded_rng(0)).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!("span corruption needs at least 2 tokens (one noise, one kept); the row has {len}")
         );
     }
     let bad = SpanConfig { noise_density: 0.0, ..SpanConfig::default() };
-    let error = corrupt_spans(&tokens, &bad, &sentinels, &mut SplitMix64::new(0)).unwrap_err();
+    let error = corrupt_spans(&tokens, &bad, &sentinels, &mut seeded_rng(0)).unwrap_err();
     assert!(error.to_string().starts_with("noise_density: "), "{error}");
 }
 
@@ -339,13 +338,9 @@ fn raw_lengths_fill_the_inputs() {
         let lengths = raw_length_for_inputs(inputs, &config, true).unwrap();
         assert!(lengths.inputs <= inputs);
         assert!(span_lengths(lengths.raw + 1, &config, true).unwrap().inputs > inputs);
-        let example = corrupt_spans(
-            &text(lengths.raw, &mut SplitMix64::new(1)),
-            &config,
-            &t5_sentinels(Some(1)),
-            &mut SplitMix64::new(2),
-        )
-        .unwrap();
+        let example =
+            corrupt_spans(&text(lengths.raw, &mut seeded_rng(1)), &config, &t5_sentinels(Some(1)), &mut seeded_rng(2))
+                .unwrap();
         assert_eq!((example.inputs.len(), example.targets.len()), (lengths.inputs, lengths.targets));
     }
 }
@@ -353,11 +348,10 @@ fn raw_lengths_fill_the_inputs() {
 #[test]
 fn span_batch_pads_inputs_and_labels() {
     let sentinels = t5_sentinels(Some(1));
-    let mut rng = SplitMix64::new(18);
+    let mut rng = seeded_rng(18);
     let rows = vec![text(40, &mut rng), text(100, &mut rng), text(20, &mut rng)];
-    let batch =
-        span_batch(&rows, &SpanConfig::default(), &sentinels, PAD, &mut SplitMix64::new(5), Device::Cpu).unwrap();
-    let mut rng = SplitMix64::new(5);
+    let batch = span_batch(&rows, &SpanConfig::default(), &sentinels, PAD, &mut seeded_rng(5), Device::Cpu).unwrap();
+    let mut rng = seeded_rng(5);
     let examples: Vec<_> =
         rows.iter().map(|r| corrupt_spans(r, &SpanConfig::default(), &sentinels, &mut rng).unwrap()).collect();
     let s = examples.iter().map(|e| e.inputs.len()).max().unwrap();

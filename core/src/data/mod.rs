@@ -6,6 +6,7 @@ pub mod stream;
 
 use std::path::Path;
 
+use rand::seq::SliceRandom;
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, IoResultExt, Result};
@@ -41,49 +42,16 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     Ok(documents)
 }
 
-/// SplitMix64: a small, fast, seedable generator; the data order depends on it alone,
-/// so it is the same on every machine and every libtorch version.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SplitMix64 {
-    state: u64,
-}
+/// The generator behind every host-side random choice: shuffles, masking and span
+/// draws, the stream's mixture and shuffle buffer, MinHash permutations, sampling draws.
+/// ChaCha8 from the `rand` family: the same stream on every machine, and serializable, so
+/// a checkpoint keeps a generator's exact state and a resumed run draws what the
+/// uninterrupted one would have.
+pub type SeededRng = rand_chacha::ChaCha8Rng;
 
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1), with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / ((1u64 << 53) as f64)
-    }
-
-    /// Uniform in 0..n (n > 0), by rejection so there is no modulo bias.
-    pub fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-
-    /// Fisher–Yates shuffle.
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            items.swap(i, j);
-        }
-    }
+/// A [`SeededRng`] seeded with `seed`.
+pub fn seeded_rng(seed: u64) -> SeededRng {
+    rand::SeedableRng::seed_from_u64(seed)
 }
 
 /// Splits documents (or examples) into (train, validation), holding out `fraction` of
@@ -92,7 +60,7 @@ pub fn split_documents<T>(mut documents: Vec<T>, fraction: f64, seed: u64) -> Re
     if documents.len() < 2 {
         return Err(Error::Other("a train/validation split needs at least two documents".into()));
     }
-    SplitMix64::new(seed).shuffle(&mut documents);
+    documents.shuffle(&mut seeded_rng(seed));
     let held_out = ((documents.len() as f64 * fraction).round() as usize).clamp(1, documents.len() - 1);
     let validation = documents.split_off(documents.len() - held_out);
     Ok((documents, validation))
@@ -144,7 +112,7 @@ pub fn unigram_entropy(documents: &[Vec<i64>], vocab_size: usize) -> f64 {
 /// permutation of all rows.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BatchOrder {
-    rng: SplitMix64,
+    rng: SeededRng,
     rows: usize,
     order: Vec<usize>,
     cursor: usize,
@@ -152,7 +120,7 @@ pub struct BatchOrder {
 
 impl BatchOrder {
     pub fn new(rows: usize, seed: u64) -> Self {
-        Self { rng: SplitMix64::new(seed), rows, order: Vec::new(), cursor: 0 }
+        Self { rng: seeded_rng(seed), rows, order: Vec::new(), cursor: 0 }
     }
 
     /// Indices of the next `batch_size` rows.
@@ -161,7 +129,7 @@ impl BatchOrder {
             .map(|_| {
                 if self.cursor >= self.order.len() {
                     self.order = (0..self.rows).collect();
-                    self.rng.shuffle(&mut self.order);
+                    self.order.shuffle(&mut self.rng);
                     self.cursor = 0;
                 }
                 self.cursor += 1;

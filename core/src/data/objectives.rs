@@ -1,6 +1,6 @@
 //! The data side of two denoising pretraining objectives: BERT's masked language modelling
 //! and T5's span corruption. Each turns a row of token ids into model inputs and labels;
-//! all randomness comes from a [`SplitMix64`] the caller seeds, so an example depends on
+//! all randomness comes from a [`SeededRng`] the caller seeds, so an example depends on
 //! that seed alone, not on libtorch's global generator.
 //!
 //! - Masked LM: Devlin et al. 2019, "BERT" (<https://arxiv.org/abs/1810.04805>), §3.1 and
@@ -11,20 +11,22 @@
 //!   `random_spans_helper` of
 //!   <https://github.com/google-research/text-to-text-transfer-transformer/blob/main/t5/data/preprocessors.py>
 //!   (HF's port: `examples/flax/language-modeling/run_t5_mlm_flax.py`).
+use rand::seq::SliceRandom;
+use rand::Rng;
 use std::ops::Range;
 
 use tch::{Device, Tensor};
 
-use super::SplitMix64;
+use super::SeededRng;
 use crate::error::{Error, Result};
 
 /// The label of a position that takes no part in the loss: PyTorch's default
 /// `ignore_index` of `cross_entropy`, and what HF's collators write.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Uniform in [0, 1), from the top 53 bits.
-fn uniform(rng: &mut SplitMix64) -> f64 {
-    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+/// Uniform in [0, 1).
+fn uniform(rng: &mut SeededRng) -> f64 {
+    rng.random::<f64>()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ pub fn mask_tokens(
     tokens: &[i64],
     config: &MlmConfig,
     special: &SpecialIds,
-    rng: &mut SplitMix64,
+    rng: &mut SeededRng,
 ) -> Result<MlmExample> {
     config.validate()?;
     special.validate()?;
@@ -143,7 +145,7 @@ pub fn mask_tokens(
         if action < config.mask_fraction {
             *input = special.mask_id;
         } else if action < config.mask_fraction + config.random_fraction {
-            *input = rng.below(special.vocab_size as u64) as i64;
+            *input = rng.random_range(0..special.vocab_size as u64) as i64;
         }
     }
     Ok(MlmExample { input_ids, labels })
@@ -155,7 +157,7 @@ pub fn mlm_batch<R: AsRef<[i64]>>(
     rows: &[R],
     config: &MlmConfig,
     special: &SpecialIds,
-    rng: &mut SplitMix64,
+    rng: &mut SeededRng,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
     let len = equal_row_length(rows)?;
@@ -304,9 +306,9 @@ pub fn raw_length_for_inputs(inputs: usize, config: &SpanConfig, eos: bool) -> R
 /// Splits `items` into `segments` non-empty runs, uniformly over all such splits: T5's
 /// `_random_segmentation` (shuffle `segments - 1` "a run starts here" flags among the
 /// `items - 1` positions after the first). Needs 1 <= segments <= items.
-fn random_segmentation(items: usize, segments: usize, rng: &mut SplitMix64) -> Vec<usize> {
+fn random_segmentation(items: usize, segments: usize, rng: &mut SeededRng) -> Vec<usize> {
     let mut starts: Vec<bool> = (0..items.saturating_sub(1)).map(|i| i + 1 < segments).collect();
-    rng.shuffle(&mut starts);
+    starts.shuffle(rng);
     let mut lengths = Vec::with_capacity(segments);
     lengths.push(1);
     for start in starts {
@@ -323,12 +325,12 @@ fn random_segmentation(items: usize, segments: usize, rng: &mut SplitMix64) -> V
 /// alternate, starting with kept (so no span starts at 0) and ending with noise (so the
 /// last span ends at `raw`); their lengths are independent uniform splits of the counts of
 /// [`span_lengths`]. Spans are sorted, disjoint and separated by at least one kept token.
-pub fn random_spans(raw: usize, config: &SpanConfig, rng: &mut SplitMix64) -> Result<Vec<Range<usize>>> {
+pub fn random_spans(raw: usize, config: &SpanConfig, rng: &mut SeededRng) -> Result<Vec<Range<usize>>> {
     let lengths = span_lengths(raw, config, false)?;
     Ok(spans_for(&lengths, rng))
 }
 
-fn spans_for(lengths: &SpanLengths, rng: &mut SplitMix64) -> Vec<Range<usize>> {
+fn spans_for(lengths: &SpanLengths, rng: &mut SeededRng) -> Vec<Range<usize>> {
     let noise = random_segmentation(lengths.noise_tokens, lengths.noise_spans, rng);
     let kept = random_segmentation(lengths.raw - lengths.noise_tokens, lengths.noise_spans, rng);
     let mut at = 0;
@@ -365,7 +367,7 @@ pub fn corrupt_spans(
     tokens: &[i64],
     config: &SpanConfig,
     sentinels: &Sentinels,
-    rng: &mut SplitMix64,
+    rng: &mut SeededRng,
 ) -> Result<SpanExample> {
     let lengths = span_lengths(tokens.len(), config, sentinels.eos.is_some())?;
     if lengths.noise_spans > sentinels.ids.len() {
@@ -474,7 +476,7 @@ pub fn span_batch<R: AsRef<[i64]>>(
     config: &SpanConfig,
     sentinels: &Sentinels,
     pad_id: i64,
-    rng: &mut SplitMix64,
+    rng: &mut SeededRng,
     device: Device,
 ) -> Result<SpanBatch> {
     if rows.is_empty() {
@@ -501,6 +503,7 @@ pub fn span_batch<R: AsRef<[i64]>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::seeded_rng;
 
     fn bert() -> SpecialIds {
         SpecialIds { mask_id: 3, vocab_size: 100, never_mask: vec![0, 1, 2, 3] }
@@ -509,7 +512,7 @@ mod tests {
     #[test]
     fn masking_is_seeded() {
         let tokens: Vec<i64> = (4..100).collect();
-        let run = |seed| mask_tokens(&tokens, &MlmConfig::default(), &bert(), &mut SplitMix64::new(seed)).unwrap();
+        let run = |seed| mask_tokens(&tokens, &MlmConfig::default(), &bert(), &mut seeded_rng(seed)).unwrap();
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
     }
@@ -517,11 +520,11 @@ mod tests {
     #[test]
     fn everything_selected_and_masked_when_asked() {
         let config = MlmConfig { probability: 1.0, mask_fraction: 1.0, random_fraction: 0.0 };
-        let example = mask_tokens(&[1, 5, 6, 2], &config, &bert(), &mut SplitMix64::new(0)).unwrap();
+        let example = mask_tokens(&[1, 5, 6, 2], &config, &bert(), &mut seeded_rng(0)).unwrap();
         assert_eq!(example.input_ids, vec![1, 3, 3, 2]);
         assert_eq!(example.labels, vec![IGNORE_INDEX, 5, 6, IGNORE_INDEX]);
         let config = MlmConfig { probability: 1.0, mask_fraction: 0.0, random_fraction: 0.0 };
-        let example = mask_tokens(&[1, 5, 6, 2], &config, &bert(), &mut SplitMix64::new(0)).unwrap();
+        let example = mask_tokens(&[1, 5, 6, 2], &config, &bert(), &mut seeded_rng(0)).unwrap();
         assert_eq!(example.input_ids, vec![1, 5, 6, 2]);
         assert_eq!(example.labels, vec![IGNORE_INDEX, 5, 6, IGNORE_INDEX]);
     }
@@ -529,18 +532,18 @@ mod tests {
     #[test]
     fn bad_masking_settings_are_errors() {
         let config = MlmConfig { mask_fraction: 0.95, ..MlmConfig::default() };
-        let message = mask_tokens(&[5], &config, &bert(), &mut SplitMix64::new(0)).unwrap_err().to_string();
+        let message = mask_tokens(&[5], &config, &bert(), &mut seeded_rng(0)).unwrap_err().to_string();
         assert!(message.starts_with("random_fraction: mask_fraction + random_fraction is 1.05"), "{message}");
         let special = SpecialIds { vocab_size: 0, ..bert() };
-        assert!(mask_tokens(&[5], &MlmConfig::default(), &special, &mut SplitMix64::new(0)).is_err());
+        assert!(mask_tokens(&[5], &MlmConfig::default(), &special, &mut seeded_rng(0)).is_err());
         let special = SpecialIds { mask_id: 100, ..bert() };
-        let message = mask_tokens(&[5], &MlmConfig::default(), &special, &mut SplitMix64::new(0)).unwrap_err();
+        let message = mask_tokens(&[5], &MlmConfig::default(), &special, &mut seeded_rng(0)).unwrap_err();
         assert_eq!(message.to_string(), "masked LM: mask_id 100 is outside the vocabulary 0..100");
     }
 
     #[test]
     fn segmentation_is_positive_and_sums_to_the_items() {
-        let mut rng = SplitMix64::new(3);
+        let mut rng = seeded_rng(3);
         for (items, segments) in [(1, 1), (5, 1), (5, 5), (19, 6), (100, 7)] {
             let lengths = random_segmentation(items, segments, &mut rng);
             assert_eq!(lengths.len(), segments);
@@ -578,7 +581,7 @@ mod tests {
         let sentinels = Sentinels::descending(99, 3, Some(1));
         assert_eq!(sentinels.ids, vec![99, 98, 97]);
         let tokens: Vec<i64> = (10..30).collect(); // 20 tokens: 3 noise, 1 span
-        let example = corrupt_spans(&tokens, &SpanConfig::default(), &sentinels, &mut SplitMix64::new(5)).unwrap();
+        let example = corrupt_spans(&tokens, &SpanConfig::default(), &sentinels, &mut seeded_rng(5)).unwrap();
         assert_eq!(example.noise_spans, vec![17..20]);
         let mut inputs: Vec<i64> = (10..27).collect();
         inputs.extend([99, 1]);

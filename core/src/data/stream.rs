@@ -8,13 +8,14 @@
 //! parallel chunks, packs them into rows of `seq_len + 1` tokens with EOS between
 //! documents, and draws rows from a shuffle buffer. Its whole position ([`StreamState`])
 //! is small and serializable, so a run resumes exactly where it stopped.
+use rand::Rng;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::SplitMix64;
+use super::{seeded_rng, SeededRng};
 use crate::error::{Error, IoResultExt, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -171,15 +172,15 @@ impl SourceReader {
 /// Whether document `ordinal` of source `source` is held out: a hash of the seed, source
 /// and ordinal, so the split is fixed without a pass over the data.
 pub fn held_out(seed: u64, source: usize, ordinal: u64, fraction: f64) -> bool {
-    let mut rng = SplitMix64::new(seed ^ ((source as u64) << 48) ^ ordinal.wrapping_mul(0xA24B_AED4_963E_E407));
-    rng.next_f64() < fraction
+    let mut rng = seeded_rng(seed ^ ((source as u64) << 48) ^ ordinal.wrapping_mul(0xA24B_AED4_963E_E407));
+    rng.random::<f64>() < fraction
 }
 
 /// Training documents of several files, drawn by weight.
 pub struct Mixture {
     readers: Vec<SourceReader>,
     cumulative: Vec<f64>,
-    rng: SplitMix64,
+    rng: SeededRng,
     seed: u64,
     fraction: f64,
 }
@@ -203,13 +204,13 @@ impl Mixture {
                 Some(*acc)
             })
             .collect();
-        let rng = state.map(|s| s.rng.clone()).unwrap_or_else(|| SplitMix64::new(seed ^ 0x6D69_7874_7572_6500));
+        let rng = state.map(|s| s.rng.clone()).unwrap_or_else(|| seeded_rng(seed ^ 0x6D69_7874_7572_6500));
         Ok(Self { readers, cumulative, rng, seed, fraction })
     }
 
     /// The next training document.
     pub fn next_document(&mut self) -> Result<String> {
-        let draw = self.rng.next_f64();
+        let draw = self.rng.random::<f64>();
         let source = self.cumulative.iter().position(|&c| draw < c).unwrap_or(self.readers.len() - 1);
         let reader = &mut self.readers[source];
         loop {
@@ -238,7 +239,7 @@ impl Mixture {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MixtureState {
     pub sources: Vec<SourcePosition>,
-    pub rng: SplitMix64,
+    pub rng: SeededRng,
 }
 
 /// The held-out documents of `sources`, in file order, at most `max` from each.
@@ -273,7 +274,7 @@ pub struct TokenStream {
     pending: Vec<i64>,
     buffer: Vec<Vec<i64>>,
     buffer_rows: usize,
-    rng: SplitMix64,
+    rng: SeededRng,
 }
 
 /// Documents tokenized together (in parallel) when the buffer runs low.
@@ -292,7 +293,7 @@ impl TokenStream {
     ) -> Self {
         let (pending, buffer, rng) = match state {
             Some(s) => (s.pending, s.buffer, s.rng),
-            None => (Vec::new(), Vec::new(), SplitMix64::new(seed ^ 0x7368_7566_666C_6500)),
+            None => (Vec::new(), Vec::new(), seeded_rng(seed ^ 0x7368_7566_666C_6500)),
         };
         Self { mixture, seq_len, eos, pending, buffer, buffer_rows: buffer_rows.max(1), rng }
     }
@@ -304,7 +305,7 @@ impl TokenStream {
             while self.buffer.len() < self.buffer_rows {
                 self.fill(tokenizer)?;
             }
-            let pick = self.rng.below(self.buffer.len() as u64) as usize;
+            let pick = self.rng.random_range(0..self.buffer.len() as u64) as usize;
             out.push(self.buffer.swap_remove(pick));
         }
         Ok(out)
@@ -346,7 +347,7 @@ pub struct StreamState {
     pub mixture: MixtureState,
     pub pending: Vec<i64>,
     pub buffer: Vec<Vec<i64>>,
-    pub rng: SplitMix64,
+    pub rng: SeededRng,
 }
 
 impl TokenStream {

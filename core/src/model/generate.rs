@@ -6,10 +6,11 @@
 //! penalty, temperature, top-k, top-p. Draws come from a generator owned by the call
 //! (seeded by `seed`, or from libtorch's global generator when there is none), so a
 //! seeded generation is the same whatever else runs in the process.
+use rand::Rng;
 use tch::{Kind, Tensor};
 
 use super::Policy;
-use crate::data::SplitMix64;
+use crate::data::{seeded_rng, SeededRng};
 use crate::error::{Error, Result};
 
 /// Sampling settings for [`Policy::generate`].
@@ -94,7 +95,7 @@ pub fn generate<P: Policy + ?Sized>(
     let seed = settings
         .seed
         .unwrap_or_else(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64);
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded_rng(seed);
     let device = policy.var_store().device();
     let batch = prompts.len() as i64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -164,7 +165,7 @@ pub fn sample(
     logits: &Tensor,
     seen: &Tensor,
     settings: &GenerationSettings,
-    rng: &mut SplitMix64,
+    rng: &mut SeededRng,
 ) -> Result<(Tensor, Tensor)> {
     let mut logits = logits.shallow_clone();
     if settings.repetition_penalty != 1.0 {
@@ -198,7 +199,7 @@ pub fn sample(
     let cdf = filtered.softmax(-1, Kind::Double).cumsum(-1, Kind::Double); // (B, V)
     let rows = cdf.size()[0];
     // 53 random bits → a uniform in [0, 1), scaled by each row's total mass.
-    let draws: Vec<f64> = (0..rows).map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64).collect();
+    let draws: Vec<f64> = (0..rows).map(|_| rng.random::<f64>()).collect();
     let u = Tensor::from_slice(&draws).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
     let next = u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(vocab - 1).squeeze_dim(1);
     let log_probs = log_probs_all.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
@@ -213,7 +214,7 @@ mod tests {
         let row = Tensor::from_slice(logits).unsqueeze(0);
         let logits = row.repeat([draws as i64, 1]);
         let seen = Tensor::zeros([draws as i64, 1], (Kind::Int64, tch::Device::Cpu));
-        let (next, log_probs) = sample(&logits, &seen, settings, &mut SplitMix64::new(3)).unwrap();
+        let (next, log_probs) = sample(&logits, &seen, settings, &mut seeded_rng(3)).unwrap();
         assert!(log_probs.le(0.0).all().int64_value(&[]) == 1);
         let next = Vec::<i64>::try_from(next).unwrap();
         (0..logits.size()[1]).map(|t| next.iter().filter(|&&n| n == t).count() as f64 / draws as f64).collect()
@@ -248,7 +249,7 @@ mod tests {
         let seen = Tensor::from_slice(&[0i64, 1]).unsqueeze(0);
         let settings = GenerationSettings { temperature: 0.0, repetition_penalty: 4.0, ..Default::default() };
         // Penalised: [0.5, -8, 1] -> token 2 wins.
-        let (next, _) = sample(&logits, &seen, &settings, &mut SplitMix64::new(0)).unwrap();
+        let (next, _) = sample(&logits, &seen, &settings, &mut seeded_rng(0)).unwrap();
         assert_eq!(next.int64_value(&[0]), 2);
     }
 }

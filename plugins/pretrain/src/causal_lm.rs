@@ -4,7 +4,7 @@
 //! at each evaluation the `eval.sample_prompts` are continued greedily.
 use std::path::Path;
 
-use plumb_core::data::SplitMix64;
+use plumb_core::data::SeededRng;
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{GenerationSettings, Policy};
 use plumb_core::tch::{nn, Device, Kind, Tensor};
@@ -98,7 +98,7 @@ impl Objective for CausalLmObjective {
         &self,
         model: &LlamaForCausalLm,
         rows: &[Vec<i64>],
-        _: &mut SplitMix64,
+        _: &mut SeededRng,
         device: Device,
     ) -> Result<(Tensor, usize)> {
         let width = rows[0].len() as i64;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use plumb_core::data::objectives::{mlm_batch, MlmConfig, SpecialIds, IGNORE_INDEX};
-use plumb_core::data::SplitMix64;
+use plumb_core::data::SeededRng;
 use plumb_core::model::bert::{BertConfig, BertForMaskedLm};
 use plumb_core::tch::{nn, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -109,7 +109,7 @@ impl Objective for MaskedLmObjective {
         &self,
         model: &BertForMaskedLm,
         rows: &[Vec<i64>],
-        rng: &mut SplitMix64,
+        rng: &mut SeededRng,
         device: Device,
     ) -> Result<(Tensor, usize)> {
         let (inputs, labels) = mlm_batch(rows, &self.settings, &self.special, rng, device)?;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use plumb_core::data::objectives::{corrupt_spans, raw_length_for_inputs, Sentinels, SpanConfig};
-use plumb_core::data::SplitMix64;
+use plumb_core::data::SeededRng;
 use plumb_core::model::t5::{T5Config, T5ForConditionalGeneration};
 use plumb_core::tch::{nn, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -128,7 +128,7 @@ impl Objective for SpanCorruptionObjective {
         &self,
         model: &T5ForConditionalGeneration,
         rows: &[Vec<i64>],
-        rng: &mut SplitMix64,
+        rng: &mut SeededRng,
         device: Device,
     ) -> Result<(Tensor, usize)> {
         let examples = rows

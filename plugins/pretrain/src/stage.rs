@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 use std::path::Path;
 
 use plumb_core::data::stream::TokenStream;
-use plumb_core::data::SplitMix64;
+use plumb_core::data::{seeded_rng, SeededRng};
 use plumb_core::model::SaveHf;
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
@@ -62,7 +62,7 @@ pub trait Objective: Sized + 'static {
         &self,
         model: &Self::Model,
         rows: &[Vec<i64>],
-        rng: &mut SplitMix64,
+        rng: &mut SeededRng,
         device: Device,
     ) -> Result<(Tensor, usize)>;
 
@@ -171,7 +171,7 @@ impl<O: Objective> Stage for Pretraining<O> {
         };
         let evaluate = || -> Result<f64> {
             let _no_grad = tch::no_grad_guard();
-            let mut rng = SplitMix64::new(ctx.seed() ^ 0xE7A1); // the same corruption every time
+            let mut rng = seeded_rng(ctx.seed() ^ 0xE7A1); // the same corruption every time
             let (mut total, mut count) = (0.0, 0);
             for rows in validation.chunks(training.batch_size).take(training.eval.batch_limit()) {
                 let (sum, n) =
@@ -203,7 +203,7 @@ impl<O: Objective> Stage for Pretraining<O> {
                 None => training.batch_size,
             };
             let rows = stream.next_rows(&tokenizer, batch_size)?;
-            let mut rng = SplitMix64::new(ctx.seed() ^ (step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = seeded_rng(ctx.seed() ^ (step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut sums = Vec::new();
             let mut targets = 0;
             for chunk in rows.chunks(micro) {

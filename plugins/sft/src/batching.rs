@@ -5,7 +5,8 @@
 //!
 //! A [`Plan`] fixes, once, which examples share a row and which rows share a batch; the
 //! order of batches is then shuffled every epoch from the seed.
-use plumb_core::data::SplitMix64;
+use plumb_core::data::seeded_rng;
+use plumb_core::rand::seq::SliceRandom;
 use plumb_core::tch::{Device, Tensor};
 use serde::Deserialize;
 
@@ -34,7 +35,7 @@ pub struct Plan {
 impl Plan {
     pub fn new(examples: &[Example], batching: Batching, batch_size: usize, max_length: usize, seed: u64) -> Self {
         let mut order: Vec<usize> = (0..examples.len()).collect();
-        SplitMix64::new(seed).shuffle(&mut order);
+        order.shuffle(&mut seeded_rng(seed));
         let rows: Vec<Vec<usize>> = match batching {
             Batching::Bucket => {
                 // Shuffled first, so examples of equal length are grouped at random.

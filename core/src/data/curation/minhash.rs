@@ -12,13 +12,14 @@
 //! band become candidates, with probability `1 − (1 − J^rows)^bands` (see
 //! [`MinHashConfig::candidate_probability`]), and a candidate counts as a duplicate when its
 //! estimated `J` reaches `threshold`.
+use rand::Rng;
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::exact::normalize;
 use super::hash::{combine, BuildPreHashed, Fnv};
-use crate::data::SplitMix64;
+use crate::data::seeded_rng;
 use crate::error::{Error, Result};
 
 /// What a shingle is made of.
@@ -128,8 +129,8 @@ pub struct MinHasher {
 impl MinHasher {
     /// The permutations depend on `seed` and `config.num_perm` only.
     pub fn new(config: &MinHashConfig, seed: u64) -> Self {
-        let mut rng = SplitMix64::new(seed);
-        let (a, b) = (0..config.num_perm).map(|_| (1 + rng.below(P - 1), rng.below(P))).unzip();
+        let mut rng = seeded_rng(seed);
+        let (a, b) = (0..config.num_perm).map(|_| (1 + rng.random_range(0..P - 1), rng.random_range(0..P))).unzip();
         Self { unit: config.shingle, ngram: config.ngram.max(1), a, b }
     }
 
@@ -275,6 +276,7 @@ fn band_key(band: &[u32]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::RngCore;
 
     fn hasher(num_perm: usize, seed: u64) -> MinHasher {
         MinHasher::new(&MinHashConfig { num_perm, ..MinHashConfig::default() }, seed)
@@ -287,9 +289,9 @@ mod tests {
 
     #[test]
     fn modular_arithmetic_matches_u128() {
-        let mut rng = SplitMix64::new(7);
+        let mut rng = seeded_rng(7);
         for _ in 0..10_000 {
-            let (a, x, b) = (rng.below(P), rng.next_u64(), rng.below(P));
+            let (a, x, b) = (rng.random_range(0..P), rng.next_u64(), rng.random_range(0..P));
             assert_eq!(reduce(x), x % P);
             let x = reduce(x);
             let expected = ((u128::from(a) * u128::from(x) + u128::from(b)) % u128::from(P)) as u64;

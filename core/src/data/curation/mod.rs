@@ -335,10 +335,11 @@ impl Curator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::Rng;
 
     fn words(n: usize, seed: u64) -> String {
-        let mut rng = crate::data::SplitMix64::new(seed);
-        (0..n).map(|_| format!("w{}", rng.below(50_000))).collect::<Vec<_>>().join(" ")
+        let mut rng = crate::data::seeded_rng(seed);
+        (0..n).map(|_| format!("w{}", rng.random_range(0..50_000))).collect::<Vec<_>>().join(" ")
     }
 
     #[test]
