@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use plumb_core::checkpoint::write_file_atomically;
 use plumb_core::context::RunRequest;
-use plumb_core::log::progress::Progress;
-use plumb_core::log::TbWriter;
-use plumb_core::plugin::host::HostServices;
-use plumb_core::plugin::registry::RewardInstance;
-use plumb_core::plugin::{loader, CallError, Component, Kind, Registry};
-use plumb_core::recipe::{LoadedRecipe, Recipe, RecipeError};
+use plumb_host::log::progress::Progress;
+use plumb_host::log::TbWriter;
+use plumb_host::plugin::host::HostServices;
+use plumb_host::plugin::registry::RewardInstance;
+use plumb_host::plugin::{loader, CallError, Component, Kind, Registry};
+use plumb_host::recipe::{LoadedRecipe, Recipe, RecipeError};
 
 use crate::Failure;
 
@@ -37,7 +37,7 @@ fn load_plugins(recipe: &LoadedRecipe) -> Result<Registry, Failure> {
         let path = loader::locate(&spec.name, spec.path.as_deref()).map_err(|e| {
             user(recipe.error_at(&key(if spec.path.is_some() { ".path" } else { ".name" }), e.to_string()))
         })?;
-        let plugin = loader::load(&path, spec.sha256.as_deref()).map_err(|e| {
+        let plugin = loader::load(&path, &spec.name, spec.sha256.as_deref()).map_err(|e| {
             let field = if matches!(e, loader::LoadError::Sha256Mismatch { .. }) { ".sha256" } else { "" };
             user(recipe.error_at(&key(field), e.to_string()))
         })?;

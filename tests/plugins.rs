@@ -138,7 +138,9 @@ fn a_shared_library_that_is_not_a_plugin_is_refused() {
     assert_exit(&out, 1);
     assert!(
         stderr(&out).contains(&format!(
-            "{}: not a plumb plugin: it exports no `plumb_plugin_declaration` symbol",
+            "{}: not a plumb plugin: it exports no `plumb_plugin_not_a_plugin` symbol (a plugin built with \
+             `plumb_core::export_plugin!` exports `plumb_plugin_<its name>`; is `not_a_plugin` the name in its \
+             `export_plugin!`?)",
             lib.display()
         )),
         "{}",
@@ -201,7 +203,7 @@ fn a_sha256_pin_is_checked_before_loading() {
     assert!(err.contains("refusing to load it"), "{err}");
 
     // The right hash loads.
-    let right = plumb_core::plugin::loader::sha256_of(&lib).unwrap();
+    let right = plumb_host::plugin::loader::sha256_of(&lib).unwrap();
     let plugins = format!("  - name: probe\n    path: {}\n    sha256: \"{right}\"\n", lib.display());
     let path = recipe(dir.path(), &plugins, "", "  - name: x\n    uses: probe.fail\n");
     assert_exit(&plumb(dir.path(), &["validate", path.to_str().unwrap()]), 0);

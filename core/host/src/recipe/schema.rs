@@ -28,8 +28,8 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml::{Mapping, Value};
 
-use super::explain::describe;
-use super::suggest::did_you_mean;
+use plumb_core::recipe::explain::describe;
+use plumb_core::recipe::suggest::did_you_mean;
 
 /// A whole recipe: what to run, with which plugins, in which order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,13 +2,13 @@
 //! (`<plugin>.<component>`) and call it across the boundary.
 use std::ffi::c_void;
 
-use super::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef, ValidateFn};
-use super::contract::StageOutput;
-use super::export::ValidateRequest;
+use plumb_core::context::RunRequest;
+use plumb_core::plugin::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef, ValidateFn};
+use plumb_core::plugin::{StageOutput, ValidateRequest};
+use plumb_core::recipe::{suggest, SectionError};
+
 use super::host::HostServices;
 use super::loader::Plugin;
-use crate::context::RunRequest;
-use crate::recipe::{suggest, SectionError};
 
 /// Why a call into a plugin did not succeed.
 #[derive(Debug, thiserror::Error)]
