@@ -166,7 +166,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render) -> Result<(
         let stage_dir = output_dir.join(&stage.name);
         if mode == Mode::Resume {
             if let Some(model) = finished_report(&stage_dir) {
-                println!("stage {} finished in an earlier run; not running it again", stage.name);
+                println!("{} {} finished in an earlier run; not running it again", component.kind.noun(), stage.name);
                 input_model = model.or(input_model);
                 continue;
             }

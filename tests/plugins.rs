@@ -130,6 +130,26 @@ fn a_plugin_built_for_another_abi_version_is_refused() {
 }
 
 #[test]
+fn a_plugin_built_before_per_plugin_symbols_is_told_to_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library("libplumb_abi_mismatch.so");
+    // No `plumb_plugin_legacy` in it: only the old fixed `plumb_plugin_declaration` (ABI 3).
+    let path = recipe(dir.path(), &plugin_entry("legacy", &lib), "", "  - name: x\n    uses: legacy.x\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!(
+            "{}: plugin ABI version mismatch: this plumb expects ABI version {}, the plugin was built for version 3. \
+             Rebuild the plugin",
+            lib.display(),
+            plumb_core::plugin::abi::ABI_VERSION
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn a_shared_library_that_is_not_a_plugin_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let lib = library("libplumb_not_a_plugin.so");
