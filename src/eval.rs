@@ -38,6 +38,7 @@ pub struct EvalArgs {
     /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// The run's seed, for evaluators that sample or subsample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The plugin's library; by default found like a recipe's plugins (PLUMB_PLUGIN_PATH,
