@@ -6,6 +6,7 @@
 mod bench;
 mod data_cmd;
 mod device;
+mod eval;
 mod generate;
 mod plugins;
 mod run;
@@ -36,6 +37,9 @@ enum Command {
     },
     /// Check a recipe (and its plugins' sections) and print it fully resolved.
     Validate { recipe: PathBuf, overrides: Vec<String> },
+    /// Run one evaluator on a checkpoint: `plumb eval --model DIR --evaluator PLUGIN.NAME
+    /// [key=value ...]`.
+    Eval(eval::EvalArgs),
     /// List the plugins found on PLUMB_PLUGIN_PATH and next to this executable.
     Plugins,
     /// Continue a prompt with a model in HF layout (temperature 0 = greedy).
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
             run::run(&recipe, &overrides, if resume { run::Mode::Resume } else { run::Mode::Run })
         }
         Command::Validate { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Validate),
+        Command::Eval(args) => eval::run(&args),
         Command::Plugins => plugins::list(),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench) => bench::run(&bench),

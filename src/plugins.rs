@@ -1,7 +1,7 @@
 //! `plumb plugins`: what is installed where.
 use std::path::PathBuf;
 
-use plumb_core::plugin::loader;
+use plumb_host::plugin::loader;
 
 use crate::Failure;
 
@@ -23,7 +23,7 @@ pub fn list() -> Result<(), Failure> {
             (stem.contains('-'), stem)
         });
         for path in files {
-            let plugin = match loader::load(&path, None) {
+            let plugin = match loader::load_by_file_name(&path) {
                 Ok(plugin) => plugin,
                 // Other shared libraries may sit beside plugins; only name ours when broken.
                 Err(loader::LoadError::NotAPlugin { .. }) => continue,

@@ -1,5 +1,8 @@
 //! `plumb run` and `plumb validate`: everything is checked before any compute starts,
-//! then the stages run in order, each handing its model directory to the next.
+//! then the stages run in order, each handing its model directory to the next. An entry
+//! of `stages:` that names an evaluator runs it on the current model (the previous
+//! stage's output or its own `model:`) and records its metrics: `<name>/results.json`,
+//! `<name>/report.json`, a TensorBoard scalar per metric in `tb/<name>/`, and stdout.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,12 +11,12 @@ use std::time::Instant;
 
 use plumb_core::checkpoint::write_file_atomically;
 use plumb_core::context::RunRequest;
-use plumb_core::log::progress::Progress;
-use plumb_core::log::TbWriter;
-use plumb_core::plugin::host::HostServices;
-use plumb_core::plugin::registry::RewardInstance;
-use plumb_core::plugin::{loader, CallError, Component, Kind, Registry};
-use plumb_core::recipe::{LoadedRecipe, Recipe, RecipeError};
+use plumb_host::log::progress::Progress;
+use plumb_host::log::TbWriter;
+use plumb_host::plugin::host::HostServices;
+use plumb_host::plugin::registry::RewardInstance;
+use plumb_host::plugin::{loader, CallError, Component, Kind, Registry};
+use plumb_host::recipe::{LoadedRecipe, Recipe, RecipeError};
 
 use crate::Failure;
 
@@ -25,19 +28,19 @@ pub enum Mode {
     Validate,
 }
 
-fn user(e: RecipeError) -> Failure {
-    Failure::User(e.to_string())
-}
+/// How a recipe error reads to the user: as it is for `plumb run`; `plumb eval` rewrites
+/// the places of the recipe it builds into its own options.
+pub type Render<'a> = &'a dyn Fn(RecipeError) -> String;
 
 /// Loads the plugins the recipe lists; errors point at their entry.
-fn load_plugins(recipe: &LoadedRecipe) -> Result<Registry, Failure> {
+fn load_plugins(recipe: &LoadedRecipe, user: &dyn Fn(RecipeError) -> Failure) -> Result<Registry, Failure> {
     let mut registry = Registry::default();
     for (i, spec) in recipe.recipe().plugins.iter().enumerate() {
         let key = |field: &str| format!("plugins[{i}]{field}");
         let path = loader::locate(&spec.name, spec.path.as_deref()).map_err(|e| {
             user(recipe.error_at(&key(if spec.path.is_some() { ".path" } else { ".name" }), e.to_string()))
         })?;
-        let plugin = loader::load(&path, spec.sha256.as_deref()).map_err(|e| {
+        let plugin = loader::load(&path, &spec.name, spec.sha256.as_deref()).map_err(|e| {
             let field = if matches!(e, loader::LoadError::Sha256Mismatch { .. }) { ".sha256" } else { "" };
             user(recipe.error_at(&key(field), e.to_string()))
         })?;
@@ -54,7 +57,13 @@ fn load_plugins(recipe: &LoadedRecipe) -> Result<Registry, Failure> {
 }
 
 /// Turns a plugin's verdict on a section into a located error.
-fn located(recipe: &LoadedRecipe, section: &str, what: &str, error: CallError) -> Failure {
+fn located(
+    recipe: &LoadedRecipe,
+    user: &dyn Fn(RecipeError) -> Failure,
+    section: &str,
+    what: &str,
+    error: CallError,
+) -> Failure {
     match error {
         CallError::InvalidConfig(e) => user(recipe.section_error(section, &e)),
         CallError::Panicked(m) => Failure::Internal(format!("{what} panicked while checking its configuration {m}")),
@@ -68,9 +77,16 @@ fn yaml(value: &serde_yaml::Value) -> String {
 }
 
 pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure> {
+    let recipe = Recipe::load(path, overrides).map_err(|e| Failure::User(e.to_string()))?;
+    run_loaded(&recipe, mode, &|e: RecipeError| e.to_string())
+}
+
+/// Runs (or, in [`Mode::Validate`], checks) a loaded recipe; `render` words its errors.
+pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render) -> Result<(), Failure> {
+    let user = |e: RecipeError| Failure::User(render(e));
+    let user: &dyn Fn(RecipeError) -> Failure = &user;
     // 1. The recipe, its plugins, and every section they own: all before any compute.
-    let recipe = Recipe::load(path, overrides).map_err(user)?;
-    let registry = load_plugins(&recipe)?;
+    let registry = load_plugins(recipe, user)?;
     let spec = recipe.recipe();
     let mut rewards = Vec::new();
     for (i, reward) in spec.rewards.iter().enumerate() {
@@ -79,18 +95,17 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
         component
             .validate(&yaml(&reward.config))
-            .map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
+            .map_err(|e| located(recipe, user, &format!("rewards[{i}].config"), &what, e))?;
         rewards.push(component);
     }
     let mut stages: Vec<Component> = Vec::new();
     for (i, stage) in spec.stages.iter().enumerate() {
-        let component = registry
-            .component(&stage.uses, Kind::Stage)
-            .map_err(|m| user(recipe.error_at(&format!("stages[{i}].uses"), m)))?;
-        let what = format!("stage `{}` ({})", stage.name, stage.uses);
+        let component =
+            registry.runnable(&stage.uses).map_err(|m| user(recipe.error_at(&format!("stages[{i}].uses"), m)))?;
+        let what = format!("{} `{}` ({})", component.kind.noun(), stage.name, stage.uses);
         component
             .validate(&recipe.stage_config_yaml(i))
-            .map_err(|e| located(&recipe, &format!("stages[{i}].config"), &what, e))?;
+            .map_err(|e| located(recipe, user, &format!("stages[{i}].config"), &what, e))?;
         if let Some(model) = &stage.model {
             if !model.join("config.json").is_file() {
                 return Err(user(recipe.error_at(
@@ -131,7 +146,7 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
         let instance = component
             .create(&yaml(&reward.config))
-            .map_err(|e| located(&recipe, &format!("rewards[{i}].config"), &what, e))?;
+            .map_err(|e| located(recipe, user, &format!("rewards[{i}].config"), &what, e))?;
         live_rewards.insert(reward.name.clone(), Mutex::new(instance));
     }
     tracing::info!("run `{}` on {device} into {}", spec.run.name, output_dir.display());
@@ -139,14 +154,19 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
     // 3. The stages, in order.
     let mut input_model: Option<PathBuf> = None;
     for (i, (stage, component)) in spec.stages.iter().zip(&stages).enumerate() {
+        let evaluator = component.kind == Kind::Evaluator;
         let what = format!(
-            "stage `{}` ({}, plugin {} {})",
-            stage.name, stage.uses, component.plugin.name, component.plugin.version
+            "{} `{}` ({}, plugin {} {})",
+            component.kind.noun(),
+            stage.name,
+            stage.uses,
+            component.plugin.name,
+            component.plugin.version
         );
         let stage_dir = output_dir.join(&stage.name);
         if mode == Mode::Resume {
             if let Some(model) = finished_report(&stage_dir) {
-                println!("stage {} finished in an earlier run; not running it again", stage.name);
+                println!("{} {} finished in an earlier run; not running it again", component.kind.noun(), stage.name);
                 input_model = model.or(input_model);
                 continue;
             }
@@ -167,12 +187,13 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
             stop: Arc::clone(&stop),
             rewards: &live_rewards,
         };
+        let model = stage.model.clone().or_else(|| input_model.clone());
         let request = RunRequest {
             stage: stage.name.clone(),
             config_yaml: recipe.stage_config_yaml(i),
             run_dir: output_dir.clone(),
             stage_dir: stage_dir.clone(),
-            input_model: stage.model.clone().or_else(|| input_model.clone()),
+            input_model: model.clone(),
             device: device.clone(),
             seed: spec.run.seed,
             resume: mode == Mode::Resume,
@@ -182,6 +203,12 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
         let result = component.run(&host, &request);
         if let Ok(mut progress) = host.progress.lock() {
             progress.finish();
+        }
+        if let (true, Ok(output)) = (evaluator, &result) {
+            // An evaluator's results: one scalar per metric, at step 0.
+            for (tag, value) in &output.metrics {
+                tensorboard.scalar(tag, 0, *value);
+            }
         }
         tensorboard
             .close()
@@ -195,12 +222,34 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
             Err(CallError::Panicked(m)) => return Err(Failure::Internal(format!("{what} panicked {m}"))),
             Err(CallError::Cancelled) => return Err(Failure::Cancelled(format!("{what} stopped on request"))),
         };
-        let report = serde_json::json!({ "stage": stage.name, "uses": stage.uses, "model": output.model, "metrics": output.metrics });
-        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        write_file_atomically(&stage_dir.join("report.json"), text.as_bytes())
-            .map_err(|e| Failure::User(e.to_string()))?;
-        let figures: Vec<String> = output.metrics.iter().map(|(k, v)| format!("{k}={}", short(*v))).collect();
-        println!("stage {} finished in {:.1}s: {}", stage.name, started.elapsed().as_secs_f64(), figures.join(" "));
+        let seconds = started.elapsed().as_secs_f64();
+        if evaluator {
+            let results = serde_json::json!({
+                "name": stage.name,
+                "evaluator": stage.uses,
+                "plugin": { "name": component.plugin.name, "version": component.plugin.version },
+                "model": model,
+                "config": serde_yaml::from_str::<serde_json::Value>(&request.config_yaml).unwrap_or_default(),
+                "seconds": seconds,
+                "metrics": output.metrics,
+            });
+            write_json(&stage_dir.join("results.json"), &results)?;
+        }
+        let kind = component.kind.noun();
+        let report = serde_json::json!({ "stage": stage.name, "uses": stage.uses, "kind": kind, "model": output.model, "metrics": output.metrics });
+        write_json(&stage_dir.join("report.json"), &report)?;
+        if evaluator {
+            let on = model.as_ref().map(|m| format!(" on {}", m.display())).unwrap_or_default();
+            println!("evaluator {} ({}){on} finished in {seconds:.1}s:", stage.name, stage.uses);
+            let width = output.metrics.keys().map(String::len).max().unwrap_or(0);
+            for (tag, value) in &output.metrics {
+                println!("  {tag:<width$}  {}", short(*value));
+            }
+            println!("evaluator {} results: {}", stage.name, stage_dir.join("results.json").display());
+        } else {
+            let figures: Vec<String> = output.metrics.iter().map(|(k, v)| format!("{k}={}", short(*v))).collect();
+            println!("stage {} finished in {seconds:.1}s: {}", stage.name, figures.join(" "));
+        }
         if let Some(model) = &output.model {
             println!("stage {} model: {}", stage.name, model.display());
         }
@@ -213,6 +262,11 @@ pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure>
         }
     }
     Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
+    write_file_atomically(path, text.as_bytes()).map_err(|e| Failure::User(e.to_string()))
 }
 
 /// The output model of a stage that finished in an earlier run (its report exists).

@@ -91,7 +91,7 @@ fn an_unknown_stage_name_is_refused_before_any_work() {
     assert_exit(&out, 1);
     assert!(
         stderr(&out)
-            .contains("stages[0].uses: plugin `pretrain` has no stage `casual_lm`; did you mean `pretrain.causal_lm`?"),
+            .contains("stages[0].uses: plugin `pretrain` has no stage or evaluator `casual_lm`; did you mean `pretrain.causal_lm`?"),
         "{}",
         stderr(&out)
     );

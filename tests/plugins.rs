@@ -130,6 +130,26 @@ fn a_plugin_built_for_another_abi_version_is_refused() {
 }
 
 #[test]
+fn a_plugin_built_before_per_plugin_symbols_is_told_to_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library("libplumb_abi_mismatch.so");
+    // No `plumb_plugin_legacy` in it: only the old fixed `plumb_plugin_declaration` (ABI 3).
+    let path = recipe(dir.path(), &plugin_entry("legacy", &lib), "", "  - name: x\n    uses: legacy.x\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!(
+            "{}: plugin ABI version mismatch: this plumb expects ABI version {}, the plugin was built for version 3. \
+             Rebuild the plugin",
+            lib.display(),
+            plumb_core::plugin::abi::ABI_VERSION
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn a_shared_library_that_is_not_a_plugin_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let lib = library("libplumb_not_a_plugin.so");
@@ -138,7 +158,9 @@ fn a_shared_library_that_is_not_a_plugin_is_refused() {
     assert_exit(&out, 1);
     assert!(
         stderr(&out).contains(&format!(
-            "{}: not a plumb plugin: it exports no `plumb_plugin_declaration` symbol",
+            "{}: not a plumb plugin: it exports no `plumb_plugin_not_a_plugin` symbol (a plugin built with \
+             `plumb_core::export_plugin!` exports `plumb_plugin_<its name>`; is `not_a_plugin` the name in its \
+             `export_plugin!`?)",
             lib.display()
         )),
         "{}",
@@ -201,7 +223,7 @@ fn a_sha256_pin_is_checked_before_loading() {
     assert!(err.contains("refusing to load it"), "{err}");
 
     // The right hash loads.
-    let right = plumb_core::plugin::loader::sha256_of(&lib).unwrap();
+    let right = plumb_host::plugin::loader::sha256_of(&lib).unwrap();
     let plugins = format!("  - name: probe\n    path: {}\n    sha256: \"{right}\"\n", lib.display());
     let path = recipe(dir.path(), &plugins, "", "  - name: x\n    uses: probe.fail\n");
     assert_exit(&plumb(dir.path(), &["validate", path.to_str().unwrap()]), 0);
@@ -216,7 +238,7 @@ fn an_unknown_stage_suggests_the_nearest_name() {
     assert_exit(&out, 1);
     assert!(
         stderr(&out).contains(&format!(
-            "{}:10:5: stages[0].uses: plugin `probe` has no stage `scores`; did you mean `probe.score`?",
+            "{}:10:5: stages[0].uses: plugin `probe` has no stage or evaluator `scores`; did you mean `probe.score`?",
             path.display()
         )),
         "{}",
@@ -245,6 +267,69 @@ fn plugins_lists_what_each_plugin_provides() {
         text.contains("    reward    custom.word_count  Prefers responses with a target number of words"),
         "{text}"
     );
-    // A broken plugin next to the others is reported, not fatal.
+    assert!(text.contains("    evaluator pretrain.perplexity  Perplexity and mean token loss"), "{text}");
+    // A plugin linking another as a library is listed under its own name.
+    assert!(text.contains("sft_counter 0.1.0  "), "{text}");
+    assert!(text.contains("    evaluator sft_counter.examples  "), "{text}");
+    // Broken plugins next to the others are reported, not fatal.
     assert!(text.contains("plugin ABI version mismatch"), "{text}");
+    assert!(text.contains("plugin `twins` declares two stages named `same`"), "{text}");
+}
+
+#[test]
+fn a_plugin_with_two_components_of_one_name_is_refused_when_it_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library("libplumb_twins.so");
+    let path = recipe(dir.path(), &plugin_entry("twins", &lib), "", "  - name: x\n    uses: twins.same\n");
+    let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&format!(
+            "{}:6:5: plugins[0]: {}: plugin `twins` declares two stages named `same`; each stage, evaluator and reward \
+             of a plugin needs a name of its own",
+            path.display(),
+            lib.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_plugin_linking_the_sft_plugin_as_a_library_runs_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 200);
+    let text = std::fs::read_to_string(repo_root().join("data/tiny_tales_sft.jsonl")).unwrap();
+    let instructions = dir.path().join("instructions.jsonl");
+    std::fs::write(&instructions, text.lines().take(20).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    // Both libraries define the `sft` plugin's declaration symbol (the fixture links
+    // plumb-sft); each plugin is read from its own library.
+    let plugins = format!(
+        "  - name: pretrain\n  - name: sft\n{}",
+        plugin_entry("sft_counter", &library("libplumb_sft_counter.so"))
+    );
+    let stages = format!(
+        "{pretrain}  - name: sft\n    uses: sft.sft\n    config:\n      data:\n        train: {data}\n        format: alpaca\n      \
+         max_length: 64\n      batch_size: 2\n      max_steps: 2\n      eval:\n        num_prompts: 1\n        max_new_tokens: 4\n\
+         \x20 - name: count\n    uses: sft_counter.examples\n    config:\n      data: {data}\n      format: alpaca\n",
+        pretrain = tiny_pretrain_stage("pretrain", &corpus, 4),
+        data = instructions.display()
+    );
+    let path = recipe(dir.path(), &plugins, "", &stages);
+    let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let run = dir.path().join("run");
+    let sft: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("sft/report.json")).unwrap()).unwrap();
+    assert_eq!(sft["model"].as_str(), Some(run.join("sft/final").to_str().unwrap()), "{sft}");
+    assert_eq!(sft["metrics"]["train/steps"], 2.0, "{sft}");
+    let count: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("count/results.json")).unwrap()).unwrap();
+    assert_eq!(
+        count["metrics"],
+        serde_json::json!({"data/examples": 20.0, "data/skipped": 0.0, "data/turns": 40.0}),
+        "{count}"
+    );
+    assert_eq!(count["model"].as_str(), Some(run.join("sft/final").to_str().unwrap()));
+    let events = read_tensorboard(&run.join("tb/count"));
+    assert_eq!(events["scalars"]["data/examples"], serde_json::json!([[0, 20.0]]), "{events}");
 }

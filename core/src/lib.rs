@@ -2,12 +2,13 @@
 //! from (models, data, optimizers, logging, the plugin ABI).
 //!
 //! A plugin is a `cdylib` that depends on this crate and calls [`export_plugin!`]; its
-//! stages implement [`plugin::Stage`] and run against a [`RunContext`].
+//! stages implement [`plugin::Stage`] and run against a [`RunContext`]. This crate is the
+//! plugin SDK: what only the host needs (recipe loading, plugin loading, TensorBoard
+//! files, progress bars) is in `plumb-host`, which plugins do not link.
 pub mod checkpoint;
 pub mod context;
 pub mod data;
 pub mod error;
-pub mod log;
 pub mod model;
 pub mod optim;
 pub mod plugin;

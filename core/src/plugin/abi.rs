@@ -14,10 +14,39 @@ use std::ffi::c_void;
 
 /// First eight bytes of every plugin declaration.
 pub const PLUGIN_MAGIC: [u8; 8] = *b"PLUMBPLG";
-/// Version of the layout of every type in this file.
-pub const ABI_VERSION: u32 = 3;
-/// The one symbol a plugin exports: `extern "C" fn() -> *const PluginDeclaration`.
-pub const DECLARATION_SYMBOL: &str = "plumb_plugin_declaration";
+/// Version of the layout of every type in this file, and of how a plugin is found in its
+/// library. 4: the declaration symbol is named after the plugin ([`declaration_symbol`]).
+pub const ABI_VERSION: u32 = 4;
+/// What a plugin's declaration symbol is named: this, then the plugin's name.
+pub const DECLARATION_SYMBOL_PREFIX: &str = "plumb_plugin_";
+/// The one symbol plugins built for ABI versions up to 3 exported; the host looks for it
+/// only to tell such a plugin's author to rebuild it.
+pub const LEGACY_DECLARATION_SYMBOL: &str = "plumb_plugin_declaration";
+
+/// The symbol plugin `name` exports, `extern "C" fn() -> *const PluginDeclaration`:
+/// `plumb_plugin_<name>`. One symbol per plugin, so a plugin crate can link another as a
+/// library (its rlib) and both declarations live side by side in one shared library.
+pub fn declaration_symbol(name: &str) -> String {
+    format!("{DECLARATION_SYMBOL_PREFIX}{name}")
+}
+
+/// Whether `name` can name a plugin: non-empty, ASCII letters, digits and `_` (it is part
+/// of a C symbol). `export_plugin!` checks this at compile time.
+pub const fn is_valid_plugin_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if !(b.is_ascii_alphanumeric() || b == b'_') {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// A borrowed UTF-8 string or byte slice, valid for the duration of the call.
 #[repr(C)]
@@ -118,7 +147,7 @@ pub struct RewardEntry {
     pub destroy: extern "C" fn(handle: *mut c_void),
 }
 
-/// What [`DECLARATION_SYMBOL`] returns. Lives for the life of the process.
+/// What a plugin's [`declaration_symbol`] returns. Lives for the life of the process.
 #[repr(C)]
 pub struct PluginDeclaration {
     pub magic: [u8; 8],

@@ -65,7 +65,12 @@ impl Declaration {
     }
 }
 
-/// Exports a plugin: one C symbol returning its declaration.
+/// Exports a plugin: one C symbol, `plumb_plugin_<name>`, returning its declaration.
+///
+/// `name` is a string literal of ASCII letters, digits and `_` (checked at compile time);
+/// it is the name recipes give the plugin and the part before the dot in `uses`. Because
+/// the symbol is named after the plugin, one plugin crate can depend on another as a
+/// library (its `rlib`) and both load in one run.
 ///
 /// ```ignore
 /// plumb_core::export_plugin! {
@@ -73,22 +78,27 @@ impl Declaration {
 ///     version: env!("CARGO_PKG_VERSION"),
 ///     description: "Pretraining objectives",
 ///     stages: [CausalLm],
-///     evaluators: [],
+///     evaluators: [Perplexity],
 ///     rewards: [],
 /// }
 /// ```
 #[macro_export]
 macro_rules! export_plugin {
     (
-        name: $name:expr,
+        name: $name:literal,
         version: $version:expr,
         description: $description:expr,
         stages: [$($stage:ty),* $(,)?],
         evaluators: [$($evaluator:ty),* $(,)?],
         rewards: [$($reward:ty),* $(,)?] $(,)?
     ) => {
-        /// The plugin's declaration, read by the plumb host.
-        #[no_mangle]
+        const _: () = ::std::assert!(
+            $crate::plugin::abi::is_valid_plugin_name($name),
+            ::std::concat!("export_plugin!: the plugin name `", $name, "` must be ASCII letters, digits and `_`")
+        );
+
+        /// The plugin's declaration, read by the plumb host as `plumb_plugin_<name>`.
+        #[export_name = ::std::concat!("plumb_plugin_", $name)]
         pub extern "C" fn plumb_plugin_declaration() -> *const $crate::plugin::abi::PluginDeclaration {
             static DECLARATION: ::std::sync::OnceLock<$crate::plugin::export::Declaration> =
                 ::std::sync::OnceLock::new();

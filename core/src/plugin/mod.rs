@@ -1,13 +1,9 @@
 //! Plugins: the C-only boundary ([`abi`]), the plugin side ([`export`], the
-//! [`contract`] traits) and the host side ([`loader`], [`registry`], [`host`]).
+//! [`contract`] traits). The host side (loading, the registry, the host services table)
+//! is in the `plumb-host` crate, which plugins do not link.
 pub mod abi;
 pub mod contract;
 pub mod export;
-pub mod host;
-pub mod loader;
-pub mod registry;
 
 pub use contract::{Evaluator, Metrics, Reward, Stage, StageOutput, ValidateContext};
 pub use export::ValidateRequest;
-pub use loader::{LoadError, Plugin};
-pub use registry::{CallError, Component, Kind, Registry};

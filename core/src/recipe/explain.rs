@@ -8,7 +8,7 @@ use serde_yaml::Value;
 
 use super::suggest::{did_you_mean, one_of};
 
-pub(crate) fn explain(message: &str) -> String {
+pub fn explain(message: &str) -> String {
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if rest.ends_with("`, there are no fields") {
             return "unknown key; nothing is allowed here".into();
@@ -100,12 +100,12 @@ fn found_phrase(found: &str) -> String {
 
 /// A serde_yaml error without its position parts (" at line L column C", " at byte B
 /// line L column C", " at position P"): callers show the position their own way.
-pub(crate) fn yaml_message(error: &serde_yaml::Error) -> String {
+pub fn yaml_message(error: &serde_yaml::Error) -> String {
     strip_marks(&error.to_string())
 }
 
 /// The byte offset in libyaml's " at position P" (reader errors carry no line/column).
-pub(crate) fn byte_position(message: &str) -> Option<usize> {
+pub fn byte_position(message: &str) -> Option<usize> {
     let (_, rest) = message.split_once(" at position ")?;
     let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
     rest[..end].parse().ok()
@@ -149,7 +149,7 @@ fn mark_len(text: &str) -> Option<usize> {
 }
 
 /// A YAML value described for a message: `a string "abc"`, `the integer 5`, `a mapping`.
-pub(crate) fn describe(value: &Value) -> String {
+pub fn describe(value: &Value) -> String {
     match value {
         Value::Null => "null (an empty value)".into(),
         Value::Bool(b) => format!("the boolean {b}"),

@@ -1,41 +1,22 @@
-//! Recipes: YAML schema, overrides, located errors.
+//! What a plugin needs to read its own recipe section: [`parse_section`] into a
+//! `#[serde(deny_unknown_fields)]` struct, with a [`SectionError`] (key path and message)
+//! when it does not fit.
 //!
-//! [`Recipe::load`] reads a recipe file, applies `key.path=value` overrides from the command
-//! line, and checks everything serde and the schema can check before any work starts.
-//! Every error names the place: `recipes/x.yaml:12:7: stages[0].config.lerning_rate:
-//! unknown key; expected one of ...; did you mean `learning_rate`?`, or `command line
-//! override `...`: ...` for a value an override set. Checks made later — a plugin
-//! rejecting its section, a missing data file — are placed the same way with
-//! [`LoadedRecipe::error_at`] and [`LoadedRecipe::section_error`].
-//!
-//! Anchors, aliases and tags are refused: every value has one place in the file.
+//! Loading whole recipes (schema, overrides, positions, checks) is the host's concern and
+//! lives in the `plumb-host` crate; it shares the modules below so a plugin's section
+//! errors and the recipe's own read the same.
 //!
 //! | file | concern |
 //! |---|---|
-//! | `schema.rs` | the typed recipe and its defaults |
-//! | `load.rs` | reading, parsing, overriding, typing, validating |
-//! | `overrides.rs` | `key.path=value` |
-//! | `validate.rs` | names, uniqueness, `uses`, pins |
-//! | `source.rs` | line and column of every key |
+//! | `section.rs` | plugin config sections |
 //! | `path.rs` | key paths `stages[0].config.lr` |
 //! | `explain.rs` | serde messages in YAML words |
 //! | `suggest.rs` | "did you mean" |
-//! | `section.rs` | plugin config sections |
-//! | `error.rs` | [`RecipeError`] |
-mod error;
-mod explain;
-mod load;
-mod overrides;
-mod path;
-mod schema;
+pub mod explain;
+pub mod path;
 mod section;
-mod source;
-mod suggest;
-mod validate;
+pub mod suggest;
 
-pub use error::{Location, RecipeError};
-pub use load::LoadedRecipe;
-pub use schema::{Device, PluginSpec, Recipe, RewardSpec, RunSpec, StageSpec};
 pub(crate) use section::{located_message, parse_value};
 pub use section::{parse_section, SectionError};
 pub use suggest::suggest;

@@ -2,7 +2,7 @@
 //!
 //! Errors print paths in that canonical form (indices in brackets). Users may also write
 //! `stages.0.config.lr` or `stages.pretrain.config.lr` (a stage picked by its `name`) in
-//! overrides and in [`LoadedRecipe::error_at`](super::LoadedRecipe::error_at); those are
+//! overrides and in `plumb_host::recipe::LoadedRecipe::error_at`; those are
 //! [`Step`]s that [`resolve`] turns into canonical [`Seg`]s against the recipe's values.
 use std::fmt;
 
@@ -10,36 +10,36 @@ use serde_yaml::Value;
 
 /// One canonical step: a mapping key or a sequence index.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Seg {
+pub enum Seg {
     Key(String),
     Index(usize),
 }
 
 /// A canonical path; renders as `stages[0].config.lr`, the empty path as "".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub(crate) struct KeyPath(pub(crate) Vec<Seg>);
+pub struct KeyPath(pub Vec<Seg>);
 
 impl KeyPath {
-    pub(crate) fn child(&self, seg: Seg) -> KeyPath {
+    pub fn child(&self, seg: Seg) -> KeyPath {
         let mut segs = self.0.clone();
         segs.push(seg);
         KeyPath(segs)
     }
 
-    pub(crate) fn key(&self, key: &str) -> KeyPath {
+    pub fn key(&self, key: &str) -> KeyPath {
         self.child(Seg::Key(key.to_owned()))
     }
 
-    pub(crate) fn index(&self, index: usize) -> KeyPath {
+    pub fn index(&self, index: usize) -> KeyPath {
         self.child(Seg::Index(index))
     }
 
-    pub(crate) fn starts_with(&self, prefix: &KeyPath) -> bool {
+    pub fn starts_with(&self, prefix: &KeyPath) -> bool {
         self.0.starts_with(&prefix.0)
     }
 
     /// The path serde_path_to_error recorded; stops at a segment it could not name.
-    pub(crate) fn from_serde(path: &serde_path_to_error::Path) -> KeyPath {
+    pub fn from_serde(path: &serde_path_to_error::Path) -> KeyPath {
         use serde_path_to_error::Segment;
         let mut segs = Vec::new();
         for segment in path.iter() {
@@ -69,13 +69,13 @@ impl fmt::Display for KeyPath {
 
 /// One step as the user wrote it: `name` (a key, an index, or an element's `name`) or `[n]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Step {
+pub enum Step {
     Name(String),
     Index(usize),
 }
 
 /// Splits `a.b[0].c` into steps; the message says what is wrong.
-pub(crate) fn parse_steps(text: &str) -> Result<Vec<Step>, String> {
+pub fn parse_steps(text: &str) -> Result<Vec<Step>, String> {
     if text.is_empty() {
         return Err("the key path is empty".into());
     }
@@ -113,7 +113,7 @@ pub(crate) fn parse_steps(text: &str) -> Result<Vec<Step>, String> {
 }
 
 /// How a step addresses an element of `items`: by number, or by the element's `name`.
-pub(crate) enum Pick {
+pub enum Pick {
     At(usize),
     /// No element has that name; holds the names there are.
     NoSuchName(Vec<String>),
@@ -121,7 +121,7 @@ pub(crate) enum Pick {
     NotAnIndex,
 }
 
-pub(crate) fn pick(items: &[Value], step: &Step) -> Pick {
+pub fn pick(items: &[Value], step: &Step) -> Pick {
     let name = match step {
         Step::Index(i) => return Pick::At(*i),
         Step::Name(name) => name,
@@ -142,7 +142,7 @@ pub(crate) fn pick(items: &[Value], step: &Step) -> Pick {
 
 /// The key of `map` that a step names: an exact string key, else a non-string key
 /// (`1:`, `true:`) that prints the same.
-pub(crate) fn find_key(map: &serde_yaml::Mapping, name: &str) -> Option<Value> {
+pub fn find_key(map: &serde_yaml::Mapping, name: &str) -> Option<Value> {
     map.keys()
         .find(|k| k.as_str() == Some(name))
         .or_else(|| map.keys().find(|k| scalar_text(k).as_deref() == Some(name)))
@@ -150,7 +150,7 @@ pub(crate) fn find_key(map: &serde_yaml::Mapping, name: &str) -> Option<Value> {
 }
 
 /// The text of a scalar key, as it reads in a key path.
-pub(crate) fn scalar_text(value: &Value) -> Option<String> {
+pub fn scalar_text(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -161,7 +161,7 @@ pub(crate) fn scalar_text(value: &Value) -> Option<String> {
 
 /// Canonical form of `steps` as far as `root` reaches; later steps are kept as keys
 /// (or indices), so the path can name something that does not exist yet.
-pub(crate) fn resolve(root: &Value, steps: &[Step]) -> KeyPath {
+pub fn resolve(root: &Value, steps: &[Step]) -> KeyPath {
     let mut segs = Vec::with_capacity(steps.len());
     let mut here = Some(root);
     for step in steps {

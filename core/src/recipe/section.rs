@@ -3,7 +3,7 @@
 //! The host sends each stage its `config:` mapping as YAML text; the plugin reads it with
 //! [`parse_section`] into a `#[serde(deny_unknown_fields)]` struct. A [`SectionError`]
 //! crosses back as JSON and the host places it in the recipe with
-//! [`LoadedRecipe::section_error`](super::LoadedRecipe::section_error).
+//! `plumb_host::recipe::LoadedRecipe::section_error`.
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};

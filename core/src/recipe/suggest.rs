@@ -29,12 +29,12 @@ fn differs_in_one_place(a: &str, b: &str) -> bool {
 }
 
 /// "; did you mean `x`?" when there is a close candidate, else "".
-pub(crate) fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
     suggest(word, candidates).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default()
 }
 
 /// "`a`", "one of `a`, `b`", or `none` when the list is empty.
-pub(crate) fn one_of<S: AsRef<str>>(names: &[S], none: &str) -> String {
+pub fn one_of<S: AsRef<str>>(names: &[S], none: &str) -> String {
     let quoted: Vec<String> = names.iter().map(|n| format!("`{}`", n.as_ref())).collect();
     match quoted.len() {
         0 => none.to_owned(),

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use plumb_core::log::{HParamValue, TbWriter};
+use plumb_host::log::{HParamValue, TbWriter};
 use serde_json::Value;
 
 /// Reads the event files in argv[1] (the run) with TensorBoard's `EventAccumulator` and

@@ -1,7 +1,7 @@
 //! Recipe errors as the user sees them: exact messages with file, line and column.
 use std::path::{Path, PathBuf};
 
-use plumb_core::recipe::{parse_section, Device, LoadedRecipe, Recipe, RecipeError};
+use plumb_host::recipe::{parse_section, Device, LoadedRecipe, Recipe, RecipeError};
 use serde::Deserialize;
 
 /// Line numbers in the tests below refer to this text.
@@ -309,7 +309,7 @@ fn parse_section_errors_have_paths_and_place_in_the_recipe() {
         "unknown key; expected one of `learning_rate`, `warmup_steps`; did you mean `learning_rate`?"
     );
     // It crosses from the plugin to the host as JSON.
-    let e: plumb_core::recipe::SectionError = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+    let e: plumb_host::recipe::SectionError = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
     assert_eq!(
         loaded.section_error("stages[0].config", &e).to_string(),
         at(&f.path, 14, 9, "stages[0].config.optimizer.lerning_rate: unknown key; expected one of `learning_rate`, `warmup_steps`; did you mean `learning_rate`?")
@@ -352,16 +352,17 @@ fn resolved_yaml_reloads_to_the_same_recipe() {
 /// Every shipped recipe parses and validates (plugins are not loaded).
 #[test]
 fn every_shipped_recipe_loads() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return;
-    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut loaded = 0;
     for entry in entries {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             if let Err(e) = Recipe::load(&path, &[]) {
                 panic!("{e}");
             }
+            loaded += 1;
         }
     }
+    assert!(loaded >= 6, "only {loaded} recipes in {}", dir.display());
 }

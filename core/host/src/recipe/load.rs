@@ -4,13 +4,13 @@ use std::path::{Path, PathBuf};
 use serde_yaml::Value;
 
 use super::error::{Location, RecipeError};
-use super::explain::{byte_position, describe, explain, yaml_message};
 use super::overrides::Overrides;
-use super::path::{parse_steps, resolve, KeyPath};
 use super::schema::Recipe;
-use super::section::SectionError;
 use super::source::{duplicate_key, pos_of_byte, second_document, Pos, SpanIndex};
 use super::validate::validate;
+use plumb_core::recipe::explain::{byte_position, describe, explain, yaml_message};
+use plumb_core::recipe::path::{parse_steps, resolve, KeyPath};
+use plumb_core::recipe::SectionError;
 
 /// A validated recipe together with what is needed to point at places in it.
 #[derive(Debug)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::abi::{self, ComponentEntry, PluginDeclaration, RewardEntry, StrRef};
+use plumb_core::plugin::abi::{self, ComponentEntry, PluginDeclaration, RewardEntry, StrRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -26,8 +26,8 @@ pub enum LoadError {
     #[error("{}: cannot load shared library: {message}", path.display())]
     Open { path: PathBuf, message: String },
 
-    #[error("{}: not a plumb plugin: it exports no `{}` symbol (is it built with `plumb_core::export_plugin!`?)", path.display(), abi::DECLARATION_SYMBOL)]
-    NotAPlugin { path: PathBuf },
+    #[error("{}: not a plumb plugin: it exports no `{symbols}` symbol (a plugin built with `plumb_core::export_plugin!` exports `plumb_plugin_<its name>`; is `{}` the name in its `export_plugin!`?)", path.display(), names.join("` or `"))]
+    NotAPlugin { path: PathBuf, names: Vec<String>, symbols: String },
 
     #[error("{}: not a plumb plugin: its declaration has magic {found:?}, expected {:?}", path.display(), abi::PLUGIN_MAGIC)]
     BadMagic { path: PathBuf, found: [u8; 8] },
@@ -37,6 +37,9 @@ pub enum LoadError {
 
     #[error("{}: malformed plugin declaration: {message}", path.display())]
     Malformed { path: PathBuf, message: String },
+
+    #[error("{}: plugin `{plugin}` declares two {kind}s named `{name}`; each stage, evaluator and reward of a plugin needs a name of its own", path.display())]
+    DuplicateComponent { path: PathBuf, plugin: String, kind: &'static str, name: String },
 }
 
 /// What `plumb plugins` shows of a stage, evaluator or reward.
@@ -111,8 +114,46 @@ pub fn sha256_of(path: &Path) -> Result<String, LoadError> {
     Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Checks `path` against the pin, loads it and reads and checks its declaration.
-pub fn load(path: &Path, sha256: Option<&str>) -> Result<Plugin, LoadError> {
+/// Checks `path` against the pin, loads it and reads and checks the declaration of the
+/// plugin called `name` (its symbol `plumb_plugin_<name>`).
+pub fn load(path: &Path, name: &str, sha256: Option<&str>) -> Result<Plugin, LoadError> {
+    let library = open(path, sha256)?;
+    read(path, library, &[name.to_owned()])
+}
+
+/// Loads the plugin in `path` under the name its file gives (`libplumb_<name>.so` or
+/// `lib<name>.so`, or a leading part of that name up to a `_`): what `plumb plugins`
+/// lists, where no recipe names the plugin.
+pub fn load_by_file_name(path: &Path) -> Result<Plugin, LoadError> {
+    let library = open(path, None)?;
+    read(path, library, &names_from_file(path))
+}
+
+/// The plugin names a library's file name suggests, most specific first:
+/// `libplumb_my_tool.so` → `my_tool`, `my`, `plumb_my_tool`, `plumb_my`, `plumb`.
+/// A cargo copy's hash (`libx-0123abcd.so`) is dropped.
+pub fn names_from_file(path: &Path) -> Vec<String> {
+    let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = file.strip_prefix(std::env::consts::DLL_PREFIX).unwrap_or(&file);
+    let stem = stem.strip_suffix(std::env::consts::DLL_SUFFIX).unwrap_or(stem);
+    let stem = stem.split('-').next().unwrap_or(stem);
+    let mut names = Vec::new();
+    for full in [stem.strip_prefix("plumb_"), Some(stem)].into_iter().flatten() {
+        // Every leading part up to an `_`, longest first.
+        let mut ends: Vec<usize> = full.match_indices('_').map(|(i, _)| i).collect();
+        ends.push(full.len());
+        for end in ends.into_iter().rev() {
+            let name = full[..end].to_owned();
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// Checks the pin and opens the library, which stays loaded for the life of the process.
+fn open(path: &Path, sha256: Option<&str>) -> Result<&'static libloading::Library, LoadError> {
     if !path.is_file() {
         return Err(LoadError::MissingFile { path: path.into() });
     }
@@ -127,13 +168,41 @@ pub fn load(path: &Path, sha256: Option<&str>) -> Result<Plugin, LoadError> {
     let library = unsafe { libloading::Library::new(path) }
         .map_err(|e| LoadError::Open { path: path.into(), message: e.to_string() })?;
     // Never unloaded: see `Plugin`.
-    let library: &'static libloading::Library = Box::leak(Box::new(library));
-    type DeclareFn = extern "C" fn() -> *const PluginDeclaration;
-    // SAFETY: the symbol's type is fixed by the ABI; a library that exports this name
-    // with another type is not a plumb plugin, which the magic check below catches in
-    // practice.
-    let declare = unsafe { library.get::<DeclareFn>(abi::DECLARATION_SYMBOL.as_bytes()) }
-        .map_err(|_| LoadError::NotAPlugin { path: path.into() })?;
+    Ok(Box::leak(Box::new(library)))
+}
+
+type DeclareFn = extern "C" fn() -> *const PluginDeclaration;
+
+/// The declaration function of the first of `names` the library exports.
+fn declaration_fn(library: &'static libloading::Library, names: &[String]) -> Option<DeclareFn> {
+    names.iter().find_map(|name| {
+        // SAFETY: the symbol's type is fixed by the ABI; a library that exports this name
+        // with another type is not a plumb plugin, which the magic check catches in practice.
+        unsafe { library.get::<DeclareFn>(abi::declaration_symbol(name).as_bytes()) }.ok().map(|f| *f)
+    })
+}
+
+/// Reads and checks the declaration of the first of `names` that `library` exports.
+fn read(path: &Path, library: &'static libloading::Library, names: &[String]) -> Result<Plugin, LoadError> {
+    let declare = match declaration_fn(library, names) {
+        Some(declare) => declare,
+        None => {
+            // A plugin built before ABI 4 exports one fixed symbol: say it needs a rebuild.
+            // SAFETY: as in `declaration_fn`.
+            let legacy = unsafe { library.get::<DeclareFn>(abi::LEGACY_DECLARATION_SYMBOL.as_bytes()) };
+            match legacy {
+                Ok(declare) => *declare,
+                Err(_) => {
+                    let symbols: Vec<String> = names.iter().map(|n| abi::declaration_symbol(n)).collect();
+                    return Err(LoadError::NotAPlugin {
+                        path: path.into(),
+                        names: names.to_vec(),
+                        symbols: symbols.join("` or `"),
+                    });
+                }
+            }
+        }
+    };
     let pointer = declare();
     if pointer.is_null() {
         return Err(LoadError::Malformed { path: path.into(), message: "the declaration is null".into() });
@@ -170,7 +239,7 @@ pub fn load(path: &Path, sha256: Option<&str>) -> Result<Plugin, LoadError> {
             })
         })
         .collect::<Result<_, LoadError>>()?;
-    Ok(Plugin {
+    let plugin = Plugin {
         path: path.into(),
         name: text(declaration.name, "the plugin name")?,
         version: text(declaration.version, "the plugin version")?,
@@ -180,7 +249,19 @@ pub fn load(path: &Path, sha256: Option<&str>) -> Result<Plugin, LoadError> {
         evaluators: components(evaluator_entries(declaration), "an evaluator name")?,
         rewards,
         declaration,
-    })
+    };
+    for (kind, list) in [("stage", &plugin.stages), ("evaluator", &plugin.evaluators), ("reward", &plugin.rewards)] {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = list.iter().find(|c| !seen.insert(c.name.as_str())) {
+            return Err(LoadError::DuplicateComponent {
+                path: path.into(),
+                plugin: plugin.name.clone(),
+                kind,
+                name: twice.name.clone(),
+            });
+        }
+    }
+    Ok(plugin)
 }
 
 fn slice<'a, T>(ptr: *const T, len: usize) -> &'a [T] {
@@ -215,5 +296,19 @@ impl Plugin {
     }
     pub(crate) fn reward_entry(&self, name: &str) -> Option<&'static RewardEntry> {
         reward_entries(self.declaration).iter().zip(&self.rewards).find(|(_, info)| info.name == name).map(|(e, _)| e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_the_file_name_most_specific_first() {
+        let names = |file: &str| names_from_file(Path::new(file));
+        assert_eq!(names("target/libplumb_pretrain.so"), ["pretrain", "plumb_pretrain", "plumb"]);
+        assert_eq!(names("libcustom_plugin.so"), ["custom_plugin", "custom"]);
+        assert_eq!(names("deps/libplumb_sft-0123abcd.so"), ["sft", "plumb_sft", "plumb"]);
+        assert_eq!(names("libplumb_my_tool.so"), ["my_tool", "my", "plumb_my_tool", "plumb_my", "plumb"]);
     }
 }

@@ -2,13 +2,13 @@
 //! (`<plugin>.<component>`) and call it across the boundary.
 use std::ffi::c_void;
 
-use super::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef, ValidateFn};
-use super::contract::StageOutput;
-use super::export::ValidateRequest;
+use plumb_core::context::RunRequest;
+use plumb_core::plugin::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef, ValidateFn};
+use plumb_core::plugin::{StageOutput, ValidateRequest};
+use plumb_core::recipe::{suggest, SectionError};
+
 use super::host::HostServices;
 use super::loader::Plugin;
-use crate::context::RunRequest;
-use crate::recipe::{suggest, SectionError};
 
 /// Why a call into a plugin did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn noun(self) -> &'static str {
+    /// `stage`, `evaluator` or `reward`.
+    pub fn noun(self) -> &'static str {
         match self {
             Kind::Stage => "stage",
             Kind::Evaluator => "evaluator",
@@ -113,12 +114,34 @@ impl Registry {
             Kind::Reward => None,
         };
         let names = self.names(kind);
-        entry.map(|entry| Component { plugin, entry, uses: uses.to_owned() }).ok_or_else(|| {
+        entry.map(|entry| Component { plugin, entry, kind, uses: uses.to_owned() }).ok_or_else(|| {
             let hint = suggest(uses, names.iter().map(String::as_str))
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_default();
             format!("plugin `{}` has no {} `{name}`{hint}", plugin.name, kind.noun())
         })
+    }
+
+    /// What a recipe's `stages:` entry names: a stage, or an evaluator to run on the current
+    /// model. A name that is both in one plugin is refused as ambiguous.
+    pub fn runnable(&self, uses: &str) -> Result<Component<'_>, String> {
+        let (plugin, name) = self.split(uses, Kind::Stage)?;
+        match (plugin.stage_entry(name), plugin.evaluator_entry(name)) {
+            (Some(entry), None) => Ok(Component { plugin, entry, kind: Kind::Stage, uses: uses.to_owned() }),
+            (None, Some(entry)) => Ok(Component { plugin, entry, kind: Kind::Evaluator, uses: uses.to_owned() }),
+            (Some(_), Some(_)) => Err(format!(
+                "plugin `{}` has both a stage and an evaluator named `{name}`; rename one of them",
+                plugin.name
+            )),
+            (None, None) => {
+                let mut names = self.names(Kind::Stage);
+                names.extend(self.names(Kind::Evaluator));
+                let hint = suggest(uses, names.iter().map(String::as_str))
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                Err(format!("plugin `{}` has no stage or evaluator `{name}`{hint}", plugin.name))
+            }
+        }
     }
 
     /// The reward `uses` (`<plugin>.<name>`), or a message with a suggestion.
@@ -167,6 +190,8 @@ fn call_validate(validate: ValidateFn, config_yaml: &str) -> Result<(), CallErro
 pub struct Component<'r> {
     pub plugin: &'r Plugin,
     entry: &'static ComponentEntry,
+    /// [`Kind::Stage`] or [`Kind::Evaluator`].
+    pub kind: Kind,
     /// `<plugin>.<name>`.
     pub uses: String,
 }

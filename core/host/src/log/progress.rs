@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::plugin::abi::ProgressUpdate;
+use plumb_core::plugin::abi::ProgressUpdate;
 
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
 

@@ -8,10 +8,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::abi::{self, ByteSink, HostApi, ProgressUpdate, Status, StrRef};
 use super::registry::RewardInstance;
 use crate::log::progress::Progress;
 use crate::log::tensorboard::{HParamValue, TbWriter};
+use plumb_core::plugin::abi::{self, ByteSink, HostApi, ProgressUpdate, Status, StrRef};
 
 /// The host's state behind one stage's [`HostApi`].
 pub struct HostServices<'a> {

@@ -4,7 +4,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use marked_yaml::{LoadError, LoaderOptions, Marker, Node};
 
-use super::path::KeyPath;
+use plumb_core::recipe::path::KeyPath;
 
 /// A 1-based line and column (in characters) in the recipe file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,9 +162,9 @@ mod tests {
     use super::*;
 
     fn at(index: &SpanIndex, path: &str) -> (usize, usize) {
-        let steps = super::super::path::parse_steps(path).unwrap();
+        let steps = plumb_core::recipe::path::parse_steps(path).unwrap();
         let root = serde_yaml::Value::Null;
-        let pos = index.find(&super::super::path::resolve(&root, &steps));
+        let pos = index.find(&plumb_core::recipe::path::resolve(&root, &steps));
         (pos.line, pos.column)
     }
 

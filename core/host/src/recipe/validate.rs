@@ -2,9 +2,9 @@
 //! Whether plugins, stages and files exist is checked later, by the host.
 use std::collections::HashMap;
 
-use super::path::KeyPath;
 use super::schema::Recipe;
-use super::suggest::did_you_mean;
+use plumb_core::recipe::path::KeyPath;
+use plumb_core::recipe::suggest::did_you_mean;
 
 /// The first problem found, in document order: where and what.
 pub(crate) fn validate(recipe: &Recipe) -> Result<(), (KeyPath, String)> {

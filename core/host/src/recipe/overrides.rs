@@ -7,9 +7,9 @@
 //! mapping or a sequence is an error.
 use serde_yaml::{Mapping, Value};
 
-use super::explain::{describe, yaml_message};
-use super::path::{find_key, parse_steps, pick, KeyPath, Pick, Seg, Step};
-use super::suggest::{did_you_mean, one_of};
+use plumb_core::recipe::explain::{describe, yaml_message};
+use plumb_core::recipe::path::{find_key, parse_steps, pick, KeyPath, Pick, Seg, Step};
+use plumb_core::recipe::suggest::{did_you_mean, one_of};
 
 /// The overrides of one load, kept so that errors in what they set point at them.
 #[derive(Debug, Default)]
@@ -210,7 +210,7 @@ mod tests {
     fn creates_nested_mappings() {
         let (root, overrides) = applied(&["stages.pretrain.config.optimizer.lr=0.1"]).unwrap();
         assert_eq!(get(&root, "stages.0.config.optimizer.lr"), &Value::from(0.1));
-        let at = |p: &str| overrides.owner(&super::super::path::resolve(&root, &parse_steps(p).unwrap()));
+        let at = |p: &str| overrides.owner(&plumb_core::recipe::path::resolve(&root, &parse_steps(p).unwrap()));
         assert_eq!(at("stages[0].config.optimizer"), Some("stages.pretrain.config.optimizer.lr=0.1"));
         assert_eq!(at("stages[0].config.optimizer.lr"), Some("stages.pretrain.config.optimizer.lr=0.1"));
         assert_eq!(at("stages[0].config"), None);
@@ -219,7 +219,7 @@ mod tests {
     #[test]
     fn later_overrides_take_ownership() {
         let (root, overrides) = applied(&["run.x.y=1", "run.x={y: 2}"]).unwrap();
-        let path = super::super::path::resolve(&root, &parse_steps("run.x.y").unwrap());
+        let path = plumb_core::recipe::path::resolve(&root, &parse_steps("run.x.y").unwrap());
         assert_eq!(overrides.owner(&path), Some("run.x={y: 2}"));
     }
 

@@ -14,12 +14,19 @@
 //!   - name: exact_match
 //!     uses: cot.exact_match     # <plugin>.<reward>
 //!     config: {}                # default {}
-//! stages:                       # at least one
+//! stages:                       # at least one; run in order
 //!   - name: pretrain            # unique; [A-Za-z0-9_-]+
-//!     uses: pretrain.causal_lm  # <plugin>.<stage>
+//!     uses: pretrain.causal_lm  # <plugin>.<stage> or <plugin>.<evaluator>
 //!     model: runs/x/final       # default: the previous stage's output
 //!     config: {max_steps: 300}  # the stage's own section, checked by its plugin; default {}
+//!   - name: ppl                 # an evaluator: runs on the current model (the previous
+//!     uses: pretrain.perplexity #   stage's output, or its own `model:`), trains nothing,
+//!     config: {data: x.txt}     #   writes ppl/results.json and a scalar per metric in tb/ppl/
 //! ```
+//!
+//! A `stages:` entry whose `uses` names an evaluator evaluates the model the pipeline has
+//! at that point and passes the same model on; so a recipe may hold only evaluators, each
+//! with a `model:` (see `recipes/perplexity.yaml`).
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -28,8 +35,8 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml::{Mapping, Value};
 
-use super::explain::describe;
-use super::suggest::did_you_mean;
+use plumb_core::recipe::explain::describe;
+use plumb_core::recipe::suggest::did_you_mean;
 
 /// A whole recipe: what to run, with which plugins, in which order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,15 +97,17 @@ pub struct RewardSpec {
     pub config: Value,
 }
 
-/// `stages:` — one step of the pipeline, run in order.
+/// `stages:` — one step of the pipeline, run in order: a stage (it trains and hands its
+/// model on) or an evaluator (it scores the current model and hands that on unchanged).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageSpec {
     /// Unique among stages; names the stage's directory under `output_dir`.
     pub name: String,
-    /// `<plugin>.<stage>`.
+    /// `<plugin>.<stage>` or `<plugin>.<evaluator>`.
     pub uses: String,
-    /// The input model directory; without it, the previous stage's output.
+    /// The input model directory (the model an evaluator scores); without it, the
+    /// previous stage's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
     /// The stage's own section, a mapping checked by its plugin.

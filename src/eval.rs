@@ -1,0 +1,163 @@
+//! `plumb eval`: runs one evaluator on a checkpoint, without writing a recipe.
+//!
+//! It builds the one-entry recipe the user would have written —
+//!
+//! ```yaml
+//! run: {name: eval, output_dir: OUTPUT_DIR, device: DEVICE, seed: SEED}
+//! plugins: [{name: PLUGIN}]
+//! stages: [{name: NAME, uses: PLUGIN.NAME, model: MODEL}]
+//! ```
+//!
+//! — sets the evaluator's config with its `key=value` arguments (as overrides of
+//! `stages.0.config.key`) and runs it like `plumb run`: results in
+//! `OUTPUT_DIR/NAME/results.json` and `report.json`, TensorBoard scalars in
+//! `OUTPUT_DIR/tb/NAME/`, a table on stdout. Errors name the option or argument at fault,
+//! not the recipe it built.
+use std::path::PathBuf;
+
+use plumb_host::recipe::{Location, Recipe, RecipeError};
+use serde_yaml::{Mapping, Value};
+
+use crate::run::{run_loaded, Mode};
+use crate::Failure;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// The model to evaluate: a checkpoint directory in HF layout.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The evaluator, `<plugin>.<evaluator>`, e.g. `pretrain.perplexity`.
+    #[arg(long)]
+    pub evaluator: String,
+    /// The evaluator's settings, `key=value` (nested keys with dots; values are YAML),
+    /// e.g. `data=corpus.txt seq_len=256`.
+    pub settings: Vec<String>,
+    /// Where the results go: `<DIR>/<evaluator>/results.json` and `<DIR>/tb/<evaluator>/`.
+    #[arg(long, default_value = "runs/eval")]
+    pub output_dir: PathBuf,
+    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The run's seed, for evaluators that sample or subsample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The plugin's library; by default found like a recipe's plugins (PLUMB_PLUGIN_PATH,
+    /// then next to `plumb`).
+    #[arg(long)]
+    pub plugin_path: Option<PathBuf>,
+}
+
+/// What the built recipe is called in messages that cannot be put in the user's words.
+const SOURCE: &str = "plumb eval";
+
+pub fn run(args: &EvalArgs) -> Result<(), Failure> {
+    let (plugin, name) =
+        args.evaluator.split_once('.').filter(|(p, n)| !p.is_empty() && !n.is_empty()).ok_or_else(|| {
+            Failure::User(format!(
+                "--evaluator: expected `<plugin>.<evaluator>`, e.g. `pretrain.perplexity`, found `{}`",
+                args.evaluator
+            ))
+        })?;
+    let mut overrides = Vec::with_capacity(args.settings.len());
+    for setting in &args.settings {
+        if !setting.contains('=') || setting.starts_with('=') {
+            return Err(Failure::User(format!(
+                "`{setting}`: expected `key=value` setting a key of the evaluator's config, e.g. `seq_len=256`"
+            )));
+        }
+        overrides.push(format!("stages.0.config.{setting}"));
+    }
+
+    let mut plugin_spec = Mapping::new();
+    plugin_spec.insert("name".into(), plugin.into());
+    if let Some(path) = &args.plugin_path {
+        plugin_spec.insert("path".into(), path_value(path));
+    }
+    let mut run_spec = Mapping::new();
+    run_spec.insert("name".into(), "eval".into());
+    run_spec.insert("output_dir".into(), path_value(&args.output_dir));
+    run_spec.insert("seed".into(), args.seed.into());
+    run_spec.insert("device".into(), args.device.clone().into());
+    let mut stage = Mapping::new();
+    stage.insert("name".into(), name.into());
+    stage.insert("uses".into(), args.evaluator.clone().into());
+    stage.insert("model".into(), path_value(&args.model));
+    let mut recipe = Mapping::new();
+    recipe.insert("run".into(), Value::Mapping(run_spec));
+    recipe.insert("plugins".into(), Value::Sequence(vec![Value::Mapping(plugin_spec)]));
+    recipe.insert("stages".into(), Value::Sequence(vec![Value::Mapping(stage)]));
+    let text = serde_yaml::to_string(&Value::Mapping(recipe))
+        .map_err(|e| Failure::Internal(format!("cannot write the evaluation recipe: {e}")))?;
+
+    let loaded = Recipe::load_str(&text, SOURCE, &overrides).map_err(|e| Failure::User(render(e, &args.evaluator)))?;
+    run_loaded(&loaded, Mode::Run, &|e| render(e, &args.evaluator))
+}
+
+fn path_value(path: &std::path::Path) -> Value {
+    Value::String(path.to_string_lossy().into_owned())
+}
+
+/// A recipe error in the words of `plumb eval`'s command line: an override of
+/// `stages.0.config.seq_len` is the argument `seq_len=…`, `stages[0].model` is `--model`.
+fn render(error: RecipeError, evaluator: &str) -> String {
+    let RecipeError::At { location, key_path, message } = error else {
+        return error.to_string();
+    };
+    let config_key =
+        key_path.strip_prefix("stages[0].config").map(|rest| rest.strip_prefix('.').unwrap_or(rest).to_owned());
+    if let Some(key) = config_key {
+        let key = if key.is_empty() { String::new() } else { format!("{key}: ") };
+        return match location {
+            Location::Override(text) => {
+                let setting = text.strip_prefix("stages.0.config.").unwrap_or(&text);
+                format!("`{setting}`: {key}{message}")
+            }
+            Location::File { .. } => format!("evaluator `{evaluator}`: {key}{message}"),
+        };
+    }
+    let option = [
+        ("stages[0].model", "--model"),
+        ("stages[0].uses", "--evaluator"),
+        ("stages[0].name", "--evaluator"),
+        ("plugins[0].path", "--plugin-path"),
+        ("plugins[0]", "--evaluator"),
+        ("run.output_dir", "--output-dir"),
+        ("run.device", "--device"),
+        ("run.seed", "--seed"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| key_path.starts_with(prefix))
+    .map(|(_, option)| option);
+    match option {
+        Some(option) => format!("{option}: {message}"),
+        None => RecipeError::At { location, key_path, message }.to_string().replacen(SOURCE, "plumb eval's recipe", 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(location: Location, key_path: &str, message: &str) -> RecipeError {
+        RecipeError::At { location, key_path: key_path.into(), message: message.into() }
+    }
+
+    #[test]
+    fn errors_name_the_argument_or_option() {
+        let file = Location::File { file: SOURCE.into(), line: 3, column: 5 };
+        let set = Location::Override("stages.0.config.seq_len=ten".into());
+        assert_eq!(
+            render(at(set, "stages[0].config.seq_len", "expected an unsigned integer"), "pretrain.perplexity"),
+            "`seq_len=ten`: seq_len: expected an unsigned integer"
+        );
+        assert_eq!(
+            render(at(file.clone(), "stages[0].config", "missing required key `data`"), "pretrain.perplexity"),
+            "evaluator `pretrain.perplexity`: missing required key `data`"
+        );
+        assert_eq!(render(at(file.clone(), "stages[0].model", "no model"), "p.e"), "--model: no model");
+        assert_eq!(
+            render(at(file, "plugins[0].name", "plugin `p` not found"), "p.e"),
+            "--evaluator: plugin `p` not found"
+        );
+    }
+}
