@@ -1,22 +1,12 @@
 //! Devices and dtypes named on the command line.
-use plumb_core::tch::{Cuda, Device, Kind};
+use plumb_core::device::DeviceSpec;
+use plumb_core::tch::{Device, Kind};
 
 use crate::Failure;
 
 /// `auto` (CUDA when libtorch sees a GPU), `cpu`, `cuda`, `cuda:N`.
 pub fn resolve_device(text: &str) -> Result<Device, Failure> {
-    let cuda = Cuda::device_count();
-    let device = match text {
-        "auto" if cuda > 0 => Device::Cuda(0),
-        "auto" | "cpu" => Device::Cpu,
-        other => plumb_core::context::parse_device(other).map_err(|e| Failure::User(format!("--device: {e}")))?,
-    };
-    if let Device::Cuda(n) = device {
-        if n as i64 >= cuda {
-            return Err(Failure::User(format!("--device asks for cuda:{n}, but libtorch sees {cuda} CUDA device(s)")));
-        }
-    }
-    Ok(device)
+    text.parse::<DeviceSpec>().and_then(DeviceSpec::resolve).map_err(|e| Failure::User(format!("--device: {e}")))
 }
 
 /// `float32`, `bfloat16`, `float16` (or f32/bf16/f16); default fp32 on CPU, bf16 on CUDA.

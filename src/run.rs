@@ -127,13 +127,8 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render) -> Result<(
         .map_err(|e| Failure::User(format!("{}: cannot create the output directory: {e}", output_dir.display())))?;
     write_file_atomically(&output_dir.join("recipe.yaml"), recipe.resolved_yaml().as_bytes())
         .map_err(|e| Failure::User(e.to_string()))?;
-    let device = match crate::device::resolve_device(&spec.run.device.to_string()).map_err(|e| match e {
-        Failure::User(m) => user(recipe.error_at("run.device", m)),
-        other => other,
-    })? {
-        plumb_core::tch::Device::Cuda(n) => format!("cuda:{n}"),
-        _ => "cpu".to_string(),
-    };
+    let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
+    let device = plumb_core::device::device_name(device);
     // The first Ctrl-C asks the running stage to finish its step and save; a second one
     // exits at once.
     let stop = Arc::new(AtomicBool::new(false));

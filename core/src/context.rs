@@ -166,15 +166,7 @@ impl RewardModel for HostReward<'_, '_> {
     }
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N`.
+/// The device of a run request (`cpu` or `cuda:N`, already resolved by the host).
 pub fn parse_device(text: &str) -> Result<tch::Device> {
-    match text {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(tch::Device::Cuda)
-            .ok_or_else(|| Error::Other(format!("unknown device `{other}`: expected cpu, cuda or cuda:N"))),
-    }
+    text.parse::<crate::device::DeviceSpec>().and_then(|spec| spec.resolve()).map_err(Error::Other)
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use plumb_core::data::stream::TokenStream;
 use plumb_core::data::{seeded_rng, SeededRng};
+use plumb_core::device::device_name;
 use plumb_core::model::SaveHf;
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
@@ -159,7 +160,7 @@ impl<O: Objective> Stage for Pretraining<O> {
         let objective = O::new(&c.objective, &tokenizer, &model)?;
         let eos = eos_of(&tokenizer)?;
         let (validation, unigram_entropy) = corpus.validation_rows(&tokenizer, row_len)?;
-        tracing::info!("model: {parameters} parameters on {device:?}; rows of {row_len} raw tokens");
+        tracing::info!("model: {parameters} parameters on {}; rows of {row_len} raw tokens", device_name(device));
 
         let mut optimizer = training.optimizer.adamw(vs);
         let resumed = trainer.restore(&mut [("model", &mut optimizer)])?;

@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 
 use plumb_core::data::{split_documents, BatchOrder};
+use plumb_core::device::device_name;
 use plumb_core::model::{self, GenerationSettings, Policy};
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
@@ -193,7 +194,12 @@ impl Stage for Sft {
         let load_from = trainer.resume_dir().unwrap_or(&model_dir).to_path_buf();
         let policy = model::load(&load_from, device, Kind::Float)?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &load_from)?;
-        tracing::info!("model: {} parameters on {device:?}, from {}", policy.num_parameters(), load_from.display());
+        tracing::info!(
+            "model: {} parameters on {}, from {}",
+            policy.num_parameters(),
+            device_name(device),
+            load_from.display()
+        );
         let mut optimizer = training.optimizer.adamw(policy.var_store());
         let mut order = match trainer.restore(&mut [("model", &mut optimizer)])? {
             None => BatchOrder::new(plan.batches.len(), ctx.seed()),

@@ -27,16 +27,13 @@
 //! A `stages:` entry whose `uses` names an evaluator evaluates the model the pipeline has
 //! at that point and passes the same model on; so a recipe may hold only evaluators, each
 //! with a `model:` (see `recipes/perplexity.yaml`).
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml::{Mapping, Value};
 
 use plumb_core::recipe::explain::describe;
-use plumb_core::recipe::suggest::did_you_mean;
 
 /// A whole recipe: what to run, with which plugins, in which order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,83 +149,12 @@ fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(des
 }
 
 /// Where tensors live: `auto` (CUDA when present, else CPU), `cpu`, `cuda` (= `cuda:0`),
-/// `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum Device {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for Device {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "auto" => return Ok(Device::Auto),
-            "cpu" => return Ok(Device::Cpu),
-            "cuda" => return Ok(Device::Cuda(0)),
-            _ => {}
-        }
-        if let Some(index) = text.strip_prefix("cuda:") {
-            return index
-                .parse()
-                .map(Device::Cuda)
-                .map_err(|_| format!("bad device `{text}`; expected `cuda:N` with N a GPU index, e.g. `cuda:0`"));
-        }
-        let hint = did_you_mean(text, ["auto", "cpu", "cuda"]);
-        Err(format!("unknown device `{text}`; expected `auto`, `cpu`, `cuda` or `cuda:N`{hint}"))
-    }
-}
-
-impl TryFrom<String> for Device {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Self, String> {
-        text.parse()
-    }
-}
-
-impl From<Device> for String {
-    fn from(device: Device) -> String {
-        device.to_string()
-    }
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Auto => f.write_str("auto"),
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(index) => write!(f, "cuda:{index}"),
-        }
-    }
-}
+/// `cuda:N`; one parser for recipes, the command line and the host.
+pub use plumb_core::device::DeviceSpec as Device;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn devices_parse_and_print() {
-        assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
-        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
-        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
-        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
-        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
-        assert_eq!(
-            "gpu".parse::<Device>(),
-            Err("unknown device `gpu`; expected `auto`, `cpu`, `cuda` or `cuda:N`".to_string())
-        );
-        assert_eq!(
-            "cdua".parse::<Device>(),
-            Err("unknown device `cdua`; expected `auto`, `cpu`, `cuda` or `cuda:N`; did you mean `cuda`?".to_string())
-        );
-        assert!("cuda:x".parse::<Device>().unwrap_err().contains("`cuda:N`"));
-        assert!("cuda:-1".parse::<Device>().is_err());
-    }
 
     #[test]
     fn defaults_fill_in() {
