@@ -1,7 +1,8 @@
 //! Checkpoints in HF layout, written atomically: a directory is filled beside its
 //! destination and renamed into place, so a crash mid-save leaves the previous one.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -156,13 +157,14 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const DEFAULT_SHARD_BYTES: usize = 5_000_000_000;
 
 /// The weight files of a checkpoint directory: `model.safetensors`, or the shards that
-/// `model.safetensors.index.json` maps each tensor to. Returns (tensor name -> file).
-fn weight_map(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// `model.safetensors.index.json` maps each tensor to. Returns (tensor name -> file),
+/// empty for a single file.
+fn weight_map(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let index = dir.join(INDEX_FILE);
     if index.is_file() {
         #[derive(serde::Deserialize)]
         struct Index {
-            weight_map: std::collections::BTreeMap<String, String>,
+            weight_map: BTreeMap<String, String>,
         }
         let parsed: Index = read_json(&index)?;
         return parsed
@@ -182,10 +184,10 @@ fn weight_map(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     if !single.is_file() {
         return Err(Error::file(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} in the checkpoint directory")));
     }
-    Ok(Vec::new()) // every tensor is in the single file
+    Ok(BTreeMap::new()) // every tensor is in the single file
 }
 
-/// A memory-mapped safetensors file.
+/// A memory-mapped safetensors file (for small files read whole, such as optimizer state).
 struct Mapped {
     path: PathBuf,
     mmap: memmap2::Mmap,
@@ -206,42 +208,143 @@ impl Mapped {
     }
 }
 
-/// Copies every variable of `vs` from the checkpoint in `dir` (single-file or sharded
-/// safetensors, memory-mapped), converting to each variable's dtype and device and
-/// checking that each tensor exists with the variable's shape. Errors name the file and
-/// the tensor.
-pub fn load_weights(vs: &mut nn::VarStore, dir: &Path) -> Result<()> {
-    let map = weight_map(dir)?;
-    let mut files: Vec<PathBuf> = map.iter().map(|(_, f)| f.clone()).collect();
-    files.sort();
-    files.dedup();
-    if files.is_empty() {
-        files.push(dir.join(SINGLE_FILE));
+/// safetensors headers are JSON of at most 100 MB (the format's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// An open safetensors file and its parsed header; tensors are read from it one at a
+/// time with positioned reads, so nothing of the file stays in this process's memory
+/// (the kernel's page cache is not resident memory of the process; a memory map's
+/// touched pages would be).
+struct WeightFile {
+    path: PathBuf,
+    file: fs::File,
+    /// Where the tensor data starts: after the header's length and the header.
+    data_start: u64,
+    header: safetensors::tensor::Metadata,
+}
+
+impl WeightFile {
+    fn open(path: &Path) -> Result<Self> {
+        let invalid = |message: String| Error::file(path, format!("not a valid safetensors file: {message}"));
+        let file = fs::File::open(path).at(path)?;
+        let file_len = file.metadata().at(path)?.len();
+        // The file starts with the header's length (u64, little endian), then the header.
+        let mut len = [0u8; 8];
+        file.read_exact_at(&mut len, 0).map_err(|_| invalid(format!("{file_len} bytes, too short for a header")))?;
+        let len = u64::from_le_bytes(len);
+        if len > MAX_HEADER_BYTES || 8 + len > file_len {
+            return Err(invalid(format!("a header of {len} bytes in a file of {file_len}")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact_at(&mut header, 8).at(path)?;
+        let header: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+        let data_start = 8 + len;
+        let expected = data_start + header.data_len() as u64;
+        if expected != file_len {
+            return Err(invalid(format!("the header describes {expected} bytes, the file holds {file_len}")));
+        }
+        Ok(Self { path: path.to_path_buf(), file, data_start, header })
     }
-    let mapped = files.iter().map(|f| Mapped::open(f)).collect::<Result<Vec<_>>>()?;
-    let parsed = mapped.iter().map(Mapped::tensors).collect::<Result<Vec<_>>>()?;
-    let file_of = |name: &str| -> usize {
-        map.iter().find(|(n, _)| n == name).and_then(|(_, f)| files.iter().position(|x| x == f)).unwrap_or(0)
-    };
-    let _no_grad = tch::no_grad_guard();
+
+    fn names(&self) -> impl Iterator<Item = String> + '_ {
+        self.header.offset_keys().into_iter()
+    }
+
+    /// Copies tensor `key` into `var`, converting to the variable's dtype and device. A
+    /// contiguous CPU variable of the file's dtype is read into directly; otherwise the
+    /// tensor goes through one CPU buffer of its own size.
+    fn read_into(&self, key: &str, var: &mut Tensor) -> Result<()> {
+        let path = &self.path;
+        let info = self.header.info(key).ok_or_else(|| Error::file(path, format!("tensor `{key}` is missing")))?;
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if shape != var.size() {
+            return Err(Error::file(
+                path,
+                format!("tensor `{key}` has shape {shape:?}, the model expects {:?}", var.size()),
+            ));
+        }
+        let kind = kind_of(info.dtype)
+            .ok_or_else(|| Error::file(path, format!("tensor `{key}` has unsupported dtype {:?}", info.dtype)))?;
+        let (start, end) = info.data_offsets;
+        let offset = self.data_start + start as u64;
+        let direct = var.device() == tch::Device::Cpu && var.kind() == kind && var.is_contiguous();
+        let _no_grad = tch::no_grad_guard();
+        if direct {
+            return self.read_bytes(var, offset, end - start, key);
+        }
+        let mut buffer = Tensor::f_empty(&shape, (kind, tch::Device::Cpu))?;
+        self.read_bytes(&mut buffer, offset, end - start, key)?;
+        var.f_copy_(&buffer)?;
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of the file into the memory of `tensor`, a
+    /// contiguous CPU tensor of exactly `len` bytes.
+    fn read_bytes(&self, tensor: &mut Tensor, offset: u64, len: usize, key: &str) -> Result<()> {
+        let size = tensor.numel() * tensor.kind().elt_size_in_bytes();
+        if size != len || tensor.device() != tch::Device::Cpu || !tensor.is_contiguous() {
+            return Err(Error::file(&self.path, format!("tensor `{key}`: {len} bytes do not fit the variable")));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `tensor` is a contiguous CPU tensor of `len` bytes (checked above) that
+        // we hold mutably; libtorch does not touch its memory while the bytes are read,
+        // and any byte pattern is a valid value of the dtypes read here.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, len) };
+        self.file.read_exact_at(bytes, offset).map_err(|e| Error::file(&self.path, format!("tensor `{key}`: {e}")))
+    }
+}
+
+/// The tensor names of the checkpoint in `dir`: the keys of
+/// `model.safetensors.index.json`'s weight map, or of `model.safetensors`'s header
+/// (read without the tensors).
+pub fn tensor_names(dir: &Path) -> Result<HashSet<String>> {
+    let map = weight_map(dir)?;
+    if !map.is_empty() {
+        return Ok(map.into_keys().collect());
+    }
+    Ok(WeightFile::open(&dir.join(SINGLE_FILE))?.names().collect())
+}
+
+/// Copies every variable of `vs` from the checkpoint in `dir` (single-file or sharded
+/// safetensors), converting to each variable's dtype and device and checking that each
+/// tensor exists with the variable's shape. Errors name the file and the tensor.
+pub fn load_weights(vs: &mut nn::VarStore, dir: &Path) -> Result<()> {
+    load_weights_keyed(vs, dir, |name| name.to_string())
+}
+
+/// As [`load_weights`], reading variable `name` from the checkpoint's tensor `key(name)`
+/// (for checkpoints that name some tensors otherwise; errors name the key).
+///
+/// Tensors are read one at a time straight into the variables' memory, so loading
+/// needs no memory beyond the model's own (plus one tensor when the dtype or the device
+/// differs): create the variables uninitialised, in the dtype and on the device wanted
+/// (see [`crate::model::vars::Vars`]).
+pub fn load_weights_keyed(vs: &nn::VarStore, dir: &Path, key: impl Fn(&str) -> String) -> Result<()> {
+    let map = weight_map(dir)?;
+    // Open every file first, so a broken one is reported before any copy.
+    let mut paths: Vec<&PathBuf> = map.values().collect();
+    paths.sort();
+    paths.dedup();
+    let single = dir.join(SINGLE_FILE);
+    if map.is_empty() {
+        paths.push(&single);
+    }
+    let files = paths.into_iter().map(|p| WeightFile::open(p)).collect::<Result<Vec<_>>>()?;
+    let index = dir.join(INDEX_FILE);
     // In name order, so the first problem reported is the same on every run.
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, mut var) in variables {
-        let index = file_of(&name);
-        let path = &files[index];
-        let view = parsed[index].tensor(&name).map_err(|_| Error::file(path, format!("tensor `{name}` is missing")))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if shape != var.size() {
-            return Err(Error::file(
-                path,
-                format!("tensor `{name}` has shape {shape:?}, the model expects {:?}", var.size()),
-            ));
-        }
-        let kind = kind_of(view.dtype())
-            .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
-        let source = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        var.f_copy_(&source.to_kind(var.kind()).to_device(var.device()))?;
+        let key = key(&name);
+        let file = match map.get(&key) {
+            _ if map.is_empty() => &files[0],
+            Some(path) => files.iter().find(|f| &f.path == path).unwrap_or(&files[0]),
+            None => return Err(Error::file(&index, format!("tensor `{key}` is missing"))),
+        };
+        file.read_into(&key, &mut var)?;
     }
     Ok(())
 }
