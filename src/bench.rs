@@ -299,7 +299,11 @@ fn load(args: &LoadBench) -> Result<(), Failure> {
     let kind = parse_dtype(Some(&args.dtype), device)?;
     let config = shape(&args.shape).ok_or_else(|| unknown_shape(&args.shape))?;
     let dir = args.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("plumb-bench-load-{}-{}", args.shape, plumb_core::checkpoint::hf_dtype_name(kind)))
+        std::env::temp_dir().join(format!(
+            "plumb-bench-load-{}-{}",
+            args.shape,
+            plumb_core::checkpoint::hf_dtype_name(kind)
+        ))
     });
     if args.write_only {
         tch::manual_seed(0);

@@ -468,6 +468,49 @@ mod tests {
     }
 
     #[test]
+    fn values_convert_exactly_as_to_kind_does_in_both_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = Tensor::randn([7, 5], (Kind::Float, tch::Device::Cpu));
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let _ = vs.root().var_copy("w", &values);
+        save_weights(&vs, dir.path(), DEFAULT_SHARD_BYTES).unwrap();
+        // fp32 file, bf16 variable: through a buffer and copy_.
+        let mut bf16 = nn::VarStore::new(tch::Device::Cpu);
+        bf16.set_kind(Kind::BFloat16);
+        let _ = bf16.root().var("w", &[7, 5], nn::Init::Const(0.0));
+        load_weights(&mut bf16, dir.path()).unwrap();
+        let rounded = values.to_kind(Kind::BFloat16);
+        assert_eq!(bf16.variables()["w"].eq_tensor(&rounded).all().int64_value(&[]), 1);
+        // bf16 file, bf16 variable: read straight into the variable.
+        save_weights(&bf16, dir.path(), DEFAULT_SHARD_BYTES).unwrap();
+        let mut direct = nn::VarStore::new(tch::Device::Cpu);
+        direct.set_kind(Kind::BFloat16);
+        let _ = direct.root().var("w", &[7, 5], nn::Init::Const(0.0));
+        load_weights(&mut direct, dir.path()).unwrap();
+        assert_eq!(direct.variables()["w"].eq_tensor(&rounded).all().int64_value(&[]), 1);
+        // bf16 file, fp32 variable.
+        let mut fp32 = nn::VarStore::new(tch::Device::Cpu);
+        let _ = fp32.root().var("w", &[7, 5], nn::Init::Const(0.0));
+        load_weights(&mut fp32, dir.path()).unwrap();
+        assert_eq!(fp32.variables()["w"].eq_tensor(&rounded.to_kind(Kind::Float)).all().int64_value(&[]), 1);
+    }
+
+    #[test]
+    fn a_tensor_the_index_lacks_names_the_index_and_keys_map_names() {
+        let dir = tempfile::tempdir().unwrap();
+        save_weights(&store(&["a", "b", "c"]), dir.path(), 450).unwrap();
+        let mut loaded = store(&["a", "b", "c", "d"]);
+        let message = load_weights(&mut loaded, dir.path()).unwrap_err().to_string();
+        assert!(message.ends_with("model.safetensors.index.json: tensor `d` is missing"), "{message}");
+        // Variable `old_c` read from the checkpoint's `c`.
+        let renamed = store(&["old_c"]);
+        load_weights_keyed(&renamed, dir.path(), |name| name.trim_start_matches("old_").to_string()).unwrap();
+        assert_eq!(renamed.variables()["old_c"].double_value(&[0, 0]), 2.0);
+        let names = tensor_names(dir.path()).unwrap();
+        assert_eq!(names, ["a", "b", "c"].iter().map(|s| s.to_string()).collect());
+    }
+
+    #[test]
     fn safetensors_carry_the_format_metadata_transformers_checks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");

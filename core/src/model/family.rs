@@ -296,3 +296,150 @@ pub fn build_backbone<A: CausalLm>(dir: &Path, vs: &nn::VarStore) -> Result<Box<
     let model = A::build_backbone(&Vars::uninit(vs.root()), &checkpoint.config);
     Ok(Box::new(BackboneOf { model, checkpoint }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt2::Gpt2ForCausalLm;
+    use crate::model::llama::LlamaForCausalLm;
+    use crate::model::scalar_head::ScalarHeadModel;
+    use crate::model::{self, FAMILIES};
+
+    /// A tiny causal LM of `model_type`, freshly initialised, saved into `dir`. Every
+    /// model type of a causal-LM row in the table needs a case here.
+    fn save_tiny_causal_lm(model_type: &str, dir: &Path) {
+        tch::manual_seed(0);
+        let llama = |extra: Value| {
+            let mut config = serde_json::json!({
+                "model_type": model_type, "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 32, "bos_token_id": 1, "eos_token_id": 2
+            });
+            if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+                config.extend(extra.clone());
+            }
+            LlamaForCausalLm::new(serde_json::from_value(config).unwrap(), Device::Cpu).unwrap().save(dir).unwrap()
+        };
+        match model_type {
+            "llama" => llama(serde_json::json!({})),
+            "qwen2" => llama(serde_json::json!({"tie_word_embeddings": true})),
+            "mistral" => llama(serde_json::json!({"sliding_window": 4})),
+            "gpt2" => {
+                let config =
+                    serde_json::json!({"vocab_size": 40, "n_embd": 16, "n_layer": 2, "n_head": 4, "n_positions": 32});
+                Gpt2ForCausalLm::new(serde_json::from_value(config).unwrap(), Device::Cpu).unwrap().save(dir).unwrap()
+            }
+            other => panic!("no tiny config for model_type `{other}`: add one to save_tiny_causal_lm"),
+        }
+    }
+
+    fn ids() -> (Tensor, Tensor) {
+        let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10, 3, 4, 0, 0, 0, 0]).view([2, 6]);
+        let mask = ids.ne(0).to_kind(Kind::Int64);
+        (ids, mask)
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
+    }
+
+    fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        variables
+    }
+
+    #[test]
+    fn a_bf16_checkpoint_loads_with_every_variable_bf16_and_equal_values() {
+        for model_type in ["llama", "gpt2"] {
+            let fp32 = tempfile::tempdir().unwrap();
+            save_tiny_causal_lm(model_type, fp32.path());
+            // Saved in bf16, then loaded in bf16: a byte-for-byte copy.
+            let bf16 = tempfile::tempdir().unwrap();
+            let saved = model::load(fp32.path(), Device::Cpu, Kind::BFloat16).unwrap();
+            saved.save(bf16.path()).unwrap();
+            let config: Value = checkpoint::read_json(&bf16.path().join("config.json")).unwrap();
+            assert_eq!(config["torch_dtype"], "bfloat16", "{model_type}");
+            let loaded = model::load(bf16.path(), Device::Cpu, Kind::BFloat16).unwrap();
+            let (ours, theirs) = (sorted_variables(loaded.var_store()), sorted_variables(saved.var_store()));
+            assert_eq!(ours.len(), theirs.len());
+            for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
+                assert_eq!(a.kind(), Kind::BFloat16, "{model_type}: {name}");
+                assert!(a.requires_grad(), "{model_type}: {name} is trainable");
+                assert_eq!(max_abs(a, b), 0.0, "{model_type}: {name}");
+            }
+            // A bf16 checkpoint loaded in fp32 holds exactly the bf16 values.
+            let model = model::load(bf16.path(), Device::Cpu, Kind::Float).unwrap();
+            for ((name, a), (_, b)) in sorted_variables(model.var_store()).iter().zip(&theirs) {
+                assert_eq!(a.kind(), Kind::Float, "{model_type}: {name}");
+                assert_eq!(max_abs(a, b), 0.0, "{model_type}: {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_model_types_are_errors_listing_the_families_of_the_table() {
+        let causal: Vec<&str> =
+            FAMILIES.iter().filter(|f| f.causal_lm.is_some()).flat_map(|f| f.model_types.iter().copied()).collect();
+        assert_eq!(model::model_types(|f| f.causal_lm.is_some()), causal.join(", "));
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.json");
+        let error = |text: &str| {
+            std::fs::write(&config, text).unwrap();
+            model::load(dir.path(), Device::Cpu, Kind::Float).err().unwrap().to_string()
+        };
+        let message = error(r#"{"model_type": "mamba"}"#);
+        assert!(
+            message.ends_with(&format!("unsupported model type `mamba`; supported: {}", causal.join(", "))),
+            "{message}"
+        );
+        let message = error(r#"{"vocab_size": 10}"#);
+        assert!(message.ends_with(&format!("model_type: missing; expected one of {}", causal.join(", "))), "{message}");
+        // Every family of the table is known; those without a causal LM say so.
+        for family in FAMILIES.iter().filter(|f| f.causal_lm.is_none()) {
+            let model_type = family.model_types[0];
+            let message = error(&format!(r#"{{"model_type": "{model_type}"}}"#));
+            assert!(message.contains(&format!("a causal LM is not built on `{model_type}`")), "{message}");
+            let message =
+                ScalarHeadModel::from_causal_lm(dir.path(), Device::Cpu, Kind::Float).err().unwrap().to_string();
+            assert!(message.contains(&format!("a scalar head is not built on `{model_type}`")), "{message}");
+        }
+        let names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
+        assert_eq!(names, ["llama", "gpt2", "bert", "t5"]);
+    }
+
+    #[test]
+    fn a_scalar_head_goes_on_every_causal_lm_family_of_the_table() {
+        let (ids, mask) = ids();
+        for family in FAMILIES.iter().filter(|f| f.backbone.is_some()) {
+            for &model_type in family.model_types {
+                let lm = tempfile::tempdir().unwrap();
+                save_tiny_causal_lm(model_type, lm.path());
+                tch::manual_seed(1);
+                let model = ScalarHeadModel::from_causal_lm(lm.path(), Device::Cpu, Kind::Float).unwrap();
+                let scores = model.scores(&ids, &mask).unwrap();
+                assert_eq!(scores.size(), [2], "{model_type}");
+                // The backbone holds the causal LM's weights, the head is new.
+                let causal = model::load(lm.path(), Device::Cpu, Kind::Float).unwrap();
+                let causal_vars = causal.var_store().variables();
+                for (name, var) in model.var_store().variables() {
+                    match causal_vars.get(&name) {
+                        Some(original) => assert_eq!(max_abs(&var, original), 0.0, "{model_type}: {name}"),
+                        None => assert_eq!(name, "score.weight", "{model_type}"),
+                    }
+                }
+
+                let out = tempfile::tempdir().unwrap();
+                model.save(out.path(), 0).unwrap();
+                let config: Value = checkpoint::read_json(&out.path().join("config.json")).unwrap();
+                assert_eq!(config["model_type"], model_type);
+                assert!(config["architectures"][0].as_str().unwrap().ends_with("ForSequenceClassification"));
+                let again = ScalarHeadModel::from_dir(out.path(), Device::Cpu, Kind::Float).unwrap();
+                assert_eq!(max_abs(&again.scores(&ids, &mask).unwrap(), &scores), 0.0, "{model_type}");
+                let bf16 = ScalarHeadModel::from_dir(out.path(), Device::Cpu, Kind::BFloat16).unwrap();
+                assert!(bf16.var_store().variables().values().all(|v| v.kind() == Kind::BFloat16), "{model_type}");
+                assert!(max_abs(&bf16.scores(&ids, &mask).unwrap(), &scores) < 0.1, "{model_type}");
+            }
+        }
+    }
+}
