@@ -145,7 +145,7 @@ impl LlamaConfig {
         }
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(field(
                 "num_key_value_heads",
                 format!("expected a positive divisor of num_attention_heads ({heads}), found {kv_heads}"),
@@ -153,7 +153,7 @@ impl LlamaConfig {
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
-            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None if self.hidden_size.is_multiple_of(heads) => self.hidden_size / heads,
             None => {
                 return Err(field(
                     "num_attention_heads",

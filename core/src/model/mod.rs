@@ -23,6 +23,12 @@ pub use generate::{Generated, GenerationSettings};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 
+/// Loads a family's causal LM from a checkpoint directory, in a dtype on a device.
+pub type LoadCausalLm = fn(&Path, Device, Kind) -> Result<Box<dyn Policy>>;
+
+/// Builds a family's backbone for the checkpoint in a directory, uninitialised, in a VarStore.
+pub type BuildBackbone = fn(&Path, &nn::VarStore) -> Result<Box<dyn Backbone>>;
+
 /// One row of [`FAMILIES`]: a model family, the `model_type`s of `config.json` it reads,
 /// and what can be built from a checkpoint of it.
 pub struct Family {
@@ -31,10 +37,10 @@ pub struct Family {
     /// The `model_type` values it reads.
     pub model_types: &'static [&'static str],
     /// Loads its causal LM ([`family::load_causal_lm`]); None for encoder families.
-    pub causal_lm: Option<fn(&Path, Device, Kind) -> Result<Box<dyn Policy>>>,
+    pub causal_lm: Option<LoadCausalLm>,
     /// Builds its backbone under a scalar head ([`family::build_backbone`]); None where
     /// no scalar head goes.
-    pub backbone: Option<fn(&Path, &nn::VarStore) -> Result<Box<dyn Backbone>>>,
+    pub backbone: Option<BuildBackbone>,
 }
 
 /// Every model family plumb reads and writes: the one place that dispatches on
