@@ -2,10 +2,11 @@
 //! destination and renamed into place, so a crash mid-save leaves the previous one.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use tch::{nn, Kind, Tensor};
 
 use crate::error::{Error, IoResultExt, Result};
@@ -86,28 +87,49 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 }
 
 /// Saves named tensors as one safetensors file with `{"format": "pt"}` metadata, as
-/// `transformers` writes them.
+/// `transformers` writes them (tensors ordered as the `safetensors` crate orders them:
+/// by dtype alignment, then name). The header is written from shapes and dtypes alone,
+/// then each tensor's bytes, copied to the host one tensor at a time: saving needs one
+/// tensor's memory beyond the model's. Written to a temporary file renamed into place.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut host = Vec::with_capacity(tensors.len());
+    let mut order = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         let dtype = dtype_of(tensor.kind())
             .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", tensor.kind())))?;
-        let cpu = tensor.to_device(tch::Device::Cpu).contiguous();
-        let mut bytes = vec![0u8; cpu.numel() * tensor.kind().elt_size_in_bytes()];
-        cpu.f_copy_data_u8(&mut bytes, cpu.numel())?;
-        let shape: Vec<usize> = cpu.size().iter().map(|&d| d as usize).collect();
-        host.push((name.clone(), dtype, shape, bytes));
+        order.push((name, tensor, dtype));
     }
-    let views = host
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    order.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(b.0)));
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0;
+    for (name, tensor, dtype) in &order {
+        let len = tensor.numel() * tensor.kind().elt_size_in_bytes();
+        let shape = tensor.size().iter().map(|&d| d as usize).collect();
+        infos.push((name.to_string(), TensorInfo { dtype: *dtype, shape, data_offsets: (offset, offset + len) }));
+        offset += len;
+    }
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::file(path, e.to_string()))
+    let header = Metadata::new(metadata, infos).map_err(|e| Error::file(path, e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::file(path, e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' '); // tensor data 8-byte aligned
+
+    let tmp: PathBuf = path.with_extension(format!("partial-{}", std::process::id()));
+    let write = || -> Result<()> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp).at(&tmp)?);
+        out.write_all(&(header.len() as u64).to_le_bytes()).at(&tmp)?;
+        out.write_all(&header).at(&tmp)?;
+        for (_, tensor, _) in &order {
+            let cpu = tensor.to_device(tch::Device::Cpu).contiguous();
+            let mut bytes = vec![0u8; cpu.numel() * cpu.kind().elt_size_in_bytes()];
+            cpu.f_copy_data_u8(&mut bytes, cpu.numel())?;
+            out.write_all(&bytes).at(&tmp)?;
+        }
+        out.flush().at(&tmp)
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path).at(path)
 }
 
 /// Reads and parses a JSON file, naming it in errors.
@@ -220,7 +242,7 @@ struct WeightFile {
     file: fs::File,
     /// Where the tensor data starts: after the header's length and the header.
     data_start: u64,
-    header: safetensors::tensor::Metadata,
+    header: Metadata,
 }
 
 impl WeightFile {
@@ -237,8 +259,7 @@ impl WeightFile {
         }
         let mut header = vec![0u8; len as usize];
         file.read_exact_at(&mut header, 8).at(path)?;
-        let header: safetensors::tensor::Metadata =
-            serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+        let header: Metadata = serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
         let data_start = 8 + len;
         let expected = data_start + header.data_len() as u64;
         if expected != file_len {
@@ -508,6 +529,40 @@ mod tests {
         assert_eq!(renamed.variables()["old_c"].double_value(&[0, 0]), 2.0);
         let names = tensor_names(dir.path()).unwrap();
         assert_eq!(names, ["a", "b", "c"].iter().map(|s| s.to_string()).collect());
+    }
+
+    #[test]
+    fn saved_files_are_byte_for_byte_what_the_safetensors_crate_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let cpu = tch::Device::Cpu;
+        let tensors = vec![
+            ("z.weight".to_string(), Tensor::randn([3, 5], (Kind::Float, cpu))),
+            ("a.bias".to_string(), Tensor::randn([7], (Kind::BFloat16, cpu))),
+            ("step".to_string(), Tensor::from(7i64)),
+            ("m.half".to_string(), Tensor::randn([2, 3, 3], (Kind::Half, cpu))),
+            ("flags".to_string(), Tensor::from_slice(&[true, false, true])),
+            // Not contiguous: saved as its values.
+            ("t".to_string(), Tensor::randn([4, 2], (Kind::Float, cpu)).tr()),
+        ];
+        save_safetensors(&path, &tensors).unwrap();
+        let host: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let t = t.contiguous();
+                let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+                t.copy_data_u8(&mut bytes, t.numel());
+                (name.clone(), dtype_of(t.kind()).unwrap(), t.size().iter().map(|&d| d as usize).collect(), bytes)
+            })
+            .collect();
+        let views = host.iter().map(|(name, dtype, shape, bytes)| {
+            (name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap())
+        });
+        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        let expected = safetensors::serialize(views, metadata).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), expected);
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("m.safetensors")]);
     }
 
     #[test]

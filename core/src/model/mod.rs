@@ -1,5 +1,6 @@
-//! Models: the `Policy` contract, one file per model family, and the parts they share
-//! (rotary embeddings, the KV cache, generation).
+//! Models: the `Policy` contract, the table of model families ([`FAMILIES`]), one file
+//! per family, the glue written once for all of them ([`family`], [`vars`]) and the
+//! parts they share (rotary embeddings, the KV cache, generation).
 pub mod bert;
 pub mod cache;
 pub mod family;
@@ -67,9 +68,10 @@ pub fn model_types(has: impl Fn(&Family) -> bool) -> String {
     FAMILIES.iter().filter(|f| has(f)).flat_map(|f| f.model_types.iter().copied()).collect::<Vec<_>>().join(", ")
 }
 
-/// The `model_type` in `dir/config.json` and the family whose entry `entry` gives is
-/// set; otherwise an error naming the file and listing the model types that have one
-/// (`what`: "causal LM", "scalar head", ...).
+/// The entry (picked by `entry`) of the family of the `model_type` in `dir/config.json`;
+/// where the type is missing or unknown, or its family lacks the entry, an error naming
+/// the file and listing the model types whose families have it (`what` names the entry:
+/// "causal LM", "scalar head").
 pub(crate) fn dispatch<T: Copy>(dir: &Path, what: &str, entry: impl Fn(&Family) -> Option<T>) -> Result<T> {
     let config_file: PathBuf = dir.join("config.json");
     let config: Value = checkpoint::read_json(&config_file)?;
