@@ -209,27 +209,6 @@ fn weight_map(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(BTreeMap::new()) // every tensor is in the single file
 }
 
-/// A memory-mapped safetensors file (for small files read whole, such as optimizer state).
-struct Mapped {
-    path: PathBuf,
-    mmap: memmap2::Mmap,
-}
-
-impl Mapped {
-    fn open(path: &Path) -> Result<Self> {
-        let file = fs::File::open(path).at(path)?;
-        // SAFETY: the file is only read; a concurrent writer could change values, not
-        // break memory safety of Rust data (bytes are copied into tensors at once).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-        Ok(Self { path: path.to_path_buf(), mmap })
-    }
-
-    fn tensors(&self) -> Result<safetensors::SafeTensors<'_>> {
-        safetensors::SafeTensors::deserialize(&self.mmap)
-            .map_err(|e| Error::file(&self.path, format!("not a valid safetensors file: {e}")))
-    }
-}
-
 /// safetensors headers are JSON of at most 100 MB (the format's own limit).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
@@ -270,6 +249,23 @@ impl WeightFile {
 
     fn names(&self) -> impl Iterator<Item = String> + '_ {
         self.header.offset_keys().into_iter()
+    }
+
+    /// Every tensor of the file, in its own dtype on the CPU, sorted by name.
+    fn read_all(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for name in self.names() {
+            let Some(info) = self.header.info(&name) else { continue };
+            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+            let kind = kind_of(info.dtype).ok_or_else(|| {
+                Error::file(&self.path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype))
+            })?;
+            let mut tensor = Tensor::f_empty(&shape, (kind, tch::Device::Cpu))?;
+            self.read_into(&name, &mut tensor)?;
+            out.push((name, tensor));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// Copies tensor `key` into `var`, converting to the variable's dtype and device. A

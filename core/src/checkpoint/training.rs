@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
-use super::{write_dir_atomically, Mapped};
+use super::{write_dir_atomically, WeightFile};
 use crate::error::{Error, IoResultExt, Result};
 
 const PREFIX: &str = "step-";
@@ -68,20 +68,11 @@ impl Checkpoints {
     }
 }
 
-/// Reads every tensor of a safetensors file (copied out of the memory map); the
-/// counterpart of [`super::save_safetensors`].
+/// Reads every tensor of a safetensors file, sorted by name; the counterpart of
+/// [`super::save_safetensors`]. Each tensor is read straight into its own memory, so
+/// nothing of the file stays resident besides the tensors.
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let mapped = Mapped::open(path)?;
-    let tensors = mapped.tensors()?;
-    let mut out = Vec::new();
-    for (name, view) in tensors.tensors() {
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let kind = super::kind_of(view.dtype())
-            .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
-        out.push((name, Tensor::f_from_data_size(view.data(), &shape, kind)?));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    WeightFile::open(path)?.read_all()
 }
 
 #[cfg(test)]
