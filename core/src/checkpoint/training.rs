@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 use super::{write_dir_atomically, WeightFile};
-use crate::error::{Error, IoResultExt, Result};
+use crate::error::{IoResultExt, Result};
 
 const PREFIX: &str = "step-";
 
