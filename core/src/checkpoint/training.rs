@@ -78,6 +78,7 @@ pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     #[test]
     fn only_the_newest_checkpoints_are_kept_and_partial_ones_ignored() {
