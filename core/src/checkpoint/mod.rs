@@ -411,7 +411,11 @@ mod tests {
     fn a_failed_write_leaves_the_previous_directory_intact() {
         let root = tempfile::tempdir().unwrap();
         let dest = root.path().join("final");
-        write_dir_atomically(&dest, |dir| Ok(fs::write(dir.join("a.txt"), "first").unwrap())).unwrap();
+        write_dir_atomically(&dest, |dir| {
+            fs::write(dir.join("a.txt"), "first").unwrap();
+            Ok(())
+        })
+        .unwrap();
         let failed = write_dir_atomically(&dest, |dir| {
             fs::write(dir.join("a.txt"), "second, half written").unwrap();
             Err(Error::Other("disk full".into()))
@@ -420,7 +424,11 @@ mod tests {
         assert_eq!(fs::read_to_string(dest.join("a.txt")).unwrap(), "first");
         let leftovers: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("final")], "no staging directory is left behind");
-        write_dir_atomically(&dest, |dir| Ok(fs::write(dir.join("b.txt"), "second").unwrap())).unwrap();
+        write_dir_atomically(&dest, |dir| {
+            fs::write(dir.join("b.txt"), "second").unwrap();
+            Ok(())
+        })
+        .unwrap();
         assert!(!dest.join("a.txt").exists() && dest.join("b.txt").is_file());
     }
 

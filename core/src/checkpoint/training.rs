@@ -85,7 +85,12 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let checkpoints = Checkpoints::new(root.path(), 2);
         for step in [10, 20, 30] {
-            checkpoints.save(step, |dir| Ok(fs::write(dir.join("x"), step.to_string()).unwrap())).unwrap();
+            checkpoints
+                .save(step, |dir| {
+                    fs::write(dir.join("x"), step.to_string()).unwrap();
+                    Ok(())
+                })
+                .unwrap();
         }
         assert_eq!(checkpoints.steps().unwrap(), vec![20, 30]);
         // A save that died midway leaves a staging directory, which is not a checkpoint.
