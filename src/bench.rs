@@ -1,13 +1,16 @@
-//! `plumb bench generate` and `plumb bench train`: generation throughput and time to
-//! first token, and training tokens/s (and MFU), measured the way
+//! `plumb bench generate`, `plumb bench train` and `plumb bench load`: generation
+//! throughput and time to first token, training tokens/s (and MFU), and the time and
+//! peak memory of loading a checkpoint; the first two measured the way
 //! `../shared/bench/hf_baseline.py` measures `transformers` (same shapes, batch, lengths;
 //! a training step is forward, backward, clipping and AdamW), so the two can be compared
 //! side by side on one machine. `bench/hf_train.py` measures transformers on a CPU too.
-use plumb_core::rand::Rng;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
 use plumb_core::data::seeded_rng;
+use plumb_core::device::device_name;
+use plumb_core::rand::Rng;
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::Policy;
@@ -24,6 +27,32 @@ pub enum Bench {
     Generate(GenerateBench),
     /// Training tokens per second (and MFU, given the device's peak FLOP/s).
     Train(TrainBench),
+    /// Seconds and peak resident memory (against the file size) of loading a checkpoint.
+    Load(LoadBench),
+}
+
+#[derive(clap::Args)]
+pub struct LoadBench {
+    /// A shape of hf_baseline.py (llama-125m, llama-350m, llama-1b) or quickstart; its
+    /// checkpoint holds random weights.
+    #[arg(long, default_value = "llama-1b")]
+    pub shape: String,
+    /// The dtype of the checkpoint and of the loaded model: float32, bfloat16, float16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// The checkpoint directory; written once (in a child process) when it holds no
+    /// `config.json`. Default: plumb-bench-load-SHAPE-DTYPE in the temporary directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Load in this process, with no child processes, and print the load time and this
+    /// process's peak RSS (for checking the figure with `/usr/bin/time -v`).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Write the checkpoint into --dir and exit (what the child process that writes it runs).
+    #[arg(long, hide = true)]
+    pub write_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +140,7 @@ pub fn run(bench: &Bench) -> Result<(), Failure> {
     match bench {
         Bench::Generate(args) => generate(args),
         Bench::Train(args) => train(args),
+        Bench::Load(args) => load(args),
     }
 }
 
@@ -161,7 +191,7 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
     // Parameters and attention, as hf_baseline.py counts them (Kaplan/PaLM accounting).
     let flops_per_token = 6.0 * params as f64 + 12.0 * (layers * hidden * seq) as f64;
     let line = serde_json::json!({
-        "case": "train", "model": args.shape, "device": format!("{device:?}"), "precision": args.precision,
+        "case": "train", "model": args.shape, "device": device_name(device), "precision": args.precision,
         "params": params, "batch": batch, "seq": seq, "steps": args.steps,
         "step_s": step_s, "tokens_per_s": tokens_per_s,
         "mfu": args.peak_flops.map(|peak| tokens_per_s * flops_per_token / peak),
@@ -215,7 +245,7 @@ fn generate(args: &GenerateBench) -> Result<(), Failure> {
         }
         let seconds = median(full);
         let line = serde_json::json!({
-            "case": "generate", "model": name, "device": format!("{device:?}"), "dtype": format!("{kind:?}"),
+            "case": "generate", "model": name, "device": device_name(device), "dtype": format!("{kind:?}"),
             "batch": batch, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "tokens_per_s": (batch * args.new_tokens) as f64 / seconds,
             "seconds": seconds,
@@ -223,5 +253,95 @@ fn generate(args: &GenerateBench) -> Result<(), Failure> {
         });
         println!("{line}");
     }
+    Ok(())
+}
+
+/// The peak resident set size of this process in bytes (`VmHWM` in /proc/self/status,
+/// what getrusage's maxrss reports), or None where /proc has no such line.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes of the safetensors files in `dir`.
+fn weight_bytes(dir: &Path) -> Result<u64, Failure> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Failure::User(format!("{}: {e}", dir.display())))?;
+    let mut total = 0;
+    for entry in entries.flatten() {
+        if entry.path().extension().is_some_and(|x| x == "safetensors") {
+            total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// Runs this executable's `bench load` with `extra` arguments and returns its stdout.
+fn child(args: &LoadBench, dir: &Path, extra: &str) -> Result<String, Failure> {
+    let exe = std::env::current_exe().map_err(|e| Failure::Internal(format!("finding this executable: {e}")))?;
+    let output = Command::new(&exe)
+        .args(["bench", "load", "--shape", &args.shape, "--dtype", &args.dtype, "--device", &args.device, extra])
+        .arg("--dir")
+        .arg(dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Failure::Internal(format!("running {}: {e}", exe.display())))?;
+    if !output.status.success() {
+        return Err(Failure::User(format!("`bench load {extra}` failed ({})", output.status)));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Writes the shape's checkpoint once, then loads it in a child process (so that
+/// writing it does not count) and reports the child's peak RSS against the file size.
+fn load(args: &LoadBench) -> Result<(), Failure> {
+    let user = |e: plumb_core::Error| Failure::User(e.to_string());
+    let device = resolve_device(&args.device)?;
+    let kind = parse_dtype(Some(&args.dtype), device)?;
+    let config = shape(&args.shape).ok_or_else(|| unknown_shape(&args.shape))?;
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!(
+            "plumb-bench-load-{}-{}",
+            args.shape,
+            plumb_core::checkpoint::hf_dtype_name(kind)
+        ))
+    });
+    if args.write_only {
+        tch::manual_seed(0);
+        let mut model = LlamaForCausalLm::new(config, device).map_err(user)?;
+        model.set_kind(kind);
+        std::fs::create_dir_all(&dir).map_err(|e| Failure::User(format!("{}: {e}", dir.display())))?;
+        return model.save(&dir).map_err(user);
+    }
+    if args.in_process {
+        let start = Instant::now();
+        let model = plumb_core::model::load(&dir, device, kind).map_err(user)?;
+        synchronize(device);
+        let load_s = start.elapsed().as_secs_f64();
+        let line = serde_json::json!({
+            "case": "load", "dir": dir.display().to_string(), "params": model.num_parameters(),
+            "dtype": format!("{:?}", model.var_store().kind()), "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+        });
+        println!("{line}");
+        return Ok(());
+    }
+    if !dir.join("config.json").is_file() {
+        eprintln!("writing the {} checkpoint into {} (once)", args.shape, dir.display());
+        child(args, &dir, "--write-only")?;
+    }
+    let file_bytes = weight_bytes(&dir)?;
+    let out = child(args, &dir, "--in-process")?;
+    let report: serde_json::Value = out
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| Failure::Internal(format!("the loading child printed no report: {out}")))?;
+    let peak = report["peak_rss_bytes"].as_u64();
+    let line = serde_json::json!({
+        "case": "load", "model": args.shape, "device": device_name(device), "dtype": args.dtype,
+        "dir": dir.display().to_string(), "file_bytes": file_bytes, "load_s": report["load_s"],
+        "peak_rss_bytes": peak, "peak_rss_over_file": peak.map(|p| p as f64 / file_bytes.max(1) as f64),
+    });
+    println!("{line}");
     Ok(())
 }

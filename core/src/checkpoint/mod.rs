@@ -1,10 +1,12 @@
 //! Checkpoints in HF layout, written atomically: a directory is filled beside its
 //! destination and renamed into place, so a crash mid-save leaves the previous one.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use tch::{nn, Kind, Tensor};
 
 use crate::error::{Error, IoResultExt, Result};
@@ -85,28 +87,49 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 }
 
 /// Saves named tensors as one safetensors file with `{"format": "pt"}` metadata, as
-/// `transformers` writes them.
+/// `transformers` writes them (tensors ordered as the `safetensors` crate orders them:
+/// by dtype alignment, then name). The header is written from shapes and dtypes alone,
+/// then each tensor's bytes, copied to the host one tensor at a time: saving needs one
+/// tensor's memory beyond the model's. Written to a temporary file renamed into place.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut host = Vec::with_capacity(tensors.len());
+    let mut order = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         let dtype = dtype_of(tensor.kind())
             .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", tensor.kind())))?;
-        let cpu = tensor.to_device(tch::Device::Cpu).contiguous();
-        let mut bytes = vec![0u8; cpu.numel() * tensor.kind().elt_size_in_bytes()];
-        cpu.f_copy_data_u8(&mut bytes, cpu.numel())?;
-        let shape: Vec<usize> = cpu.size().iter().map(|&d| d as usize).collect();
-        host.push((name.clone(), dtype, shape, bytes));
+        order.push((name, tensor, dtype));
     }
-    let views = host
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    order.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(b.0)));
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0;
+    for (name, tensor, dtype) in &order {
+        let len = tensor.numel() * tensor.kind().elt_size_in_bytes();
+        let shape = tensor.size().iter().map(|&d| d as usize).collect();
+        infos.push((name.to_string(), TensorInfo { dtype: *dtype, shape, data_offsets: (offset, offset + len) }));
+        offset += len;
+    }
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::file(path, e.to_string()))
+    let header = Metadata::new(metadata, infos).map_err(|e| Error::file(path, e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| Error::file(path, e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' '); // tensor data 8-byte aligned
+
+    let tmp: PathBuf = path.with_extension(format!("partial-{}", std::process::id()));
+    let write = || -> Result<()> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp).at(&tmp)?);
+        out.write_all(&(header.len() as u64).to_le_bytes()).at(&tmp)?;
+        out.write_all(&header).at(&tmp)?;
+        for (_, tensor, _) in &order {
+            let cpu = tensor.to_device(tch::Device::Cpu).contiguous();
+            let mut bytes = vec![0u8; cpu.numel() * cpu.kind().elt_size_in_bytes()];
+            cpu.f_copy_data_u8(&mut bytes, cpu.numel())?;
+            out.write_all(&bytes).at(&tmp)?;
+        }
+        out.flush().at(&tmp)
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path).at(path)
 }
 
 /// Reads and parses a JSON file, naming it in errors.
@@ -156,13 +179,14 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const DEFAULT_SHARD_BYTES: usize = 5_000_000_000;
 
 /// The weight files of a checkpoint directory: `model.safetensors`, or the shards that
-/// `model.safetensors.index.json` maps each tensor to. Returns (tensor name -> file).
-fn weight_map(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// `model.safetensors.index.json` maps each tensor to. Returns (tensor name -> file),
+/// empty for a single file.
+fn weight_map(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let index = dir.join(INDEX_FILE);
     if index.is_file() {
         #[derive(serde::Deserialize)]
         struct Index {
-            weight_map: std::collections::BTreeMap<String, String>,
+            weight_map: BTreeMap<String, String>,
         }
         let parsed: Index = read_json(&index)?;
         return parsed
@@ -182,66 +206,162 @@ fn weight_map(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     if !single.is_file() {
         return Err(Error::file(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} in the checkpoint directory")));
     }
-    Ok(Vec::new()) // every tensor is in the single file
+    Ok(BTreeMap::new()) // every tensor is in the single file
 }
 
-/// A memory-mapped safetensors file.
-struct Mapped {
+/// safetensors headers are JSON of at most 100 MB (the format's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// An open safetensors file and its parsed header; tensors are read from it one at a
+/// time with positioned reads, so nothing of the file stays in this process's memory
+/// (the kernel's page cache is not resident memory of the process; a memory map's
+/// touched pages would be).
+struct WeightFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: fs::File,
+    /// Where the tensor data starts: after the header's length and the header.
+    data_start: u64,
+    header: Metadata,
 }
 
-impl Mapped {
+impl WeightFile {
     fn open(path: &Path) -> Result<Self> {
+        let invalid = |message: String| Error::file(path, format!("not a valid safetensors file: {message}"));
         let file = fs::File::open(path).at(path)?;
-        // SAFETY: the file is only read; a concurrent writer could change values, not
-        // break memory safety of Rust data (bytes are copied into tensors at once).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-        Ok(Self { path: path.to_path_buf(), mmap })
+        let file_len = file.metadata().at(path)?.len();
+        // The file starts with the header's length (u64, little endian), then the header.
+        let mut len = [0u8; 8];
+        file.read_exact_at(&mut len, 0).map_err(|_| invalid(format!("{file_len} bytes, too short for a header")))?;
+        let len = u64::from_le_bytes(len);
+        if len > MAX_HEADER_BYTES || 8 + len > file_len {
+            return Err(invalid(format!("a header of {len} bytes in a file of {file_len}")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact_at(&mut header, 8).at(path)?;
+        let header: Metadata = serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+        let data_start = 8 + len;
+        let expected = data_start + header.data_len() as u64;
+        if expected != file_len {
+            return Err(invalid(format!("the header describes {expected} bytes, the file holds {file_len}")));
+        }
+        Ok(Self { path: path.to_path_buf(), file, data_start, header })
     }
 
-    fn tensors(&self) -> Result<safetensors::SafeTensors<'_>> {
-        safetensors::SafeTensors::deserialize(&self.mmap)
-            .map_err(|e| Error::file(&self.path, format!("not a valid safetensors file: {e}")))
+    fn names(&self) -> impl Iterator<Item = String> + '_ {
+        self.header.offset_keys().into_iter()
     }
+
+    /// Every tensor of the file, in its own dtype on the CPU, sorted by name.
+    fn read_all(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for name in self.names() {
+            let Some(info) = self.header.info(&name) else { continue };
+            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+            let kind = kind_of(info.dtype).ok_or_else(|| {
+                Error::file(&self.path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype))
+            })?;
+            let mut tensor = Tensor::f_empty(&shape, (kind, tch::Device::Cpu))?;
+            self.read_into(&name, &mut tensor)?;
+            out.push((name, tensor));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Copies tensor `key` into `var`, converting to the variable's dtype and device. A
+    /// contiguous CPU variable of the file's dtype is read into directly; otherwise the
+    /// tensor goes through one CPU buffer of its own size.
+    fn read_into(&self, key: &str, var: &mut Tensor) -> Result<()> {
+        let path = &self.path;
+        let info = self.header.info(key).ok_or_else(|| Error::file(path, format!("tensor `{key}` is missing")))?;
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if shape != var.size() {
+            return Err(Error::file(
+                path,
+                format!("tensor `{key}` has shape {shape:?}, the model expects {:?}", var.size()),
+            ));
+        }
+        let kind = kind_of(info.dtype)
+            .ok_or_else(|| Error::file(path, format!("tensor `{key}` has unsupported dtype {:?}", info.dtype)))?;
+        let (start, end) = info.data_offsets;
+        let offset = self.data_start + start as u64;
+        let direct = var.device() == tch::Device::Cpu && var.kind() == kind && var.is_contiguous();
+        let _no_grad = tch::no_grad_guard();
+        if direct {
+            return self.read_bytes(var, offset, end - start, key);
+        }
+        let mut buffer = Tensor::f_empty(&shape, (kind, tch::Device::Cpu))?;
+        self.read_bytes(&mut buffer, offset, end - start, key)?;
+        var.f_copy_(&buffer)?;
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of the file into the memory of `tensor`, a
+    /// contiguous CPU tensor of exactly `len` bytes.
+    fn read_bytes(&self, tensor: &mut Tensor, offset: u64, len: usize, key: &str) -> Result<()> {
+        let size = tensor.numel() * tensor.kind().elt_size_in_bytes();
+        if size != len || tensor.device() != tch::Device::Cpu || !tensor.is_contiguous() {
+            return Err(Error::file(&self.path, format!("tensor `{key}`: {len} bytes do not fit the variable")));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `tensor` is a contiguous CPU tensor of `len` bytes (checked above) that
+        // we hold mutably; libtorch does not touch its memory while the bytes are read,
+        // and any byte pattern is a valid value of the dtypes read here.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, len) };
+        self.file.read_exact_at(bytes, offset).map_err(|e| Error::file(&self.path, format!("tensor `{key}`: {e}")))
+    }
+}
+
+/// The tensor names of the checkpoint in `dir`: the keys of
+/// `model.safetensors.index.json`'s weight map, or of `model.safetensors`'s header
+/// (read without the tensors).
+pub fn tensor_names(dir: &Path) -> Result<HashSet<String>> {
+    let map = weight_map(dir)?;
+    if !map.is_empty() {
+        return Ok(map.into_keys().collect());
+    }
+    Ok(WeightFile::open(&dir.join(SINGLE_FILE))?.names().collect())
 }
 
 /// Copies every variable of `vs` from the checkpoint in `dir` (single-file or sharded
-/// safetensors, memory-mapped), converting to each variable's dtype and device and
-/// checking that each tensor exists with the variable's shape. Errors name the file and
-/// the tensor.
+/// safetensors), converting to each variable's dtype and device and checking that each
+/// tensor exists with the variable's shape. Errors name the file and the tensor.
 pub fn load_weights(vs: &mut nn::VarStore, dir: &Path) -> Result<()> {
+    load_weights_keyed(vs, dir, |name| name.to_string())
+}
+
+/// As [`load_weights`], reading variable `name` from the checkpoint's tensor `key(name)`
+/// (for checkpoints that name some tensors otherwise; errors name the key).
+///
+/// Tensors are read one at a time straight into the variables' memory, so loading
+/// needs no memory beyond the model's own (plus one tensor when the dtype or the device
+/// differs): create the variables uninitialised, in the dtype and on the device wanted
+/// (see [`crate::model::vars::Vars`]).
+pub fn load_weights_keyed(vs: &nn::VarStore, dir: &Path, key: impl Fn(&str) -> String) -> Result<()> {
     let map = weight_map(dir)?;
-    let mut files: Vec<PathBuf> = map.iter().map(|(_, f)| f.clone()).collect();
-    files.sort();
-    files.dedup();
-    if files.is_empty() {
-        files.push(dir.join(SINGLE_FILE));
+    // Open every file first, so a broken one is reported before any copy.
+    let mut paths: Vec<&PathBuf> = map.values().collect();
+    paths.sort();
+    paths.dedup();
+    let single = dir.join(SINGLE_FILE);
+    if map.is_empty() {
+        paths.push(&single);
     }
-    let mapped = files.iter().map(|f| Mapped::open(f)).collect::<Result<Vec<_>>>()?;
-    let parsed = mapped.iter().map(Mapped::tensors).collect::<Result<Vec<_>>>()?;
-    let file_of = |name: &str| -> usize {
-        map.iter().find(|(n, _)| n == name).and_then(|(_, f)| files.iter().position(|x| x == f)).unwrap_or(0)
-    };
-    let _no_grad = tch::no_grad_guard();
+    let files = paths.into_iter().map(|p| WeightFile::open(p)).collect::<Result<Vec<_>>>()?;
+    let index = dir.join(INDEX_FILE);
     // In name order, so the first problem reported is the same on every run.
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, mut var) in variables {
-        let index = file_of(&name);
-        let path = &files[index];
-        let view = parsed[index].tensor(&name).map_err(|_| Error::file(path, format!("tensor `{name}` is missing")))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if shape != var.size() {
-            return Err(Error::file(
-                path,
-                format!("tensor `{name}` has shape {shape:?}, the model expects {:?}", var.size()),
-            ));
-        }
-        let kind = kind_of(view.dtype())
-            .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
-        let source = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        var.f_copy_(&source.to_kind(var.kind()).to_device(var.device()))?;
+        let key = key(&name);
+        let file = match map.get(&key) {
+            _ if map.is_empty() => &files[0],
+            Some(path) => files.iter().find(|f| &f.path == path).unwrap_or(&files[0]),
+            None => return Err(Error::file(&index, format!("tensor `{key}` is missing"))),
+        };
+        file.read_into(&key, &mut var)?;
     }
     Ok(())
 }
@@ -291,7 +411,11 @@ mod tests {
     fn a_failed_write_leaves_the_previous_directory_intact() {
         let root = tempfile::tempdir().unwrap();
         let dest = root.path().join("final");
-        write_dir_atomically(&dest, |dir| Ok(fs::write(dir.join("a.txt"), "first").unwrap())).unwrap();
+        write_dir_atomically(&dest, |dir| {
+            fs::write(dir.join("a.txt"), "first").unwrap();
+            Ok(())
+        })
+        .unwrap();
         let failed = write_dir_atomically(&dest, |dir| {
             fs::write(dir.join("a.txt"), "second, half written").unwrap();
             Err(Error::Other("disk full".into()))
@@ -300,7 +424,11 @@ mod tests {
         assert_eq!(fs::read_to_string(dest.join("a.txt")).unwrap(), "first");
         let leftovers: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("final")], "no staging directory is left behind");
-        write_dir_atomically(&dest, |dir| Ok(fs::write(dir.join("b.txt"), "second").unwrap())).unwrap();
+        write_dir_atomically(&dest, |dir| {
+            fs::write(dir.join("b.txt"), "second").unwrap();
+            Ok(())
+        })
+        .unwrap();
         assert!(!dest.join("a.txt").exists() && dest.join("b.txt").is_file());
     }
 
@@ -362,6 +490,83 @@ mod tests {
         half.set_kind(Kind::BFloat16);
         load_weights(&mut half, dir.path()).unwrap();
         assert_eq!(half.variables()["w"].kind(), Kind::BFloat16);
+    }
+
+    #[test]
+    fn values_convert_exactly_as_to_kind_does_in_both_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = Tensor::randn([7, 5], (Kind::Float, tch::Device::Cpu));
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let _ = vs.root().var_copy("w", &values);
+        save_weights(&vs, dir.path(), DEFAULT_SHARD_BYTES).unwrap();
+        // fp32 file, bf16 variable: through a buffer and copy_.
+        let mut bf16 = nn::VarStore::new(tch::Device::Cpu);
+        bf16.set_kind(Kind::BFloat16);
+        let _ = bf16.root().var("w", &[7, 5], nn::Init::Const(0.0));
+        load_weights(&mut bf16, dir.path()).unwrap();
+        let rounded = values.to_kind(Kind::BFloat16);
+        assert_eq!(bf16.variables()["w"].eq_tensor(&rounded).all().int64_value(&[]), 1);
+        // bf16 file, bf16 variable: read straight into the variable.
+        save_weights(&bf16, dir.path(), DEFAULT_SHARD_BYTES).unwrap();
+        let mut direct = nn::VarStore::new(tch::Device::Cpu);
+        direct.set_kind(Kind::BFloat16);
+        let _ = direct.root().var("w", &[7, 5], nn::Init::Const(0.0));
+        load_weights(&mut direct, dir.path()).unwrap();
+        assert_eq!(direct.variables()["w"].eq_tensor(&rounded).all().int64_value(&[]), 1);
+        // bf16 file, fp32 variable.
+        let mut fp32 = nn::VarStore::new(tch::Device::Cpu);
+        let _ = fp32.root().var("w", &[7, 5], nn::Init::Const(0.0));
+        load_weights(&mut fp32, dir.path()).unwrap();
+        assert_eq!(fp32.variables()["w"].eq_tensor(&rounded.to_kind(Kind::Float)).all().int64_value(&[]), 1);
+    }
+
+    #[test]
+    fn a_tensor_the_index_lacks_names_the_index_and_keys_map_names() {
+        let dir = tempfile::tempdir().unwrap();
+        save_weights(&store(&["a", "b", "c"]), dir.path(), 450).unwrap();
+        let mut loaded = store(&["a", "b", "c", "d"]);
+        let message = load_weights(&mut loaded, dir.path()).unwrap_err().to_string();
+        assert!(message.ends_with("model.safetensors.index.json: tensor `d` is missing"), "{message}");
+        // Variable `old_c` read from the checkpoint's `c`.
+        let renamed = store(&["old_c"]);
+        load_weights_keyed(&renamed, dir.path(), |name| name.trim_start_matches("old_").to_string()).unwrap();
+        assert_eq!(renamed.variables()["old_c"].double_value(&[0, 0]), 2.0);
+        let names = tensor_names(dir.path()).unwrap();
+        assert_eq!(names, ["a", "b", "c"].iter().map(|s| s.to_string()).collect());
+    }
+
+    #[test]
+    fn saved_files_are_byte_for_byte_what_the_safetensors_crate_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let cpu = tch::Device::Cpu;
+        let tensors = vec![
+            ("z.weight".to_string(), Tensor::randn([3, 5], (Kind::Float, cpu))),
+            ("a.bias".to_string(), Tensor::randn([7], (Kind::BFloat16, cpu))),
+            ("step".to_string(), Tensor::from(7i64)),
+            ("m.half".to_string(), Tensor::randn([2, 3, 3], (Kind::Half, cpu))),
+            ("flags".to_string(), Tensor::from_slice(&[true, false, true])),
+            // Not contiguous: saved as its values.
+            ("t".to_string(), Tensor::randn([4, 2], (Kind::Float, cpu)).tr()),
+        ];
+        save_safetensors(&path, &tensors).unwrap();
+        let host: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let t = t.contiguous();
+                let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+                t.copy_data_u8(&mut bytes, t.numel());
+                (name.clone(), dtype_of(t.kind()).unwrap(), t.size().iter().map(|&d| d as usize).collect(), bytes)
+            })
+            .collect();
+        let views = host.iter().map(|(name, dtype, shape, bytes)| {
+            (name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap())
+        });
+        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        let expected = safetensors::serialize(views, metadata).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), expected);
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("m.safetensors")]);
     }
 
     #[test]

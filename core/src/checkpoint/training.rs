@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
-use super::{write_dir_atomically, Mapped};
-use crate::error::{Error, IoResultExt, Result};
+use super::{write_dir_atomically, WeightFile};
+use crate::error::{IoResultExt, Result};
 
 const PREFIX: &str = "step-";
 
@@ -68,32 +68,29 @@ impl Checkpoints {
     }
 }
 
-/// Reads every tensor of a safetensors file (copied out of the memory map); the
-/// counterpart of [`super::save_safetensors`].
+/// Reads every tensor of a safetensors file, sorted by name; the counterpart of
+/// [`super::save_safetensors`]. Each tensor is read straight into its own memory, so
+/// nothing of the file stays resident besides the tensors.
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let mapped = Mapped::open(path)?;
-    let tensors = mapped.tensors()?;
-    let mut out = Vec::new();
-    for (name, view) in tensors.tensors() {
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let kind = super::kind_of(view.dtype())
-            .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
-        out.push((name, Tensor::f_from_data_size(view.data(), &shape, kind)?));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    WeightFile::open(path)?.read_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     #[test]
     fn only_the_newest_checkpoints_are_kept_and_partial_ones_ignored() {
         let root = tempfile::tempdir().unwrap();
         let checkpoints = Checkpoints::new(root.path(), 2);
         for step in [10, 20, 30] {
-            checkpoints.save(step, |dir| Ok(fs::write(dir.join("x"), step.to_string()).unwrap())).unwrap();
+            checkpoints
+                .save(step, |dir| {
+                    fs::write(dir.join("x"), step.to_string()).unwrap();
+                    Ok(())
+                })
+                .unwrap();
         }
         assert_eq!(checkpoints.steps().unwrap(), vec![20, 30]);
         // A save that died midway leaves a staging directory, which is not a checkpoint.

@@ -11,15 +11,16 @@
 //! `cls.predictions.decoder.bias`, load too (see [`checkpoint_aliases`]).
 //!
 //! Dropout is not applied: plumb's models have none, in training or not.
-use std::path::Path;
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::{embedding_lookup as lookup, key_padding_mask, load_weights_with_aliases};
-use crate::checkpoint;
+use super::family::{Architecture, Pretrained};
+use super::vars::{Embedding, Vars};
+use super::{embedding_lookup as lookup, key_or_alias, key_padding_mask};
 use crate::error::{Error, Result};
 
 /// The model type of this family in `config.json`.
@@ -274,27 +275,27 @@ pub fn checkpoint_aliases(name: &str) -> Vec<String> {
     aliases
 }
 
-fn linear(path: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> nn::Linear {
+fn linear(vars: Vars, in_dim: i64, out_dim: i64, std: f64) -> nn::Linear {
     let config = nn::LinearConfig {
         ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
         bs_init: Some(nn::Init::Const(0.0)),
         bias: true,
     };
-    nn::linear(path, in_dim, out_dim, config)
+    vars.linear(in_dim, out_dim, config)
 }
 
-fn layer_norm(path: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(path, vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
+fn layer_norm(vars: Vars, dim: i64, eps: f64) -> nn::LayerNorm {
+    vars.layer_norm(dim, nn::LayerNormConfig { eps, ..Default::default() })
 }
 
-fn embedding(path: nn::Path, rows: i64, dim: i64, std: f64, padding_idx: Option<i64>) -> nn::Embedding {
+fn embedding(vars: Vars, rows: i64, dim: i64, std: f64, padding_idx: Option<i64>) -> Embedding {
     let config = nn::EmbeddingConfig {
         ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
         padding_idx: padding_idx.unwrap_or(-1),
         ..Default::default()
     };
-    let embedding = nn::embedding(path, rows, dim, config);
-    if let Some(pad) = padding_idx {
+    let embedding = vars.embedding(rows, dim, config);
+    if let Some(pad) = padding_idx.filter(|_| vars.is_fresh()) {
         // HF zeroes the padding row at init.
         let _ = tch::no_grad(|| embedding.ws.get(pad).zero_());
     }
@@ -303,22 +304,22 @@ fn embedding(path: nn::Path, rows: i64, dim: i64, std: f64, padding_idx: Option<
 
 #[derive(Debug)]
 struct Embeddings {
-    word_embeddings: nn::Embedding,
+    word_embeddings: Embedding,
     pad_token_id: Option<i64>,
-    position_embeddings: nn::Embedding,
-    token_type_embeddings: nn::Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
     layer_norm: nn::LayerNorm,
 }
 
 impl Embeddings {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(vars: Vars, c: &Config) -> Self {
         let (h, std) = (c.hidden_size, c.initializer_range);
         Self {
-            word_embeddings: embedding(&path / "word_embeddings", c.vocab_size, h, std, c.pad_token_id),
+            word_embeddings: embedding(&vars / "word_embeddings", c.vocab_size, h, std, c.pad_token_id),
             pad_token_id: c.pad_token_id,
-            position_embeddings: embedding(&path / "position_embeddings", c.max_positions, h, std, None),
-            token_type_embeddings: embedding(&path / "token_type_embeddings", c.type_vocab_size, h, std, None),
-            layer_norm: layer_norm(&path / "LayerNorm", h, c.layer_norm_eps),
+            position_embeddings: embedding(&vars / "position_embeddings", c.max_positions, h, std, None),
+            token_type_embeddings: embedding(&vars / "token_type_embeddings", c.type_vocab_size, h, std, None),
+            layer_norm: layer_norm(&vars / "LayerNorm", h, c.layer_norm_eps),
         }
     }
 
@@ -343,12 +344,12 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(vars: Vars, c: &Config) -> Self {
         let (h, std) = (c.hidden_size, c.initializer_range);
         Self {
-            query: linear(&path / "query", h, h, std),
-            key: linear(&path / "key", h, h, std),
-            value: linear(&path / "value", h, h, std),
+            query: linear(&vars / "query", h, h, std),
+            key: linear(&vars / "key", h, h, std),
+            value: linear(&vars / "value", h, h, std),
             num_heads: c.num_heads,
             head_dim: c.head_dim,
         }
@@ -378,16 +379,16 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(vars: Vars, c: &Config) -> Self {
         let (h, i, std, eps) = (c.hidden_size, c.intermediate_size, c.initializer_range, c.layer_norm_eps);
-        let attention = &path / "attention";
+        let attention = &vars / "attention";
         Self {
             attention: SelfAttention::new(&attention / "self", c),
             attention_dense: linear(&attention / "output" / "dense", h, h, std),
             attention_layer_norm: layer_norm(&attention / "output" / "LayerNorm", h, eps),
-            intermediate: linear(&path / "intermediate" / "dense", h, i, std),
-            output: linear(&path / "output" / "dense", i, h, std),
-            output_layer_norm: layer_norm(&path / "output" / "LayerNorm", h, eps),
+            intermediate: linear(&vars / "intermediate" / "dense", h, i, std),
+            output: linear(&vars / "output" / "dense", i, h, std),
+            output_layer_norm: layer_norm(&vars / "output" / "LayerNorm", h, eps),
             activation: c.activation,
         }
     }
@@ -413,9 +414,9 @@ pub struct Bert {
 }
 
 impl Bert {
-    /// Builds the model's variables under `root` (`bert.*`, `cls.*`), freshly
-    /// initialised as HF does; load a checkpoint into the same VarStore to restore weights.
-    pub fn new(root: &nn::Path, config: &Config) -> Self {
+    /// The model's variables under `root` (`bert.*`, `cls.*`), initialised as HF does or
+    /// for a checkpoint to fill (see [`Vars`]).
+    fn build(root: &Vars, config: &Config) -> Self {
         let bert = root / "bert";
         let layers = (0..config.num_layers).map(|i| Layer::new(&bert / "encoder" / "layer" / i, config)).collect();
         let predictions = root / "cls" / "predictions";
@@ -425,7 +426,7 @@ impl Bert {
             layers,
             transform_dense: linear(&predictions / "transform" / "dense", h, h, std),
             transform_layer_norm: layer_norm(&predictions / "transform" / "LayerNorm", h, config.layer_norm_eps),
-            bias: predictions.zeros("bias", &[config.vocab_size]),
+            bias: predictions.var("bias", &[config.vocab_size], nn::Init::Const(0.0)),
             config: config.clone(),
         }
     }
@@ -480,34 +481,45 @@ impl Bert {
     }
 }
 
-/// A BERT masked LM with its variables and HF config.
-pub struct BertForMaskedLm {
-    vs: nn::VarStore,
-    model: Bert,
-    hf: BertConfig,
+impl Architecture for Bert {
+    type HfConfig = BertConfig;
+    type Config = Config;
+
+    fn resolve(hf: BertConfig) -> Result<(BertConfig, Config)> {
+        let config = hf.resolve()?;
+        Ok((hf, config))
+    }
+
+    fn build(vars: &Vars, config: &Config) -> Self {
+        Bert::build(vars, config)
+    }
+
+    fn checkpoint_key(name: &str, names: &HashSet<String>) -> String {
+        key_or_alias(name, names, checkpoint_aliases(name))
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn hf_json(hf: &BertConfig) -> Value {
+        hf.to_hf_json()
+    }
+
+    /// None: `save_pretrained` writes no generation config for an encoder.
+    fn generation_ids(_hf: &BertConfig) -> Option<[(&'static str, Option<Value>); 3]> {
+        None
+    }
 }
 
-impl BertForMaskedLm {
-    /// A freshly initialised fp32 model (seed libtorch first for a reproducible init).
-    pub fn new(hf: BertConfig, device: tch::Device) -> Result<Self> {
-        let config = hf.resolve()?;
-        let vs = nn::VarStore::new(device);
-        let model = Bert::new(&vs.root(), &config);
-        Ok(Self { vs, model, hf })
-    }
+/// A BERT masked LM with its variables and HF config.
+pub type BertForMaskedLm = Pretrained<Bert>;
 
-    /// Loads `dir/config.json` and the weights (single or sharded safetensors), in `kind`.
-    pub fn from_dir(dir: &Path, device: tch::Device, kind: Kind) -> Result<Self> {
-        let config_file = dir.join("config.json");
-        let hf: BertConfig = checkpoint::read_json(&config_file)?;
-        let config = hf.resolve().map_err(|e| Error::file(&config_file, e.to_string()))?;
-        let mut vs = nn::VarStore::new(device);
-        let model = Bert::new(&vs.root(), &config);
-        vs.set_kind(kind);
-        load_weights_with_aliases(&mut vs, dir, checkpoint_aliases)?;
-        Ok(Self { vs, model, hf })
-    }
-
+impl Pretrained<Bert> {
     /// MLM logits (B, T, vocab) of `input_ids` (B, T), all of segment A; `attention_mask`
     /// (B, T) is 1 for tokens and 0 for padding.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
@@ -521,48 +533,8 @@ impl BertForMaskedLm {
         token_type_ids: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let hidden = self.model.hidden_states(input_ids, token_type_ids, attention_mask)?;
-        Ok(self.model.mlm_head(&hidden))
-    }
-
-    /// Writes `model.safetensors` (sharded when large) and `config.json` into `dir`,
-    /// which exists, as `save_pretrained` does.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
-        let mut config = self.hf.to_hf_json();
-        config["torch_dtype"] = serde_json::json!(checkpoint::hf_dtype_name(self.vs.kind()));
-        checkpoint::write_json(&dir.join("config.json"), &config)
-    }
-
-    /// The trainable variables (and the device and dtype they live in).
-    pub fn var_store(&self) -> &nn::VarStore {
-        &self.vs
-    }
-
-    /// Casts every weight (and so the activations) to `kind`.
-    pub fn set_kind(&mut self, kind: Kind) {
-        self.vs.set_kind(kind);
-    }
-
-    /// Trainable parameters.
-    pub fn num_parameters(&self) -> i64 {
-        super::num_parameters(&self.vs)
-    }
-
-    pub fn vocab_size(&self) -> i64 {
-        self.model.config.vocab_size
-    }
-
-    pub fn hf_config(&self) -> &BertConfig {
-        &self.hf
-    }
-
-    pub fn config(&self) -> &Config {
-        self.model.config()
-    }
-
-    pub fn model(&self) -> &Bert {
-        &self.model
+        let hidden = self.model().hidden_states(input_ids, token_type_ids, attention_mask)?;
+        Ok(self.model().mlm_head(&hidden))
     }
 }
 
@@ -571,6 +543,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::checkpoint;
 
     fn tiny() -> BertConfig {
         serde_json::from_value(serde_json::json!({

@@ -11,9 +11,7 @@
 //! the variables under those names (see [`KeyLayout`]).
 //!
 //! Dropout (`*_pdrop`) is not applied: plumb's models have none, in training or not.
-use std::collections::BTreeMap;
-use std::fs;
-use std::io::Read;
+use std::collections::HashSet;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -22,9 +20,10 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::cache::{self as kv_cache, KvCache};
-use super::Policy;
+use super::family::{Architecture, CausalLm, Pretrained};
+use super::vars::{Embedding, Vars};
 use crate::checkpoint;
-use crate::error::{Error, IoResultExt, Result};
+use crate::error::{Error, Result};
 
 /// The model type of this family in `config.json`.
 pub const MODEL_TYPE: &str = "gpt2";
@@ -242,9 +241,16 @@ pub enum KeyLayout {
 impl KeyLayout {
     /// The layout of the checkpoint in `dir`, from its tensor names.
     pub fn detect(dir: &Path) -> Result<Self> {
-        let names = tensor_names(dir)?;
-        let has = |key: &str| names.iter().any(|n| n == key);
-        Ok(if has("wte.weight") && !has("transformer.wte.weight") { Self::Original } else { Self::Transformers })
+        Ok(Self::of(&checkpoint::tensor_names(dir)?))
+    }
+
+    /// The layout of a checkpoint holding tensors `names`.
+    pub fn of(names: &HashSet<String>) -> Self {
+        if names.contains("wte.weight") && !names.contains("transformer.wte.weight") {
+            Self::Original
+        } else {
+            Self::Transformers
+        }
     }
 
     /// The checkpoint key of variable `name` (a name in the `Transformers` layout).
@@ -256,60 +262,11 @@ impl KeyLayout {
     }
 }
 
-/// safetensors headers are JSON of at most 100 MB (the format's own limit).
-const MAX_HEADER_BYTES: u64 = 100_000_000;
-
-/// The tensor names of the checkpoint in `dir`: the keys of
-/// `model.safetensors.index.json`'s weight map, or of `model.safetensors`'s header
-/// (read without the tensors).
+/// The tensor names of the checkpoint in `dir`, sorted (see [`checkpoint::tensor_names`]).
 pub fn tensor_names(dir: &Path) -> Result<Vec<String>> {
-    let index = dir.join(checkpoint::INDEX_FILE);
-    if index.is_file() {
-        #[derive(Deserialize)]
-        struct Index {
-            weight_map: BTreeMap<String, String>,
-        }
-        let parsed: Index = checkpoint::read_json(&index)?;
-        return Ok(parsed.weight_map.into_keys().collect());
-    }
-    let path = dir.join(checkpoint::SINGLE_FILE);
-    if !path.is_file() {
-        return Err(Error::file(
-            dir,
-            format!("no {} or {} in the checkpoint directory", checkpoint::SINGLE_FILE, checkpoint::INDEX_FILE),
-        ));
-    }
-    // The file starts with the header's length (u64, little endian), then the header.
-    let mut file = fs::File::open(&path).at(&path)?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).at(&path)?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_HEADER_BYTES {
-        return Err(Error::file(&path, format!("not a valid safetensors file: a header of {len} bytes")));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).at(&path)?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header)
-        .map_err(|e| Error::file(&path, format!("not a valid safetensors file: header: {e}")))?;
-    Ok(header.into_iter().map(|(name, _)| name).filter(|name| name != "__metadata__").collect())
-}
-
-/// Copies the checkpoint in `dir`, named in `layout`, into the variables of `vs` (named
-/// in the `Transformers` layout). For the original layout, a second VarStore holds the
-/// same tensors (shallow clones: one storage) under the checkpoint's names, and the
-/// copy goes through it.
-pub fn load_weights(vs: &mut nn::VarStore, dir: &Path, layout: KeyLayout) -> Result<()> {
-    if layout == KeyLayout::Transformers {
-        return checkpoint::load_weights(vs, dir);
-    }
-    let mut view = nn::VarStore::new(vs.device());
-    for (name, var) in vs.variables() {
-        let mut parts: Vec<&str> = layout.key(&name).split('.').collect();
-        let leaf = parts.pop().unwrap_or_default();
-        let path = parts.iter().fold(view.root(), |path, part| &path / *part);
-        let _ = path.add(leaf, var, false);
-    }
-    checkpoint::load_weights(&mut view, dir)
+    let mut names: Vec<String> = checkpoint::tensor_names(dir)?.into_iter().collect();
+    names.sort();
+    Ok(names)
 }
 
 /// HF's `Conv1D`: a linear layer that stores its weight as (in, out), y = x @ W + b.
@@ -321,8 +278,11 @@ struct Conv1d {
 }
 
 impl Conv1d {
-    fn new(path: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
-        Self { weight: path.randn("weight", &[in_dim, out_dim], 0.0, std), bias: path.zeros("bias", &[out_dim]) }
+    fn new(vars: Vars, in_dim: i64, out_dim: i64, std: f64) -> Self {
+        Self {
+            weight: vars.var("weight", &[in_dim, out_dim], nn::Init::Randn { mean: 0.0, stdev: std }),
+            bias: vars.var("bias", &[out_dim], nn::Init::Const(0.0)),
+        }
     }
 
     /// (..., in) -> (..., out)
@@ -331,8 +291,8 @@ impl Conv1d {
     }
 }
 
-fn layer_norm(path: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(path, vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
+fn layer_norm(vars: Vars, dim: i64, eps: f64) -> nn::LayerNorm {
+    vars.layer_norm(dim, nn::LayerNormConfig { eps, ..Default::default() })
 }
 
 #[derive(Debug)]
@@ -347,13 +307,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(path: nn::Path, c: &Config, layer: usize) -> Self {
+    fn new(vars: Vars, c: &Config, layer: usize) -> Self {
         let h = c.hidden_size;
         // GPT-2's init: residual projections scaled by 1/sqrt(2 * n_layer), as HF does.
         let proj_std = c.initializer_range / (2.0 * c.num_layers as f64).sqrt();
         Self {
-            c_attn: Conv1d::new(&path / "c_attn", h, 3 * h, c.initializer_range),
-            c_proj: Conv1d::new(&path / "c_proj", h, h, proj_std),
+            c_attn: Conv1d::new(&vars / "c_attn", h, 3 * h, c.initializer_range),
+            c_proj: Conv1d::new(&vars / "c_proj", h, h, proj_std),
             num_heads: c.num_heads,
             head_dim: c.head_dim,
             scale: c.attention_scales.get(layer).copied().unwrap_or(1.0),
@@ -395,11 +355,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(vars: Vars, c: &Config) -> Self {
         let proj_std = c.initializer_range / (2.0 * c.num_layers as f64).sqrt();
         Self {
-            c_fc: Conv1d::new(&path / "c_fc", c.hidden_size, c.inner_size, c.initializer_range),
-            c_proj: Conv1d::new(&path / "c_proj", c.inner_size, c.hidden_size, proj_std),
+            c_fc: Conv1d::new(&vars / "c_fc", c.hidden_size, c.inner_size, c.initializer_range),
+            c_proj: Conv1d::new(&vars / "c_proj", c.inner_size, c.hidden_size, proj_std),
             activation: c.activation,
         }
     }
@@ -418,12 +378,12 @@ struct Block {
 }
 
 impl Block {
-    fn new(path: nn::Path, c: &Config, layer: usize) -> Self {
+    fn new(vars: Vars, c: &Config, layer: usize) -> Self {
         Self {
-            ln_1: layer_norm(&path / "ln_1", c.hidden_size, c.layer_norm_eps),
-            attn: Attention::new(&path / "attn", c, layer),
-            ln_2: layer_norm(&path / "ln_2", c.hidden_size, c.layer_norm_eps),
-            mlp: Mlp::new(&path / "mlp", c),
+            ln_1: layer_norm(&vars / "ln_1", c.hidden_size, c.layer_norm_eps),
+            attn: Attention::new(&vars / "attn", c, layer),
+            ln_2: layer_norm(&vars / "ln_2", c.hidden_size, c.layer_norm_eps),
+            mlp: Mlp::new(&vars / "mlp", c),
         }
     }
 
@@ -436,8 +396,8 @@ impl Block {
 /// The transformer with its LM head: `GPT2LMHeadModel`.
 #[derive(Debug)]
 pub struct Gpt2 {
-    wte: nn::Embedding,
-    wpe: nn::Embedding,
+    wte: Embedding,
+    wpe: Embedding,
     h: Vec<Block>,
     ln_f: nn::LayerNorm,
     /// None when tied to `wte` (GPT-2's default).
@@ -446,15 +406,14 @@ pub struct Gpt2 {
 }
 
 impl Gpt2 {
-    /// Builds the model's variables under `root` (`transformer.*`, `lm_head.*`), freshly
-    /// initialised as HF initialises them; load a checkpoint into the same VarStore to
-    /// restore weights.
-    pub fn new(root: &nn::Path, config: &Config) -> Self {
+    /// The model's variables under `root` (`transformer.*`, and `lm_head.*` when
+    /// untied), initialised as HF initialises them or for a checkpoint to fill (see [`Vars`]).
+    fn build(root: &Vars, config: &Config) -> Self {
         let transformer = root / "transformer";
         let embedding = |name: &str, rows: i64| {
             let init = nn::Init::Randn { mean: 0.0, stdev: config.initializer_range };
             let embed_config = nn::EmbeddingConfig { ws_init: init, ..Default::default() };
-            nn::embedding(&transformer / name, rows, config.hidden_size, embed_config)
+            (&transformer / name).embedding(rows, config.hidden_size, embed_config)
         };
         let wte = embedding("wte", config.vocab_size);
         let wpe = embedding("wpe", config.max_positions);
@@ -463,7 +422,7 @@ impl Gpt2 {
         let lm_head = (!config.tie_word_embeddings).then(|| {
             let init = nn::Init::Randn { mean: 0.0, stdev: config.initializer_range };
             let linear_config = nn::LinearConfig { ws_init: init, bs_init: None, bias: false };
-            nn::linear(root / "lm_head", config.hidden_size, config.vocab_size, linear_config)
+            (root / "lm_head").linear(config.hidden_size, config.vocab_size, linear_config)
         });
         Self { wte, wpe, h, ln_f, lm_head, config: config.clone() }
     }
@@ -536,89 +495,92 @@ impl Gpt2 {
     }
 }
 
-/// A GPT-2 model with its variables and HF config: the [`Policy`] plugins train.
-pub struct Gpt2ForCausalLm {
-    vs: nn::VarStore,
-    model: Gpt2,
-    hf: Gpt2Config,
-}
+impl Architecture for Gpt2 {
+    type HfConfig = Gpt2Config;
+    type Config = Config;
 
-impl Gpt2ForCausalLm {
-    /// A freshly initialised fp32 model (seed libtorch first for a reproducible init).
-    pub fn new(hf: Gpt2Config, device: tch::Device) -> Result<Self> {
+    fn resolve(hf: Gpt2Config) -> Result<(Gpt2Config, Config)> {
         let config = hf.resolve()?;
-        let vs = nn::VarStore::new(device);
-        let model = Gpt2::new(&vs.root(), &config);
-        Ok(Self { vs, model, hf })
+        Ok((hf, config))
     }
 
-    /// Loads `dir/config.json` and the weights (single or sharded safetensors, in either
-    /// [`KeyLayout`]), in `kind`.
-    pub fn from_dir(dir: &Path, device: tch::Device, kind: Kind) -> Result<Self> {
-        let config_file = dir.join("config.json");
-        let hf: Gpt2Config = checkpoint::read_json(&config_file)?;
-        let config = hf.resolve().map_err(|e| Error::file(&config_file, e.to_string()))?;
-        let layout = KeyLayout::detect(dir)?;
-        let mut vs = nn::VarStore::new(device);
-        let model = Gpt2::new(&vs.root(), &config);
-        vs.set_kind(kind);
-        load_weights(&mut vs, dir, layout)?;
-        Ok(Self { vs, model, hf })
+    fn build(vars: &Vars, config: &Config) -> Self {
+        Gpt2::build(vars, config)
     }
 
-    pub fn hf_config(&self) -> &Gpt2Config {
-        &self.hf
+    /// Either [`KeyLayout`]; saved always in the `Transformers` layout.
+    fn checkpoint_key(name: &str, names: &HashSet<String>) -> String {
+        KeyLayout::of(names).key(name).to_string()
     }
 
-    pub fn config(&self) -> &Config {
-        self.model.config()
+    fn config(&self) -> &Config {
+        &self.config
     }
 
-    pub fn model(&self) -> &Gpt2 {
-        &self.model
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn hf_json(hf: &Gpt2Config) -> Value {
+        hf.to_hf_json()
+    }
+
+    fn generation_ids(hf: &Gpt2Config) -> Option<[(&'static str, Option<Value>); 3]> {
+        Some([
+            ("bos_token_id", Some(hf.bos_token_id.clone())),
+            ("eos_token_id", Some(hf.eos_token_id.clone())),
+            ("pad_token_id", Some(hf.pad_token_id.clone())),
+        ])
     }
 }
 
-impl Policy for Gpt2ForCausalLm {
-    fn forward(
+impl CausalLm for Gpt2 {
+    /// No LM head: the embeddings count as tied.
+    fn build_backbone(vars: &Vars, config: &Config) -> Self {
+        Gpt2::build(vars, &Config { tie_word_embeddings: true, ..config.clone() })
+    }
+
+    fn hidden_states(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let hidden = self.model.hidden_states(input_ids, positions, attention_mask, cache)?;
-        Ok(self.model.lm_head(&hidden))
+        Gpt2::hidden_states(self, input_ids, positions, attention_mask, cache)
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        Gpt2::lm_head(self, hidden)
     }
 
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
-        self.model.new_cache(batch, capacity)
+        Gpt2::new_cache(self, batch, capacity)
     }
 
-    fn var_store(&self) -> &nn::VarStore {
-        &self.vs
+    fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
     }
 
-    fn vocab_size(&self) -> i64 {
-        self.model.config.vocab_size
+    fn initializer_range(&self) -> f64 {
+        self.config.initializer_range
     }
 
-    /// Always in the `Transformers` layout, whichever layout the model was loaded from.
-    fn save(&self, dir: &Path) -> Result<()> {
-        checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
-        let hf = &self.hf;
-        let ids = [
-            ("bos_token_id", Some(&hf.bos_token_id)),
-            ("eos_token_id", Some(&hf.eos_token_id)),
-            ("pad_token_id", Some(&hf.pad_token_id)),
-        ];
-        checkpoint::write_model_configs(dir, hf.to_hf_json(), self.vs.kind(), ids)
+    fn sequence_classification(_hf: &Gpt2Config) -> &'static str {
+        "GPT2ForSequenceClassification"
     }
 }
 
+/// A GPT-2 model with its variables and HF config: the [`super::Policy`] plugins train.
+/// Loads checkpoints in either [`KeyLayout`]; saves in the `Transformers` layout.
+pub type Gpt2ForCausalLm = Pretrained<Gpt2>;
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::model::Policy;
 
     fn tiny() -> Gpt2Config {
         serde_json::from_value(serde_json::json!({
@@ -643,7 +605,7 @@ mod tests {
     #[test]
     fn conv1d_weights_are_in_by_out_and_c_attn_packs_qkv_along_out() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let layer = Conv1d::new(vs.root() / "c", 2, 3, 0.02);
+        let layer = Conv1d::new(Vars::fresh(vs.root() / "c"), 2, 3, 0.02);
         tch::no_grad(|| {
             layer.weight.shallow_clone().copy_(&Tensor::from_slice(&[1.0f32, 2., 3., 4., 5., 6.]).view([2, 3]));
             layer.bias.shallow_clone().copy_(&Tensor::from_slice(&[0.5f32, 0., 0.]));

@@ -8,7 +8,6 @@
 //! Reference: transformers/models/{llama,qwen2,mistral}/modeling_*.py. Variable paths
 //! equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`), so a
 //! checkpoint loads by a key-by-key copy.
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,9 +15,9 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::cache::{attention_mask, KvCache};
+use super::family::{Architecture, CausalLm, Pretrained};
 use super::rope::{self, Rope, RopeScaling};
-use super::Policy;
-use crate::checkpoint;
+use super::vars::{Embedding, Vars};
 use crate::error::{Error, Result};
 
 /// `config.json` as HF writes it for `LlamaForCausalLM`, `Qwen2ForCausalLM` and
@@ -146,7 +145,7 @@ impl LlamaConfig {
         }
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(field(
                 "num_key_value_heads",
                 format!("expected a positive divisor of num_attention_heads ({heads}), found {kv_heads}"),
@@ -154,7 +153,7 @@ impl LlamaConfig {
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
-            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None if self.hidden_size.is_multiple_of(heads) => self.hidden_size / heads,
             None => {
                 return Err(field(
                     "num_attention_heads",
@@ -256,13 +255,13 @@ impl LlamaConfig {
     }
 }
 
-fn linear(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> nn::Linear {
+fn linear(vars: Vars, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> nn::Linear {
     let config = nn::LinearConfig {
         ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
         bs_init: Some(nn::Init::Const(0.0)),
         bias,
     };
-    nn::linear(path, in_dim, out_dim, config)
+    vars.linear(in_dim, out_dim, config)
 }
 
 /// Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32.
@@ -273,8 +272,8 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(path: nn::Path, dim: i64, eps: f64) -> Self {
-        Self { weight: path.ones("weight", &[dim]), eps }
+    fn new(vars: Vars, dim: i64, eps: f64) -> Self {
+        Self { weight: vars.var("weight", &[dim], nn::Init::Const(1.0)), eps }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -299,14 +298,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(path: nn::Path, c: &Config, window: Option<i64>) -> Self {
+    fn new(vars: Vars, c: &Config, window: Option<i64>) -> Self {
         let std = c.initializer_range;
         let (h, hd) = (c.hidden_size, c.head_dim);
         Self {
-            q_proj: linear(&path / "q_proj", h, c.num_heads * hd, c.qkv_bias, std),
-            k_proj: linear(&path / "k_proj", h, c.num_kv_heads * hd, c.qkv_bias, std),
-            v_proj: linear(&path / "v_proj", h, c.num_kv_heads * hd, c.qkv_bias, std),
-            o_proj: linear(&path / "o_proj", c.num_heads * hd, h, c.o_bias, std),
+            q_proj: linear(&vars / "q_proj", h, c.num_heads * hd, c.qkv_bias, std),
+            k_proj: linear(&vars / "k_proj", h, c.num_kv_heads * hd, c.qkv_bias, std),
+            v_proj: linear(&vars / "v_proj", h, c.num_kv_heads * hd, c.qkv_bias, std),
+            o_proj: linear(&vars / "o_proj", c.num_heads * hd, h, c.o_bias, std),
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: hd,
@@ -349,12 +348,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(vars: Vars, c: &Config) -> Self {
         let (std, bias) = (c.initializer_range, c.mlp_bias);
         Self {
-            gate_proj: linear(&path / "gate_proj", c.hidden_size, c.intermediate_size, bias, std),
-            up_proj: linear(&path / "up_proj", c.hidden_size, c.intermediate_size, bias, std),
-            down_proj: linear(&path / "down_proj", c.intermediate_size, c.hidden_size, bias, std),
+            gate_proj: linear(&vars / "gate_proj", c.hidden_size, c.intermediate_size, bias, std),
+            up_proj: linear(&vars / "up_proj", c.hidden_size, c.intermediate_size, bias, std),
+            down_proj: linear(&vars / "down_proj", c.intermediate_size, c.hidden_size, bias, std),
         }
     }
 
@@ -372,12 +371,12 @@ struct Block {
 }
 
 impl Block {
-    fn new(path: nn::Path, c: &Config, window: Option<i64>) -> Self {
+    fn new(vars: Vars, c: &Config, window: Option<i64>) -> Self {
         Self {
-            input_layernorm: RmsNorm::new(&path / "input_layernorm", c.hidden_size, c.rms_norm_eps),
-            self_attn: Attention::new(&path / "self_attn", c, window),
-            post_attention_layernorm: RmsNorm::new(&path / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
-            mlp: Mlp::new(&path / "mlp", c),
+            input_layernorm: RmsNorm::new(&vars / "input_layernorm", c.hidden_size, c.rms_norm_eps),
+            self_attn: Attention::new(&vars / "self_attn", c, window),
+            post_attention_layernorm: RmsNorm::new(&vars / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
+            mlp: Mlp::new(&vars / "mlp", c),
         }
     }
 
@@ -397,7 +396,7 @@ impl Block {
 /// The decoder stack with its LM head: `*ForCausalLM`.
 #[derive(Debug)]
 pub struct Llama {
-    embed_tokens: nn::Embedding,
+    embed_tokens: Embedding,
     layers: Vec<Block>,
     norm: RmsNorm,
     /// None when tied to `embed_tokens`.
@@ -406,25 +405,15 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Builds the model's variables under `root` (`model.*`, `lm_head.*`), freshly
-    /// initialised; load a checkpoint into the same VarStore to restore weights.
-    pub fn new(root: &nn::Path, config: &Config) -> Self {
-        Self::build(root, config, true)
-    }
-
-    /// The decoder stack without an LM head (`*Model` in transformers), for models with
-    /// another head, such as a scalar reward/value head.
-    pub fn backbone(root: &nn::Path, config: &Config) -> Self {
-        Self::build(root, config, false)
-    }
-
-    fn build(root: &nn::Path, config: &Config, with_lm_head: bool) -> Self {
+    /// The model's variables under `root` (`model.*`, and `lm_head.*` when
+    /// `with_lm_head` and untied), fresh or for a checkpoint to fill (see [`Vars`]).
+    fn build(root: &Vars, config: &Config, with_lm_head: bool) -> Self {
         let model = root / "model";
         let embed_config = nn::EmbeddingConfig {
             ws_init: nn::Init::Randn { mean: 0.0, stdev: config.initializer_range },
             ..Default::default()
         };
-        let embed_tokens = nn::embedding(&model / "embed_tokens", config.vocab_size, config.hidden_size, embed_config);
+        let embed_tokens = (&model / "embed_tokens").embedding(config.vocab_size, config.hidden_size, embed_config);
         let layers =
             config.windows.iter().enumerate().map(|(i, &w)| Block::new(&model / "layers" / i, config, w)).collect();
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
@@ -507,91 +496,87 @@ fn attention_mask_in(key_mask: &Tensor, past: i64, t: i64, window: Option<i64>, 
     attention_mask(key_mask, past, t, window).to_kind(kind)
 }
 
-/// A Llama-family model with its variables and HF config: the [`Policy`] plugins train.
-pub struct LlamaForCausalLm {
-    vs: nn::VarStore,
-    model: Llama,
-    hf: LlamaConfig,
-}
+impl Architecture for Llama {
+    type HfConfig = LlamaConfig;
+    type Config = Config;
 
-impl LlamaForCausalLm {
-    /// A freshly initialised fp32 model (seed libtorch first for a reproducible init).
-    pub fn new(hf: LlamaConfig, device: tch::Device) -> Result<Self> {
+    fn resolve(hf: LlamaConfig) -> Result<(LlamaConfig, Config)> {
         let config = hf.resolve()?;
-        let vs = nn::VarStore::new(device);
-        let model = Llama::new(&vs.root(), &config);
-        Ok(Self { vs, model, hf })
+        Ok((hf, config))
     }
 
-    /// Loads `dir/config.json` and the weights (single or sharded safetensors), in `kind`.
-    pub fn from_dir(dir: &Path, device: tch::Device, kind: Kind) -> Result<Self> {
-        let config_file = dir.join("config.json");
-        let hf: LlamaConfig = checkpoint::read_json(&config_file)?;
-        let config = hf.resolve().map_err(|e| Error::file(&config_file, e.to_string()))?;
-        let mut vs = nn::VarStore::new(device);
-        let model = Llama::new(&vs.root(), &config);
-        vs.set_kind(kind);
-        checkpoint::load_weights(&mut vs, dir)?;
-        Ok(Self { vs, model, hf })
+    fn build(vars: &Vars, config: &Config) -> Self {
+        Self::build(vars, config, true)
     }
 
-    pub fn hf_config(&self) -> &LlamaConfig {
-        &self.hf
+    fn config(&self) -> &Config {
+        &self.config
     }
 
-    pub fn config(&self) -> &Config {
-        self.model.config()
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
     }
 
-    pub fn model(&self) -> &Llama {
-        &self.model
+    fn hf_json(hf: &LlamaConfig) -> Value {
+        hf.to_hf_json()
     }
 
-    /// Casts every weight (and so the activations and the KV cache) to `kind`.
-    pub fn set_kind(&mut self, kind: Kind) {
-        self.vs.set_kind(kind);
+    fn generation_ids(hf: &LlamaConfig) -> Option<[(&'static str, Option<Value>); 3]> {
+        Some([
+            ("bos_token_id", hf.bos_token_id.clone()),
+            ("eos_token_id", hf.eos_token_id.clone()),
+            ("pad_token_id", hf.pad_token_id.clone()),
+        ])
     }
 }
 
-impl Policy for LlamaForCausalLm {
-    fn forward(
+impl CausalLm for Llama {
+    fn build_backbone(vars: &Vars, config: &Config) -> Self {
+        Self::build(vars, config, false)
+    }
+
+    fn hidden_states(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let hidden = self.model.hidden_states(input_ids, positions, attention_mask, cache)?;
-        Ok(self.model.lm_head(&hidden))
+        Llama::hidden_states(self, input_ids, positions, attention_mask, cache)
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        Llama::lm_head(self, hidden)
     }
 
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
-        self.model.new_cache(batch, capacity)
+        Llama::new_cache(self, batch, capacity)
     }
 
-    fn var_store(&self) -> &nn::VarStore {
-        &self.vs
+    fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
     }
 
-    fn vocab_size(&self) -> i64 {
-        self.model.config.vocab_size
+    fn initializer_range(&self) -> f64 {
+        self.config.initializer_range
     }
 
-    fn save(&self, dir: &Path) -> Result<()> {
-        checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
-        let hf = &self.hf;
-        let ids = [
-            ("bos_token_id", hf.bos_token_id.as_ref()),
-            ("eos_token_id", hf.eos_token_id.as_ref()),
-            ("pad_token_id", hf.pad_token_id.as_ref()),
-        ];
-        checkpoint::write_model_configs(dir, hf.to_hf_json(), self.vs.kind(), ids)
+    fn sequence_classification(hf: &LlamaConfig) -> &'static str {
+        match hf.model_type.as_str() {
+            "qwen2" => "Qwen2ForSequenceClassification",
+            "mistral" => "MistralForSequenceClassification",
+            _ => "LlamaForSequenceClassification",
+        }
     }
 }
+
+/// A Llama-family model with its variables and HF config: the [`super::Policy`] plugins train.
+pub type LlamaForCausalLm = Pretrained<Llama>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Policy;
 
     fn tiny(tie: bool, kv_heads: usize) -> LlamaConfig {
         serde_json::from_value(serde_json::json!({

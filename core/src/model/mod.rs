@@ -1,44 +1,107 @@
-//! Models: the `Policy` contract, one file per model family, and the parts they share
-//! (rotary embeddings, the KV cache, generation).
+//! Models: the `Policy` contract, the table of model families ([`FAMILIES`]), one file
+//! per family, the glue written once for all of them ([`family`], [`vars`]) and the
+//! parts they share (rotary embeddings, the KV cache, generation).
 pub mod bert;
 pub mod cache;
+pub mod family;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;
 pub mod rope;
 pub mod scalar_head;
 pub mod t5;
+pub mod vars;
 
-use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
 pub use cache::KvCache;
+pub use family::{Architecture, Backbone, CausalLm, Pretrained};
 pub use generate::{Generated, GenerationSettings};
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
 
-/// Loads the causal LM in `dir` (HF layout) in `kind` on `device`, choosing the family
-/// from `config.json`'s `model_type`.
-pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
-    let config_file = dir.join("config.json");
-    let config: serde_json::Value = checkpoint::read_json(&config_file)?;
-    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    match model_type {
-        t if llama::MODEL_TYPES.contains(&t) => Ok(Box::new(llama::LlamaForCausalLm::from_dir(dir, device, kind)?)),
-        gpt2::MODEL_TYPE => Ok(Box::new(gpt2::Gpt2ForCausalLm::from_dir(dir, device, kind)?)),
-        "" => Err(Error::file(&config_file, "model_type: missing; expected one of llama, qwen2, mistral, gpt2")),
-        other => Err(Error::file(
+/// Loads a family's causal LM from a checkpoint directory, in a dtype on a device.
+pub type LoadCausalLm = fn(&Path, Device, Kind) -> Result<Box<dyn Policy>>;
+
+/// Builds a family's backbone for the checkpoint in a directory, uninitialised, in a VarStore.
+pub type BuildBackbone = fn(&Path, &nn::VarStore) -> Result<Box<dyn Backbone>>;
+
+/// One row of [`FAMILIES`]: a model family, the `model_type`s of `config.json` it reads,
+/// and what can be built from a checkpoint of it.
+pub struct Family {
+    /// The family, as its file in `core/src/model/` is named.
+    pub name: &'static str,
+    /// The `model_type` values it reads.
+    pub model_types: &'static [&'static str],
+    /// Loads its causal LM ([`family::load_causal_lm`]); None for encoder families.
+    pub causal_lm: Option<LoadCausalLm>,
+    /// Builds its backbone under a scalar head ([`family::build_backbone`]); None where
+    /// no scalar head goes.
+    pub backbone: Option<BuildBackbone>,
+}
+
+/// Every model family plumb reads and writes: the one place that dispatches on
+/// `model_type`. Adding a family is its file and a row here (see the README).
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: "llama",
+        model_types: &llama::MODEL_TYPES,
+        causal_lm: Some(family::load_causal_lm::<llama::Llama>),
+        backbone: Some(family::build_backbone::<llama::Llama>),
+    },
+    Family {
+        name: "gpt2",
+        model_types: &[gpt2::MODEL_TYPE],
+        causal_lm: Some(family::load_causal_lm::<gpt2::Gpt2>),
+        backbone: Some(family::build_backbone::<gpt2::Gpt2>),
+    },
+    Family { name: "bert", model_types: &[bert::MODEL_TYPE], causal_lm: None, backbone: None },
+    Family { name: "t5", model_types: &[t5::MODEL_TYPE], causal_lm: None, backbone: None },
+];
+
+/// The `model_type`s of the families `has` accepts, comma-separated, in table order.
+pub fn model_types(has: impl Fn(&Family) -> bool) -> String {
+    FAMILIES.iter().filter(|f| has(f)).flat_map(|f| f.model_types.iter().copied()).collect::<Vec<_>>().join(", ")
+}
+
+/// The entry (picked by `entry`) of the family of the `model_type` in `dir/config.json`;
+/// where the type is missing or unknown, or its family lacks the entry, an error naming
+/// the file and listing the model types whose families have it (`what` names the entry:
+/// "causal LM", "scalar head").
+pub(crate) fn dispatch<T: Copy>(dir: &Path, what: &str, entry: impl Fn(&Family) -> Option<T>) -> Result<T> {
+    let config_file: PathBuf = dir.join("config.json");
+    let config: Value = checkpoint::read_json(&config_file)?;
+    let supported = model_types(|f| entry(f).is_some());
+    let model_type = match config.get("model_type").and_then(Value::as_str) {
+        Some(t) => t,
+        None => return Err(Error::file(&config_file, format!("model_type: missing; expected one of {supported}"))),
+    };
+    match FAMILIES.iter().find(|f| f.model_types.contains(&model_type)) {
+        Some(family) => entry(family).ok_or_else(|| {
+            Error::file(
+                &config_file,
+                format!(
+                    "model_type: a {what} is not built on `{model_type}` ({} family); supported: {supported}",
+                    family.name
+                ),
+            )
+        }),
+        None => Err(Error::file(
             &config_file,
-            format!(
-                "model_type: unsupported model type `{other}`; supported: {}, {}",
-                llama::MODEL_TYPES.join(", "),
-                gpt2::MODEL_TYPE
-            ),
+            format!("model_type: unsupported model type `{model_type}`; supported: {supported}"),
         )),
     }
+}
+
+/// Loads the causal LM in `dir` (HF layout) in `kind` on `device`, choosing the family
+/// from `config.json`'s `model_type` in [`FAMILIES`].
+pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
+    let load = dispatch(dir, "causal LM", |f| f.causal_lm)?;
+    load(dir, device, kind)
 }
 
 /// Trainable parameters of a model's variables.
@@ -154,36 +217,14 @@ pub(crate) fn key_padding_mask(mask: &Tensor, kind: Kind) -> Tensor {
     additive_mask(&mask.ne(0).view([b, 1, 1, t]), kind)
 }
 
-/// Copies the checkpoint in `dir` into the variables of `vs`, like
-/// [`checkpoint::load_weights`], reading a variable the checkpoint lacks under its own
-/// name from the first of `aliases(name)` it holds. Aliased variables load through a
-/// second VarStore holding the same tensors (shallow clones: one storage) under the
-/// checkpoint's names. A tensor missing under every name is reported by its own name.
-pub(crate) fn load_weights_with_aliases(
-    vs: &mut nn::VarStore,
-    dir: &Path,
-    aliases: impl Fn(&str) -> Vec<String>,
-) -> Result<()> {
-    let present: HashSet<String> = gpt2::tensor_names(dir)?.into_iter().collect();
-    let key = |name: &str| -> String {
-        if present.contains(name) {
-            return name.to_string();
-        }
-        aliases(name).into_iter().find(|a| present.contains(a)).unwrap_or_else(|| name.to_string())
-    };
-    let variables = vs.variables();
-    if variables.keys().all(|name| key(name) == *name) {
-        return checkpoint::load_weights(vs, dir);
+/// The checkpoint key of variable `name`: the name itself when the checkpoint (whose
+/// tensor names are `names`) holds it, else the first of `aliases` it holds, else the
+/// name (so a tensor missing under every name is reported by its own name).
+pub(crate) fn key_or_alias(name: &str, names: &std::collections::HashSet<String>, aliases: Vec<String>) -> String {
+    if names.contains(name) {
+        return name.to_string();
     }
-    let mut view = nn::VarStore::new(vs.device());
-    for (name, var) in variables {
-        let key = key(&name);
-        let mut parts: Vec<&str> = key.split('.').collect();
-        let leaf = parts.pop().unwrap_or_default();
-        let path = parts.iter().fold(view.root(), |path, part| &path / *part);
-        let _ = path.add(leaf, var, false);
-    }
-    checkpoint::load_weights(&mut view, dir)
+    aliases.into_iter().find(|a| names.contains(a)).unwrap_or_else(|| name.to_string())
 }
 
 /// The rows of `table` (rows, C) for `ids`, or an error naming `name` (not a panic) for

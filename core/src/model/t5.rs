@@ -20,7 +20,7 @@
 //! `tie_word_embeddings` is not false.
 //!
 //! Dropout is not applied: plumb's models have none, in training or not.
-use std::path::Path;
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,8 +28,9 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::bert::Activation;
-use super::{additive_mask, embedding_lookup, gpt2, key_padding_mask, load_weights_with_aliases};
-use crate::checkpoint;
+use super::family::{Architecture, Pretrained};
+use super::vars::{Embedding, Vars};
+use super::{additive_mask, embedding_lookup, key_or_alias, key_padding_mask};
 use crate::error::{Error, Result};
 
 /// The model type of this family in `config.json`.
@@ -261,9 +262,9 @@ fn checkpoint_aliases(name: &str) -> Vec<String> {
     }
 }
 
-fn linear(path: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> nn::Linear {
+fn linear(vars: Vars, in_dim: i64, out_dim: i64, std: f64) -> nn::Linear {
     let config = nn::LinearConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: std }, bs_init: None, bias: false };
-    nn::linear(path, in_dim, out_dim, config)
+    vars.linear(in_dim, out_dim, config)
 }
 
 /// T5's LayerNorm: RMS normalisation with a scale and no bias or mean subtraction
@@ -275,8 +276,8 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn new(path: nn::Path, dim: i64, c: &Config) -> Self {
-        Self { weight: path.var("weight", &[dim], nn::Init::Const(c.initializer_factor)), eps: c.layer_norm_eps }
+    fn new(vars: Vars, dim: i64, c: &Config) -> Self {
+        Self { weight: vars.var("weight", &[dim], nn::Init::Const(c.initializer_factor)), eps: c.layer_norm_eps }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -316,13 +317,13 @@ struct Attention {
     v: nn::Linear,
     o: nn::Linear,
     /// In the first block of each stack only: (num_buckets, nh).
-    relative_attention_bias: Option<nn::Embedding>,
+    relative_attention_bias: Option<Embedding>,
     num_heads: i64,
     d_kv: i64,
 }
 
 impl Attention {
-    fn new(path: nn::Path, c: &Config, has_relative_bias: bool) -> Self {
+    fn new(vars: Vars, c: &Config, has_relative_bias: bool) -> Self {
         let (d, inner, f) = (c.d_model, c.num_heads * c.d_kv, c.initializer_factor);
         let df = d as f64;
         let relative_attention_bias = has_relative_bias.then(|| {
@@ -330,14 +331,14 @@ impl Attention {
                 ws_init: nn::Init::Randn { mean: 0.0, stdev: f * df.powf(-0.5) },
                 ..Default::default()
             };
-            nn::embedding(&path / "relative_attention_bias", c.num_buckets, c.num_heads, config)
+            (&vars / "relative_attention_bias").embedding(c.num_buckets, c.num_heads, config)
         });
         // HF's init: the query's std also carries the 1/sqrt(d_kv) that T5's attention omits.
         Self {
-            q: linear(&path / "q", d, inner, f * (df * c.d_kv as f64).powf(-0.5)),
-            k: linear(&path / "k", d, inner, f * df.powf(-0.5)),
-            v: linear(&path / "v", d, inner, f * df.powf(-0.5)),
-            o: linear(&path / "o", inner, d, f * (inner as f64).powf(-0.5)),
+            q: linear(&vars / "q", d, inner, f * (df * c.d_kv as f64).powf(-0.5)),
+            k: linear(&vars / "k", d, inner, f * df.powf(-0.5)),
+            v: linear(&vars / "v", d, inner, f * df.powf(-0.5)),
+            o: linear(&vars / "o", inner, d, f * (inner as f64).powf(-0.5)),
             relative_attention_bias,
             num_heads: c.num_heads,
             d_kv: c.d_kv,
@@ -345,7 +346,7 @@ impl Attention {
     }
 
     /// The position bias (1, nh, Tq, Tk) of `tq` queries over `tk` keys.
-    fn position_bias(&self, table: &nn::Embedding, tq: i64, tk: i64, bidirectional: bool, c: &Config) -> Tensor {
+    fn position_bias(&self, table: &Embedding, tq: i64, tk: i64, bidirectional: bool, c: &Config) -> Tensor {
         let device = table.ws.device();
         let query = Tensor::arange(tq, (Kind::Int64, device)).view([tq, 1]);
         let key = Tensor::arange(tk, (Kind::Int64, device)).view([1, tk]);
@@ -379,15 +380,15 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(path: nn::Path, c: &Config) -> Self {
+    fn new(vars: Vars, c: &Config) -> Self {
         let f = c.initializer_factor;
         let std_in = f * (c.d_model as f64).powf(-0.5);
         let wi = if c.gated {
-            vec![linear(&path / "wi_0", c.d_model, c.d_ff, std_in), linear(&path / "wi_1", c.d_model, c.d_ff, std_in)]
+            vec![linear(&vars / "wi_0", c.d_model, c.d_ff, std_in), linear(&vars / "wi_1", c.d_model, c.d_ff, std_in)]
         } else {
-            vec![linear(&path / "wi", c.d_model, c.d_ff, std_in)]
+            vec![linear(&vars / "wi", c.d_model, c.d_ff, std_in)]
         };
-        let wo = linear(&path / "wo", c.d_ff, c.d_model, f * (c.d_ff as f64).powf(-0.5));
+        let wo = linear(&vars / "wo", c.d_ff, c.d_model, f * (c.d_ff as f64).powf(-0.5));
         Self { wi, wo, activation: c.activation }
     }
 
@@ -414,8 +415,8 @@ struct Block {
 }
 
 impl Block {
-    fn new(path: nn::Path, c: &Config, first: bool, decoder: bool) -> Self {
-        let layer = |i: usize| &path / "layer" / i;
+    fn new(vars: Vars, c: &Config, first: bool, decoder: bool) -> Self {
+        let layer = |i: usize| &vars / "layer" / i;
         let cross_attention = decoder.then(|| {
             (
                 Attention::new(layer(1) / "EncDecAttention", c, false),
@@ -452,10 +453,10 @@ struct Stack {
 }
 
 impl Stack {
-    fn new(path: nn::Path, c: &Config, decoder: bool) -> Self {
+    fn new(vars: Vars, c: &Config, decoder: bool) -> Self {
         let layers = if decoder { c.num_decoder_layers } else { c.num_encoder_layers };
-        let blocks = (0..layers).map(|i| Block::new(&path / "block" / i, c, i == 0, decoder)).collect();
-        Self { blocks, final_layer_norm: LayerNorm::new(&path / "final_layer_norm", c.d_model, c), decoder }
+        let blocks = (0..layers).map(|i| Block::new(&vars / "block" / i, c, i == 0, decoder)).collect();
+        Self { blocks, final_layer_norm: LayerNorm::new(&vars / "final_layer_norm", c.d_model, c), decoder }
     }
 
     /// x: embedded tokens (B, T, C); `allowed` (B, 1, T, T), bool: which keys each query
@@ -487,7 +488,7 @@ impl Stack {
 /// The encoder-decoder with its LM head: `T5ForConditionalGeneration`.
 #[derive(Debug)]
 pub struct T5 {
-    shared: nn::Embedding,
+    shared: Embedding,
     encoder: Stack,
     decoder: Stack,
     /// None when tied to `shared`.
@@ -499,14 +500,14 @@ impl T5 {
     /// Builds the model's variables under `root` (`shared`, `encoder.*`, `decoder.*`,
     /// `lm_head` when untied), freshly initialised as HF does; load a checkpoint into the
     /// same VarStore to restore weights.
-    pub fn new(root: &nn::Path, config: &Config) -> Self {
+    fn build(root: &Vars, config: &Config) -> Self {
         let std = config.initializer_factor;
         let embed_config =
             nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: std }, ..Default::default() };
         let lm_head = (!config.tie_word_embeddings)
             .then(|| linear(root / "lm_head", config.d_model, config.vocab_size, config.initializer_factor));
         Self {
-            shared: nn::embedding(root / "shared", config.vocab_size, config.d_model, embed_config),
+            shared: (root / "shared").embedding(config.vocab_size, config.d_model, embed_config),
             encoder: Stack::new(root / "encoder", config, false),
             decoder: Stack::new(root / "decoder", config, true),
             lm_head,
@@ -596,39 +597,57 @@ pub fn shift_right(labels: &Tensor, decoder_start_token_id: i64, pad_token_id: i
     shifted.masked_fill(&shifted.eq(-100), pad_token_id)
 }
 
-/// A T5 model with its variables and HF config.
-pub struct T5ForConditionalGeneration {
-    vs: nn::VarStore,
-    model: T5,
-    hf: T5Config,
-}
+impl Architecture for T5 {
+    type HfConfig = T5Config;
+    type Config = Config;
 
-impl T5ForConditionalGeneration {
-    /// A freshly initialised fp32 model (seed libtorch first for a reproducible init).
-    pub fn new(hf: T5Config, device: tch::Device) -> Result<Self> {
+    fn resolve(hf: T5Config) -> Result<(T5Config, Config)> {
         let config = hf.resolve()?;
-        let vs = nn::VarStore::new(device);
-        let model = T5::new(&vs.root(), &config);
-        Ok(Self { vs, model, hf: explicit(hf, &config) })
+        Ok((explicit(hf, &config), config))
     }
 
-    /// Loads `dir/config.json` and the weights (single or sharded safetensors), in `kind`.
     /// The LM head is separate when the config unties it or the checkpoint has
     /// `lm_head.weight` (as transformers 5 saves an untied T5).
-    pub fn from_dir(dir: &Path, device: tch::Device, kind: Kind) -> Result<Self> {
-        let config_file = dir.join("config.json");
-        let hf: T5Config = checkpoint::read_json(&config_file)?;
-        let mut config = hf.resolve().map_err(|e| Error::file(&config_file, e.to_string()))?;
-        if gpt2::tensor_names(dir)?.iter().any(|name| name == "lm_head.weight") {
+    fn fit_checkpoint(hf: &mut T5Config, config: &mut Config, names: &HashSet<String>) {
+        if names.contains("lm_head.weight") {
             config.tie_word_embeddings = false;
+            *hf = explicit(hf.clone(), config);
         }
-        let mut vs = nn::VarStore::new(device);
-        let model = T5::new(&vs.root(), &config);
-        vs.set_kind(kind);
-        load_weights_with_aliases(&mut vs, dir, checkpoint_aliases)?;
-        Ok(Self { vs, model, hf: explicit(hf, &config) })
     }
 
+    fn build(vars: &Vars, config: &Config) -> Self {
+        T5::build(vars, config)
+    }
+
+    fn checkpoint_key(name: &str, names: &HashSet<String>) -> String {
+        key_or_alias(name, names, checkpoint_aliases(name))
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn hf_json(hf: &T5Config) -> Value {
+        hf.to_hf_json()
+    }
+
+    fn generation_ids(hf: &T5Config) -> Option<[(&'static str, Option<Value>); 3]> {
+        Some([
+            ("decoder_start_token_id", hf.decoder_start_token_id.map(Value::from)),
+            ("eos_token_id", hf.eos_token_id.clone()),
+            ("pad_token_id", hf.pad_token_id.map(Value::from)),
+        ])
+    }
+}
+
+/// A T5 model with its variables and HF config.
+pub type T5ForConditionalGeneration = Pretrained<T5>;
+
+impl Pretrained<T5> {
     /// Logits (B, T, vocab) of the decoder reading `decoder_input_ids` (B, T) over the
     /// encoding of `input_ids` (B, S). The masks are 1 for tokens and 0 for padding.
     pub fn forward(
@@ -638,63 +657,19 @@ impl T5ForConditionalGeneration {
         decoder_input_ids: &Tensor,
         decoder_attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let encoded = self.model.encode(input_ids, attention_mask)?;
-        let hidden = self.model.decode(decoder_input_ids, decoder_attention_mask, &encoded, attention_mask)?;
-        Ok(self.model.lm_head(&hidden))
+        let model = self.model();
+        let encoded = model.encode(input_ids, attention_mask)?;
+        let hidden = model.decode(decoder_input_ids, decoder_attention_mask, &encoded, attention_mask)?;
+        Ok(model.lm_head(&hidden))
     }
 
     /// Decoder inputs for `labels` (B, T), with this model's start and pad tokens.
     pub fn shift_right(&self, labels: &Tensor) -> Result<Tensor> {
-        let c = &self.model.config;
+        let c = self.config();
         match (c.decoder_start_token_id, c.pad_token_id) {
             (Some(start), Some(pad)) => Ok(shift_right(labels, start, pad)),
             _ => Err(Error::config("pad_token_id", "shifting labels right needs a pad token; config.json has none")),
         }
-    }
-
-    /// Writes `model.safetensors` (sharded when large), `config.json` and
-    /// `generation_config.json` into `dir`, which exists, as `save_pretrained` does.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
-        let start = self.hf.decoder_start_token_id.map(Value::from);
-        let pad = self.hf.pad_token_id.map(Value::from);
-        let ids = [
-            ("decoder_start_token_id", start.as_ref()),
-            ("eos_token_id", self.hf.eos_token_id.as_ref()),
-            ("pad_token_id", pad.as_ref()),
-        ];
-        checkpoint::write_model_configs(dir, self.hf.to_hf_json(), self.vs.kind(), ids)
-    }
-
-    /// The trainable variables (and the device and dtype they live in).
-    pub fn var_store(&self) -> &nn::VarStore {
-        &self.vs
-    }
-
-    /// Casts every weight (and so the activations) to `kind`.
-    pub fn set_kind(&mut self, kind: Kind) {
-        self.vs.set_kind(kind);
-    }
-
-    /// Trainable parameters.
-    pub fn num_parameters(&self) -> i64 {
-        super::num_parameters(&self.vs)
-    }
-
-    pub fn vocab_size(&self) -> i64 {
-        self.model.config.vocab_size
-    }
-
-    pub fn hf_config(&self) -> &T5Config {
-        &self.hf
-    }
-
-    pub fn config(&self) -> &Config {
-        self.model.config()
-    }
-
-    pub fn model(&self) -> &T5 {
-        &self.model
     }
 }
 
@@ -712,6 +687,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::checkpoint;
 
     fn tiny(feed_forward: &str, tie: bool) -> T5Config {
         serde_json::from_value(serde_json::json!({

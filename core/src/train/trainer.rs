@@ -375,7 +375,6 @@ mod tests {
     use super::*;
     use crate::context::RunRequest;
     use crate::model::llama::{LlamaConfig, LlamaForCausalLm};
-    use crate::model::Policy;
     use crate::plugin::abi::{ByteSink, HostApi, ProgressUpdate, StrRef, ABI_VERSION};
     use crate::recipe::parse_section;
     use crate::train::{next_token_loss, TrainSection};
