@@ -17,9 +17,10 @@ use std::path::PathBuf;
 use plumb_core::model::llama::LlamaForCausalLm;
 use plumb_core::plugin::ValidateContext;
 use plumb_core::reward::{RewardModel, ScorePair};
-use plumb_core::tch::{self, Kind, Tensor};
+use plumb_core::tch::{self, Kind};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::{data, Error, Policy, Result, RunContext, Stage, StageOutput};
+use plumb_core::train::next_token_loss;
+use plumb_core::{data, Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -60,13 +61,7 @@ impl Stage for Perplexity {
         let rows = data::pack(&tokens, eos, c.seq_len)?.to_device(ctx.device());
         let _no_grad = tch::no_grad_guard();
         let len = rows.size()[1] - 1;
-        let logits = model.logits(&rows.narrow(1, 0, len), None)?;
-        let vocab = logits.size()[2];
-        let loss: Tensor = logits
-            .view([-1, vocab])
-            .to_kind(Kind::Float)
-            .cross_entropy_for_logits(&rows.narrow(1, 1, len).reshape([-1]));
-        let loss = loss.double_value(&[]);
+        let loss = next_token_loss(&model, &rows.narrow(1, 0, len), &rows.narrow(1, 1, len))?.double_value(&[]);
         ctx.scalar("eval/loss", 0, loss);
         tracing::info!("perplexity of {} on {}: {:.3}", dir.display(), c.text.display(), loss.exp());
         let mut output = StageOutput { model: Some(dir), ..Default::default() };

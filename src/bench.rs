@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use plumb_core::data::seeded_rng;
 use plumb_core::device::device_name;
-use plumb_core::rand::Rng;
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::Policy;
 use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
+use plumb_core::rand::Rng;
 use plumb_core::tch::{self, Device, Tensor};
 use plumb_core::train::{accumulate_gradients, Precision};
 

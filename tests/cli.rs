@@ -185,3 +185,45 @@ fn curation_options_of_the_pretrain_stage_are_checked_before_compute() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_data_error_of_a_later_stage_is_reported_before_the_first_stage_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 60);
+    let broken = dir.path().join("broken.txt");
+    std::fs::write(&broken, b"A fine first document.\n\nA second one, with a bad \xff byte.\n").unwrap();
+    let second = tiny_pretrain_stage("again", &broken, 2).replace("      model:\n        hidden_size: 32\n        intermediate_size: 64\n        num_hidden_layers: 2\n        num_attention_heads: 2\n", "");
+    let recipe = dir.path().join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "run:\n  output_dir: run\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{}{second}",
+            tiny_pretrain_stage("first", &corpus, 4)
+        ),
+    )
+    .unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}: line 3: not valid UTF-8 text", broken.display())), "{err}");
+    assert!(err.contains("stages[1].config"), "the error points at the second stage: {err}");
+    assert!(!dir.path().join("run/first").exists(), "the first stage did not start");
+}
+
+#[test]
+fn a_stage_may_not_take_the_name_of_the_run_directorys_tensorboard_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 20);
+    let recipe = dir.path().join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "run:\n  output_dir: run\nplugins:\n  - name: pretrain\nstages:\n{}",
+            tiny_pretrain_stage("tb", &corpus, 2)
+        ),
+    )
+    .unwrap();
+    let out = plumb(dir.path(), &["validate", recipe.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("stages[0].name: stage name `tb` is taken"), "{}", stderr(&out));
+}

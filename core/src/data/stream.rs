@@ -60,6 +60,22 @@ impl SourceConfig {
     }
 }
 
+/// Reads every document of `source` once, as training will, so that a file training
+/// could not read (not UTF-8, a JSONL line that is not JSON or lacks its field, no
+/// documents at all) is reported with its line before any stage computes. Returns the
+/// number of documents.
+pub fn check_documents(source: &SourceConfig) -> Result<u64> {
+    let mut reader = SourceReader::open(source, SourcePosition::default())?;
+    let mut documents = 0;
+    while reader.next_document()?.is_some() {
+        documents += 1;
+    }
+    if documents == 0 {
+        return Err(Error::file(&source.path, "no documents: the file is empty or holds only blank lines"));
+    }
+    Ok(documents)
+}
+
 /// Where a file's reader is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourcePosition {

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use plumb_core::checkpoint::write_file_atomically;
 use plumb_core::data::curation::{count_words, curate, CurationConfig};
-use plumb_core::data::stream::{validation_documents, Mixture, SourceConfig, StreamState, TokenStream};
+use plumb_core::data::stream::{
+    check_documents, validation_documents, Mixture, SourceConfig, StreamState, TokenStream,
+};
 use plumb_core::data::{self};
 use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::Tensor;
@@ -54,6 +56,15 @@ impl DataConfig {
                 require(self.curation.is_none(), "data.curation", "curation works on `train`, a single file")?;
             }
             _ => return Err(Error::config("data", "expected `train` (one text file) or `sources` (a mixture)")),
+        }
+        // Every file is read once now, so that a file no stage could read is reported
+        // before the first stage of the recipe computes anything.
+        let sources = match &self.train {
+            Some(train) => vec![SourceConfig::text(train)],
+            None => self.sources.clone(),
+        };
+        for source in &sources {
+            check_documents(source)?;
         }
         require(self.shuffle_buffer > 0, "data.shuffle_buffer", "expected at least 1")?;
         require(self.max_validation_documents > 0, "data.max_validation_documents", "expected at least 1")?;

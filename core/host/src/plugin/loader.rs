@@ -17,6 +17,9 @@ pub enum LoadError {
     #[error("{}: plugin file not found", path.display())]
     MissingFile { path: PathBuf },
 
+    #[error("{}: is a directory, not a plugin file (a shared library such as `libplumb_<name>{}`)", path.display(), std::env::consts::DLL_SUFFIX)]
+    NotAFile { path: PathBuf },
+
     #[error("{}: cannot read plugin file: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
 
@@ -92,26 +95,56 @@ pub fn search_dirs() -> Vec<PathBuf> {
 /// `PLUMB_PLUGIN_PATH`, else the directory of the running executable.
 pub fn locate(name: &str, explicit: Option<&Path>) -> Result<PathBuf, LoadError> {
     if let Some(path) = explicit {
-        return if path.is_file() { Ok(path.to_path_buf()) } else { Err(LoadError::MissingFile { path: path.into() }) };
+        return check_file(path).map(|_| path.to_path_buf());
     }
     let dirs = search_dirs();
     let mut tried = Vec::new();
     for dir in &dirs {
         for file in library_names(name) {
             let candidate = dir.join(&file);
-            if candidate.is_file() {
-                return Ok(candidate);
+            match std::fs::metadata(&candidate) {
+                Ok(meta) if meta.is_file() => return Ok(candidate),
+                Ok(_) => tried.push(format!("{} (a directory)", candidate.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => tried.push(candidate.display().to_string()),
+                Err(source) => return Err(LoadError::Read { path: candidate, source }),
             }
-            tried.push(candidate.display().to_string());
         }
     }
     Err(LoadError::NotFound { name: name.into(), tried: tried.join(", ") })
 }
 
+/// An error unless `path` is a file: missing, a directory, or unreadable, each said so.
+fn check_file(path: &Path) -> Result<(), LoadError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(LoadError::NotAFile { path: path.into() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LoadError::MissingFile { path: path.into() }),
+        Err(source) => Err(LoadError::Read { path: path.into(), source }),
+    }
+}
+
 /// Hex sha256 of a file.
 pub fn sha256_of(path: &Path) -> Result<String, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    let file = std::fs::File::open(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+    sha256_of_open(path, &file)
+}
+
+/// Hex sha256 of the file open as `file` (named `path` in errors), read through that
+/// descriptor from its start.
+fn sha256_of_open(path: &Path, mut file: &std::fs::File) -> Result<String, LoadError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let read = |source| LoadError::Read { path: path.into(), source };
+    file.seek(SeekFrom::Start(0)).map_err(read)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(read)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Checks `path` against the pin, loads it and reads and checks the declaration of the
@@ -153,22 +186,50 @@ pub fn names_from_file(path: &Path) -> Vec<String> {
 }
 
 /// Checks the pin and opens the library, which stays loaded for the life of the process.
+///
+/// The file is opened once; the pin is checked on what that descriptor reads, and the
+/// library is loaded through the same descriptor (`/proc/self/fd/N` on Linux), so a file
+/// swapped in under the path between the check and the load is never what runs.
 fn open(path: &Path, sha256: Option<&str>) -> Result<&'static libloading::Library, LoadError> {
-    if !path.is_file() {
-        return Err(LoadError::MissingFile { path: path.into() });
-    }
+    check_file(path)?;
+    let file = std::fs::File::open(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
     if let Some(expected) = sha256 {
-        let found = sha256_of(path)?;
+        let found = sha256_of_open(path, &file)?;
         if !found.eq_ignore_ascii_case(expected) {
             return Err(LoadError::Sha256Mismatch { path: path.into(), expected: expected.into(), found });
         }
     }
+    let load_path = descriptor_path(path, &file);
     // SAFETY: loading a library runs its initialisers; that is what loading a plugin
     // means, and the user chose this file (optionally pinned by hash).
-    let library = unsafe { libloading::Library::new(path) }
-        .map_err(|e| LoadError::Open { path: path.into(), message: e.to_string() })?;
+    let library = unsafe { libloading::Library::new(&load_path) }.map_err(|e| {
+        // dlerror's own reason (libloading keeps it as the error's source), with the
+        // descriptor's path put back to the file's.
+        let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |why| why.to_string());
+        let message = reason.replace(&load_path.display().to_string(), &path.display().to_string());
+        LoadError::Open { path: path.into(), message }
+    })?;
+    // The descriptor stays open, like the library, for the life of the process: a closed
+    // descriptor's number is handed out again, and the dynamic loader would take a later
+    // `/proc/self/fd/N` for the library already loaded under that name.
+    let _kept_open = std::os::fd::IntoRawFd::into_raw_fd(file);
     // Never unloaded: see `Plugin`.
     Ok(Box::leak(Box::new(library)))
+}
+
+/// The path that opens the very file `file` is: its descriptor's, where the platform has
+/// one (`/proc/self/fd/N`), else `path` itself.
+fn descriptor_path(path: &Path, file: &std::fs::File) -> PathBuf {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let by_descriptor = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        if by_descriptor.exists() {
+            return by_descriptor;
+        }
+    }
+    let _ = file;
+    path.to_path_buf()
 }
 
 type DeclareFn = extern "C" fn() -> *const PluginDeclaration;

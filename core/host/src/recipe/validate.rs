@@ -42,11 +42,22 @@ pub(crate) fn validate(recipe: &Recipe) -> Result<(), (KeyPath, String)> {
     let mut stages = Names::new("stage", root.key("stages"));
     for (i, stage) in recipe.stages.iter().enumerate() {
         stages.add(i, &stage.name)?;
+        if RUN_DIR_NAMES.contains(&stage.name.as_str()) {
+            let message = format!(
+                "stage name `{}` is taken: the run directory keeps its own `{}` folder there; choose another name",
+                stage.name, stage.name
+            );
+            return Err((root.key("stages").index(i).key("name"), message));
+        }
         let at = root.key("stages").index(i).key("uses");
         check_uses(&stage.uses, "stage", &plugin_names).map_err(|m| (at, m))?;
     }
     Ok(())
 }
+
+/// What the run directory holds besides one folder per stage (named after the stage),
+/// so no stage may take these names.
+pub const RUN_DIR_NAMES: &[&str] = &["tb"];
 
 /// Names in one list: well formed (they become directory names and `uses` prefixes) and unique.
 struct Names {
@@ -140,6 +151,17 @@ mod tests {
             check("run: {name: r, output_dir: o}\nplugins: [{name: p}, {name: p}]\nstages: [{name: a, uses: p.x}]")
                 .unwrap_err();
         assert_eq!(path, "plugins[1].name");
+    }
+
+    #[test]
+    fn a_stage_may_not_take_the_name_of_a_run_directory_folder() {
+        let (path, message) =
+            check(&format!("{BASE}stages: [{{name: a, uses: p.x}}, {{name: tb, uses: p.y}}]")).unwrap_err();
+        assert_eq!(path, "stages[1].name");
+        assert_eq!(
+            message,
+            "stage name `tb` is taken: the run directory keeps its own `tb` folder there; choose another name"
+        );
     }
 
     #[test]
