@@ -88,26 +88,7 @@ impl Checkpoints {
     /// directories, `.step-….old-…` replaced ones) and returns them. Only the run that
     /// owns the output directory may call it.
     pub fn remove_leftovers(&self) -> Result<Vec<PathBuf>> {
-        if !self.dir.is_dir() {
-            return Ok(Vec::new());
-        }
-        let mut removed = Vec::new();
-        for entry in fs::read_dir(&self.dir).at(&self.dir)? {
-            let entry = entry.at(&self.dir)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let leftover =
-                name.starts_with(&format!(".{PREFIX}")) && (name.contains(".partial-") || name.contains(".old-"));
-            if leftover {
-                let path = entry.path();
-                if path.is_dir() {
-                    fs::remove_dir_all(&path).at(&path)?;
-                } else {
-                    fs::remove_file(&path).at(&path)?;
-                }
-                removed.push(path);
-            }
-        }
-        Ok(removed)
+        remove_leftovers_of(&self.dir, PREFIX)
     }
 
     /// Checks checkpoint `dir` against its manifest: `Err` says what is wrong.
@@ -126,6 +107,34 @@ impl Checkpoints {
         }
         Ok(())
     }
+}
+
+/// Removes from `dir` what [`write_dir_atomically`] left there when killed midway while
+/// writing a directory whose name starts with `name` (its `.<name>….partial-<pid>`
+/// staging directory, or the `.<name>….old-<pid>` one it was replacing), and returns
+/// them. Only the run that owns the output directory may call it.
+pub fn remove_leftovers_of(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let leftover = file_name.starts_with(&format!(".{name}"))
+            && (file_name.contains(".partial-") || file_name.contains(".old-"));
+        if leftover {
+            let path = entry.path();
+            if path.is_dir() {
+                fs::remove_dir_all(&path).at(&path)?;
+            } else {
+                fs::remove_file(&path).at(&path)?;
+            }
+            removed.push(path);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// Writes `dir`'s manifest: every file below it with its size.

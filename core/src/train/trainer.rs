@@ -27,7 +27,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::config::{OnNonFinite, TrainingConfig};
-use crate::checkpoint::training::{load_tensors, Checkpoints};
+use crate::checkpoint::training::{load_tensors, remove_leftovers_of, Checkpoints};
 use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
 use crate::data::stream::StreamState;
 use crate::data::BatchOrder;
@@ -164,7 +164,8 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// is removed.
     pub fn new(ctx: &'a RunContext<'h>, config: &'a TrainingConfig, max_steps: u64) -> Result<Self> {
         let checkpoints = Checkpoints::new(ctx.stage_dir(), config.checkpoint.keep);
-        for leftover in checkpoints.remove_leftovers()? {
+        let final_leftovers = remove_leftovers_of(ctx.stage_dir(), "final")?;
+        for leftover in checkpoints.remove_leftovers()?.into_iter().chain(final_leftovers) {
             tracing::warn!("removed {}, left by a save that did not finish", leftover.display());
         }
         let recipe = RecipeRecord { config: ctx.config_yaml().to_owned(), seed: ctx.seed() };
