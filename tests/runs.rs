@@ -209,6 +209,8 @@ fn a_damaged_latest_checkpoint_is_reported_and_the_run_resumes_from_the_one_befo
     let staging = checkpoints.join(".step-00000016.partial-4242");
     std::fs::create_dir(&staging).unwrap();
     std::fs::write(staging.join("model.safetensors"), b"half").unwrap();
+    let final_staging = out_dir.join("pretrain/.final.partial-4242");
+    std::fs::create_dir(&final_staging).unwrap();
 
     let out = run(dir.path(), &recipe, &["stages.pretrain.config.log_every=1", "--resume"]);
     assert_exit(&out, 0);
@@ -222,7 +224,7 @@ fn a_damaged_latest_checkpoint_is_reported_and_the_run_resumes_from_the_one_befo
     assert!(err.contains(&damaged), "{err}");
     assert!(err.contains("resuming from step 8"), "{err}");
     assert!(err.contains(&format!("removed {}, left by a save that did not finish", staging.display())), "{err}");
-    assert!(!staging.exists());
+    assert!(!staging.exists() && !final_staging.exists());
     assert_eq!(losses(&out_dir), expected, "losses after falling back differ from the uninterrupted run");
 
     // With no intact checkpoint at all, the resume is refused, naming each.
@@ -278,4 +280,42 @@ fn sigterm_checkpoints_exits_143_and_the_run_resumes_bit_exactly() {
     assert_exit(&out, 0);
     assert!(stderr(&out).contains("resuming from step "), "{}", stderr(&out));
     assert_eq!(losses(&stopped), expected, "losses after resuming differ from the uninterrupted run");
+}
+
+#[test]
+fn sigterm_during_tokenizer_training_ends_the_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), 4, "");
+    // A corpus whose tokenizer takes a while to train: the stories eight times over, each
+    // copy with words of its own.
+    let text = std::fs::read_to_string(repo_root().join("data/tiny_tales.txt")).unwrap();
+    let copies: Vec<String> =
+        (0..8).map(|i| text.replace("e ", &format!("e{i} ")).replace("a ", &format!("a{i} "))).collect();
+    std::fs::write(dir.path().join("corpus.txt"), copies.join("\n\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .args(["run", recipe.to_str().unwrap(), "stages.pretrain.config.tokenizer.vocab_size=8000"])
+        .current_dir(dir.path())
+        .env_remove("PLUMB_PLUGIN_PATH")
+        .env("PLUMB_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("training a tokenizer of 8000 tokens") {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "the run ended before training its tokenizer: {seen}");
+        seen.push_str(&line);
+    }
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(143), "{seen}{rest}");
+    assert!(took.as_secs_f64() < 2.0, "the stop took {took:?}");
+    assert!(rest.contains("stopped on request during tokenizer training"), "{rest}");
+    assert!(!dir.path().join("run/pretrain/checkpoints").exists(), "nothing to resume from yet");
 }

@@ -120,6 +120,7 @@ impl TokenizerConfig {
         let (vocab_size, min_frequency, max_documents) = (self.vocab_size, self.min_frequency, self.max_documents);
         let named: Vec<(String, String)> = named.iter().map(|(k, t)| (k.to_string(), t.to_string())).collect();
         let additional = additional.to_vec();
+        tracing::info!("training a tokenizer of {vocab_size} tokens on up to {max_documents} documents");
         ctx.unless_stopped("tokenizer training", move || {
             let mut mixture = Mixture::open(&sources, seed, fraction, None)?;
             let mut sample = Vec::new();
