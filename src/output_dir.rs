@@ -16,8 +16,10 @@ use crate::Failure;
 
 /// The lock file; its presence alone does not make a directory an earlier run's.
 pub const LOCK_FILE: &str = ".lock";
-/// What every run writes first: the mark of a plumb run directory.
+/// What every run writes first, beginning with [`RESOLVED_MARK`]: the mark of a plumb
+/// run directory (a user's own `recipe.yaml` does not carry it).
 const RECIPE_FILE: &str = "recipe.yaml";
+const RESOLVED_MARK: &str = "# Resolved by plumb from ";
 
 /// What a run does with an earlier run's files in its output directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,10 +76,11 @@ pub fn claim(dir: &Path, earlier: Earlier, choices: &str) -> Result<OwnedDir, Fa
             return Err(user(format!("holds the files of an earlier run; {choices}")));
         }
         (Earlier::Clear, false) => {
-            if !dir.join(RECIPE_FILE).is_file() {
+            let recipe = fs::read_to_string(dir.join(RECIPE_FILE)).unwrap_or_default();
+            if !recipe.starts_with(RESOLVED_MARK) {
                 return Err(user(format!(
-                    "is not the output directory of a plumb run (it has no {RECIPE_FILE}); not deleting its \
-                     files: choose another output directory"
+                    "is not the output directory of a plumb run (it has no {RECIPE_FILE} written by plumb); \
+                     not deleting its files: choose another output directory"
                 )));
             }
             for entry in &entries {
@@ -128,7 +131,7 @@ mod tests {
         let busy = message(claim(&dir, Earlier::Continue, "choices"));
         assert!(busy.contains(&format!("another plumb run (pid {}) is writing to", std::process::id())), "{busy}");
         assert!(busy.starts_with(&dir.display().to_string()), "{busy}");
-        fs::write(dir.join(RECIPE_FILE), "run: {}\n").unwrap();
+        fs::write(dir.join(RECIPE_FILE), format!("{RESOLVED_MARK}r.yaml\nrun: {{}}\n")).unwrap();
         fs::create_dir(dir.join("stage")).unwrap();
         drop(held);
 
@@ -143,8 +146,11 @@ mod tests {
         assert_eq!(earlier_files(&dir).unwrap(), Vec::<PathBuf>::new(), "overwriting clears them");
         drop(claim(&dir, Earlier::Refuse, "").unwrap());
 
-        // A directory plumb did not make is never cleared.
+        // A directory plumb did not make is never cleared, even if it holds a recipe.
         fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let foreign = message(claim(&dir, Earlier::Clear, ""));
+        assert!(foreign.contains("is not the output directory of a plumb run"), "{foreign}");
+        fs::write(dir.join(RECIPE_FILE), "run: {}\n").unwrap();
         let foreign = message(claim(&dir, Earlier::Clear, ""));
         assert!(foreign.contains("is not the output directory of a plumb run"), "{foreign}");
         assert!(dir.join("notes.txt").is_file());
