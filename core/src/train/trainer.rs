@@ -112,13 +112,18 @@ struct Saved {
     recipe: Option<RecipeRecord>,
 }
 
-/// The resolved recipe a checkpoint was made under: the stage's own section and the run's
-/// seed. A resume compares it with its own (see [`recipe_changes`]).
+/// The resolved recipe a checkpoint was made under: the stage's own section, the run's
+/// seed and the stage's input model. A resume compares it with its own (see
+/// [`recipe_changes`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RecipeRecord {
     /// The stage's section, as YAML.
     config: String,
     seed: u64,
+    /// The stage's `model:` or the previous stage's output (a stage may read its tokenizer
+    /// or template there even when it resumes).
+    #[serde(default)]
+    input_model: Option<PathBuf>,
 }
 
 /// Keys of a training stage's section that a resumed run may change without leaving the
@@ -168,7 +173,11 @@ impl<'a, 'h> Trainer<'a, 'h> {
         for leftover in checkpoints.remove_leftovers()?.into_iter().chain(final_leftovers) {
             tracing::warn!("removed {}, left by a save that did not finish", leftover.display());
         }
-        let recipe = RecipeRecord { config: ctx.config_yaml().to_owned(), seed: ctx.seed() };
+        let recipe = RecipeRecord {
+            config: ctx.config_yaml().to_owned(),
+            seed: ctx.seed(),
+            input_model: ctx.input_model().map(Path::to_path_buf),
+        };
         let (resume_dir, resumed) = if ctx.resume() {
             match newest_intact(&checkpoints)? {
                 Some((step, dir, saved)) => {
@@ -510,6 +519,11 @@ fn recipe_changes(made_under: &RecipeRecord, now: &RecipeRecord) -> Result<Vec<C
         let (before, now) = (made_under.seed.to_string(), now.seed.to_string());
         changes.push(Change { key: "run.seed".into(), before, now, safe: false });
     }
+    if made_under.input_model != now.input_model {
+        let show = |model: &Option<PathBuf>| model.as_ref().map_or("none".into(), |m| m.display().to_string());
+        let (before, now) = (show(&made_under.input_model), show(&now.input_model));
+        changes.push(Change { key: "the input model".into(), before, now, safe: false });
+    }
     Ok(changes)
 }
 
@@ -630,12 +644,14 @@ mod tests {
         let before = RecipeRecord {
             config: "model: {hidden_size: 32, num_hidden_layers: 2}\nmax_steps: 8\neval: {every: 4}\n".into(),
             seed: 1,
+            input_model: None,
         };
         let now = RecipeRecord {
             config:
                 "model: {hidden_size: 48, num_hidden_layers: 2}\nmax_steps: 16\nlog_every: 1\ncheckpoint: {keep: 5}\n"
                     .into(),
             seed: 2,
+            input_model: Some("base".into()),
         };
         let changes = recipe_changes(&before, &now).unwrap();
         let described: Vec<(String, bool)> = changes.iter().map(|c| (c.to_string(), c.safe)).collect();
@@ -648,6 +664,7 @@ mod tests {
                 ("`max_steps` (8 in the checkpoint, 16 now)".to_string(), true),
                 ("`model.hidden_size` (32 in the checkpoint, 48 now)".to_string(), false),
                 ("`run.seed` (1 in the checkpoint, 2 now)".to_string(), false),
+                ("`the input model` (none in the checkpoint, base now)".to_string(), false),
             ]
         );
         assert!(recipe_changes(&before, &before).unwrap().is_empty());
