@@ -164,8 +164,11 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         Mode::Run | Mode::Validate => Earlier::Refuse,
     };
     let _owned = output_dir::claim(&output_dir, earlier, choices)?;
-    write_file_atomically(&output_dir.join("recipe.yaml"), recipe.resolved_yaml().as_bytes())
-        .map_err(|e| Failure::User(e.to_string()))?;
+    let recipe_file = output_dir.join("recipe.yaml");
+    // A resume that a stage refuses (its checkpoint was made under another recipe) keeps
+    // the recipe the run was made under.
+    let earlier_recipe = if mode == Mode::Resume { std::fs::read(&recipe_file).ok() } else { None };
+    write_file_atomically(&recipe_file, recipe.resolved_yaml().as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
     let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
     let device = plumb_core::device::device_name(device);
     // The first Ctrl-C (or SIGTERM) asks the running stage to finish its step and save; a
@@ -244,6 +247,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         tensorboard
             .close()
             .map_err(|e| Failure::Internal(format!("TensorBoard events of stage `{}`: {e}", stage.name)))?;
+        if let (Err(CallError::Failed(_) | CallError::InvalidConfig(_)), Some(earlier)) = (&result, &earlier_recipe) {
+            write_file_atomically(&recipe_file, earlier).map_err(|e| Failure::User(e.to_string()))?;
+        }
         let output = match result {
             Ok(output) => output,
             Err(CallError::InvalidConfig(e)) => {

@@ -164,6 +164,8 @@ fn a_resume_refuses_a_recipe_that_changes_the_trajectory_and_takes_more_steps() 
     let err = stderr(&wider);
     assert!(err.contains("checkpoints/step-00000004: the recipe differs from the one it was made under in `model.hidden_size` (32 in the checkpoint, 48 now)"), "{err}");
     assert!(err.contains("start over with --overwrite"), "{err}");
+    let resolved = std::fs::read_to_string(out_dir.join("recipe.yaml")).unwrap();
+    assert!(!resolved.contains("hidden_size=48"), "the refused recipe is not kept as the run's: {resolved}");
     let reseeded = run(dir.path(), &recipe, &["--resume", "run.seed=3", "stages.pretrain.config.optimizer.lr=0.5"]);
     assert_exit(&reseeded, 1);
     let err = stderr(&reseeded);
