@@ -95,7 +95,9 @@ impl Checkpoints {
     pub fn verify(dir: &Path) -> std::result::Result<(), String> {
         let path = dir.join(MANIFEST);
         if !path.is_file() {
-            return Err(format!("it has no {MANIFEST}: its save did not finish"));
+            return Err(format!(
+                "it has no {MANIFEST}: its save did not finish (or a plumb older than manifests made it)"
+            ));
         }
         let manifest: Manifest = read_json(&path).map_err(|e| format!("its manifest is unreadable: {e}"))?;
         for (file, size) in &manifest.files {
@@ -216,7 +218,11 @@ mod tests {
         fs::remove_file(dir.join("trainer_state.json")).unwrap();
         assert!(Checkpoints::verify(&dir).unwrap_err().starts_with("trainer_state.json: "));
         fs::remove_file(dir.join(MANIFEST)).unwrap();
-        assert_eq!(Checkpoints::verify(&dir), Err("it has no manifest.json: its save did not finish".to_string()));
+        assert_eq!(
+            Checkpoints::verify(&dir),
+            Err("it has no manifest.json: its save did not finish (or a plumb older than manifests made it)"
+                .to_string())
+        );
     }
 
     #[test]
