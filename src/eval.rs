@@ -41,6 +41,10 @@ pub struct EvalArgs {
     /// The run's seed, for evaluators that sample or subsample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Delete the results of an earlier evaluation in the output directory first. Without
+    /// it, an evaluation into a directory that holds earlier results is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// The plugin's library; by default found like a recipe's plugins (PLUMB_PLUGIN_PATH,
     /// then next to `plumb`).
     #[arg(long)]
@@ -90,7 +94,9 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Internal(format!("cannot write the evaluation recipe: {e}")))?;
 
     let loaded = Recipe::load_str(&text, SOURCE, &overrides).map_err(|e| Failure::User(render(e, &args.evaluator)))?;
-    run_loaded(&loaded, Mode::Run, &|e| render(e, &args.evaluator))
+    let mode = if args.overwrite { Mode::Overwrite } else { Mode::Run };
+    let choices = "pass --overwrite to delete them and evaluate again, or choose another --output-dir";
+    run_loaded(&loaded, mode, &|e| render(e, &args.evaluator), choices)
 }
 
 fn path_value(path: &std::path::Path) -> Value {

@@ -2,12 +2,14 @@
 //!
 //! Exit codes: 0 success; 1 a user error (bad recipe, data or plugin, a stage that
 //! failed on its input); 2 an internal error (a panic in a plugin, a broken invariant);
-//! 130 the run stopped cleanly on Ctrl-C.
+//! 130 the run stopped cleanly on Ctrl-C (SIGINT); 143 the run stopped cleanly on SIGTERM
+//! (as schedulers stop jobs).
 mod bench;
 mod data_cmd;
 mod device;
 mod eval;
 mod generate;
+mod output_dir;
 mod plugins;
 mod run;
 
@@ -32,8 +34,12 @@ enum Command {
         overrides: Vec<String>,
         /// Continue each stage from its latest checkpoint (stages already finished are
         /// not run again).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
+        /// Delete the files of an earlier run in the output directory, then run. Without
+        /// it (or --resume), a run into a directory that holds an earlier run is refused.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Check a recipe (and its plugins' sections) and print it fully resolved.
     Validate { recipe: PathBuf, overrides: Vec<String> },
@@ -59,7 +65,7 @@ pub enum Failure {
     User(String),
     /// A bug or broken environment.
     Internal(String),
-    /// Stopped on request after saving.
+    /// Stopped on request (SIGINT or SIGTERM) after saving.
     Cancelled(String),
 }
 
@@ -68,7 +74,7 @@ impl Failure {
         match self {
             Failure::User(_) => 1,
             Failure::Internal(_) => 2,
-            Failure::Cancelled(_) => 130,
+            Failure::Cancelled(_) => run::stop_exit_code(),
         }
     }
 }
@@ -84,8 +90,13 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Run { recipe, overrides, resume } => {
-            run::run(&recipe, &overrides, if resume { run::Mode::Resume } else { run::Mode::Run })
+        Command::Run { recipe, overrides, resume, overwrite } => {
+            let mode = match (resume, overwrite) {
+                (true, _) => run::Mode::Resume,
+                (false, true) => run::Mode::Overwrite,
+                (false, false) => run::Mode::Run,
+            };
+            run::run(&recipe, &overrides, mode)
         }
         Command::Validate { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Validate),
         Command::Eval(args) => eval::run(&args),

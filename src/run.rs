@@ -5,8 +5,8 @@
 //! `<name>/report.json`, a TensorBoard scalar per metric in `tb/<name>/`, and stdout.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use plumb_core::checkpoint::write_file_atomically;
@@ -18,14 +18,43 @@ use plumb_host::plugin::registry::RewardInstance;
 use plumb_host::plugin::{loader, CallError, Component, Kind, Registry};
 use plumb_host::recipe::{LoadedRecipe, Recipe, RecipeError};
 
+use crate::output_dir::{self, Earlier};
 use crate::Failure;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// Run into a new or empty output directory.
     Run,
     /// Run, continuing each stage from its latest checkpoint.
     Resume,
+    /// Delete the earlier run's files in the output directory, then run.
+    Overwrite,
     Validate,
+}
+
+/// The exit code of a run stopped on request, set by the signal that asked: 128 + the
+/// signal, as shells report it (130 for Ctrl-C's SIGINT, 143 for the SIGTERM that
+/// schedulers such as SLURM and Kubernetes send).
+static STOP_CODE: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
+
+pub fn stop_exit_code() -> u8 {
+    let code = STOP_CODE.get().map_or(0, |code| code.load(Ordering::SeqCst));
+    u8::try_from(code).ok().filter(|&c| c != 0).unwrap_or(130)
+}
+
+/// SIGINT and SIGTERM ask the running stage to finish its step and save a checkpoint
+/// (they set `stop`); a second one of either exits at once.
+fn install_stop_handlers(stop: &Arc<AtomicBool>) -> Result<(), Failure> {
+    let code = Arc::clone(STOP_CODE.get_or_init(|| Arc::new(AtomicUsize::new(0))));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let exit = 128 + signal;
+        // Registered first, so it sees the flag as it was before this signal.
+        signal_hook::flag::register_conditional_shutdown(signal, exit, Arc::clone(stop))
+            .and_then(|_| signal_hook::flag::register_usize(signal, Arc::clone(&code), exit as usize))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(stop)))
+            .map_err(|e| Failure::Internal(format!("cannot install the handler of signal {signal}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// How a recipe error reads to the user: as it is for `plumb run`; `plumb eval` rewrites
@@ -76,13 +105,18 @@ fn yaml(value: &serde_yaml::Value) -> String {
     serde_yaml::to_string(value).unwrap_or_default()
 }
 
+/// How `plumb run` goes on from an output directory that holds an earlier run.
+const RUN_CHOICES: &str =
+    "pass --resume to continue it, --overwrite to delete its files and start over, or set another run.output_dir";
+
 pub fn run(path: &Path, overrides: &[String], mode: Mode) -> Result<(), Failure> {
     let recipe = Recipe::load(path, overrides).map_err(|e| Failure::User(e.to_string()))?;
-    run_loaded(&recipe, mode, &|e: RecipeError| e.to_string())
+    run_loaded(&recipe, mode, &|e: RecipeError| e.to_string(), RUN_CHOICES)
 }
 
-/// Runs (or, in [`Mode::Validate`], checks) a loaded recipe; `render` words its errors.
-pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render) -> Result<(), Failure> {
+/// Runs (or, in [`Mode::Validate`], checks) a loaded recipe; `render` words its errors,
+/// `choices` the ways on from an output directory that holds an earlier run.
+pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &str) -> Result<(), Failure> {
     let user = |e: RecipeError| Failure::User(render(e));
     let user: &dyn Fn(RecipeError) -> Failure = &user;
     // 1. The recipe, its plugins, and every section they own: all before any compute.
@@ -121,21 +155,26 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render) -> Result<(
         return Ok(());
     }
 
-    // 2. The run directory, with the fully resolved recipe beside the results.
+    // 2. The run directory, this run's alone, with the fully resolved recipe beside the
+    // results.
     let output_dir = spec.run.output_dir.clone();
-    std::fs::create_dir_all(&output_dir)
-        .map_err(|e| Failure::User(format!("{}: cannot create the output directory: {e}", output_dir.display())))?;
-    write_file_atomically(&output_dir.join("recipe.yaml"), recipe.resolved_yaml().as_bytes())
-        .map_err(|e| Failure::User(e.to_string()))?;
+    let earlier = match mode {
+        Mode::Resume => Earlier::Continue,
+        Mode::Overwrite => Earlier::Clear,
+        Mode::Run | Mode::Validate => Earlier::Refuse,
+    };
+    let _owned = output_dir::claim(&output_dir, earlier, choices)?;
+    let recipe_file = output_dir.join("recipe.yaml");
+    // A resume that a stage refuses (its checkpoint was made under another recipe) keeps
+    // the recipe the run was made under.
+    let earlier_recipe = if mode == Mode::Resume { std::fs::read(&recipe_file).ok() } else { None };
+    write_file_atomically(&recipe_file, recipe.resolved_yaml().as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
     let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
     let device = plumb_core::device::device_name(device);
-    // The first Ctrl-C asks the running stage to finish its step and save; a second one
-    // exits at once.
+    // The first Ctrl-C (or SIGTERM) asks the running stage to finish its step and save; a
+    // second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
-    let sigint = signal_hook::consts::SIGINT;
-    signal_hook::flag::register_conditional_shutdown(sigint, 130, Arc::clone(&stop))
-        .and_then(|_| signal_hook::flag::register(sigint, Arc::clone(&stop)))
-        .map_err(|e| Failure::Internal(format!("cannot install the Ctrl-C handler: {e}")))?;
+    install_stop_handlers(&stop)?;
     let mut live_rewards: BTreeMap<String, Mutex<RewardInstance>> = BTreeMap::new();
     for (i, (reward, component)) in spec.rewards.iter().zip(&rewards).enumerate() {
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
@@ -167,7 +206,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render) -> Result<(
             }
         }
         std::fs::create_dir_all(&stage_dir).map_err(|e| Failure::User(format!("{}: {e}", stage_dir.display())))?;
-        // A report marks a finished stage (see --resume); an earlier run's must not.
+        // A report marks a finished stage (see --resume); a stage run again must not keep it.
         let _ = std::fs::remove_file(stage_dir.join("report.json"));
         let tb_dir = output_dir.join("tb").join(&stage.name);
         let tensorboard = TbWriter::create(&tb_dir).map_err(|e| Failure::User(e.to_string()))?;
@@ -208,6 +247,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render) -> Result<(
         tensorboard
             .close()
             .map_err(|e| Failure::Internal(format!("TensorBoard events of stage `{}`: {e}", stage.name)))?;
+        if let (Err(CallError::Failed(_) | CallError::InvalidConfig(_)), Some(earlier)) = (&result, &earlier_recipe) {
+            write_file_atomically(&recipe_file, earlier).map_err(|e| Failure::User(e.to_string()))?;
+        }
         let output = match result {
             Ok(output) => output,
             Err(CallError::InvalidConfig(e)) => {

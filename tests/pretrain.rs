@@ -263,6 +263,7 @@ fn a_non_finite_loss_stops_or_is_skipped_as_configured() {
         &[
             "run",
             recipe.to_str().unwrap(),
+            "--overwrite", // the stopped run's directory
             "stages.pretrain.config.on_nonfinite=skip",
             "stages.pretrain.config.log_every=1",
         ],
@@ -353,7 +354,7 @@ fn a_mixture_of_text_and_jsonl_files_streams_by_weight_and_learns() {
     let mut broken = std::fs::read_to_string(dir.path().join("stories.jsonl")).unwrap();
     broken.insert_str(0, "{\"id\": 0, \"text\": \"no story field\"}\n");
     std::fs::write(dir.path().join("stories.jsonl"), broken).unwrap();
-    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--overwrite"]);
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("stories.jsonl: line 1: missing field `story`"), "{}", stderr(&out));
 }

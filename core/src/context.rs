@@ -62,6 +62,10 @@ impl<'h> RunContext<'h> {
     pub fn stage_dir(&self) -> &Path {
         &self.request.stage_dir
     }
+    /// The stage's own recipe section, as YAML (what its config was read from).
+    pub fn config_yaml(&self) -> &str {
+        &self.request.config_yaml
+    }
     /// True when the user asked to continue from the stage's latest checkpoint.
     pub fn resume(&self) -> bool {
         self.request.resume
@@ -133,6 +137,39 @@ impl<'h> RunContext<'h> {
     /// True once the user asked the run to stop (Ctrl-C): finish the step, save, return.
     pub fn should_stop(&self) -> bool {
         (self.host.should_stop)(self.host.state) != 0
+    }
+
+    /// Runs `work` on a thread of its own and waits for it, checking every 50 ms whether
+    /// the user asked the run to stop: then it returns [`Error::Cancelled`] at once and
+    /// leaves `work` to end with the process (a stopped stage ends the run). For long
+    /// preparation steps that cannot check [`should_stop`](Self::should_stop) themselves,
+    /// such as a library's tokenizer training or a pass over a corpus. `what` names the
+    /// work in errors.
+    pub fn unless_stopped<T: Send + 'static>(
+        &self,
+        what: &str,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(what.chars().take(15).collect())
+            .spawn(move || {
+                let _ = sender.send(work());
+            })
+            .map_err(|e| Error::Other(format!("{what}: cannot start a thread: {e}")))?;
+        loop {
+            match receiver.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(result) => return result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if self.should_stop() => {
+                    tracing::warn!("stopped on request during {what}");
+                    return Err(Error::Cancelled);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Other(format!("{what} panicked")));
+                }
+            }
+        }
     }
 
     /// The reward named `name` in the recipe's `rewards:` list, whichever plugin provides it.

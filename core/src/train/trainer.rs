@@ -20,13 +20,14 @@
 //! }
 //! trainer.save_final(&model, &tokenizer, max_len)?;
 //! ```
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::config::{OnNonFinite, TrainingConfig};
-use crate::checkpoint::training::{load_tensors, Checkpoints};
+use crate::checkpoint::training::{load_tensors, remove_leftovers_of, Checkpoints};
 use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
 use crate::data::stream::StreamState;
 use crate::data::BatchOrder;
@@ -75,6 +76,9 @@ pub struct TrainerState {
     /// Tokens trained on so far (skipped steps included).
     #[serde(default)]
     pub tokens: u64,
+    /// The loss of the latest applied step.
+    #[serde(default)]
+    pub loss: Option<f64>,
 }
 
 /// Where the data is, at the next batch: an order over a fixed set of batches or rows,
@@ -97,13 +101,38 @@ pub struct Trained<'a> {
 }
 
 /// `trainer_state.json`: the trainer state and the data position, enough (beside the
-/// models and optimizers) to continue exactly.
+/// models and optimizers) to continue exactly, and the recipe they were made under.
 #[derive(Serialize, Deserialize)]
 struct Saved {
     #[serde(flatten)]
     state: TrainerState,
     data: DataPosition,
+    /// Absent in checkpoints older than the record.
+    #[serde(default)]
+    recipe: Option<RecipeRecord>,
 }
+
+/// The resolved recipe a checkpoint was made under: the stage's own section, the run's
+/// seed and the stage's input model. A resume compares it with its own (see
+/// [`recipe_changes`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RecipeRecord {
+    /// The stage's section, as YAML.
+    config: String,
+    seed: u64,
+    /// The stage's `model:` or the previous stage's output (a stage may read its tokenizer
+    /// or template there even when it resumes).
+    #[serde(default)]
+    input_model: Option<PathBuf>,
+}
+
+/// Keys of a training stage's section that a resumed run may change without leaving the
+/// trajectory of the run it continues: its length, how often it logs, evaluates and
+/// checkpoints, what its evaluations show, and what a non-finite step does from now on.
+/// Every other key (model, data, sequence length, objective, optimizer, schedule, batch,
+/// precision, ...) and the seed must match the checkpoint's.
+const SAFE_TO_CHANGE: [&str; 7] =
+    ["max_steps", "epochs", "log_every", "eval", "checkpoint.every", "checkpoint.keep", "on_nonfinite"];
 
 const TRAINER_STATE: &str = "trainer_state.json";
 const OPTIMIZER_STATE: &str = "optimizer.safetensors";
@@ -116,6 +145,11 @@ pub struct Trainer<'a, 'h> {
     checkpoints: Checkpoints,
     schedule: Schedule,
     resume_dir: Option<PathBuf>,
+    /// What the checkpoint of `resume_dir` holds beside models and optimizers, until
+    /// [`Trainer::restore`] takes it.
+    resumed: Option<Saved>,
+    /// This run's recipe, recorded in each checkpoint.
+    recipe: RecipeRecord,
     max_steps: u64,
     started: Instant,
     /// Throughput since the last `train/*` log, evaluations excluded.
@@ -127,25 +161,40 @@ pub struct Trainer<'a, 'h> {
 }
 
 impl<'a, 'h> Trainer<'a, 'h> {
-    /// A trainer for `max_steps` steps. When the run resumes, it picks the stage's latest
-    /// checkpoint; a fresh run removes the checkpoints of an earlier one, so they cannot
-    /// be mistaken for its own.
+    /// A trainer for `max_steps` steps. When the run resumes, it picks the stage's newest
+    /// intact checkpoint (warning of any newer damaged one), and refuses it when this run's
+    /// recipe would leave its trajectory (see [`SAFE_TO_CHANGE`]) or when `max_steps` is
+    /// below its step; a fresh run removes the checkpoints of an earlier one, so they
+    /// cannot be mistaken for its own. Either way, what a save killed midway left behind
+    /// is removed.
     pub fn new(ctx: &'a RunContext<'h>, config: &'a TrainingConfig, max_steps: u64) -> Result<Self> {
         let checkpoints = Checkpoints::new(ctx.stage_dir(), config.checkpoint.keep);
-        let latest = checkpoints.latest()?;
-        let resume_dir = match latest {
-            Some((step, dir)) if ctx.resume() => {
-                tracing::info!("resuming from step {step}: {}", dir.display());
-                Some(dir)
+        let final_leftovers = remove_leftovers_of(ctx.stage_dir(), "final")?;
+        for leftover in checkpoints.remove_leftovers()?.into_iter().chain(final_leftovers) {
+            tracing::warn!("removed {}, left by a save that did not finish", leftover.display());
+        }
+        let recipe = RecipeRecord {
+            config: ctx.config_yaml().to_owned(),
+            seed: ctx.seed(),
+            input_model: ctx.input_model().map(Path::to_path_buf),
+        };
+        let (resume_dir, resumed) = if ctx.resume() {
+            match newest_intact(&checkpoints)? {
+                Some((step, dir, saved)) => {
+                    check_resumable(&dir, &saved, &recipe, config, max_steps)?;
+                    tracing::info!("resuming from step {step}: {}", dir.display());
+                    (Some(dir), Some(saved))
+                }
+                None => (None, None),
             }
-            Some(_) => {
+        } else {
+            if !checkpoints.steps()?.is_empty() {
                 tracing::warn!(
                     "starting over: removing the checkpoints of an earlier run (use --resume to continue one)"
                 );
                 checkpoints.clear()?;
-                None
             }
-            None => None,
+            (None, None)
         };
         let fault_nonfinite_at = std::env::var(FAULT_NONFINITE_AT_STEP).ok().and_then(|s| s.parse().ok());
         Ok(Self {
@@ -154,6 +203,8 @@ impl<'a, 'h> Trainer<'a, 'h> {
             checkpoints,
             schedule: config.schedule.schedule(config.optimizer.lr, max_steps),
             resume_dir,
+            resumed,
+            recipe,
             max_steps,
             started: Instant::now(),
             window: (Instant::now(), 0),
@@ -183,14 +234,14 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// trainer state, tells TensorBoard where the run continues, and returns the data
     /// position to continue from. `None` for a fresh run.
     pub fn restore(&mut self, optimizers: &mut [(&str, &mut AdamW)]) -> Result<Option<DataPosition>> {
-        let Some(dir) = self.resume_dir.clone() else {
+        let (Some(dir), Some(saved)) = (self.resume_dir.clone(), self.resumed.take()) else {
             return Ok(None);
         };
         for (index, (name, optimizer)) in optimizers.iter_mut().enumerate() {
             optimizer.load_state(&load_tensors(&part_dir(&dir, index, name).join(OPTIMIZER_STATE))?)?;
         }
-        let saved: Saved = read_json(&dir.join(TRAINER_STATE))?;
         self.state = saved.state;
+        self.last.loss = self.state.loss.unwrap_or(f64::NAN);
         self.ctx.restart_at(self.state.step as i64 + 1);
         Ok(Some(saved.data))
     }
@@ -254,6 +305,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
             optimizer.step()?;
         }
         self.last = StepStats { loss, grad_norm, learning_rate, tokens_per_second: 0.0, batch_size };
+        self.state.loss = Some(loss);
         let step = self.state.step;
         if step % self.config.log_every == 0 || step == self.max_steps {
             self.last.tokens_per_second = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
@@ -321,7 +373,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
                 write_model(&part_dir, part.model, tokenizer, max_length)?;
                 save_safetensors(&part_dir.join(OPTIMIZER_STATE), &part.optimizer.state())?;
             }
-            let saved = Saved { state: self.state.clone(), data };
+            let saved = Saved { state: self.state.clone(), data, recipe: Some(self.recipe.clone()) };
             let json = serde_json::to_value(saved).map_err(|e| Error::Other(e.to_string()))?;
             write_json(&dir.join(TRAINER_STATE), &json)
         })
@@ -343,6 +395,156 @@ impl<'a, 'h> Trainer<'a, 'h> {
             ("train/tokens".to_string(), self.state.tokens as f64),
             ("time/seconds".to_string(), self.started.elapsed().as_secs_f64()),
         ])
+    }
+}
+
+/// The newest checkpoint that passes its manifest and whose trainer state reads, with
+/// that state; each newer one that does not is reported and skipped. `None` when there
+/// are no checkpoints; an error when none of them is intact.
+fn newest_intact(checkpoints: &Checkpoints) -> Result<Option<(u64, PathBuf, Saved)>> {
+    let steps = checkpoints.steps()?;
+    let mut damaged = Vec::new();
+    for &step in steps.iter().rev() {
+        let dir = checkpoints.dir_of(step);
+        let saved = Checkpoints::verify(&dir)
+            .and_then(|()| read_json::<Saved>(&dir.join(TRAINER_STATE)).map_err(|e| e.to_string()));
+        match saved {
+            Ok(saved) => return Ok(Some((step, dir, saved))),
+            Err(problem) => {
+                tracing::warn!(
+                    "checkpoint {} is damaged and cannot be resumed from: {problem}; trying an older one",
+                    dir.display()
+                );
+                damaged.push(format!("{}: {problem}", dir.display()));
+            }
+        }
+    }
+    match damaged.is_empty() {
+        true => Ok(None),
+        false => Err(Error::Other(format!(
+            "no intact checkpoint to resume from ({}); start over with --overwrite",
+            damaged.join("; ")
+        ))),
+    }
+}
+
+/// Refuses to resume from checkpoint `dir` when this run's recipe changes what it was
+/// made under (beyond [`SAFE_TO_CHANGE`], which is logged) or asks for fewer steps than
+/// it has taken.
+fn check_resumable(
+    dir: &Path,
+    saved: &Saved,
+    recipe: &RecipeRecord,
+    config: &TrainingConfig,
+    max_steps: u64,
+) -> Result<()> {
+    if let Some(made_under) = &saved.recipe {
+        let (safe, unsafe_): (Vec<Change>, Vec<Change>) =
+            recipe_changes(made_under, recipe)?.into_iter().partition(|change| change.safe);
+        if !unsafe_.is_empty() {
+            let listed: Vec<String> = unsafe_.iter().map(Change::to_string).collect();
+            return Err(Error::Other(format!(
+                "cannot resume from {}: the recipe differs from the one it was made under in {}. These change \
+                 the training trajectory, so the run would not continue the same one: restore them, or start \
+                 over with --overwrite (or another run.output_dir)",
+                dir.display(),
+                listed.join(", ")
+            )));
+        }
+        for change in safe {
+            tracing::info!("resuming with a changed setting: {change}");
+        }
+    } else {
+        tracing::warn!("checkpoint {} records no recipe (an older plumb made it); not compared", dir.display());
+    }
+    let step = saved.state.step;
+    if max_steps < step {
+        let key = if config.max_steps.is_some() { "max_steps" } else { "epochs" };
+        return Err(Error::config(
+            key,
+            format!(
+                "the run would be {max_steps} steps long, but the checkpoint it resumes ({}) is at step {step}: \
+                 ask for at least {step} steps",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A key whose value differs between two recipes.
+#[derive(Debug, PartialEq)]
+struct Change {
+    key: String,
+    before: String,
+    now: String,
+    safe: bool,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` ({} in the checkpoint, {} now)", self.key, self.before, self.now)
+    }
+}
+
+/// The keys whose values differ between the recipe a checkpoint was `made_under` and
+/// `now`'s (the seed as `run.seed`), in key order.
+fn recipe_changes(made_under: &RecipeRecord, now: &RecipeRecord) -> Result<Vec<Change>> {
+    let leaves = |yaml: &str| -> Result<BTreeMap<String, serde_yaml::Value>> {
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(yaml).map_err(|e| Error::Other(format!("a recorded recipe does not parse: {e}")))?;
+        let mut leaves = BTreeMap::new();
+        flatten("", &value, &mut leaves);
+        Ok(leaves)
+    };
+    let (before, after) = (leaves(&made_under.config)?, leaves(&now.config)?);
+    let show = |value: Option<&serde_yaml::Value>| match value {
+        None => "not set".to_string(),
+        Some(value) => serde_yaml::to_string(value).map(|s| s.trim().replace('\n', " ")).unwrap_or_default(),
+    };
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut changes: Vec<Change> = keys
+        .into_iter()
+        .filter(|key| before.get(*key) != after.get(*key))
+        .map(|key| Change {
+            key: key.clone(),
+            before: show(before.get(key)),
+            now: show(after.get(key)),
+            safe: SAFE_TO_CHANGE.iter().any(|safe| key == safe || key.starts_with(&format!("{safe}."))),
+        })
+        .collect();
+    if made_under.seed != now.seed {
+        let (before, now) = (made_under.seed.to_string(), now.seed.to_string());
+        changes.push(Change { key: "run.seed".into(), before, now, safe: false });
+    }
+    if made_under.input_model != now.input_model {
+        let show = |model: &Option<PathBuf>| model.as_ref().map_or("none".into(), |m| m.display().to_string());
+        let (before, now) = (show(&made_under.input_model), show(&now.input_model));
+        changes.push(Change { key: "the input model".into(), before, now, safe: false });
+    }
+    Ok(changes)
+}
+
+/// The leaves of a mapping by dotted key path (`model.hidden_size`); sequences and
+/// scalars are leaves, empty mappings none.
+fn flatten(prefix: &str, value: &serde_yaml::Value, out: &mut BTreeMap<String, serde_yaml::Value>) {
+    match value {
+        serde_yaml::Value::Mapping(mapping) => {
+            for (key, value) in mapping {
+                let key = match key {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other).map(|s| s.trim().to_string()).unwrap_or_default(),
+                };
+                let path = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+                flatten(&path, value, out);
+            }
+        }
+        serde_yaml::Value::Null if prefix.is_empty() => {}
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
     }
 }
 
@@ -435,6 +637,37 @@ mod tests {
 
     fn same(a: &AdamW, b: &AdamW) -> bool {
         a.state().iter().zip(b.state()).all(|((na, ta), (nb, tb))| *na == nb && ta.equal(&tb))
+    }
+
+    #[test]
+    fn recipe_changes_name_their_keys_and_only_cadence_and_length_are_safe() {
+        let before = RecipeRecord {
+            config: "model: {hidden_size: 32, num_hidden_layers: 2}\nmax_steps: 8\neval: {every: 4}\n".into(),
+            seed: 1,
+            input_model: None,
+        };
+        let now = RecipeRecord {
+            config:
+                "model: {hidden_size: 48, num_hidden_layers: 2}\nmax_steps: 16\nlog_every: 1\ncheckpoint: {keep: 5}\n"
+                    .into(),
+            seed: 2,
+            input_model: Some("base".into()),
+        };
+        let changes = recipe_changes(&before, &now).unwrap();
+        let described: Vec<(String, bool)> = changes.iter().map(|c| (c.to_string(), c.safe)).collect();
+        assert_eq!(
+            described,
+            [
+                ("`checkpoint.keep` (not set in the checkpoint, 5 now)".to_string(), true),
+                ("`eval.every` (4 in the checkpoint, not set now)".to_string(), true),
+                ("`log_every` (not set in the checkpoint, 1 now)".to_string(), true),
+                ("`max_steps` (8 in the checkpoint, 16 now)".to_string(), true),
+                ("`model.hidden_size` (32 in the checkpoint, 48 now)".to_string(), false),
+                ("`run.seed` (1 in the checkpoint, 2 now)".to_string(), false),
+                ("`the input model` (none in the checkpoint, base now)".to_string(), false),
+            ]
+        );
+        assert!(recipe_changes(&before, &before).unwrap().is_empty());
     }
 
     #[test]

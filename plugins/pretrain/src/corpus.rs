@@ -116,20 +116,32 @@ impl TokenizerConfig {
 
     /// A byte-level BPE trained on the first training documents (at most one pass over
     /// the mixture), with the `named` and `additional` special tokens besides EOS.
-    pub fn train(&self, corpus: &Corpus, named: &[(&str, &str)], additional: &[String]) -> Result<Tokenizer> {
-        let mut mixture = Mixture::open(&corpus.sources, corpus.seed, corpus.fraction, None)?;
-        let mut sample = Vec::new();
-        let passes = corpus.sources.len() as u64;
-        while sample.len() < self.max_documents && mixture.epochs().iter().sum::<u64>() < passes {
-            sample.push(mixture.next_document()?);
-        }
-        Tokenizer::train_bpe_with(
-            sample.iter().map(String::as_str),
-            self.vocab_size,
-            self.min_frequency,
-            named,
-            additional,
-        )
+    ///
+    /// A stop asked for meanwhile (Ctrl-C, SIGTERM) is honoured within 50 ms: the
+    /// reading and the training (one library call that cannot be interrupted) run on a
+    /// thread of their own that the run does not wait for once it stops.
+    pub fn train(
+        &self,
+        corpus: &Corpus,
+        named: &[(&str, &str)],
+        additional: &[String],
+        ctx: &RunContext,
+    ) -> Result<Tokenizer> {
+        let (sources, seed, fraction) = (corpus.sources.clone(), corpus.seed, corpus.fraction);
+        let (vocab_size, min_frequency, max_documents) = (self.vocab_size, self.min_frequency, self.max_documents);
+        let named: Vec<(String, String)> = named.iter().map(|(k, t)| (k.to_string(), t.to_string())).collect();
+        let additional = additional.to_vec();
+        tracing::info!("training a tokenizer of {vocab_size} tokens on up to {max_documents} documents");
+        ctx.unless_stopped("tokenizer training", move || {
+            let mut mixture = Mixture::open(&sources, seed, fraction, None)?;
+            let mut sample = Vec::new();
+            let passes = sources.len() as u64;
+            while sample.len() < max_documents && mixture.epochs().iter().sum::<u64>() < passes {
+                sample.push(mixture.next_document()?);
+            }
+            let named: Vec<(&str, &str)> = named.iter().map(|(k, t)| (k.as_str(), t.as_str())).collect();
+            Tokenizer::train_bpe_with(sample.iter().map(String::as_str), vocab_size, min_frequency, &named, &additional)
+        })
     }
 }
 
@@ -143,11 +155,15 @@ pub struct Corpus {
 
 impl Corpus {
     /// The sources of `c` (a curated copy of `train` in the stage directory, when asked)
-    /// and their held-out documents.
+    /// and their held-out documents. The passes over the corpus this takes stop within
+    /// 50 ms of a stop asked for (see [`RunContext::unless_stopped`]).
     pub fn open(c: &DataConfig, ctx: &RunContext) -> Result<Self> {
         let sources = match (&c.train, &c.curation) {
             (Some(train), Some(curation)) => {
-                let (kept, report) = curate(data::read_documents(train)?, curation, &count_words)?;
+                let (file, curation) = (train.clone(), curation.clone());
+                let (kept, report) = ctx.unless_stopped("corpus curation", move || {
+                    curate(data::read_documents(&file)?, &curation, &count_words)
+                })?;
                 tracing::info!("curation of {}:\n{report}", train.display());
                 ctx.text("data/curation", 0, &report.to_markdown());
                 for (tag, value) in report.scalars() {
@@ -160,8 +176,11 @@ impl Corpus {
             (Some(train), None) => vec![SourceConfig::text(train)],
             (None, _) => c.sources.clone(),
         };
-        let (seed, fraction) = (ctx.seed(), c.validation_fraction);
-        let validation = validation_documents(&sources, seed, fraction, c.max_validation_documents)?;
+        let (seed, fraction, max) = (ctx.seed(), c.validation_fraction, c.max_validation_documents);
+        let held_out = sources.clone();
+        let validation = ctx.unless_stopped("reading the held-out documents", move || {
+            validation_documents(&held_out, seed, fraction, max)
+        })?;
         Ok(Self { sources, validation, seed, fraction })
     }
 

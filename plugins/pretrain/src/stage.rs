@@ -139,7 +139,7 @@ impl<O: Objective> Stage for Pretraining<O> {
             (None, None, Some(architecture)) => {
                 let (named, additional) = O::special_tokens(&c.objective, seq_len)?;
                 let named: Vec<(&str, &str)> = named.iter().map(|(k, t)| (*k, t.as_str())).collect();
-                let tokenizer = c.tokenizer.train(&corpus, &named, &additional)?;
+                let tokenizer = c.tokenizer.train(&corpus, &named, &additional, ctx)?;
                 (O::new_model(architecture, &tokenizer, seq_len, device)?, tokenizer)
             }
             (None, Some(dir), Some(_)) => {

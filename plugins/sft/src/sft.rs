@@ -136,8 +136,13 @@ impl Stage for Sft {
         };
 
         // Data: conversations, a held-out split, the template, tokens with their label mask.
+        // A stop asked for meanwhile (Ctrl-C, SIGTERM) is honoured within 50 ms while the
+        // files are read, and between examples while they are tokenized.
         let read = |path: &PathBuf| {
-            let (conversations, skipped) = read_jsonl(path, c.data.format, &c.data.fields, c.data.on_malformed)?;
+            let (path, format, fields, on_malformed) =
+                (path.clone(), c.data.format, c.data.fields.clone(), c.data.on_malformed);
+            let (conversations, skipped) =
+                ctx.unless_stopped("reading the SFT data", move || read_jsonl(&path, format, &fields, on_malformed))?;
             if !skipped.lines.is_empty() {
                 tracing::warn!("{skipped}");
                 ctx.scalar("data/malformed_lines", 0, skipped.lines.len() as f64);
@@ -154,6 +159,10 @@ impl Stage for Sft {
         let to_examples = |conversations: &[Conversation], name: &str| -> Result<Vec<Example>> {
             let (mut examples, mut truncated, mut dropped) = (Vec::new(), 0, 0);
             for conversation in conversations {
+                if ctx.should_stop() {
+                    tracing::warn!("stopped on request while tokenizing the {name} examples");
+                    return Err(Error::Cancelled);
+                }
                 let mut example = format_example(template, &tokenizer, conversation, &c)?;
                 truncated += usize::from(truncate(&mut example, c.max_length));
                 if example.targets() == 0 {
