@@ -16,9 +16,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use plumb_core::data::objectives::IGNORE_INDEX;
 use plumb_core::error::IoResultExt;
 use plumb_core::plugin::{Metrics, ValidateContext};
 use plumb_core::tch::{self, Kind, Tensor};
+use plumb_core::train::summed_cross_entropy;
 use plumb_core::{data, model, Error, Evaluator, Result, RunContext};
 use serde::Deserialize;
 
@@ -125,16 +127,9 @@ impl Evaluator for Perplexity {
             let (inputs, targets) = pad(batch);
             let inputs = inputs.to_device(device);
             let logits = policy.logits(&inputs, None)?; // (B, T, vocab)
-            let vocab = logits.size()[2];
-            // Summed over real targets; padding is ignored (-100). Right padding never
-            // changes what a causal model predicts at the positions before it.
-            let sum = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-                &targets.to_device(device).view([-1]),
-                None,
-                tch::Reduction::Sum,
-                -100,
-                0.0,
-            );
+            // Summed over real targets; padding is ignored. Right padding never changes
+            // what a causal model predicts at the positions before it.
+            let sum = summed_cross_entropy(&logits, &targets.to_device(device));
             nll += sum.double_value(&[]); // a CPU-GPU sync per batch
             scored += batch.iter().map(|w| w.targets.len() as u64).sum::<u64>();
             let seconds = started.elapsed().as_secs_f64().max(1e-9);
@@ -184,7 +179,7 @@ pub fn windows(tokens: &[i64], prefix: i64, seq_len: usize) -> Vec<Window> {
         .collect()
 }
 
-/// Windows as a right-padded batch: inputs (B, T) padded with 0, targets (B, T) with -100.
+/// Windows as a right-padded batch: inputs (B, T) padded with 0, targets (B, T) with IGNORE_INDEX (-100).
 fn pad(batch: &[Window]) -> (Tensor, Tensor) {
     let width = batch.iter().map(|w| w.inputs.len()).max().unwrap_or(0);
     let mut inputs = Vec::with_capacity(batch.len() * width);
@@ -192,7 +187,7 @@ fn pad(batch: &[Window]) -> (Tensor, Tensor) {
     for w in batch {
         let gap = width - w.inputs.len();
         inputs.extend(w.inputs.iter().copied().chain(std::iter::repeat_n(0, gap)));
-        targets.extend(w.targets.iter().copied().chain(std::iter::repeat_n(-100, gap)));
+        targets.extend(w.targets.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, gap)));
     }
     let shape = [batch.len() as i64, width as i64];
     (Tensor::from_slice(&inputs).view(shape), Tensor::from_slice(&targets).view(shape))
