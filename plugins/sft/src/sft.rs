@@ -26,7 +26,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::batching::{collate, count_targets, Batch, Batching, Plan};
-use crate::formats::{read_jsonl, Conversation, Fields, Format, OnMalformed};
+use crate::formats::{read_jsonl_with_limit, Conversation, Fields, Format, OnMalformed, DEFAULT_MAX_LINE_BYTES};
 use crate::template::{
     prompt_of, render_with_spans, stop_tokens, tokenize, truncate, use_template, Example, TemplateChoice, TrainOn,
 };
@@ -72,6 +72,21 @@ pub struct DataConfig {
     /// `stop` at the first malformed line, or `skip` (and count) them.
     #[serde(default)]
     pub on_malformed: OnMalformed,
+    /// The longest line (one example) read, in bytes (default 1 MiB); a longer line is
+    /// malformed, refused before it is parsed.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+}
+
+impl DataConfig {
+    /// The examples of `path` and the lines left out.
+    pub fn read(&self, path: &std::path::Path) -> Result<(Vec<Conversation>, crate::formats::Skipped)> {
+        read_jsonl_with_limit(path, self.format, &self.fields, self.on_malformed, self.max_line_bytes)
+    }
+}
+
+fn default_max_line_bytes() -> usize {
+    DEFAULT_MAX_LINE_BYTES
 }
 
 fn default_max_length() -> usize {
@@ -101,9 +116,19 @@ impl Stage for Sft {
                 "expected a fraction strictly between 0 and 1",
             )?;
         }
+        require(c.data.max_line_bytes > 0, "data.max_line_bytes", "expected at least 1")?;
         // Malformed lines are found before any stage computes anything.
         for path in std::iter::once(&c.data.train).chain(&c.data.validation) {
-            read_jsonl(path, c.data.format, &c.data.fields, c.data.on_malformed)?;
+            let (examples, _) = c.data.read(path)?;
+            if c.data.validation.is_none() && examples.len() < 2 {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "{} usable example(s); holding out data.validation_fraction for validation needs at least 2 (add examples or give data.validation)",
+                        examples.len()
+                    ),
+                ));
+            }
         }
         if let TemplateChoice::File(path) = &c.template {
             ctx.existing_file("template", path).map_err(|_| {
@@ -137,7 +162,7 @@ impl Stage for Sft {
 
         // Data: conversations, a held-out split, the template, tokens with their label mask.
         let read = |path: &PathBuf| {
-            let (conversations, skipped) = read_jsonl(path, c.data.format, &c.data.fields, c.data.on_malformed)?;
+            let (conversations, skipped) = c.data.read(path)?;
             if !skipped.lines.is_empty() {
                 tracing::warn!("{skipped}");
                 ctx.scalar("data/malformed_lines", 0, skipped.lines.len() as f64);
