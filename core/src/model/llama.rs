@@ -553,6 +553,10 @@ impl CausalLm for Llama {
         Llama::new_cache(self, batch, capacity)
     }
 
+    fn context_length(&self) -> i64 {
+        self.config.max_positions
+    }
+
     fn hidden_size(&self) -> i64 {
         self.config.hidden_size
     }

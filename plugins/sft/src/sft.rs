@@ -384,12 +384,16 @@ fn answer(
     if asks.is_empty() {
         return Ok(Vec::new());
     }
+    // Prompt and answer fit in max_length and the model's context: the prompt keeps its
+    // end, and generation stops at the context's end (with a warning) when max_new_tokens
+    // leaves no room.
+    let window = policy.context_length().map_or(c.max_length, |context| c.max_length.min(context.max(2) as usize));
     let prompts = asks
         .iter()
         .map(|(messages, _)| {
             let text = template.render_with(messages, true, &c.template_variables)?;
             let mut ids = tokenizer.encode(&text)?;
-            let keep = c.max_length.saturating_sub(eval.max_new_tokens).max(1);
+            let keep = window.saturating_sub(eval.max_new_tokens).max(1);
             if ids.len() > keep {
                 ids.drain(..ids.len() - keep); // the prompt's end, as in training
             }
