@@ -78,19 +78,26 @@ fn generate_streams_the_continuation_as_it_is_generated() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // When each part of the output arrived.
     let mut stdout = child.stdout.take().unwrap();
-    let mut first = [0u8; 1];
-    assert_eq!(stdout.read(&mut first).unwrap(), 1, "no output");
-    let first_at = Instant::now();
-    // The first text came while 600 tokens were still to be generated: not all at the end.
-    assert!(child.try_wait().unwrap().is_none(), "plumb had already exited when its first output arrived");
-    let mut rest = Vec::new();
-    stdout.read_to_end(&mut rest).unwrap();
+    let (mut output, mut arrivals) = (Vec::new(), Vec::new());
+    let mut chunk = [0u8; 64];
+    loop {
+        let n = stdout.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        output.extend_from_slice(&chunk[..n]);
+        arrivals.push((Instant::now(), output.len()));
+    }
     assert!(child.wait().unwrap().success());
-    let streaming = first_at.elapsed();
-    println!("output kept coming for {streaming:?} after the first byte");
-    assert!(streaming > Duration::from_millis(100), "{streaming:?}");
-    let text = String::from_utf8_lossy(&[&first[..], &rest].concat()).into_owned();
+    // Printed at the end, the whole text would arrive at once; streamed, its second half
+    // comes while the tokens after the first ones are still being generated.
+    let first = arrivals[0].0;
+    let half = arrivals.iter().find(|(_, len)| *len >= output.len() / 2).unwrap().0;
+    println!("the first byte, then half the output {:?} later ({} reads)", half - first, arrivals.len());
+    assert!(half - first > Duration::from_millis(100), "{:?}: not streamed", half - first);
+    let text = String::from_utf8_lossy(&output).into_owned();
     assert!(text.ends_with('\n') && text.trim().chars().count() > 100, "{text:?}");
     // The streamed text is the continuation itself: greedy, the same as a second run.
     assert_eq!(stdout_of(&generate(&["--prompt", "Once", "--max-new-tokens", "600"])), text);
