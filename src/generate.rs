@@ -20,9 +20,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user turn with the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    /// At most the room the prompt leaves in the model's context (`max_position_embeddings`).
-    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
-    pub max_new_tokens: usize,
+    /// At most the room the prompt leaves in the model's context (`max_position_embeddings`);
+    /// default 128, or that room where it is less.
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_new_tokens: Option<usize>,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
@@ -45,6 +46,9 @@ pub struct GenerateArgs {
     pub dtype: Option<String>,
 }
 
+/// New tokens when `--max-new-tokens` is not given.
+const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+
 pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(Failure::User(message.to_string())) };
@@ -65,7 +69,9 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     } else {
         tokenizer.encode_prompt(&args.prompt).map_err(user)?
     };
-    // The whole sequence must fit the model's context: say so rather than cut it short.
+    // The whole sequence must fit the model's context: say so rather than cut it short
+    // (the default is cut to fit).
+    let mut max_new_tokens = args.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
     if let Some(context) = model.context_length().map(|c| c.max(0) as usize) {
         let config = args.model.join("config.json");
         if prompt.len() >= context {
@@ -76,17 +82,20 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
             )));
         }
         let room = context - prompt.len();
-        if args.max_new_tokens > room {
-            return Err(Failure::User(format!(
-                "--max-new-tokens {}: with the prompt's {} tokens that is more than the model's context of {context} positions ({}); use at most {room}",
-                args.max_new_tokens,
-                prompt.len(),
-                config.display()
-            )));
+        match args.max_new_tokens {
+            Some(asked) if asked > room => {
+                return Err(Failure::User(format!(
+                    "--max-new-tokens {asked}: with the prompt's {} tokens that is more than the model's context of {context} positions ({}); use at most {room}",
+                    prompt.len(),
+                    config.display()
+                )))
+            }
+            Some(_) => {}
+            None => max_new_tokens = max_new_tokens.min(room),
         }
     }
     let settings = GenerationSettings {
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens,
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
@@ -94,6 +103,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         stop_tokens: tokenizer.eos_ids(),
         seed: args.seed,
         pad_token: tokenizer.pad_id().unwrap_or(0),
+        context: None,
     };
     // The printer decodes as tokens come; it ends generation at a stop string, or once
     // stdout is gone (e.g. `| head`).

@@ -146,7 +146,8 @@ fn evaluation_answers_of_a_stage_stop_at_the_models_context() {
         .map(String::from)
         .collect();
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
-    // The pretrained model's context is its seq_len, 32; the answers ask for 500 tokens.
+    // The pretrained model's context is its seq_len, 32, and SFT trains it on 64 (RoPE
+    // extrapolates): answers may reach 64 positions, not the 500 tokens they ask for.
     let recipe = dir.path().join("recipe.yaml");
     std::fs::write(
         &recipe,
@@ -161,7 +162,12 @@ fn evaluation_answers_of_a_stage_stop_at_the_models_context() {
     assert_exit(&out, 0);
     let err = stderr(&out);
     assert!(
-        err.contains("max_new_tokens 500 is more than the 31 positions a prompt of 1 tokens leaves in the model's context of 32: generating at most 31 tokens"),
+        err.contains("max_new_tokens 500 is more than the 63 positions a prompt of 1 tokens leaves in a context of 64: generating at most 63 tokens"),
         "{err}"
     );
+    // `plumb generate` on that model: its default of 128 new tokens is cut to the room
+    // the prompt leaves in the 32 positions its config declares.
+    let model = dir.path().join("run/sft/final");
+    let out = plumb(dir.path(), &["generate", "--model", model.to_str().unwrap(), "--prompt", "One day"]);
+    assert_exit(&out, 0);
 }

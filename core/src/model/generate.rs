@@ -2,10 +2,10 @@
 //! positions count tokens only, each sequence finishes on its own (a stop token or a
 //! stop check), and the log-prob of every sampled token comes back with it.
 //!
-//! Generation stays inside the model's context ([`Policy::context_length`]): a prompt
-//! that leaves no room for a new token is an error, and `max_new_tokens` beyond the room
-//! the longest prompt leaves is cut to it, with a warning (those sequences finish with
-//! [`Finish::Length`]).
+//! Generation stays inside the model's context ([`Policy::context_length`], or the
+//! settings' `context`): a prompt that leaves no room for a new token is an error, and
+//! `max_new_tokens` beyond the room the longest prompt leaves is cut to it, with a
+//! warning (those sequences finish with [`Finish::Length`]).
 //!
 //! Sampling follows `transformers`' logits processors, in their order: repetition
 //! penalty, temperature, top-k, top-p. Draws come from a generator owned by the call
@@ -36,6 +36,10 @@ pub struct GenerationSettings {
     pub seed: Option<u64>,
     /// The id written into padding positions (masked out; any valid id works).
     pub pad_token: i64,
+    /// The most positions a sequence (prompt and new tokens) may reach; None: the
+    /// model's [`Policy::context_length`]. A stage that trained the model on longer
+    /// sequences than its config declares (RoPE extrapolates) sets its own.
+    pub context: Option<usize>,
 }
 
 impl Default for GenerationSettings {
@@ -49,6 +53,7 @@ impl Default for GenerationSettings {
             stop_tokens: Vec::new(),
             seed: None,
             pad_token: 0,
+            context: None,
         }
     }
 }
@@ -96,20 +101,20 @@ pub fn generate<P: Policy + ?Sized>(
 /// The number of new tokens [`generate`] draws at most: `max_new_tokens`, cut to the room
 /// the longest prompt (`longest` tokens) leaves in a context of `context` positions. An
 /// error when a prompt leaves no room at all.
-pub fn new_token_budget(longest: usize, max_new_tokens: usize, context: Option<i64>) -> Result<usize> {
-    let Some(context) = context.map(|c| c.max(0) as usize) else {
+pub fn new_token_budget(longest: usize, max_new_tokens: usize, context: Option<usize>) -> Result<usize> {
+    let Some(context) = context else {
         return Ok(max_new_tokens);
     };
     if longest >= context {
         return Err(Error::Other(format!(
-            "a prompt of {longest} tokens leaves no room for new tokens in the model's context of {context} positions; shorten it to at most {} tokens",
+            "a prompt of {longest} tokens leaves no room for new tokens in a context of {context} positions; shorten it to at most {} tokens",
             context.saturating_sub(1)
         )));
     }
     let room = context - longest;
     if max_new_tokens > room {
         tracing::warn!(
-            "max_new_tokens {max_new_tokens} is more than the {room} positions a prompt of {longest} tokens leaves in the model's context of {context}: generating at most {room} tokens"
+            "max_new_tokens {max_new_tokens} is more than the {room} positions a prompt of {longest} tokens leaves in a context of {context}: generating at most {room} tokens"
         );
     }
     Ok(max_new_tokens.min(room))
@@ -142,7 +147,8 @@ pub fn generate_with<P: Policy + ?Sized>(
     let batch = prompts.len() as i64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let padded = prompts.iter().any(|p| p.len() != longest);
-    let new_tokens = new_token_budget(longest, settings.max_new_tokens, policy.context_length())? as i64;
+    let context = settings.context.or(policy.context_length().map(|c| c.max(0) as usize));
+    let new_tokens = new_token_budget(longest, settings.max_new_tokens, context)? as i64;
 
     // Left-pad the prompts: (B, P) ids and mask.
     let mut ids = Vec::with_capacity(prompts.len() * longest);
@@ -308,11 +314,14 @@ mod tests {
         // Every token reached the observer as it was drawn, rows in order within a step.
         let first: Vec<i64> = streamed.iter().filter(|(row, _)| *row == 0).map(|(_, t)| *t).collect();
         assert_eq!((first, streamed[0].0, streamed[1].0), (out[0].tokens.clone(), 0, 1));
+        // A caller that trained on longer sequences sets its own bound.
+        let longer = GenerationSettings { context: Some(24), ..settings.clone() };
+        assert_eq!(generate(&model, &[vec![1, 2, 3, 4]], &longer, None).unwrap()[0].tokens.len(), 20);
         // A prompt that fills the context leaves no room: an error that says so.
         let err = generate(&model, &[vec![1; 16]], &settings, None).unwrap_err().to_string();
         assert_eq!(
             err,
-            "a prompt of 16 tokens leaves no room for new tokens in the model's context of 16 positions; shorten it to at most 15 tokens"
+            "a prompt of 16 tokens leaves no room for new tokens in a context of 16 positions; shorten it to at most 15 tokens"
         );
     }
 

@@ -384,16 +384,16 @@ fn answer(
     if asks.is_empty() {
         return Ok(Vec::new());
     }
-    // Prompt and answer fit in max_length and the model's context: the prompt keeps its
-    // end, and generation stops at the context's end (with a warning) when max_new_tokens
-    // leaves no room.
-    let window = policy.context_length().map_or(c.max_length, |context| c.max_length.min(context.max(2) as usize));
+    // Prompts keep their end, leaving max_new_tokens of max_length; answers stop at the
+    // model's context, or at max_length where the model was trained on longer sequences
+    // than its config declares (with a warning where max_new_tokens leaves no room).
+    let context = policy.context_length().map_or(c.max_length, |context| c.max_length.max(context.max(0) as usize));
     let prompts = asks
         .iter()
         .map(|(messages, _)| {
             let text = template.render_with(messages, true, &c.template_variables)?;
             let mut ids = tokenizer.encode(&text)?;
-            let keep = window.saturating_sub(eval.max_new_tokens).max(1);
+            let keep = c.max_length.saturating_sub(eval.max_new_tokens).max(1);
             if ids.len() > keep {
                 ids.drain(..ids.len() - keep); // the prompt's end, as in training
             }
@@ -404,6 +404,7 @@ fn answer(
         max_new_tokens: eval.max_new_tokens,
         temperature: 0.0,
         stop_tokens: stops.to_vec(),
+        context: Some(context),
         ..Default::default()
     };
     let generated = policy.generate(&prompts, &settings)?;
