@@ -558,8 +558,8 @@ impl CausalLm for Gpt2 {
         Gpt2::new_cache(self, batch, capacity)
     }
 
-    fn context_length(&self) -> i64 {
-        self.config.max_positions
+    fn context_length(&self) -> Option<i64> {
+        Some(self.config.max_positions)
     }
 
     fn hidden_size(&self) -> i64 {

@@ -193,7 +193,8 @@ pub trait Policy: SaveHf {
     fn vocab_size(&self) -> i64;
 
     /// The most positions the model attends over (`max_position_embeddings`,
-    /// `n_positions`), which bounds generation; None where the model sets no bound.
+    /// `n_positions`), which bounds generation; None where the model sets no bound
+    /// (dynamic NTK RoPE scaling, made to run past `max_position_embeddings`).
     fn context_length(&self) -> Option<i64> {
         None
     }
