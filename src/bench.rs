@@ -1,6 +1,7 @@
-//! `plumb bench generate`, `plumb bench train` and `plumb bench load`: generation
-//! throughput and time to first token, training tokens/s (and MFU), and the time and
-//! peak memory of loading a checkpoint; the first two measured the way
+//! `plumb bench generate`, `plumb bench train`, `plumb bench load` and `plumb bench
+//! pack`: generation throughput and time to first token, training tokens/s (and MFU),
+//! the time and peak memory of loading a checkpoint, and the time the token stream takes
+//! to tokenize and pack a long document; the first two measured the way
 //! `../shared/bench/hf_baseline.py` measures `transformers` (same shapes, batch, lengths;
 //! a training step is forward, backward, clipping and AdamW), so the two can be compared
 //! side by side on one machine. `bench/hf_train.py` measures transformers on a CPU too.
@@ -9,6 +10,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use plumb_core::data::seeded_rng;
+use plumb_core::data::stream::{Mixture, SourceConfig, TokenStream};
 use plumb_core::device::device_name;
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
@@ -16,6 +18,7 @@ use plumb_core::model::Policy;
 use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
 use plumb_core::rand::Rng;
 use plumb_core::tch::{self, Device, Tensor};
+use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{accumulate_gradients, Precision};
 
 use crate::device::{parse_dtype, resolve_device};
@@ -29,6 +32,22 @@ pub enum Bench {
     Train(TrainBench),
     /// Seconds and peak resident memory (against the file size) of loading a checkpoint.
     Load(LoadBench),
+    /// Seconds the token stream takes to cut its first rows when the corpus starts with
+    /// one long document (no blank lines): linear in the document's size.
+    Pack(PackBench),
+}
+
+#[derive(clap::Args)]
+pub struct PackBench {
+    /// Sizes of the long document, in MB (10^6 bytes), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8", allow_negative_numbers = true)]
+    pub mb: Vec<f64>,
+    /// Tokens per row (rows hold seq_len + 1).
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    pub seq_len: usize,
+    /// Each figure is the fastest of this many runs.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub repeats: usize,
 }
 
 #[derive(clap::Args)]
@@ -62,20 +81,20 @@ pub struct TrainBench {
     #[arg(long, default_value = "quickstart")]
     pub shape: String,
     /// Sequences per step; default: the shape's case in hf_baseline.py (16 for quickstart).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// Tokens per sequence; default 1024 (128 for quickstart).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seq: Option<usize>,
     /// Timed steps (the mean is reported), after `--warmup` untimed ones.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub steps: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     pub warmup: usize,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// The device's peak FLOP/s, for MFU (hf_baseline.py uses 790e12 for an H100 in bf16).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub peak_flops: Option<f64>,
     /// fp32, or bf16 (forward under bf16 autocast, fp32 master weights; hf_baseline.py's setting).
     #[arg(long, default_value = "fp32")]
@@ -91,14 +110,14 @@ pub struct GenerateBench {
     /// Measure this model directory instead of a shape.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,64", allow_negative_numbers = true)]
     pub batch: Vec<usize>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pub prompt_len: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     pub new_tokens: usize,
     /// Each figure is the median of this many runs, after a warm-up.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub repeats: usize,
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -141,6 +160,7 @@ pub fn run(bench: &Bench) -> Result<(), Failure> {
         Bench::Generate(args) => generate(args),
         Bench::Train(args) => train(args),
         Bench::Load(args) => load(args),
+        Bench::Pack(args) => pack(args),
     }
 }
 
@@ -344,4 +364,73 @@ fn load(args: &LoadBench) -> Result<(), Failure> {
     });
     println!("{line}");
     Ok(())
+}
+
+/// Words of the synthetic long document.
+const WORDS: [&str; 16] = [
+    "the", "little", "fox", "ran", "to", "a", "big", "tree", "and", "Lily", "saw", "red", "ball", "in", "park", "happy",
+];
+
+/// `mb` MB of text in lines of 12 words, with no blank line: one document.
+fn long_document(mb: f64, seed: u64) -> String {
+    let target = (mb * 1e6) as usize;
+    let mut rng = seeded_rng(seed);
+    let mut text = String::with_capacity(target + 64);
+    let mut words = 0;
+    while text.len() < target {
+        text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+        words += 1;
+        text.push(if words % 12 == 0 { '\n' } else { ' ' });
+    }
+    text
+}
+
+/// For each size: a corpus of one long document then 300 short ones, and the seconds
+/// from opening the stream to its first row: reading, tokenizing and packing the long
+/// document (and the short ones, which fill the stream's first chunk).
+fn pack(args: &PackBench) -> Result<(), Failure> {
+    let user = |e: plumb_core::Error| Failure::User(e.to_string());
+    if args.mb.is_empty() || args.mb.iter().any(|&mb| !(mb > 0.0 && mb.is_finite())) {
+        return Err(Failure::User("--mb: expected positive sizes in MB, e.g. 1,8".into()));
+    }
+    if args.seq_len == 0 || args.repeats == 0 {
+        return Err(Failure::User("--seq-len and --repeats must be positive".into()));
+    }
+    let dir = std::env::temp_dir().join(format!("plumb-bench-pack-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let sample = long_document(0.05, 0);
+    let tokenizer = Tokenizer::train_bpe(std::iter::once(sample.as_str()), 512, 2).map_err(user)?;
+    let eos = tokenizer.eos_id().ok_or_else(|| Failure::Internal("the trained tokenizer has no EOS".into()))?;
+    let short: String = (0..300).map(|i| format!("\n\nA short story, number {i}.")).collect();
+    for (i, &mb) in args.mb.iter().enumerate() {
+        let path = dir.join(format!("long-{i}.txt"));
+        let document = long_document(mb, 1);
+        std::fs::write(&path, format!("{document}{short}\n")).map_err(io(&path))?;
+        let start = Instant::now();
+        let tokens = tokenizer.encode(&document).map_err(user)?.len();
+        let tokenize_s = start.elapsed().as_secs_f64();
+        let sources = [SourceConfig::text(&path)];
+        let mut best = f64::INFINITY;
+        for _ in 0..args.repeats {
+            let start = Instant::now();
+            let mixture = Mixture::open(&sources, 0, 0.0, None).map_err(user)?;
+            let mut stream = TokenStream::new(mixture, args.seq_len, eos, 1, 0, None);
+            stream.next_rows(&tokenizer, 1).map_err(user)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        let line = serde_json::json!({
+            "case": "pack", "document_mb": mb, "document_bytes": document.len(), "document_tokens": tokens,
+            "rows": tokens / (args.seq_len + 1), "seq_len": args.seq_len, "repeats": args.repeats,
+            "first_rows_s": best, "mb_per_s": mb / best, "tokenize_s": tokenize_s,
+        });
+        println!("{line}");
+        std::fs::remove_file(&path).map_err(io(&path))?;
+    }
+    std::fs::remove_dir(&dir).map_err(io(&dir))?;
+    Ok(())
+}
+
+/// An I/O error on `path`, as the user's.
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Failure + '_ {
+    move |e| Failure::User(format!("{}: {e}", path.display()))
 }

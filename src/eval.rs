@@ -39,7 +39,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// The run's seed, for evaluators that sample or subsample.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Delete the results of an earlier evaluation in the output directory first. Without
     /// it, an evaluation into a directory that holds earlier results is refused.

@@ -1,9 +1,12 @@
 //! `plumb`: run, validate and inspect alignment recipes.
 //!
 //! Exit codes: 0 success; 1 a user error (bad recipe, data or plugin, a stage that
-//! failed on its input); 2 an internal error (a panic in a plugin, a broken invariant);
-//! 130 the run stopped cleanly on Ctrl-C (SIGINT); 143 the run stopped cleanly on SIGTERM
-//! (as schedulers stop jobs).
+//! failed on its input, an option's value out of range or not a number); 2 an internal
+//! error (a panic in a plugin, a broken invariant) or a command line that does not parse
+//! (an unknown option, a missing argument); 130 the run stopped cleanly on Ctrl-C
+//! (SIGINT); 143 the run stopped cleanly on SIGTERM (as schedulers stop jobs).
+//! Options that take numbers accept negative ones as values (`--temperature -1`), so a
+//! value out of range is reported as such.
 mod bench;
 mod data_cmd;
 mod device;
@@ -16,6 +19,7 @@ mod run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -80,7 +84,19 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A bad value is the user's to fix, like the checks each command makes itself.
+            let bad_value = matches!(e.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation);
+            let _ = e.print();
+            return match (e.use_stderr(), bad_value) {
+                (false, _) => ExitCode::SUCCESS, // --help, --version
+                (true, true) => ExitCode::from(1),
+                (true, false) => ExitCode::from(2),
+            };
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PLUMB_LOG")

@@ -21,7 +21,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     })?;
     let mut documents = Vec::new();
     let mut current = String::new();
-    for line in text.lines() {
+    for line in text.strip_prefix('\u{FEFF}').unwrap_or(&text).lines() {
         if line.trim().is_empty() {
             if !current.is_empty() {
                 documents.push(std::mem::take(&mut current));

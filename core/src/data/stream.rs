@@ -91,6 +91,9 @@ pub struct SourcePosition {
     pub trained: u64,
 }
 
+/// The UTF-8 byte-order mark, skipped at the start of a file.
+const BOM: char = '\u{FEFF}';
+
 /// Reads one file document by document from a position.
 struct SourceReader {
     config: SourceConfig,
@@ -113,6 +116,7 @@ impl SourceReader {
     /// The next line without its newline, or None at the end of the file.
     fn next_line(&mut self, line: &mut String) -> Result<bool> {
         line.clear();
+        let first = self.position.offset == 0;
         let read = self.reader.read_line(line).map_err(|e| {
             let why =
                 if e.kind() == std::io::ErrorKind::InvalidData { "not valid UTF-8 text".into() } else { e.to_string() };
@@ -125,6 +129,9 @@ impl SourceReader {
         self.position.line += 1;
         let trimmed = line.trim_end_matches(['\n', '\r']).len();
         line.truncate(trimmed);
+        if first && line.starts_with(BOM) {
+            line.drain(..BOM.len_utf8()); // a byte-order mark some editors write
+        }
         Ok(true)
     }
 
@@ -258,23 +265,44 @@ pub struct MixtureState {
     pub rng: SeededRng,
 }
 
-/// The held-out documents of `sources`, in file order, at most `max` from each.
+/// The held-out documents of `sources`, in file order, at most `max` from each. A file
+/// with no documents, or only one (nothing to split), is an error that says so.
 pub fn validation_documents(sources: &[SourceConfig], seed: u64, fraction: f64, max: usize) -> Result<Vec<String>> {
     let mut documents = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         let mut reader = SourceReader::open(source, SourcePosition::default())?;
         let start = documents.len();
-        while documents.len() - start < max {
+        let mut seen = 0;
+        while documents.len() - start < max || seen < 2 {
             match reader.next_document()? {
-                Some((ordinal, document)) if held_out(seed, i, ordinal, fraction) => documents.push(document),
-                Some(_) => {}
+                Some((ordinal, document)) => {
+                    seen += 1;
+                    if held_out(seed, i, ordinal, fraction) && documents.len() - start < max {
+                        documents.push(document);
+                    }
+                }
                 None => break,
             }
+        }
+        let separated = if source.is_jsonl() { "one a line" } else { "separated by blank lines" };
+        if seen == 0 {
+            let what = if source.is_jsonl() { "blank lines" } else { "whitespace" };
+            return Err(Error::file(&source.path, format!("the corpus has no documents: it is empty or only {what}")));
+        }
+        if seen == 1 {
+            return Err(Error::file(
+                &source.path,
+                format!(
+                    "the corpus holds a single document (documents are {separated}); training and validation need at least two"
+                ),
+            ));
         }
         if documents.len() == start {
             return Err(Error::file(
                 &source.path,
-                format!("no documents held out for validation (validation_fraction {fraction})"),
+                format!(
+                    "none of its {seen} documents is held out for validation (validation_fraction {fraction}); raise the fraction or add documents"
+                ),
             ));
         }
     }
@@ -293,8 +321,11 @@ pub struct TokenStream {
     rng: SeededRng,
 }
 
-/// Documents tokenized together (in parallel) when the buffer runs low.
+/// Documents tokenized together (in parallel) when the buffer runs low: at most this
+/// many, and no more once they hold [`CHUNK_BYTES`] of text (so a corpus of a few long
+/// documents does not read hundreds of copies of them at once).
 const CHUNK_DOCUMENTS: usize = 256;
+const CHUNK_BYTES: usize = 16 << 20;
 
 impl TokenStream {
     /// Rows of `seq_len + 1` tokens (inputs and shifted targets share a row) from
@@ -329,15 +360,25 @@ impl TokenStream {
 
     /// Tokenizes a chunk of documents into rows.
     fn fill(&mut self, tokenizer: &Tokenizer) -> Result<()> {
-        let documents = (0..CHUNK_DOCUMENTS).map(|_| self.mixture.next_document()).collect::<Result<Vec<_>>>()?;
+        let (mut documents, mut bytes) = (Vec::new(), 0);
+        while documents.len() < CHUNK_DOCUMENTS && bytes < CHUNK_BYTES {
+            let document = self.mixture.next_document()?;
+            bytes += document.len();
+            documents.push(document);
+        }
         let tokens = tokenizer.encode_batch(&documents.iter().map(String::as_str).collect::<Vec<_>>())?;
         let row = self.seq_len + 1;
         for document in tokens {
             self.pending.extend(document);
             self.pending.push(self.eos);
-            while self.pending.len() >= row {
-                self.buffer.push(self.pending.drain(..row).collect());
+            // Cut every whole row, then drop them from the front in one move: draining a
+            // row at a time would shift the rest each time, quadratic in a long document.
+            let mut cut = 0;
+            while self.pending.len() - cut >= row {
+                self.buffer.push(self.pending[cut..cut + row].to_vec());
+                cut += row;
             }
+            self.pending.drain(..cut);
         }
         Ok(())
     }

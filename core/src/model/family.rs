@@ -76,6 +76,10 @@ pub trait CausalLm: Architecture + 'static {
 
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache;
 
+    /// The most positions the model attends over (its `max_position_embeddings`), or
+    /// None where it sets no bound (dynamic NTK RoPE scaling grows with the sequence).
+    fn context_length(&self) -> Option<i64>;
+
     /// C, the width of the hidden states.
     fn hidden_size(&self) -> i64;
 
@@ -225,6 +229,10 @@ impl<A: CausalLm> Policy for Pretrained<A> {
 
     fn vocab_size(&self) -> i64 {
         self.model.vocab_size()
+    }
+
+    fn context_length(&self) -> Option<i64> {
+        self.model.context_length()
     }
 
     fn save(&self, dir: &Path) -> Result<()> {

@@ -2,6 +2,11 @@
 //! positions count tokens only, each sequence finishes on its own (a stop token or a
 //! stop check), and the log-prob of every sampled token comes back with it.
 //!
+//! Generation stays inside the model's context ([`Policy::context_length`], or the
+//! settings' `context`): a prompt that leaves no room for a new token is an error, and
+//! `max_new_tokens` beyond the room the longest prompt leaves is cut to it, with a
+//! warning (those sequences finish with [`Finish::Length`]).
+//!
 //! Sampling follows `transformers`' logits processors, in their order: repetition
 //! penalty, temperature, top-k, top-p. Draws come from a generator owned by the call
 //! (seeded by `seed`, or from libtorch's global generator when there is none), so a
@@ -31,6 +36,10 @@ pub struct GenerationSettings {
     pub seed: Option<u64>,
     /// The id written into padding positions (masked out; any valid id works).
     pub pad_token: i64,
+    /// The most positions a sequence (prompt and new tokens) may reach; None: the
+    /// model's [`Policy::context_length`]. A stage that trained the model on longer
+    /// sequences than its config declares (RoPE extrapolates) sets its own.
+    pub context: Option<usize>,
 }
 
 impl Default for GenerationSettings {
@@ -44,6 +53,7 @@ impl Default for GenerationSettings {
             stop_tokens: Vec::new(),
             seed: None,
             pad_token: 0,
+            context: None,
         }
     }
 }
@@ -55,7 +65,7 @@ pub enum Finish {
     StopToken,
     /// The stop check matched (e.g. a stop string).
     StopCheck,
-    /// It reached `max_new_tokens`.
+    /// It reached `max_new_tokens`, or the end of the model's context.
     Length,
 }
 
@@ -74,12 +84,49 @@ pub struct Generated {
 /// string?"); true ends that sequence.
 pub type StopCheck<'a> = &'a dyn Fn(&[i64]) -> bool;
 
+/// Called with (row, token) for every new token as it is drawn, in row order within a
+/// step (e.g. to stream a continuation while it is generated).
+pub type OnToken<'a> = &'a mut dyn FnMut(usize, i64);
+
 /// Generates continuations of `prompts` in one batch. See the module docs.
 pub fn generate<P: Policy + ?Sized>(
     policy: &P,
     prompts: &[Vec<i64>],
     settings: &GenerationSettings,
     stop_check: Option<StopCheck>,
+) -> Result<Vec<Generated>> {
+    generate_with(policy, prompts, settings, stop_check, None)
+}
+
+/// The number of new tokens [`generate`] draws at most: `max_new_tokens`, cut to the room
+/// the longest prompt (`longest` tokens) leaves in a context of `context` positions. An
+/// error when a prompt leaves no room at all.
+pub fn new_token_budget(longest: usize, max_new_tokens: usize, context: Option<usize>) -> Result<usize> {
+    let Some(context) = context else {
+        return Ok(max_new_tokens);
+    };
+    if longest >= context {
+        return Err(Error::Other(format!(
+            "a prompt of {longest} tokens leaves no room for new tokens in a context of {context} positions; shorten it to at most {} tokens",
+            context.saturating_sub(1)
+        )));
+    }
+    let room = context - longest;
+    if max_new_tokens > room {
+        tracing::warn!(
+            "max_new_tokens {max_new_tokens} is more than the {room} positions a prompt of {longest} tokens leaves in a context of {context}: generating at most {room} tokens"
+        );
+    }
+    Ok(max_new_tokens.min(room))
+}
+
+/// [`generate`], calling `on_token` with each new token as it is drawn.
+pub fn generate_with<P: Policy + ?Sized>(
+    policy: &P,
+    prompts: &[Vec<i64>],
+    settings: &GenerationSettings,
+    stop_check: Option<StopCheck>,
+    mut on_token: Option<OnToken>,
 ) -> Result<Vec<Generated>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -100,7 +147,8 @@ pub fn generate<P: Policy + ?Sized>(
     let batch = prompts.len() as i64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let padded = prompts.iter().any(|p| p.len() != longest);
-    let new_tokens = settings.max_new_tokens as i64;
+    let context = settings.context.or(policy.context_length().map(|c| c.max(0) as usize));
+    let new_tokens = new_token_budget(longest, settings.max_new_tokens, context)? as i64;
 
     // Left-pad the prompts: (B, P) ids and mask.
     let mut ids = Vec::with_capacity(prompts.len() * longest);
@@ -138,6 +186,9 @@ pub fn generate<P: Policy + ?Sized>(
             }
             out.tokens.push(next_ids[row]);
             out.log_probs.push(next_log_probs[row]);
+            if let Some(on_token) = on_token.as_mut() {
+                on_token(row, next_ids[row]);
+            }
             if settings.stop_tokens.contains(&next_ids[row]) {
                 (running[row], out.finish) = (false, Finish::StopToken);
             } else if stop_check.is_some_and(|check| check(&out.tokens)) {
@@ -241,6 +292,37 @@ mod tests {
         assert!(nucleus[1] > 0.2 && nucleus[2] == 0.0 && nucleus[3] == 0.0, "{nucleus:?}");
         let greedy = counts(&logits, &GenerationSettings { temperature: 0.0, ..Default::default() }, 10);
         assert_eq!(greedy[0], 1.0);
+    }
+
+    #[test]
+    fn generation_stays_inside_the_models_context() {
+        tch::manual_seed(0);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        let model = crate::model::llama::LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
+        let settings = GenerationSettings { max_new_tokens: 1_000_000, temperature: 0.0, ..Default::default() };
+        // Far more new tokens than fit: cut to the 16 - 5 positions the longest prompt leaves.
+        let mut streamed = Vec::new();
+        let mut on_token = |row: usize, token: i64| streamed.push((row, token));
+        let out =
+            generate_with(&model, &[vec![1, 2, 3, 4, 5], vec![6, 7]], &settings, None, Some(&mut on_token)).unwrap();
+        assert_eq!(out.iter().map(|g| g.tokens.len()).collect::<Vec<_>>(), [11, 11]);
+        assert!(out.iter().all(|g| g.finish == Finish::Length));
+        // Every token reached the observer as it was drawn, rows in order within a step.
+        let first: Vec<i64> = streamed.iter().filter(|(row, _)| *row == 0).map(|(_, t)| *t).collect();
+        assert_eq!((first, streamed[0].0, streamed[1].0), (out[0].tokens.clone(), 0, 1));
+        // A caller that trained on longer sequences sets its own bound.
+        let longer = GenerationSettings { context: Some(24), ..settings.clone() };
+        assert_eq!(generate(&model, &[vec![1, 2, 3, 4]], &longer, None).unwrap()[0].tokens.len(), 20);
+        // A prompt that fills the context leaves no room: an error that says so.
+        let err = generate(&model, &[vec![1; 16]], &settings, None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "a prompt of 16 tokens leaves no room for new tokens in a context of 16 positions; shorten it to at most 15 tokens"
+        );
     }
 
     #[test]

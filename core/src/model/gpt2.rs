@@ -558,6 +558,10 @@ impl CausalLm for Gpt2 {
         Gpt2::new_cache(self, batch, capacity)
     }
 
+    fn context_length(&self) -> Option<i64> {
+        Some(self.config.max_positions)
+    }
+
     fn hidden_size(&self) -> i64 {
         self.config.hidden_size
     }

@@ -553,6 +553,13 @@ impl CausalLm for Llama {
         Llama::new_cache(self, batch, capacity)
     }
 
+    fn context_length(&self) -> Option<i64> {
+        match self.config.rope.scaling {
+            RopeScaling::Dynamic { .. } => None, // made to run past max_position_embeddings
+            _ => Some(self.config.max_positions),
+        }
+    }
+
     fn hidden_size(&self) -> i64 {
         self.config.hidden_size
     }

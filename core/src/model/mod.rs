@@ -192,6 +192,13 @@ pub trait Policy: SaveHf {
     /// Rows of the token embedding.
     fn vocab_size(&self) -> i64;
 
+    /// The most positions the model attends over (`max_position_embeddings`,
+    /// `n_positions`), which bounds generation; None where the model sets no bound
+    /// (dynamic NTK RoPE scaling, made to run past `max_position_embeddings`).
+    fn context_length(&self) -> Option<i64> {
+        None
+    }
+
     /// Writes the weights and `config.json` (and `generation_config.json`) in HF layout
     /// into `dir`, which exists.
     fn save(&self, dir: &Path) -> Result<()>;

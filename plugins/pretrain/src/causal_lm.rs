@@ -116,7 +116,12 @@ impl Objective for CausalLmObjective {
         prompts: &[String],
         tokens: usize,
     ) -> Result<Option<String>> {
-        let ids = prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
+        // A prompt keeps its end, with room for at least one new token in the context.
+        let keep = model.context_length().map_or(usize::MAX, |c| (c.max(2) - 1) as usize);
+        let mut ids = prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
+        for prompt in &mut ids {
+            prompt.drain(..prompt.len().saturating_sub(keep));
+        }
         let settings = GenerationSettings {
             max_new_tokens: tokens,
             temperature: 0.0,

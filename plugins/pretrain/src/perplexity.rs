@@ -127,8 +127,8 @@ impl Evaluator for Perplexity {
             let (inputs, targets) = pad(batch);
             let inputs = inputs.to_device(device);
             let logits = policy.logits(&inputs, None)?; // (B, T, vocab)
-            // Summed over real targets; padding is ignored. Right padding never changes
-            // what a causal model predicts at the positions before it.
+                                                        // Summed over real targets; padding is ignored. Right padding never changes
+                                                        // what a causal model predicts at the positions before it.
             let sum = summed_cross_entropy(&logits, &targets.to_device(device));
             nll += sum.double_value(&[]); // a CPU-GPU sync per batch
             scored += batch.iter().map(|w| w.targets.len() as u64).sum::<u64>();
@@ -214,7 +214,10 @@ pub fn read_documents(path: &Path, field: Option<&str>) -> Result<Vec<String>> {
     let mut documents = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let at = |why: String| Error::file(path, format!("line {}: {why}", i + 1));
-        let line = line.map_err(|e| at(e.to_string()))?;
+        let mut line = line.map_err(|e| at(e.to_string()))?;
+        if i == 0 && line.starts_with('\u{FEFF}') {
+            line.drain(..'\u{FEFF}'.len_utf8()); // a byte-order mark some editors write
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -271,6 +274,8 @@ mod tests {
         );
         std::fs::write(&path, "{\"text\": \"a b\"}\n{\"text\": \"c\"}\n").unwrap();
         assert_eq!(read_documents(&path, None).unwrap(), vec!["a b".to_string(), "c".to_string()]);
+        std::fs::write(&path, "\u{FEFF}{\"text\": \"a b\"}\n").unwrap(); // a byte-order mark
+        assert_eq!(read_documents(&path, None).unwrap(), vec!["a b".to_string()]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,8 +7,11 @@
 //! - `messages`: `{"messages": [{"role": …, "content": …}, …]}`, multi-turn.
 //!
 //! Field names are mappable (`fields:` in the recipe). A malformed line (not JSON, a
-//! missing or mistyped field, no assistant turn) is an error naming the file and line,
-//! or, with `on_malformed: skip`, counted and left out.
+//! missing or mistyped field, no assistant turn, longer than `data.max_line_bytes`) is an
+//! error naming the file and line, or, with `on_malformed: skip`, counted and left out.
+//! A line over the limit is measured and skipped without being held in memory, so one
+//! runaway line cannot cost gigabytes before it is refused. A UTF-8 byte-order mark at
+//! the start of the file is ignored; a file whose answers are all empty is refused.
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
@@ -101,22 +104,52 @@ impl std::fmt::Display for Skipped {
 
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
-/// Reads every non-blank line of `path` as an example of `format`.
+/// The longest line [`read_jsonl`] reads (`data.max_line_bytes`'s default): 1 MiB, some
+/// 250 000 tokens, far beyond any `max_length`; the rare longer example is better cut
+/// before it is written to the file.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Reads every non-blank line of `path` as an example of `format`, refusing lines over
+/// [`DEFAULT_MAX_LINE_BYTES`].
 pub fn read_jsonl(
     path: &Path,
     format: Format,
     fields: &Fields,
     on_malformed: OnMalformed,
 ) -> Result<(Vec<Conversation>, Skipped)> {
+    read_jsonl_with_limit(path, format, fields, on_malformed, DEFAULT_MAX_LINE_BYTES)
+}
+
+/// [`read_jsonl`] with lines of up to `max_line_bytes` (without the newline).
+pub fn read_jsonl_with_limit(
+    path: &Path,
+    format: Format,
+    fields: &Fields,
+    on_malformed: OnMalformed,
+    max_line_bytes: usize,
+) -> Result<(Vec<Conversation>, Skipped)> {
     let file = std::fs::File::open(path).at(path)?;
+    let mut reader = BufReader::new(file);
     let mut conversations = Vec::new();
     let mut skipped = Skipped { file: path.to_path_buf(), lines: Vec::new() };
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let number = index + 1;
-        let parsed = match line {
-            Ok(text) if text.trim().is_empty() => continue,
-            Ok(text) => parse_line(&text, format, fields),
-            Err(e) => Err(format!("not valid UTF-8 text ({e})")),
+    let mut bytes = Vec::new();
+    for number in 1.. {
+        let Some(size) = read_bounded_line(&mut reader, &mut bytes, max_line_bytes).at(path)? else {
+            break;
+        };
+        if number == 1 && bytes.starts_with(BOM) {
+            bytes.drain(..BOM.len());
+        }
+        let parsed = if size > max_line_bytes as u64 {
+            Err(format!(
+                "{size} bytes, more than data.max_line_bytes ({max_line_bytes}); shorten the example or raise the limit"
+            ))
+        } else {
+            match std::str::from_utf8(&bytes) {
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => parse_line(text, format, fields),
+                Err(e) => Err(format!("not valid UTF-8 text ({e})")),
+            }
         };
         match (parsed, on_malformed) {
             (Ok(messages), _) => conversations.push(Conversation { messages, line: number }),
@@ -133,7 +166,63 @@ pub fn read_jsonl(
         let why = skipped.lines.first().map(|(n, why)| format!("; line {n}: {why}")).unwrap_or_default();
         return Err(Error::file(path, format!("no usable examples in {format:?} format{why}")));
     }
+    let answered = |c: &Conversation| c.messages.iter().any(|m| m.role == "assistant" && !m.content.trim().is_empty());
+    if !conversations.iter().any(answered) {
+        let field = match format {
+            Format::Alpaca => format!("`{}`", fields.output),
+            Format::PromptCompletion => format!("`{}`", fields.completion),
+            Format::Messages => "assistant turns".to_string(),
+        };
+        return Err(Error::file(
+            path,
+            format!(
+                "every answer is empty (the {field} of all {} examples): there is nothing to learn; check the field names",
+                conversations.len()
+            ),
+        ));
+    }
     Ok((conversations, skipped))
+}
+
+/// The UTF-8 byte-order mark some editors write at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Reads the next line into `line` (without its `\n` or `\r\n`), keeping at most
+/// `limit + 1` bytes of it, and returns its whole length in bytes, or None at the end
+/// of the input. A longer line is read to its end but not kept, so memory stays bounded.
+fn read_bounded_line(reader: &mut impl BufRead, line: &mut Vec<u8>, limit: usize) -> std::io::Result<Option<u64>> {
+    line.clear();
+    let (mut size, mut any, mut ends_cr) = (0u64, false, false);
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            break;
+        }
+        any = true;
+        let newline = available.iter().position(|&b| b == b'\n');
+        let chunk = &available[..newline.unwrap_or(available.len())];
+        let room = (limit + 1).saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        size += chunk.len() as u64;
+        if let Some(&last) = chunk.last() {
+            ends_cr = last == b'\r';
+        }
+        let used = newline.map_or(available.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if ends_cr {
+        if line.len() as u64 == size {
+            line.pop();
+        }
+        size -= 1;
+    }
+    Ok(Some(size))
 }
 
 /// One line as a conversation, or why it is malformed.
@@ -218,6 +307,23 @@ fn kind_of(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_read_whole_up_to_the_limit_and_only_measured_beyond_it() {
+        let text = b"short\r\nexactly8\nmuch too long\n\nlast";
+        let mut reader = BufReader::with_capacity(4, &text[..]); // lines span several buffers
+        let mut line = Vec::new();
+        let mut read = || {
+            let size = read_bounded_line(&mut reader, &mut line, 8).unwrap();
+            size.map(|n| (n, String::from_utf8(line.clone()).unwrap()))
+        };
+        assert_eq!(read(), Some((5, "short".into())));
+        assert_eq!(read(), Some((8, "exactly8".into())));
+        assert_eq!(read(), Some((13, "much too ".into())), "9 bytes kept: enough to tell it is too long");
+        assert_eq!(read(), Some((0, "".into())));
+        assert_eq!(read(), Some((4, "last".into())));
+        assert_eq!(read(), None);
+    }
 
     fn turns(messages: &[ChatMessage]) -> Vec<(&str, &str)> {
         messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect()

@@ -26,7 +26,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::batching::{collate, count_targets, Batch, Batching, Plan};
-use crate::formats::{read_jsonl, Conversation, Fields, Format, OnMalformed};
+use crate::formats::{read_jsonl_with_limit, Conversation, Fields, Format, OnMalformed, DEFAULT_MAX_LINE_BYTES};
 use crate::template::{
     prompt_of, render_with_spans, stop_tokens, tokenize, truncate, use_template, Example, TemplateChoice, TrainOn,
 };
@@ -72,6 +72,21 @@ pub struct DataConfig {
     /// `stop` at the first malformed line, or `skip` (and count) them.
     #[serde(default)]
     pub on_malformed: OnMalformed,
+    /// The longest line (one example) read, in bytes (default 1 MiB); a longer line is
+    /// malformed, refused before it is parsed.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+}
+
+impl DataConfig {
+    /// The examples of `path` and the lines left out.
+    pub fn read(&self, path: &std::path::Path) -> Result<(Vec<Conversation>, crate::formats::Skipped)> {
+        read_jsonl_with_limit(path, self.format, &self.fields, self.on_malformed, self.max_line_bytes)
+    }
+}
+
+fn default_max_line_bytes() -> usize {
+    DEFAULT_MAX_LINE_BYTES
 }
 
 fn default_max_length() -> usize {
@@ -101,9 +116,19 @@ impl Stage for Sft {
                 "expected a fraction strictly between 0 and 1",
             )?;
         }
+        require(c.data.max_line_bytes > 0, "data.max_line_bytes", "expected at least 1")?;
         // Malformed lines are found before any stage computes anything.
         for path in std::iter::once(&c.data.train).chain(&c.data.validation) {
-            read_jsonl(path, c.data.format, &c.data.fields, c.data.on_malformed)?;
+            let (examples, _) = c.data.read(path)?;
+            if c.data.validation.is_none() && examples.len() < 2 {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "{} usable example(s); holding out data.validation_fraction for validation needs at least 2 (add examples or give data.validation)",
+                        examples.len()
+                    ),
+                ));
+            }
         }
         if let TemplateChoice::File(path) = &c.template {
             ctx.existing_file("template", path).map_err(|_| {
@@ -139,10 +164,8 @@ impl Stage for Sft {
         // A stop asked for meanwhile (Ctrl-C, SIGTERM) is honoured within 50 ms while the
         // files are read, and between examples while they are tokenized.
         let read = |path: &PathBuf| {
-            let (path, format, fields, on_malformed) =
-                (path.clone(), c.data.format, c.data.fields.clone(), c.data.on_malformed);
-            let (conversations, skipped) =
-                ctx.unless_stopped("reading the SFT data", move || read_jsonl(&path, format, &fields, on_malformed))?;
+            let (path, data) = (path.clone(), c.data.clone());
+            let (conversations, skipped) = ctx.unless_stopped("reading the SFT data", move || data.read(&path))?;
             if !skipped.lines.is_empty() {
                 tracing::warn!("{skipped}");
                 ctx.scalar("data/malformed_lines", 0, skipped.lines.len() as f64);
@@ -368,6 +391,10 @@ fn answer(
     if asks.is_empty() {
         return Ok(Vec::new());
     }
+    // Prompts keep their end, leaving max_new_tokens of max_length; answers stop at the
+    // model's context, or at max_length where the model was trained on longer sequences
+    // than its config declares (with a warning where max_new_tokens leaves no room).
+    let context = policy.context_length().map_or(c.max_length, |context| c.max_length.max(context.max(0) as usize));
     let prompts = asks
         .iter()
         .map(|(messages, _)| {
@@ -384,6 +411,7 @@ fn answer(
         max_new_tokens: eval.max_new_tokens,
         temperature: 0.0,
         stop_tokens: stops.to_vec(),
+        context: Some(context),
         ..Default::default()
     };
     let generated = policy.generate(&prompts, &settings)?;
