@@ -71,9 +71,15 @@ pub fn check_documents(source: &SourceConfig) -> Result<u64> {
         documents += 1;
     }
     if documents == 0 {
-        return Err(Error::file(&source.path, "no documents: the file is empty or holds only blank lines"));
+        return Err(no_documents(source));
     }
     Ok(documents)
+}
+
+/// The error of a source without a single document.
+fn no_documents(source: &SourceConfig) -> Error {
+    let what = if source.is_jsonl() { "blank lines" } else { "whitespace" };
+    Error::file(&source.path, format!("the corpus has no documents: it is empty or only {what}"))
 }
 
 /// Where a file's reader is.
@@ -286,8 +292,7 @@ pub fn validation_documents(sources: &[SourceConfig], seed: u64, fraction: f64, 
         }
         let separated = if source.is_jsonl() { "one a line" } else { "separated by blank lines" };
         if seen == 0 {
-            let what = if source.is_jsonl() { "blank lines" } else { "whitespace" };
-            return Err(Error::file(&source.path, format!("the corpus has no documents: it is empty or only {what}")));
+            return Err(no_documents(source));
         }
         if seen == 1 {
             return Err(Error::file(
