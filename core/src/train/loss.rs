@@ -62,27 +62,29 @@ mod tests {
         assert!((sum - expected).abs() < 1e-6, "{sum} vs {expected}");
     }
 
-    fn grads(micro: usize) -> (f64, Vec<Tensor>) {
-        tch::manual_seed(0);
+    /// The loss and gradients of one model over 8 rows in micro-batches of `micro`.
+    fn grads(policy: &LlamaForCausalLm, micro: usize) -> (f64, Vec<Tensor>) {
+        let data = Tensor::arange(8 * 9, (Kind::Int64, Device::Cpu)).remainder(40).view([8, 9]);
+        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
+        optimizer.zero_grad();
+        let rows = [0, 1, 2, 3, 4, 5, 6, 7];
+        let loss = accumulate_gradients(policy, &data, &rows, micro, Device::Cpu, Precision::Fp32).unwrap();
+        (loss, optimizer.parameters().iter().map(|p| p.grad().copy()).collect())
+    }
+
+    #[test]
+    fn accumulating_micro_batches_equals_one_large_batch() {
+        // One model for every micro-batch size, so nothing depends on the global generator
+        // that tests on other threads draw from.
         let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
             "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
             "num_attention_heads": 2, "max_position_embeddings": 16
         }))
         .unwrap();
         let policy = LlamaForCausalLm::new(hf, Device::Cpu).unwrap();
-        let data = Tensor::arange(8 * 9, (Kind::Int64, Device::Cpu)).remainder(40).view([8, 9]);
-        let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
-        optimizer.zero_grad();
-        let rows = [0, 1, 2, 3, 4, 5, 6, 7];
-        let loss = accumulate_gradients(&policy, &data, &rows, micro, Device::Cpu, Precision::Fp32).unwrap();
-        (loss, optimizer.parameters().iter().map(|p| p.grad().copy()).collect())
-    }
-
-    #[test]
-    fn accumulating_micro_batches_equals_one_large_batch() {
-        let (loss, whole) = grads(8);
+        let (loss, whole) = grads(&policy, 8);
         for micro in [1, 2, 4] {
-            let (accumulated_loss, accumulated) = grads(micro);
+            let (accumulated_loss, accumulated) = grads(&policy, micro);
             assert!((loss - accumulated_loss).abs() < 1e-6, "micro {micro}: loss {loss} vs {accumulated_loss}");
             for (a, b) in whole.iter().zip(&accumulated) {
                 let diff = (a - b).abs().max().double_value(&[]);
