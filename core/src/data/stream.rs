@@ -65,9 +65,23 @@ impl SourceConfig {
 /// documents at all) is reported with its line before any stage computes. Returns the
 /// number of documents.
 pub fn check_documents(source: &SourceConfig) -> Result<u64> {
+    each_document(source, |_| {})
+}
+
+/// Every document of `source`, in file order, read as training reads them (an evaluator
+/// that scores a whole file, say); the same errors as [`check_documents`].
+pub fn read_source(source: &SourceConfig) -> Result<Vec<String>> {
+    let mut documents = Vec::new();
+    each_document(source, |document| documents.push(document))?;
+    Ok(documents)
+}
+
+/// Hands each document of `source` to `each`; an error when there is none.
+fn each_document(source: &SourceConfig, mut each: impl FnMut(String)) -> Result<u64> {
     let mut reader = SourceReader::open(source, SourcePosition::default())?;
     let mut documents = 0;
-    while reader.next_document()?.is_some() {
+    while let Some((_, document)) = reader.next_document()? {
+        each(document);
         documents += 1;
     }
     if documents == 0 {

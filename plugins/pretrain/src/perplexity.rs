@@ -12,16 +12,16 @@
 //! (its exponential), `eval/tokens` (tokens scored); like the harness, also
 //! `eval/word_perplexity`, `eval/byte_perplexity` and `eval/bits_per_byte`, and
 //! `eval/documents`.
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use plumb_core::data::objectives::IGNORE_INDEX;
+use plumb_core::data::stream::{read_source, SourceConfig};
 use plumb_core::error::IoResultExt;
 use plumb_core::plugin::{Metrics, ValidateContext};
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::train::summed_cross_entropy;
-use plumb_core::{data, model, Error, Evaluator, Result, RunContext};
+use plumb_core::{model, Error, Evaluator, Result, RunContext};
 use serde::Deserialize;
 
 /// Context length when neither the recipe nor the model's `config.json` gives one.
@@ -206,32 +206,7 @@ fn context_length(dir: &Path) -> Result<usize> {
 /// The documents of a text file (blank-line separated) or of a JSONL file (`field`,
 /// default `text`, of each non-blank line); errors name the file and line.
 pub fn read_documents(path: &Path, field: Option<&str>) -> Result<Vec<String>> {
-    if !is_jsonl(path) {
-        return data::read_documents(path);
-    }
-    let field = field.unwrap_or("text");
-    let file = std::fs::File::open(path).at(path)?;
-    let mut documents = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let at = |why: String| Error::file(path, format!("line {}: {why}", i + 1));
-        let mut line = line.map_err(|e| at(e.to_string()))?;
-        if i == 0 && line.starts_with('\u{FEFF}') {
-            line.drain(..'\u{FEFF}'.len_utf8()); // a byte-order mark some editors write
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| at(format!("not JSON: {e}")))?;
-        match value.get(field) {
-            Some(serde_json::Value::String(text)) => documents.push(text.clone()),
-            Some(other) => return Err(at(format!("field `{field}`: expected a string, found {other}"))),
-            None => return Err(at(format!("missing field `{field}`"))),
-        }
-    }
-    if documents.is_empty() {
-        return Err(Error::file(path, "no documents (the file is empty or only blank lines)"));
-    }
-    Ok(documents)
+    read_source(&SourceConfig { path: path.to_path_buf(), weight: 1.0, field: field.map(str::to_owned) })
 }
 
 #[cfg(test)]
