@@ -54,7 +54,8 @@ fn unfinish(run: &Path) {
 fn a_second_run_into_a_directory_in_use_is_refused_and_the_first_stays_intact() {
     let dir = tempfile::tempdir().unwrap();
     // Far more steps than the refusals below take on any machine; it is stopped after them.
-    let recipe = write_recipe(dir.path(), 100_000, "");
+    // No periodic checkpoints: the only one is written when the first run is stopped.
+    let recipe = write_recipe(dir.path(), 100_000, "      checkpoint: {every: 0}\n");
     let out_dir = dir.path().join("run");
     let mut first = spawn(dir.path(), &recipe, Stdio::piped());
     // Plain progress lines (stdout is a pipe): the first comes after the first step.
