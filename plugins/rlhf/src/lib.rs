@@ -1,0 +1,15 @@
+//! RLHF as plumb stages and rewards.
+//!
+//! - `rlhf.reward_model`: a scalar-head transformer trained on preference pairs.
+//! - `rlhf.ppo`: PPO against rewards named in the recipe.
+//! - rewards: learned, verifiable (exact answer, regex/format, length), remote (HTTP),
+//!   and a weighted sum of others.
+
+plumb_core::export_plugin! {
+    name: "rlhf",
+    version: env!("CARGO_PKG_VERSION"),
+    description: "Reward modelling, PPO, and rewards any stage can call",
+    stages: [],
+    evaluators: [],
+    rewards: [],
+}
