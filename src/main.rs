@@ -23,7 +23,17 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "plumb", version, about = "The alignment pipeline for language models, on libtorch")]
+#[command(
+    name = "plumb",
+    version,
+    about = "The alignment pipeline for language models, on libtorch",
+    after_help = "Environment:\n  \
+        PLUMB_LOG           log filter: error, warn, info (default), debug, trace, or per module \
+                            (`plumb=debug,info`)\n  \
+        NO_COLOR            set (to anything) for logs without colour; logs are plain whenever \
+                            stderr is not a terminal\n  \
+        PLUMB_PLUGIN_PATH   directories searched for plugins, `:`-separated, before the one holding plumb"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,6 +70,13 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::Bench),
+}
+
+/// Colour in logs only for a person at a terminal: not in a file or a pipe, and not when
+/// `NO_COLOR` is set (https://no-color.org).
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// An error with the exit code it deserves.
@@ -103,6 +120,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .with_target(false)
         .init();
     let result = match cli.command {

@@ -227,3 +227,30 @@ fn a_stage_may_not_take_the_name_of_the_run_directorys_tensorboard_folder() {
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("stages[0].name: stage name `tb` is taken"), "{}", stderr(&out));
 }
+
+/// Logs written to a file or a pipe are plain text: no colour escape codes, whatever
+/// NO_COLOR says, and the help names the variables that shape them.
+#[test]
+fn logs_into_a_pipe_have_no_escape_codes_and_help_names_the_log_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 40);
+    let recipe = dir.path().join("r.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "run: {{output_dir: {}, device: cpu}}\nplugins: [{{name: pretrain}}]\nstages:\n{}",
+            dir.path().join("out").display(),
+            tiny_pretrain_stage("pretrain", &corpus, 2)
+        ),
+    )
+    .unwrap();
+    let o = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let log = stderr(&o);
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in a piped log:\n{log:?}");
+    let help = stdout(&plumb(dir.path(), &["--help"]));
+    for variable in ["PLUMB_LOG", "NO_COLOR", "PLUMB_PLUGIN_PATH"] {
+        assert!(help.contains(variable), "{help}");
+    }
+}
