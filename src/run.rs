@@ -150,6 +150,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         }
         stages.push(component);
     }
+    // A device this machine lacks is a recipe error, found by `validate` too.
+    let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
+    let device = plumb_core::device::device_name(device);
     if mode == Mode::Validate {
         print!("{}", recipe.resolved_yaml());
         return Ok(());
@@ -169,8 +172,6 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // the recipe the run was made under.
     let earlier_recipe = if mode == Mode::Resume { std::fs::read(&recipe_file).ok() } else { None };
     write_file_atomically(&recipe_file, recipe.resolved_yaml().as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
-    let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
-    let device = plumb_core::device::device_name(device);
     // The first Ctrl-C (or SIGTERM) asks the running stage to finish its step and save; a
     // second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));

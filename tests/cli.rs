@@ -254,3 +254,15 @@ fn logs_into_a_pipe_have_no_escape_codes_and_help_names_the_log_variables() {
         assert!(help.contains(variable), "{help}");
     }
 }
+
+/// `run.device: cuda` on a machine without a GPU is refused by `validate`, at its key.
+#[test]
+fn validate_refuses_a_cuda_device_on_a_machine_without_one() {
+    if plumb_core::tch::Cuda::device_count() > 0 {
+        return; // this machine has the device; nothing to refuse
+    }
+    let o = validate(&["recipes/quickstart.yaml", "run.device=cuda"]);
+    assert_exit(&o, 1);
+    let err = stderr(&o);
+    assert!(err.contains("run.device") && err.contains("cuda:0 asked for, but libtorch sees 0 CUDA device(s)"), "{err}");
+}
