@@ -226,6 +226,9 @@ fn a_run_killed_mid_training_resumes_with_the_same_losses_step_for_step() {
     assert_exit(&out, 0);
     assert!(stderr(&out).contains("resuming from step "), "{}", stderr(&out));
     assert_eq!(losses(&killed), expected, "losses after resuming differ from the uninterrupted run");
+    // The report tells the run's story: the loss before any training, not at the resume point.
+    let initial = |run: &Path| report(run)["metrics"]["eval/initial_loss"].as_f64().unwrap();
+    assert_eq!(initial(&killed), initial(&whole));
 
     // Running again with --resume finds the stage finished.
     let again = plumb(

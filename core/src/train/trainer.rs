@@ -79,6 +79,11 @@ pub struct TrainerState {
     /// The loss of the latest applied step.
     #[serde(default)]
     pub loss: Option<f64>,
+    /// Figures of the run's start (e.g. `eval/initial_loss`), kept so that a resumed run
+    /// reports the run's own and not their values at the resume point; see
+    /// [`Trainer::at_start`].
+    #[serde(default)]
+    pub at_start: std::collections::BTreeMap<String, f64>,
 }
 
 /// Where the data is, at the next batch: an order over a fixed set of batches or rows,
@@ -244,6 +249,18 @@ impl<'a, 'h> Trainer<'a, 'h> {
         self.last.loss = self.state.loss.unwrap_or(f64::NAN);
         self.ctx.restart_at(self.state.step as i64 + 1);
         Ok(Some(saved.data))
+    }
+
+    /// The figure `name` of the run's start: computed by `compute` (off the throughput
+    /// clock) on a fresh run and kept in the checkpoints, read back from them when the run
+    /// resumes. Call after [`Trainer::restore`].
+    pub fn at_start(&mut self, name: &str, compute: impl FnOnce() -> Result<f64>) -> Result<f64> {
+        if let Some(&value) = self.state.at_start.get(name) {
+            return Ok(value);
+        }
+        let value = self.untimed(compute)?;
+        self.state.at_start.insert(name.to_owned(), value);
+        Ok(value)
     }
 
     /// True while steps remain.

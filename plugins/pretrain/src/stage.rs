@@ -182,8 +182,12 @@ impl<O: Objective> Stage for Pretraining<O> {
             }
             Ok(total / count.max(1) as f64)
         };
-        let initial_eval = trainer.untimed(evaluate)?;
-        if !is_resumed {
+        // The loss before training; a resumed run reports the one its first run measured.
+        let initial_eval = trainer.at_start("eval/initial_loss", evaluate)?;
+        let mut eval_loss = initial_eval;
+        if is_resumed {
+            eval_loss = trainer.untimed(evaluate)?;
+        } else {
             tracing::info!("step 0: eval/loss {initial_eval:.4}");
             ctx.scalar("eval/loss", 0, initial_eval);
         }
@@ -192,7 +196,6 @@ impl<O: Objective> Stage for Pretraining<O> {
         // up), corrupts them (drawn from the seed and the step alone) and accumulates the
         // gradients of micro-batches.
         let micro = training.micro_batch_size();
-        let mut eval_loss = initial_eval;
         while trainer.running() {
             if trainer.stop_requested() {
                 return Err(trainer.stop(checkpoint(&trainer, &stream, &optimizer)?));
