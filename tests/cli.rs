@@ -264,5 +264,8 @@ fn validate_refuses_a_cuda_device_on_a_machine_without_one() {
     let o = validate(&["recipes/quickstart.yaml", "run.device=cuda"]);
     assert_exit(&o, 1);
     let err = stderr(&o);
-    assert!(err.contains("run.device") && err.contains("cuda:0 asked for, but libtorch sees 0 CUDA device(s)"), "{err}");
+    assert!(
+        err.contains("run.device") && err.contains("cuda:0 asked for, but libtorch sees 0 CUDA device(s)"),
+        "{err}"
+    );
 }

@@ -199,13 +199,17 @@ fn the_arithmetic_task_is_regenerated_byte_for_byte_and_its_held_out_problems_ar
     run(&[]);
     for file in ["corpus.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl", "train.jsonl", "test.jsonl"] {
         let shipped = std::fs::read(repo_root().join("data/arith").join(file)).unwrap();
-        assert!(shipped == std::fs::read(out.join(file)).unwrap(), "data/arith/{file} differs from what make_arith.py writes");
+        assert!(
+            shipped == std::fs::read(out.join(file)).unwrap(),
+            "data/arith/{file} differs from what make_arith.py writes"
+        );
     }
     assert!(run(&["--check"]).contains("disjoint"));
 
     // The check fails when a held-out problem leaks into training data.
     let test_line = std::fs::read_to_string(out.join("test.jsonl")).unwrap().lines().next().unwrap().to_owned();
-    let question = serde_json::from_str::<serde_json::Value>(&test_line).unwrap()["question"].as_str().unwrap().to_owned();
+    let question =
+        serde_json::from_str::<serde_json::Value>(&test_line).unwrap()["question"].as_str().unwrap().to_owned();
     let leaked = serde_json::json!({"question": question.replacen(question.split_whitespace().next().unwrap(), "Zed", 1), "answer": "#### 0"});
     std::fs::write(out.join("train.jsonl"), format!("{leaked}\n")).unwrap();
     let o = std::process::Command::new(python())
@@ -214,5 +218,9 @@ fn the_arithmetic_task_is_regenerated_byte_for_byte_and_its_held_out_problems_ar
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("repeat a held-out problem"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("repeat a held-out problem"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

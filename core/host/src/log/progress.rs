@@ -1,5 +1,11 @@
 //! The progress display of long work: a bar with step, loss, tokens/s and ETA on a
 //! terminal, plain lines (about every 10 s, and at the end) when stdout is not one.
+//!
+//! The bar appears with the stage's first update (no empty `0/0` bar while it sets up),
+//! stays where the work stopped (a run stopped with Ctrl-C shows the step it reached),
+//! and its ETA comes from steps measured in this process: none until [`ETA_AFTER`]
+//! steps have been timed, so neither set-up nor the steps of a resumed run's earlier
+//! process skew it.
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -8,11 +14,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use plumb_core::plugin::abi::ProgressUpdate;
 
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
+/// Steps timed before an ETA is shown.
+pub const ETA_AFTER: u64 = 3;
 
 pub struct Progress {
     label: String,
+    terminal: bool,
     bar: Option<ProgressBar>,
-    started: Instant,
+    /// When the first update came, and its position: the ETA's baseline.
+    first: Option<(Instant, u64)>,
     last_line: Option<Instant>,
     /// The latest update not yet printed as a plain line.
     pending: Option<ProgressUpdate>,
@@ -25,24 +35,30 @@ impl Progress {
     }
 
     pub fn with_terminal(label: &str, terminal: bool) -> Self {
-        let bar = terminal.then(|| {
-            let bar = ProgressBar::new(0);
-            let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
-            bar.set_style(style);
-            bar.set_prefix(label.to_owned());
-            bar
-        });
-        Self { label: label.to_owned(), bar, started: Instant::now(), last_line: None, pending: None }
+        Self { label: label.to_owned(), terminal, bar: None, first: None, last_line: None, pending: None }
+    }
+
+    fn new_bar(&self, update: &ProgressUpdate) -> ProgressBar {
+        let bar = ProgressBar::new(update.total);
+        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(self.label.clone());
+        bar
     }
 
     pub fn update(&mut self, update: &ProgressUpdate) {
+        let (started, first_position) = *self.first.get_or_insert((Instant::now(), update.position));
+        if self.terminal && self.bar.is_none() {
+            self.bar = Some(self.new_bar(update));
+        }
         match &self.bar {
             Some(bar) => {
                 bar.set_length(update.total);
                 bar.set_position(update.position);
-                bar.set_message(figures(update));
+                let eta = eta(started.elapsed(), first_position, update).map(|d| format!(" eta {}", human(d)));
+                bar.set_message(figures(update) + &eta.unwrap_or_default());
             }
             None => {
                 let due = self.last_line.is_none_or(|t| t.elapsed() >= PLAIN_EVERY);
@@ -58,7 +74,9 @@ impl Progress {
     fn print_line(&mut self, update: &ProgressUpdate) {
         self.last_line = Some(Instant::now());
         self.pending = None;
-        let eta = eta(self.started.elapsed(), update).map(|d| format!(" eta {}", human(d))).unwrap_or_default();
+        let (started, first_position) = self.first.unwrap_or((Instant::now(), update.position));
+        let eta =
+            eta(started.elapsed(), first_position, update).map(|d| format!(" eta {}", human(d))).unwrap_or_default();
         let of = if update.total > 0 { format!("/{}", update.total) } else { String::new() };
         println!("[{}] step {}{of} {}{eta}", self.label, update.position, figures(update));
     }
@@ -71,10 +89,11 @@ impl Progress {
         }
     }
 
-    /// Ends the display, printing the last figures in plain mode.
+    /// Ends the display where the work got to (the bar is left, not filled up), printing
+    /// the last figures in plain mode.
     pub fn finish(&mut self) {
         match self.bar.take() {
-            Some(bar) => bar.finish(),
+            Some(bar) => bar.abandon(),
             None => {
                 if let Some(last) = self.pending.take() {
                     self.print_line(&last);
@@ -108,9 +127,12 @@ fn count(n: f64) -> String {
     }
 }
 
-fn eta(elapsed: Duration, update: &ProgressUpdate) -> Option<Duration> {
-    (update.position > 0 && update.total > update.position)
-        .then(|| elapsed.mul_f64((update.total - update.position) as f64 / update.position as f64))
+/// The time the remaining steps take at the pace of the steps timed since the first
+/// update (at `first`, `elapsed` ago); none before [`ETA_AFTER`] of them.
+fn eta(elapsed: Duration, first: u64, update: &ProgressUpdate) -> Option<Duration> {
+    let timed = update.position.saturating_sub(first);
+    (timed >= ETA_AFTER && update.total > update.position)
+        .then(|| elapsed.mul_f64((update.total - update.position) as f64 / timed as f64))
 }
 
 fn human(d: Duration) -> String {
@@ -135,9 +157,29 @@ mod tests {
             tokens_per_second: f64::NAN,
             tokens_seen: f64::NAN,
         };
-        assert_eq!(eta(Duration::from_secs(10), &update), Some(Duration::from_secs(30)));
+        assert_eq!(eta(Duration::from_secs(10), 0, &update), Some(Duration::from_secs(30)));
+        // A resumed run's earlier steps are not this process's pace.
+        assert_eq!(eta(Duration::from_secs(10), 20, &update), Some(Duration::from_secs(150)));
+        // Too few timed steps for an estimate.
+        assert_eq!(eta(Duration::from_secs(10), 23, &update), None);
         assert_eq!(human(Duration::from_secs(3725)), "1h02m");
         assert_eq!(human(Duration::from_secs(65)), "1m05s");
+    }
+
+    fn at(position: u64) -> ProgressUpdate {
+        ProgressUpdate { position, total: 10, loss: 1.0, tokens_per_second: f64::NAN, tokens_seen: f64::NAN }
+    }
+
+    #[test]
+    fn the_bar_appears_with_the_first_update_and_stays_where_the_work_stopped() {
+        let mut progress = Progress::with_terminal("sft", true);
+        assert!(progress.bar.is_none(), "no bar before the stage reports anything");
+        progress.update(&at(3));
+        let bar = progress.bar.clone().expect("a bar once there is progress");
+        assert_eq!((bar.position(), bar.length()), (3, Some(10)));
+        progress.finish(); // e.g. stopped with Ctrl-C at step 3 of 10
+        assert_eq!(bar.position(), 3, "finishing must not fill the bar up");
+        assert!(bar.is_finished());
     }
 
     #[test]
