@@ -14,6 +14,7 @@ mod eval;
 mod generate;
 mod output_dir;
 mod plugins;
+mod recipes_cmd;
 mod run;
 
 use std::path::PathBuf;
@@ -70,6 +71,10 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// List the recipes shipped with plumb, with what each does.
+    Recipes,
+    /// Copy a shipped recipe to start from: `plumb init quickstart my_run.yaml`.
+    Init(recipes_cmd::InitArgs),
 }
 
 /// Colour in logs only for a person at a terminal: not in a file or a pipe, and not when
@@ -138,6 +143,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench) => bench::run(&bench),
         Command::Data(data) => data_cmd::run(&data),
+        Command::Recipes => recipes_cmd::list(),
+        Command::Init(args) => recipes_cmd::init(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -269,3 +269,34 @@ fn validate_refuses_a_cuda_device_on_a_machine_without_one() {
         "{err}"
     );
 }
+
+/// `plumb recipes` lists every shipped recipe with its summary; `plumb init` copies one,
+/// byte for byte, and never overwrites a file.
+#[test]
+fn shipped_recipes_are_listed_and_copied_to_start_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let listed = stdout(&plumb(dir.path(), &["recipes"]));
+    for entry in std::fs::read_dir(repo_root().join("recipes")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().trim_end_matches(".yaml").to_owned();
+        assert!(listed.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing from:\n{listed}");
+    }
+    assert!(listed.contains("Pretrain a small Llama-style model from scratch"), "{listed}");
+
+    let o = plumb(dir.path(), &["init", "sft"]);
+    assert_exit(&o, 0);
+    let copied = std::fs::read(dir.path().join("sft.yaml")).unwrap();
+    assert_eq!(copied, std::fs::read(repo_root().join("recipes/sft.yaml")).unwrap());
+    let again = plumb(dir.path(), &["init", "sft"]);
+    assert_exit(&again, 1);
+    assert!(stderr(&again).contains("sft.yaml already exists; not overwriting it"), "{}", stderr(&again));
+    let o = plumb(dir.path(), &["init", "quickstart", "mine.yaml"]);
+    assert_exit(&o, 0);
+    assert!(dir.path().join("mine.yaml").is_file());
+    let unknown = plumb(dir.path(), &["init", "quikstart"]);
+    assert_exit(&unknown, 1);
+    assert!(
+        stderr(&unknown).contains("no shipped recipe `quikstart`; did you mean `quickstart`?"),
+        "{}",
+        stderr(&unknown)
+    );
+}
