@@ -12,14 +12,20 @@ use crate::Failure;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// A model directory in HF layout (config.json, safetensors, tokenizer.json).
+    /// A model directory in HF layout (config.json, safetensors, tokenizer.json), or a
+    /// hub name `ORG/NAME` already in the local Hugging Face cache (plumb does not download).
     #[arg(long)]
     pub model: PathBuf,
+    /// The text to continue.
     #[arg(long)]
     pub prompt: String,
     /// Wrap the prompt as a user turn with the model's chat template.
     #[arg(long)]
     pub chat: bool,
+    /// Print the prompt (with --chat, the text the template made of it) before the
+    /// continuation.
+    #[arg(long)]
+    pub echo: bool,
     /// At most the room the prompt leaves in the model's context (`max_position_embeddings`);
     /// default 128, or that room where it is less.
     #[arg(long, allow_negative_numbers = true)]
@@ -27,12 +33,16 @@ pub struct GenerateArgs {
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
+    /// Sample from the k most likely tokens only; 0 keeps all.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub top_k: i64,
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches top-p; 1 keeps all.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
+    /// Above 1 discourages tokens already in the text (as transformers applies it).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f64,
+    /// Seeds sampling; without it each run draws differently.
     #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Stop when the continuation contains this text (repeatable); it is cut there.
@@ -58,22 +68,25 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     check(args.repetition_penalty > 0.0, "--repetition-penalty: expected a positive value")?;
     let device = resolve_device(&args.device)?;
     let kind = parse_dtype(args.dtype.as_deref(), device)?;
-    let tokenizer = Tokenizer::from_dir(&args.model).map_err(user)?;
-    let model = plumb_core::model::load(&args.model, device, kind).map_err(user)?;
-    tokenizer.check_fits_embedding(model.vocab_size() as usize, &args.model).map_err(user)?;
+    let dir =
+        plumb_core::checkpoint::hub::resolve_model(&args.model).map_err(|e| Failure::User(format!("--model: {e}")))?;
+    let tokenizer = Tokenizer::from_dir(&dir).map_err(user)?;
+    let model = plumb_core::model::load(&dir, device, kind).map_err(user)?;
+    tokenizer.check_fits_embedding(model.vocab_size() as usize, &dir).map_err(user)?;
 
-    let prompt = if args.chat {
+    let (prompt_text, prompt) = if args.chat {
         let text =
             tokenizer.apply_chat_template(&[ChatMessage::new("user", args.prompt.clone())], true).map_err(user)?;
-        tokenizer.encode(&text).map_err(user)?
+        let ids = tokenizer.encode(&text).map_err(user)?;
+        (text, ids)
     } else {
-        tokenizer.encode_prompt(&args.prompt).map_err(user)?
+        (args.prompt.clone(), tokenizer.encode_prompt(&args.prompt).map_err(user)?)
     };
     // The whole sequence must fit the model's context: say so rather than cut it short
     // (the default is cut to fit).
     let mut max_new_tokens = args.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
     if let Some(context) = model.context_length().map(|c| c.max(0) as usize) {
-        let config = args.model.join("config.json");
+        let config = dir.join("config.json");
         if prompt.len() >= context {
             return Err(Failure::User(format!(
                 "--prompt: {} tokens leave no room for new tokens in the model's context of {context} positions ({}); shorten the prompt",
@@ -109,6 +122,9 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     // stdout is gone (e.g. `| head`).
     let halt = Cell::new(false);
     let stop_check = |_: &[i64]| halt.get();
+    if args.echo {
+        print!("{prompt_text}");
+    }
     let mut printer = Printer::new(&tokenizer, &args.stop, &halt);
     let mut on_token = |_row: usize, token: i64| printer.push(token);
     let out = generation::generate_with(model.as_ref(), &[prompt], &settings, Some(&stop_check), Some(&mut on_token))

@@ -133,6 +133,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         rewards.push(component);
     }
     let mut stages: Vec<Component> = Vec::new();
+    let mut stage_models: Vec<Option<PathBuf>> = Vec::new();
     for (i, stage) in spec.stages.iter().enumerate() {
         let component =
             registry.runnable(&stage.uses).map_err(|m| user(recipe.error_at(&format!("stages[{i}].uses"), m)))?;
@@ -140,14 +141,27 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         component
             .validate(&recipe.stage_config_yaml(i))
             .map_err(|e| located(recipe, user, &format!("stages[{i}].config"), &what, e))?;
-        if let Some(model) = &stage.model {
-            if !model.join("config.json").is_file() {
-                return Err(user(recipe.error_at(
-                    &format!("stages[{i}].model"),
-                    format!("expected a model directory in HF layout (with config.json), found `{}`", model.display()),
-                )));
+        // A stage's own model: a directory, or a hub name (`ORG/NAME`) found in the local
+        // Hugging Face cache.
+        let model = match &stage.model {
+            Some(model) => {
+                let at = format!("stages[{i}].model");
+                let dir = plumb_core::checkpoint::hub::resolve_model(model)
+                    .map_err(|e| user(recipe.error_at(&at, e.to_string())))?;
+                if !dir.join("config.json").is_file() {
+                    return Err(user(recipe.error_at(
+                        &at,
+                        format!(
+                            "expected a model directory in HF layout (with config.json), found `{}`",
+                            dir.display()
+                        ),
+                    )));
+                }
+                Some(dir)
             }
-        }
+            None => None,
+        };
+        stage_models.push(model);
         stages.push(component);
     }
     // A device this machine lacks is a recipe error, found by `validate` too.
@@ -222,7 +236,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             stop: Arc::clone(&stop),
             rewards: &live_rewards,
         };
-        let model = stage.model.clone().or_else(|| input_model.clone());
+        let model = stage_models[i].clone().or_else(|| input_model.clone());
         let request = RunRequest {
             stage: stage.name.clone(),
             config_yaml: recipe.stage_config_yaml(i),

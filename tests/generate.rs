@@ -171,3 +171,34 @@ fn evaluation_answers_of_a_stage_stop_at_the_models_context() {
     let out = plumb(dir.path(), &["generate", "--model", model.to_str().unwrap(), "--prompt", "One day"]);
     assert_exit(&out, 0);
 }
+
+/// `--model ORG/NAME` reads the snapshot the local Hugging Face cache's `main` ref points
+/// to, and says how to fetch a model the cache lacks; `--echo` prints the prompt first.
+#[test]
+fn a_hub_name_resolves_in_the_local_cache_and_echo_prints_the_prompt() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--tiny-org--qwen2-tiny");
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::os::unix::fs::symlink(model(), repo.join("snapshots/0123abcd")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd\n").unwrap();
+    let env = [("HF_HUB_CACHE", cache.path().to_str().unwrap())];
+    let run = |name: &str, extra: &[&str]| {
+        let mut args =
+            vec!["generate", "--model", name, "--device", "cpu", "--prompt", "Once", "--max-new-tokens", "8"];
+        args.extend_from_slice(extra);
+        plumb_with_env(&repo_root(), &args, &env)
+    };
+    let by_name = stdout_of(&run("tiny-org/qwen2-tiny", &[]));
+    assert_eq!(by_name, stdout_of(&generate(&["--prompt", "Once", "--max-new-tokens", "8"])));
+    assert_eq!(stdout_of(&run("tiny-org/qwen2-tiny", &["--echo"])), format!("Once{by_name}"));
+
+    let missing = run("tiny-org/absent", &[]);
+    assert_exit(&missing, 1);
+    let err = stderr(&missing);
+    assert!(
+        err.contains("--model: `tiny-org/absent` is neither a directory nor a model in the Hugging Face cache")
+            && err.contains("huggingface-cli download tiny-org/absent"),
+        "{err}"
+    );
+}

@@ -11,6 +11,7 @@ use tch::{nn, Kind, Tensor};
 
 use crate::error::{Error, IoResultExt, Result};
 
+pub mod hub;
 pub mod training;
 
 /// Fills a fresh directory with `fill` and renames it to `dest`, replacing any
