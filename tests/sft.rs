@@ -107,6 +107,10 @@ fn sft_after_pretraining_learns_the_answer_format_and_saves_a_model_transformers
     assert_eq!(steps("train/loss"), [20, 40, 60, 80]);
     assert_eq!(events["scalars"]["train/batch_size"][0][1], 4.0);
     assert_eq!(events["hparams"]["batching"], "pack");
+    // Every scalar is a curve: one-off figures of the data are not flat charts at step 0.
+    for (tag, points) in events["scalars"].as_object().unwrap() {
+        assert!(points.as_array().unwrap().len() > 1, "{tag} is a single point");
+    }
     let answers = events["text"]["samples/responses"].as_array().unwrap();
     assert_eq!(answers.len(), 3);
     let last = answers[2][1].as_str().unwrap();

@@ -168,7 +168,8 @@ impl Stage for Sft {
             let (conversations, skipped) = ctx.unless_stopped("reading the SFT data", move || data.read(&path))?;
             if !skipped.lines.is_empty() {
                 tracing::warn!("{skipped}");
-                ctx.scalar("data/malformed_lines", 0, skipped.lines.len() as f64);
+                // One figure of the data, not a curve: TensorBoard text, not a flat chart.
+                ctx.text("data/malformed_lines", 0, &skipped.to_string());
             }
             Ok::<_, Error>(conversations)
         };
@@ -195,13 +196,14 @@ impl Stage for Sft {
                 }
             }
             if truncated > 0 {
-                tracing::warn!(
+                let message = format!(
                     "{name}: {truncated} of {} examples were longer than max_length {} and were truncated ({dropped} left with no response tokens, dropped)",
                     conversations.len(),
                     c.max_length
                 );
+                tracing::warn!("{message}");
+                ctx.text(&format!("data/{name}_truncated"), 0, &message);
             }
-            ctx.scalar(&format!("data/{name}_truncated"), 0, truncated as f64);
             if examples.is_empty() {
                 return Err(Error::Other(format!("{name}: no examples left with response tokens")));
             }
