@@ -1,12 +1,12 @@
-//! A custom plumb plugin, written the way you would write one in your own crate:
+//! A custom plumb plugin, written the way you would write one in your own crate. To
+//! start your own, let plumb write the crate (manifest, build script, a stage, a recipe, a
+//! test) and follow its README:
 //!
-//! ```toml
-//! [lib]
-//! crate-type = ["cdylib"]
-//! [dependencies]
-//! plumb-core = "0.1"
-//! serde = { version = "1", features = ["derive"] }
+//! ```sh
+//! plumb new plugin my_plugin            # plumb-core comes from this checkout, by path
 //! ```
+//!
+//! (plumb-core is not on crates.io: the name there belongs to another project.)
 //!
 //! It provides a stage, `custom.perplexity`, that measures the input model's perplexity
 //! on a text file, and a reward, `custom.word_count`, that prefers responses of a target

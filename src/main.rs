@@ -12,6 +12,7 @@ mod data_cmd;
 mod device;
 mod eval;
 mod generate;
+mod new_cmd;
 mod output_dir;
 mod plugins;
 mod recipes_cmd;
@@ -71,6 +72,9 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Create a project to start from: `plumb new plugin NAME` writes a plugin crate.
+    #[command(subcommand)]
+    New(new_cmd::New),
     /// List the recipes shipped with plumb, with what each does.
     Recipes,
     /// Copy a shipped recipe to start from: `plumb init quickstart my_run.yaml`.
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench) => bench::run(&bench),
         Command::Data(data) => data_cmd::run(&data),
+        Command::New(new) => new_cmd::run(&new),
         Command::Recipes => recipes_cmd::list(),
         Command::Init(args) => recipes_cmd::init(&args),
     };
