@@ -300,3 +300,34 @@ fn shipped_recipes_are_listed_and_copied_to_start_from() {
         stderr(&unknown)
     );
 }
+
+/// A filter that removes most of a corpus is named in a warning; one that leaves nothing
+/// is an error, and no output is written.
+#[test]
+fn data_filter_warns_when_most_is_removed_and_fails_when_nothing_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "The old fisherman mended his nets every evening while the gulls circled above the harbour. \
+                His grandson watched from the pier and asked about storms, whales and the lighthouse keeper, and the \
+                old man answered each question slowly, as if the sea itself were listening to the story he told.";
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, ["one two", "three four five", "six", long].join("\n\n")).unwrap();
+    let output = dir.path().join("out.txt");
+    let filter = |input: &std::path::Path| {
+        plumb(dir.path(), &["data", "filter", input.to_str().unwrap(), "-o", output.to_str().unwrap()])
+    };
+    let o = filter(&input);
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("filter quality.min_words removed 3 of 4 documents (75%)"), "{}", stderr(&o));
+
+    let all_short = dir.path().join("short.txt");
+    std::fs::write(&all_short, "one two\n\nthree four").unwrap();
+    std::fs::remove_file(&output).unwrap();
+    let o = filter(&all_short);
+    assert_exit(&o, 1);
+    assert!(
+        stderr(&o).contains("every one of the 2 documents was removed (quality.min_words 2); nothing written"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!output.exists());
+}
