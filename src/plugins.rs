@@ -1,6 +1,4 @@
 //! `plumb plugins`: what is installed where.
-use std::path::PathBuf;
-
 use plumb_host::plugin::loader;
 
 use crate::Failure;
@@ -9,20 +7,7 @@ pub fn list() -> Result<(), Failure> {
     let mut seen = std::collections::BTreeSet::new();
     let mut found = 0;
     for dir in loader::search_dirs() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                name.starts_with(std::env::consts::DLL_PREFIX) && name.ends_with(std::env::consts::DLL_SUFFIX)
-            })
-            .collect();
-        // Cargo leaves hashed copies (`libx-0123abcd.so`) beside `libx.so`: plain names first.
-        files.sort_by_key(|p| {
-            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            (stem.contains('-'), stem)
-        });
-        for path in files {
+        for path in loader::libraries_in(&dir) {
             let plugin = match loader::load_by_file_name(&path) {
                 Ok(plugin) => plugin,
                 // Other shared libraries may sit beside plugins; only name ours when broken.

@@ -204,8 +204,31 @@ fn a_plugin_not_found_by_name_lists_where_it_looked() {
     let out = plumb(dir.path(), &["validate", path.to_str().unwrap()]);
     assert_exit(&out, 1);
     let err = stderr(&out);
-    assert!(err.contains("plugins[0].name: plugin `nowhere` not found; looked for "), "{err}");
-    assert!(err.contains(&target_dir().join("libplumb_nowhere.so").display().to_string()), "{err}");
+    assert!(err.contains("plugins[0].name: plugin `nowhere` not found; looked in "), "{err}");
+    assert!(err.contains(&target_dir().display().to_string()), "{err}");
+    // What was found instead, and where.
+    let pretrain = target_dir().join("libplumb_pretrain.so");
+    assert!(err.contains(&format!("`pretrain` ({})", pretrain.display())), "{err}");
+}
+
+/// A plugin is found by the name `plumb plugins` lists, whatever its file is called: the
+/// example's `libcustom_plugin.so` declares `custom`, and a recipe names it so.
+#[test]
+fn a_plugin_listed_by_plumb_plugins_loads_by_that_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = example_plugin().parent().unwrap().to_str().unwrap().to_owned();
+    let env = [("PLUMB_PLUGIN_PATH", examples.as_str())];
+    let listed = stdout(&plumb_with_env(dir.path(), &["plugins"], &env));
+    assert!(listed.contains(&format!("custom 0.1.0  {}", example_plugin().display())), "{listed}");
+    let path = recipe(
+        dir.path(),
+        "  - name: custom\n",
+        "",
+        "  - name: ppl\n    uses: custom.perplexity\n    config: {text: x.txt}\n",
+    );
+    std::fs::write(dir.path().join("x.txt"), "some text").unwrap();
+    let out = plumb_with_env(dir.path(), &["validate", path.to_str().unwrap()], &env);
+    assert_exit(&out, 0);
 }
 
 #[test]
@@ -332,4 +355,31 @@ fn a_plugin_linking_the_sft_plugin_as_a_library_runs_beside_it() {
     assert_eq!(count["model"].as_str(), Some(run.join("sft/final").to_str().unwrap()));
     let events = read_tensorboard(&run.join("tb/count"));
     assert_eq!(events["scalars"]["data/examples"], serde_json::json!([[0, 20.0]]), "{events}");
+}
+
+/// A normal build (`cargo build`, `./dev build`) builds the workspace's default members:
+/// every plugin under plugins/, and no test fixture, so `plumb plugins` never lists one.
+#[test]
+fn a_normal_build_builds_every_plugin_and_no_test_fixture() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let defaults: Vec<&str> =
+        metadata["workspace_default_members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    let manifest_of = |id: &str| {
+        metadata["packages"].as_array().unwrap().iter().find(|p| p["id"] == id).unwrap()["manifest_path"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let built: Vec<String> = defaults.iter().map(|id| manifest_of(id)).collect();
+    assert!(built.iter().all(|m| !m.contains("tests/fixtures")), "{built:?}");
+    for plugin in std::fs::read_dir(repo_root().join("plugins")).unwrap() {
+        let manifest = plugin.unwrap().path().join("Cargo.toml");
+        assert!(built.contains(&manifest.display().to_string()), "{} is not built by default", manifest.display());
+    }
 }

@@ -11,7 +11,7 @@ use plumb_core::plugin::abi::{self, ComponentEntry, PluginDeclaration, RewardEnt
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("plugin `{name}` not found; looked for {tried}. Give its `path:` in the recipe, add its directory to PLUMB_PLUGIN_PATH, or build it (`./dev build`)")]
+    #[error("plugin `{name}` not found; looked in {tried}. Give its `path:` in the recipe, add its directory to PLUMB_PLUGIN_PATH, or build it (`./dev build`)")]
     NotFound { name: String, tried: String },
 
     #[error("{}: plugin file not found", path.display())]
@@ -91,26 +91,55 @@ pub fn search_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// Finds plugin `name`: the explicit path if given, else each directory of
-/// `PLUMB_PLUGIN_PATH`, else the directory of the running executable.
+/// Finds plugin `name`: the explicit path if given, else in each directory of
+/// `PLUMB_PLUGIN_PATH`, then the directory of the running executable, the first library
+/// there that [`plumb plugins`](libraries_in) would list as `name`: one whose file name
+/// suggests that name ([`names_from_file`]; `libplumb_<name>.so` and `lib<name>.so`
+/// first). So a plugin is found by the name `plumb plugins` shows, whatever its file is
+/// called (`libcustom_plugin.so` declaring `custom`).
 pub fn locate(name: &str, explicit: Option<&Path>) -> Result<PathBuf, LoadError> {
     if let Some(path) = explicit {
         return check_file(path).map(|_| path.to_path_buf());
     }
     let dirs = search_dirs();
-    let mut tried = Vec::new();
     for dir in &dirs {
-        for file in library_names(name) {
-            let candidate = dir.join(&file);
-            match std::fs::metadata(&candidate) {
-                Ok(meta) if meta.is_file() => return Ok(candidate),
-                Ok(_) => tried.push(format!("{} (a directory)", candidate.display())),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => tried.push(candidate.display().to_string()),
-                Err(source) => return Err(LoadError::Read { path: candidate, source }),
+        let conventional = library_names(name).into_iter().map(|file| dir.join(file));
+        let others = libraries_in(dir).into_iter().filter(|path| names_from_file(path).iter().any(|n| n == name));
+        if let Some(found) = conventional.filter(|p| p.is_file()).chain(others).next() {
+            return Ok(found);
+        }
+    }
+    let mut found = Vec::new();
+    for dir in &dirs {
+        for path in libraries_in(dir) {
+            if let Ok(plugin) = load_by_file_name(&path) {
+                found.push(format!("`{}` ({})", plugin.name, path.display()));
             }
         }
     }
-    Err(LoadError::NotFound { name: name.into(), tried: tried.join(", ") })
+    let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    let found = if found.is_empty() { "no plugins".to_owned() } else { format!("only {}", found.join(", ")) };
+    Err(LoadError::NotFound { name: name.into(), tried: format!("{}; found {found}", dirs.join(", ")) })
+}
+
+/// The shared libraries in `dir` that may be plugins, in the order plugins are looked up
+/// and listed: plain names before cargo's hashed copies (`libx-0123abcd.so`), then by name.
+pub fn libraries_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            p.is_file()
+                && name.starts_with(std::env::consts::DLL_PREFIX)
+                && name.ends_with(std::env::consts::DLL_SUFFIX)
+        })
+        .collect();
+    files.sort_by_key(|p| {
+        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        (stem.contains('-'), stem)
+    });
+    files
 }
 
 /// An error unless `path` is a file: missing, a directory, or unreadable, each said so.
