@@ -12,3 +12,4 @@
 pub mod log;
 pub mod plugin;
 pub mod recipe;
+pub mod scaling;
