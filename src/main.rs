@@ -17,6 +17,7 @@ mod output_dir;
 mod plugins;
 mod recipes_cmd;
 mod run;
+mod scaling_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +73,9 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Scaling laws: fit sweeps (`plumb scaling fit RUN_DIR`), plan a compute budget.
+    #[command(subcommand)]
+    Scaling(scaling_cmd::Scaling),
     /// Create a project to start from: `plumb new plugin NAME` writes a plugin crate.
     #[command(subcommand)]
     New(new_cmd::New),
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
         Command::Bench(bench) => bench::run(&bench),
         Command::Data(data) => data_cmd::run(&data),
         Command::New(new) => new_cmd::run(&new),
+        Command::Scaling(scaling) => scaling_cmd::run(&scaling),
         Command::Recipes => recipes_cmd::list(),
         Command::Init(args) => recipes_cmd::init(&args),
     };

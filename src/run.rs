@@ -202,6 +202,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
 
     // 3. The stages, in order.
     let mut input_model: Option<PathBuf> = None;
+    let mut sweep_start: Option<Option<PathBuf>> = None;
     for (i, (stage, component)) in spec.stages.iter().zip(&stages).enumerate() {
         let evaluator = component.kind == Kind::Evaluator;
         let what = format!(
@@ -213,6 +214,12 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             component.plugin.version
         );
         let stage_dir = output_dir.join(&stage.name);
+        // Every point of a sweep starts where the swept stage would have: from the model
+        // before the sweep, not from the point before it.
+        let start = match recipe.sweep_points().iter().any(|p| p.stage == stage.name) {
+            true => sweep_start.get_or_insert_with(|| input_model.clone()).clone(),
+            false => input_model.clone(),
+        };
         if mode == Mode::Resume {
             if let Some(model) = finished_report(&stage_dir) {
                 println!("{} {} finished in an earlier run; not running it again", component.kind.noun(), stage.name);
@@ -236,7 +243,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             stop: Arc::clone(&stop),
             rewards: &live_rewards,
         };
-        let model = stage_models[i].clone().or_else(|| input_model.clone());
+        let model = stage_models[i].clone().or(start);
         let request = RunRequest {
             stage: stage.name.clone(),
             config_yaml: recipe.stage_config_yaml(i),
@@ -312,6 +319,20 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
                 stage.name
             )));
         }
+    }
+    let points = recipe.sweep_points();
+    if !points.is_empty() {
+        let rows = plumb_host::scaling::sweep::write_table(&output_dir, points).map_err(Failure::User)?;
+        println!("sweep of {} runs:", rows.len());
+        println!("  {:<14} {:>12} {:>12} {:>12} {:>9}", "stage", "N", "D", "C", "loss");
+        for row in &rows {
+            println!("  {:<14} {:>12.4e} {:>12.4e} {:>12.4e} {:>9.4}", row.stage, row.n, row.d, row.c, row.loss);
+        }
+        println!(
+            "sweep table: {}; fit it with `plumb scaling fit {}`",
+            output_dir.join("sweep.csv").display(),
+            output_dir.display()
+        );
     }
     Ok(())
 }

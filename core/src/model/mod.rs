@@ -109,6 +109,21 @@ pub fn num_parameters(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
 }
 
+/// Trainable parameters outside the embeddings: N of the scaling laws (Kaplan et al. 2020
+/// count non-embedding parameters). Leaves out token and position embeddings and an LM
+/// head (tied to the token embedding or not), by the names HF checkpoints give them
+/// (`*embed*`, `*.wte.*`, `*.wpe.*`, `lm_head.*`, T5's `shared.*`).
+pub fn non_embedding_parameters(vs: &nn::VarStore) -> i64 {
+    let embedding = |name: &str| {
+        name.contains("embed")
+            || name.contains("wte.")
+            || name.contains("wpe.")
+            || name.starts_with("lm_head.")
+            || name.starts_with("shared.")
+    };
+    vs.variables().iter().filter(|(name, t)| t.requires_grad() && !embedding(name)).map(|(_, t)| t.numel() as i64).sum()
+}
+
 /// A model that can be written in HF layout: what a checkpoint needs of it. Every
 /// [`Policy`] is one; so are the encoder families ([`bert`], [`t5`]).
 pub trait SaveHf {

@@ -157,6 +157,7 @@ impl<O: Objective> Stage for Pretraining<O> {
         };
         let vs = O::var_store(&model);
         let parameters = plumb_core::model::num_parameters(vs);
+        let non_embedding = plumb_core::model::non_embedding_parameters(vs);
         let objective = O::new(&c.objective, &tokenizer, &model)?;
         let eos = eos_of(&tokenizer)?;
         let (validation, unigram_entropy) = corpus.validation_rows(&tokenizer, row_len)?;
@@ -254,6 +255,7 @@ impl<O: Objective> Stage for Pretraining<O> {
             ("eval/initial_loss".to_string(), initial_eval),
             ("data/unigram_entropy".to_string(), unigram_entropy),
             ("model/parameters".to_string(), parameters as f64),
+            ("model/non_embedding_parameters".to_string(), non_embedding as f64),
         ]);
         let mut hparams = training.hparams(trainer.max_steps());
         hparams.extend([

@@ -97,6 +97,7 @@ pub struct TbWriter {
 enum Msg {
     Scalar { tag: String, step: i64, value: f64, wall_time: f64 },
     Text { tag: String, step: i64, text: String, wall_time: f64 },
+    Image { tag: String, step: i64, png: Vec<u8>, height: u32, width: u32, wall_time: f64 },
     HParams { hparams: Vec<(String, HParamValue)>, metric_tags: Vec<String>, wall_time: f64 },
     Restart { step: i64, wall_time: f64 },
     Flush(Sender<Result<(), TbError>>),
@@ -171,6 +172,11 @@ impl TbWriter {
     /// Logs `text` (markdown) for the Text dashboard.
     pub fn text(&self, tag: &str, step: i64, text: &str) {
         self.send(Msg::Text { tag: tag.to_string(), step, text: text.to_string(), wall_time: now() });
+    }
+
+    /// An image (PNG bytes of `width` × `height` pixels, RGB) under `tag`.
+    pub fn image(&self, tag: &str, step: i64, png: Vec<u8>, height: u32, width: u32) {
+        self.send(Msg::Image { tag: tag.to_string(), step, png, height, width, wall_time: now() });
     }
 
     /// Starts this run's hparams session (call once per writer; later calls are ignored
@@ -253,6 +259,9 @@ impl<W: Write> Worker<W> {
                 }
                 Msg::Text { tag, step, text, wall_time } => {
                     self.write_summary(wall_time, step, text_summary(&tag, &text));
+                }
+                Msg::Image { tag, step, png, height, width, wall_time } => {
+                    self.write_summary(wall_time, step, image_summary(&tag, &png, height, width));
                 }
                 Msg::HParams { hparams, metric_tags, wall_time } => {
                     if self.session_started {
@@ -377,6 +386,21 @@ fn text_summary(tag: &str, text: &str) -> ProtobufResult<Vec<u8>> {
         os.write_string(1, tag)?;
         os.write_bytes(8, &tensor)?;
         os.write_bytes(9, &metadata)
+    })?;
+    encode(|os| os.write_bytes(1, &value))
+}
+
+/// A `Summary` holding one PNG image (`Summary.Value.image`, RGB).
+fn image_summary(tag: &str, png: &[u8], height: u32, width: u32) -> ProtobufResult<Vec<u8>> {
+    let image = encode(|os| {
+        os.write_int32(1, height as i32)?;
+        os.write_int32(2, width as i32)?;
+        os.write_int32(3, 3)?; // colorspace: RGB
+        os.write_bytes(4, png)
+    })?;
+    let value = encode(|os| {
+        os.write_string(1, tag)?;
+        os.write_bytes(4, &image)
     })?;
     encode(|os| os.write_bytes(1, &value))
 }

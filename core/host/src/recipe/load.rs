@@ -21,6 +21,11 @@ pub struct LoadedRecipe {
     locator: Locator,
     resolved: String,
     stage_configs: Vec<String>,
+    /// The points of a `sweep:`, each now a stage of its own.
+    sweep_points: Vec<super::sweep::SweepPoint>,
+    /// For each stage, the index of the stage it came from in the recipe as written (a
+    /// sweep's points all come from the swept one).
+    stage_origin: Vec<usize>,
 }
 
 impl Recipe {
@@ -62,7 +67,7 @@ impl Recipe {
         default_run_name(&mut value, path);
         let locator = Locator { file: path.to_path_buf(), spans, overrides };
 
-        let recipe: Recipe = serde_path_to_error::deserialize(value.clone())
+        let mut recipe: Recipe = serde_path_to_error::deserialize(value.clone())
             .map_err(|e| locator.error(&KeyPath::from_serde(e.path()), explain(&e.inner().to_string())))?;
         validate(&recipe).map_err(|(at, message)| locator.error(&at, message))?;
 
@@ -71,13 +76,17 @@ impl Recipe {
         };
         let resolved =
             header(path, locator.overrides.texts()) + &to_yaml("the resolved recipe", serde_yaml::to_string(&recipe))?;
+        let (sweep_points, stage_origin) =
+            super::sweep::expand(&mut recipe).map_err(|(at, message)| locator.error(&at, message))?;
+        // The points' names must not clash with the other stages'.
+        validate(&recipe).map_err(|(at, message)| locator.error(&at, message))?;
         let stage_configs = recipe
             .stages
             .iter()
             .map(|stage| to_yaml("a stage's config", serde_yaml::to_string(&stage.config)))
             .collect::<Result<Vec<_>, _>>()?;
         tracing::debug!(path = %path.display(), overrides = ?locator.overrides.texts(), "recipe loaded");
-        Ok(LoadedRecipe { recipe, value, locator, resolved, stage_configs })
+        Ok(LoadedRecipe { recipe, value, locator, resolved, stage_configs, sweep_points, stage_origin })
     }
 }
 
@@ -117,12 +126,30 @@ impl LoadedRecipe {
     /// `stages.<name>…` work too), placed at the deepest part of the path that exists —
     /// at its parent for a missing key — or at the override that set it.
     pub fn error_at(&self, key_path: &str, message: impl Into<String>) -> RecipeError {
+        let key_path = self.as_written(key_path);
+        let key_path = key_path.as_str();
         match parse_steps(key_path) {
             Ok(steps) => self.locator.error(&resolve(&self.value, &steps), message),
             Err(_) => {
                 let pos = self.locator.spans.find(&KeyPath::default());
                 at_pos(&self.locator.file, pos, key_path, message)
             }
+        }
+    }
+
+    /// The points of the recipe's `sweep:` (empty without one), in the order they run.
+    pub fn sweep_points(&self) -> &[super::sweep::SweepPoint] {
+        &self.sweep_points
+    }
+
+    /// `key_path` with a stage index of the run (`stages[3]…`) turned into the index of
+    /// the stage it came from in the recipe as written.
+    fn as_written(&self, key_path: &str) -> String {
+        let Some(rest) = key_path.strip_prefix("stages[") else { return key_path.to_owned() };
+        let Some((index, tail)) = rest.split_once(']') else { return key_path.to_owned() };
+        match index.parse::<usize>().ok().and_then(|i| self.stage_origin.get(i)) {
+            Some(origin) => format!("stages[{origin}]{tail}"),
+            None => key_path.to_owned(),
         }
     }
 

@@ -18,6 +18,7 @@
 //! | `validate.rs` | names, uniqueness, `uses`, pins |
 //! | `source.rs` | line and column of every key |
 //! | `error.rs` | [`RecipeError`] |
+//! | `sweep.rs` | `sweep:`, one stage over a grid of settings |
 //!
 //! Shared with plugins, in `plumb_core::recipe`: key paths (`path.rs`), serde messages in
 //! YAML words (`explain.rs`), "did you mean" (`suggest.rs`) and plugin config sections
@@ -27,6 +28,7 @@ mod load;
 mod overrides;
 mod schema;
 mod source;
+pub mod sweep;
 mod validate;
 
 pub use error::{Location, RecipeError};

@@ -45,6 +45,9 @@ pub struct Recipe {
     #[serde(default, deserialize_with = "null_as_default")]
     pub rewards: Vec<RewardSpec>,
     pub stages: Vec<StageSpec>,
+    /// One stage run over a grid of settings (see [`super::sweep`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<super::sweep::SweepSpec>,
 }
 
 /// `run:` — settings of the run as a whole.

@@ -3,5 +3,6 @@
 pub mod fit;
 pub mod lbfgs;
 mod rng;
+pub mod sweep;
 
 pub use fit::{fit_chinchilla, fit_kaplan, Chinchilla, ChinchillaFit, Interval, Point, PowerLaw};

@@ -26,6 +26,7 @@ impl SplitMix {
     }
 
     /// Standard normal (Box–Muller).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn normal(&mut self) -> f64 {
         let u = 1.0 - self.uniform();
         (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
