@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::positions_from_mask;
 use super::family::var_store;
-use super::Backbone;
+use super::{Backbone, SaveHf};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 
@@ -95,6 +95,29 @@ impl ScalarHeadModel {
         Ok(values.gather(1, &last, false).squeeze_dim(1))
     }
 
+    /// True when `dir/config.json` is a sequence-classification model's (its
+    /// `architectures` end in `ForSequenceClassification`): a saved scalar-head model to
+    /// continue, rather than a causal LM to put a fresh head on.
+    pub fn is_saved_in(dir: &Path) -> Result<bool> {
+        let json: serde_json::Value = checkpoint::read_json(&dir.join("config.json"))?;
+        let architectures = json.get("architectures").and_then(|a| a.as_array());
+        Ok(architectures
+            .is_some_and(|a| a.iter().any(|n| n.as_str().is_some_and(|n| n.ends_with("ForSequenceClassification")))))
+    }
+
+    /// The `pad_token_id` of a saved model's `config.json`, the id transformers finds each
+    /// sequence's end by.
+    pub fn pad_token_id_in(dir: &Path) -> Result<Option<i64>> {
+        let json: serde_json::Value = checkpoint::read_json(&dir.join("config.json"))?;
+        Ok(json.get("pad_token_id").and_then(|v| v.as_i64()))
+    }
+
+    /// This model as [`SaveHf`], saved with `pad_token_id` (see [`Self::save`]), for the
+    /// trainer's checkpoints and final save.
+    pub fn with_pad(&self, pad_token_id: i64) -> WithPad<'_> {
+        WithPad { model: self, pad_token_id }
+    }
+
     /// Writes weights and a `config.json` that transformers reads as
     /// `*ForSequenceClassification` with one label. `pad_token_id` lets transformers
     /// find each sequence's last token in a padded batch.
@@ -110,5 +133,17 @@ impl ScalarHeadModel {
         config["pad_token_id"] = pad.clone();
         let ids = [("bos_token_id", bos.as_ref()), ("eos_token_id", eos.as_ref()), ("pad_token_id", Some(&pad))];
         checkpoint::write_model_configs(dir, config, self.vs.kind(), ids)
+    }
+}
+
+/// A [`ScalarHeadModel`] and the pad id its saved config names (see [`ScalarHeadModel::with_pad`]).
+pub struct WithPad<'a> {
+    pub model: &'a ScalarHeadModel,
+    pub pad_token_id: i64,
+}
+
+impl SaveHf for WithPad<'_> {
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir, self.pad_token_id)
     }
 }
