@@ -5,8 +5,10 @@
 //! - rewards: learned, verifiable (exact answer, regex/format, length), remote (HTTP),
 //!   and a weighted sum of others.
 pub mod reward_model;
+pub mod rewards;
 
 pub use reward_model::RewardModelStage;
+pub use rewards::LearnedReward;
 
 plumb_core::export_plugin! {
     name: "rlhf",
@@ -14,5 +16,5 @@ plumb_core::export_plugin! {
     description: "Reward modelling, PPO, and rewards any stage can call",
     stages: [RewardModelStage],
     evaluators: [],
-    rewards: [],
+    rewards: [LearnedReward],
 }
