@@ -102,7 +102,11 @@ fn a_reward_model_learns_the_preference_rule_and_transformers_gives_the_same_sco
     assert!(metrics["eval/loss"].as_f64().unwrap() < 0.5 * metrics["eval/initial_loss"].as_f64().unwrap(), "{metrics}");
     assert!(metrics["eval/margin"].as_f64().unwrap() > 0.0, "{metrics}");
     assert_eq!(metrics["data/validation_pairs"], 80.0);
-    let (min, mean, max) = (metrics["eval/min_reward"].as_f64().unwrap(), metrics["eval/mean_reward"].as_f64().unwrap(), metrics["eval/max_reward"].as_f64().unwrap());
+    let (min, mean, max) = (
+        metrics["eval/min_reward"].as_f64().unwrap(),
+        metrics["eval/mean_reward"].as_f64().unwrap(),
+        metrics["eval/max_reward"].as_f64().unwrap(),
+    );
     assert!(min <= mean && mean <= max, "{metrics}");
 
     // TensorBoard has the same figures, on train at each log and on held-out pairs at each evaluation.
@@ -137,7 +141,9 @@ fn a_reward_model_learns_the_preference_rule_and_transformers_gives_the_same_sco
         .collect();
     let texts: Vec<String> = lines
         .iter()
-        .flat_map(|p| ["chosen", "rejected"].map(|side| format!("{}{}", p["prompt"].as_str().unwrap(), p[side].as_str().unwrap())))
+        .flat_map(|p| {
+            ["chosen", "rejected"].map(|side| format!("{}{}", p["prompt"].as_str().unwrap(), p[side].as_str().unwrap()))
+        })
         .collect();
     let out = std::process::Command::new(python())
         .arg("-c")
@@ -152,14 +158,16 @@ fn a_reward_model_learns_the_preference_rule_and_transformers_gives_the_same_sco
     assert_eq!(theirs["num_labels"], 1);
 
     let tokenizer = Tokenizer::from_dir(&model_dir).unwrap();
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model_dir.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_dir.join("config.json")).unwrap()).unwrap();
     let pad = config["pad_token_id"].as_i64().unwrap();
     let ids: Vec<Vec<i64>> = texts.iter().map(|t| tokenizer.encode_prompt(t).unwrap()).collect();
     let their_ids: Vec<Vec<i64>> = serde_json::from_value(theirs["ids"].clone()).unwrap();
     assert_eq!(ids, their_ids, "plumb and transformers tokenize alike");
     let width = ids.iter().map(Vec::len).max().unwrap();
     assert!(ids.iter().any(|i| i.len() < width), "the batch is padded");
-    let padded: Vec<i64> = ids.iter().flat_map(|i| i.iter().copied().chain(std::iter::repeat(pad).take(width - i.len()))).collect();
+    let padded: Vec<i64> =
+        ids.iter().flat_map(|i| i.iter().copied().chain(std::iter::repeat(pad).take(width - i.len()))).collect();
     let mask: Vec<i64> = ids.iter().flat_map(|i| (0..width).map(move |j| i64::from(j < i.len()))).collect();
     let shape = [ids.len() as i64, width as i64];
     let model = ScalarHeadModel::from_dir(&model_dir, Device::Cpu, Kind::Float).unwrap();
@@ -189,10 +197,16 @@ fn bad_preference_lines_are_refused_by_validate_with_their_file_and_line() {
     assert_exit(&validate_with_train_file(dir.path(), &train), 0);
     let cases = [
         (r#"{"prompt": "p", "chosen": " a."}"#, "line 5: missing field `rejected`"),
-        (r#"{"prompt": "p", "chosen": 3, "rejected": " b"}"#, "line 5: field `chosen`: expected a string or a list of messages, found a number"),
+        (
+            r#"{"prompt": "p", "chosen": 3, "rejected": " b"}"#,
+            "line 5: field `chosen`: expected a string or a list of messages, found a number",
+        ),
         (r#"{"prompt": "p", "chosen": "", "rejected": " b"}"#, "line 5: field `chosen` is empty"),
         (r#"{"prompt": "p", "chosen": " a.", "rejected": " a."}"#, "line 5: `chosen` and `rejected` are the same"),
-        (r#"{"chosen": " a.", "rejected": " b", "margin": "x"}"#, "line 5: field `margin`: expected a number, found a string"),
+        (
+            r#"{"chosen": " a.", "rejected": " b", "margin": "x"}"#,
+            "line 5: field `margin`: expected a number, found a string",
+        ),
         ("not json", "line 5: not JSON"),
     ];
     for (line, expected) in cases {

@@ -246,7 +246,12 @@ mod tests {
             object.get("a").and_then(Value::as_i64).ok_or_else(|| "field `a`: expected a number".to_string())
         };
         let message = read_lines(&path, OnMalformed::Stop, 100, parse).unwrap_err().to_string();
-        assert!(message.ends_with("d.jsonl: line 3: field `a`: expected a number (set data.on_malformed: skip to skip such lines)"), "{message}");
+        assert!(
+            message.ends_with(
+                "d.jsonl: line 3: field `a`: expected a number (set data.on_malformed: skip to skip such lines)"
+            ),
+            "{message}"
+        );
         let (examples, skipped) = read_lines(&path, OnMalformed::Skip, 100, parse).unwrap();
         assert_eq!(examples, [(1, 1)]);
         let lines: Vec<usize> = skipped.lines.iter().map(|(n, _)| *n).collect();

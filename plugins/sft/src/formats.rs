@@ -14,8 +14,8 @@
 //! the start of the file is ignored; a file whose answers are all empty is refused.
 use std::path::Path;
 
-pub use plumb_core::data::jsonl::{OnMalformed, Skipped, DEFAULT_MAX_LINE_BYTES};
 use plumb_core::data::jsonl::{parse_messages, parse_object, read_lines, text_field};
+pub use plumb_core::data::jsonl::{OnMalformed, Skipped, DEFAULT_MAX_LINE_BYTES};
 use plumb_core::tokenizer::ChatMessage;
 use plumb_core::{Error, Result};
 use serde::Deserialize;

@@ -8,7 +8,6 @@
 //! those boundaries, so every token is either prompt or response, never both.
 use std::ops::Range;
 
-
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::{Error, Result};
 use serde::Deserialize;

@@ -140,11 +140,15 @@ pub fn parse_pair(text: &str, fields: &Fields) -> std::result::Result<(Sequence,
                 let messages = parse_messages(list, name, &fields.role, &fields.content)?;
                 match messages.last() {
                     None => Err(format!("field `{name}` is an empty list")),
-                    Some(last) if last.content.trim().is_empty() => Err(format!("field `{name}`: the last turn is empty")),
+                    Some(last) if last.content.trim().is_empty() => {
+                        Err(format!("field `{name}`: the last turn is empty"))
+                    }
                     Some(_) => Ok(Side::Chat(messages)),
                 }
             }
-            Some(other) => Err(format!("field `{name}`: expected a string or a list of messages, found {}", kind_of(other))),
+            Some(other) => {
+                Err(format!("field `{name}`: expected a string or a list of messages, found {}", kind_of(other)))
+            }
         }
     };
     let chosen = response(&fields.chosen)?;
@@ -152,7 +156,9 @@ pub fn parse_pair(text: &str, fields: &Fields) -> std::result::Result<(Sequence,
     let prompt = match object.get(&fields.prompt) {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(Side::Text(s.clone())),
-        Some(list @ Value::Array(_)) => Some(Side::Chat(parse_messages(list, &fields.prompt, &fields.role, &fields.content)?)),
+        Some(list @ Value::Array(_)) => {
+            Some(Side::Chat(parse_messages(list, &fields.prompt, &fields.role, &fields.content)?))
+        }
         Some(other) => {
             return Err(format!(
                 "field `{}`: expected a string or a list of messages, found {}",
@@ -268,7 +274,8 @@ mod tests {
 
     #[test]
     fn fields_are_renamable() {
-        let fields = Fields { prompt: "question".into(), chosen: "good".into(), rejected: "bad".into(), ..Fields::default() };
+        let fields =
+            Fields { prompt: "question".into(), chosen: "good".into(), rejected: "bad".into(), ..Fields::default() };
         let (c, r, _) = parse_pair(r#"{"question": "Q ", "good": "yes", "bad": "no"}"#, &fields).unwrap();
         assert_eq!((c, r), (Sequence::Text("Q yes".into()), Sequence::Text("Q no".into())));
         let fields = Fields { role: "from".into(), content: "value".into(), ..Fields::default() };
@@ -280,13 +287,31 @@ mod tests {
     fn malformed_pairs_say_what_is_wrong() {
         let err = |line: &str| parse(line).unwrap_err();
         assert_eq!(err(r#"{"prompt": "p", "chosen": "a"}"#), "missing field `rejected`");
-        assert_eq!(err(r#"{"chosen": 1, "rejected": "a"}"#), "field `chosen`: expected a string or a list of messages, found a number");
+        assert_eq!(
+            err(r#"{"chosen": 1, "rejected": "a"}"#),
+            "field `chosen`: expected a string or a list of messages, found a number"
+        );
         assert_eq!(err(r#"{"chosen": "a", "rejected": "  "}"#), "field `rejected` is empty");
-        assert_eq!(err(r#"{"prompt": "p", "chosen": "a", "rejected": "a"}"#), "`chosen` and `rejected` are the same: a pair must prefer one response over another");
-        assert_eq!(err(r#"{"chosen": "a", "rejected": "b", "margin": "big"}"#), "field `margin`: expected a number, found a string");
-        assert_eq!(err(r#"{"chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}"#), "`chosen` and `rejected` mix plain text and a message list; give both as one or the other");
-        assert_eq!(err(r#"{"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}"#), "`chosen`: the conversation has no assistant turn to score");
-        assert_eq!(err(r#"{"prompt": 3, "chosen": "a", "rejected": "b"}"#), "field `prompt`: expected a string or a list of messages, found a number");
+        assert_eq!(
+            err(r#"{"prompt": "p", "chosen": "a", "rejected": "a"}"#),
+            "`chosen` and `rejected` are the same: a pair must prefer one response over another"
+        );
+        assert_eq!(
+            err(r#"{"chosen": "a", "rejected": "b", "margin": "big"}"#),
+            "field `margin`: expected a number, found a string"
+        );
+        assert_eq!(
+            err(r#"{"chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}"#),
+            "`chosen` and `rejected` mix plain text and a message list; give both as one or the other"
+        );
+        assert_eq!(
+            err(r#"{"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}"#),
+            "`chosen`: the conversation has no assistant turn to score"
+        );
+        assert_eq!(
+            err(r#"{"prompt": 3, "chosen": "a", "rejected": "b"}"#),
+            "field `prompt`: expected a string or a list of messages, found a number"
+        );
     }
 
     #[test]

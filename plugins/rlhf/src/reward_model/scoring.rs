@@ -28,11 +28,8 @@ pub fn collate(rows: &[&[i64]], pad_id: i64, device: Device) -> (Tensor, Tensor)
 /// reads), else the tokenizer's pad (or EOS) id, else 0 (padding is masked, so any valid
 /// id does).
 pub fn pad_id(model_dir: &Path, tokenizer: &Tokenizer) -> Result<i64> {
-    let from_config = if model_dir.join("config.json").is_file() {
-        ScalarHeadModel::pad_token_id_in(model_dir)?
-    } else {
-        None
-    };
+    let from_config =
+        if model_dir.join("config.json").is_file() { ScalarHeadModel::pad_token_id_in(model_dir)? } else { None };
     Ok(from_config.or(tokenizer.pad_id()).or(tokenizer.eos_id()).unwrap_or(0))
 }
 

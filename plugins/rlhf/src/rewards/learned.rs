@@ -99,7 +99,8 @@ impl LearnedReward {
 
 impl RewardModel for LearnedReward {
     fn score(&mut self, pairs: &[ScorePair]) -> Result<Vec<f64>> {
-        let (chat, batch_size, max_length) = (self.config.chat_template, self.config.batch_size, self.config.max_length);
+        let (chat, batch_size, max_length) =
+            (self.config.chat_template, self.config.batch_size, self.config.max_length);
         let scorer = self.load()?;
         let sequences: Vec<Sequence> =
             pairs.iter().map(|p| Sequence::of_exchange(&p.prompt, &p.response, chat)).collect();
@@ -128,5 +129,121 @@ impl Reward for LearnedReward {
     fn new(config: Self::Config) -> Result<Self> {
         // The contract gives a reward no device yet: the first CUDA device when there is one.
         Self::on_device(config, Device::cuda_if_available())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use plumb_core::model::llama::LlamaForCausalLm;
+    use plumb_core::model::scalar_head::ScalarHeadModel;
+    use plumb_core::tch::{Kind, Tensor};
+    use plumb_core::tokenizer::Tokenizer;
+
+    use super::*;
+
+    const CORPUS: [&str; 3] = [
+        "One day, Lily went to the park with her friend Tom. The sky was sunny.",
+        "Last summer, Ben went to the beach with his friend Mia. Ben was happy.",
+        "A fox ran away with the red ball, and they looked for it at the river.",
+    ];
+
+    /// A tokenizer of `vocab` tokens trained on the corpus.
+    fn tokenizer(vocab: usize) -> Tokenizer {
+        Tokenizer::train_bpe(CORPUS.iter().copied(), vocab, 1).unwrap()
+    }
+
+    /// A tiny Llama with a fresh score head and `tokenizer`, saved as a reward model in `dir`.
+    fn reward_model(dir: &Path, tokenizer: &Tokenizer, seed: i64) {
+        plumb_core::tch::manual_seed(seed);
+        let lm = dir.with_extension("lm");
+        std::fs::create_dir_all(&lm).unwrap();
+        let config = serde_json::json!({
+            "vocab_size": tokenizer.vocab_size(), "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 128
+        });
+        LlamaForCausalLm::new(serde_json::from_value(config).unwrap(), Device::Cpu).unwrap().save(&lm).unwrap();
+        let model = ScalarHeadModel::from_causal_lm(&lm, Device::Cpu, Kind::Float).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        model.save(dir, tokenizer.pad_id().unwrap()).unwrap();
+        tokenizer.save(dir, 128).unwrap();
+    }
+
+    fn config(dir: &Path, batch_size: usize) -> LearnedConfig {
+        LearnedConfig { model: dir.to_path_buf(), batch_size, max_length: 128, chat_template: false }
+    }
+
+    fn pairs() -> Vec<ScorePair> {
+        let pair = |p: &str, r: &str| ScorePair { prompt: p.into(), response: r.into() };
+        vec![
+            pair("One day, Lily went to the park", " with her friend Tom."),
+            pair("Last summer,", " Ben was happy."),
+            pair("A fox ran away", " with the red ball, and they looked for it at the river."),
+        ]
+    }
+
+    /// The model in `dir` scoring `prompt + response` alone (no padding, its own tokenizer).
+    fn one_by_one(dir: &Path) -> Vec<f64> {
+        let model = ScalarHeadModel::from_dir(dir, Device::Cpu, Kind::Float).unwrap();
+        let tokenizer = Tokenizer::from_dir(dir).unwrap();
+        pairs()
+            .iter()
+            .map(|p| {
+                let ids = tokenizer.encode_prompt(&format!("{}{}", p.prompt, p.response)).unwrap();
+                let ids = Tensor::from_slice(&ids).unsqueeze(0);
+                model.scores(&ids, &ids.ones_like()).unwrap().double_value(&[0])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_reward_scores_as_the_model_does_on_the_same_text_in_padded_batches() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("rm");
+        reward_model(&dir, &tokenizer(280), 3);
+        let expected = one_by_one(&dir);
+        // Batches of 2: the first padded, the second a single pair.
+        let scores = LearnedReward::on_device(config(&dir, 2), Device::Cpu).unwrap().score(&pairs()).unwrap();
+        assert_eq!(scores.len(), 3);
+        for (a, b) in scores.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-5, "reward {scores:?} vs model {expected:?}");
+        }
+        assert!(expected.windows(2).all(|w| w[0] != w[1]), "distinct texts score differently: {expected:?}");
+    }
+
+    #[test]
+    fn a_reward_model_with_another_tokenizer_than_the_policy_scores_the_text() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("rm");
+        let (policy_tokenizer, reward_tokenizer) = (tokenizer(420), tokenizer(262));
+        reward_model(&dir, &reward_tokenizer, 4);
+        // The policy's ids of the response do not even fit the reward model's embedding…
+        let text = format!("{}{}", pairs()[2].prompt, pairs()[2].response);
+        let policy_ids = policy_tokenizer.encode(&text).unwrap();
+        assert!(policy_ids.iter().any(|&id| id >= reward_tokenizer.vocab_size() as i64), "{policy_ids:?}");
+        // …but the reward re-tokenizes the text with its own tokenizer.
+        let scores = LearnedReward::on_device(config(&dir, 8), Device::Cpu).unwrap().score(&pairs()).unwrap();
+        let expected = one_by_one(&dir);
+        for (a, b) in scores.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-5, "reward {scores:?} vs model {expected:?}");
+        }
+    }
+
+    #[test]
+    fn a_model_an_earlier_stage_makes_is_loaded_on_first_use_or_named_when_missing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("run/reward_model/final");
+        let mut reward = LearnedReward::on_device(config(&dir, 4), Device::Cpu).unwrap();
+        let message = reward.score(&pairs()).unwrap_err().to_string();
+        assert!(
+            message.contains("model")
+                && message.contains("run/reward_model/final")
+                && message.contains("does not exist"),
+            "{message}"
+        );
+        reward_model(&dir, &tokenizer(280), 5);
+        let (scores, expected) = (reward.score(&pairs()).unwrap(), one_by_one(&dir));
+        assert!(scores.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-5), "{scores:?} vs {expected:?}");
     }
 }
