@@ -248,3 +248,62 @@ fn a_resumed_reward_model_run_continues_the_same_trajectory() {
     assert_eq!(metrics["eval/accuracy"].as_f64().unwrap(), expected_eval);
     assert_eq!(metrics["eval/margin"].as_f64().unwrap(), expected_margin);
 }
+
+#[test]
+fn chat_pairs_with_margins_train_truncation_is_counted_and_a_learned_reward_may_name_the_model_to_come() {
+    let dir = tempfile::tempdir().unwrap();
+    // TRL's implicit-prompt conversational format: each side a whole conversation; a margin per pair.
+    let text = std::fs::read_to_string(repo_root().join("data/tiny_tales_prefs.jsonl")).unwrap();
+    let chat: Vec<String> = text
+        .lines()
+        .take(40)
+        .map(|line| {
+            let p: serde_json::Value = serde_json::from_str(line).unwrap();
+            let turn = |side: &str| {
+                serde_json::json!([
+                    {"role": "user", "content": p["prompt"]},
+                    {"role": "assistant", "content": p[side].as_str().unwrap().trim()},
+                ])
+            };
+            serde_json::json!({"chosen": turn("chosen"), "rejected": turn("rejected"), "margin": 0.5}).to_string()
+        })
+        .collect();
+    let data = dir.path().join("chat.jsonl");
+    std::fs::write(&data, chat.join("\n") + "\n").unwrap();
+    let corpus = small_corpus(dir.path(), 100);
+    let run = dir.path().join("run");
+    let recipe = dir.path().join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "run:\n  output_dir: {run}\n  seed: 2\n  device: cpu\nplugins:\n  - name: pretrain\n  - name: rlhf\nrewards:\n  - name: rm\n    uses: rlhf.learned\n    config: {{model: {run}/reward_model/final, batch_size: 4, chat_template: true}}\nstages:\n{pretrain}  - name: reward_model\n    uses: rlhf.reward_model\n    config:\n      data: {{train: {data}, validation_fraction: 0.25}}\n      max_length: 24\n      batch_size: 8\n      max_steps: 4\n      eval: {{every: 4}}\n",
+            run = run.display(),
+            data = data.display(),
+            pretrain = tiny_pretrain_stage("pretrain", &corpus, 2),
+        ),
+    )
+    .unwrap();
+    // The learned reward's model does not exist yet: validation accepts it (the run makes it).
+    assert_exit(&plumb(dir.path(), &["validate", recipe.to_str().unwrap()]), 0);
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let err = stderr(&out);
+    assert!(
+        err.contains("train: 30 of 30 pairs had a side longer than max_length 24; it kept its last 24 tokens"),
+        "{err}"
+    );
+    let events = read_tensorboard(&run.join("tb/reward_model"));
+    assert_eq!(events["scalars"]["data/train_truncated"][0][1], 30.0);
+    assert_eq!(events["scalars"]["data/validation_truncated"][0][1], 10.0);
+    // The pretrained tokenizer has no template: the pairs were rendered with the default one, saved with the model.
+    let model = run.join("reward_model/final");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert!(config["chat_template"].as_str().unwrap().contains("### Response:"), "{config}");
+
+    // Once it exists, a learned reward naming a directory without a tokenizer is refused at validation.
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let out = plumb(dir.path(), &["validate", recipe.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("tokenizer.json"), "{}", stderr(&out));
+}
