@@ -20,6 +20,18 @@ pub struct ScalarHeadModel {
     vs: nn::VarStore,
     backbone: Box<dyn Backbone>,
     score: nn::Linear,
+    /// Rows of the token embedding (`vocab_size` of `config.json`), to check a tokenizer against.
+    vocab_size: usize,
+}
+
+/// `vocab_size` of `dir/config.json`, which every family names so.
+fn vocab_size(dir: &Path) -> Result<usize> {
+    let file = dir.join("config.json");
+    let json: serde_json::Value = checkpoint::read_json(&file)?;
+    json.get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| Error::file(&file, "vocab_size: expected a positive integer"))
 }
 
 /// The backbone of the model in `dir` for its `model_type`, built uninitialised in `vs`.
@@ -45,7 +57,7 @@ impl ScalarHeadModel {
         let backbone = backbone(dir, &vs)?;
         backbone.load(&vs)?;
         let score = head(&vs, backbone.hidden_size(), backbone.initializer_range(), true);
-        Ok(Self { vs, backbone, score })
+        Ok(Self { vs, backbone, score, vocab_size: vocab_size(dir)? })
     }
 
     /// A saved scalar-head model (this type's own `save`, or transformers').
@@ -72,7 +84,12 @@ impl ScalarHeadModel {
         let backbone = backbone(dir, &vs)?;
         let score = head(&vs, backbone.hidden_size(), backbone.initializer_range(), false);
         backbone.load(&vs)?;
-        Ok(Self { vs, backbone, score })
+        Ok(Self { vs, backbone, score, vocab_size: vocab_size(dir)? })
+    }
+
+    /// Rows of the token embedding: token ids must stay below it.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     pub fn var_store(&self) -> &nn::VarStore {

@@ -56,6 +56,7 @@ impl TextScorer {
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
         let tokenizer = Tokenizer::from_dir(dir)?;
         let model = ScalarHeadModel::from_dir(dir, device, Kind::Float)?;
+        tokenizer.check_fits_embedding(model.vocab_size(), dir)?;
         let pad_id = pad_id(dir, &tokenizer)?;
         Ok(Self { model, tokenizer, pad_id, device })
     }

@@ -234,6 +234,7 @@ impl Stage for RewardModelStage {
             }
             None => ScalarHeadModel::from_causal_lm(&model_dir, device, Kind::Float)?,
         };
+        tokenizer.check_fits_embedding(model.vocab_size(), &model_dir)?;
         let parameters: i64 = model.var_store().trainable_variables().iter().map(Tensor::numel).sum::<usize>() as i64;
         tracing::info!("model: {parameters} parameters on {}, from {}", device_name(device), model_dir.display());
         let mut optimizer = training.optimizer.adamw(model.var_store());
@@ -272,12 +273,11 @@ impl Stage for RewardModelStage {
             let mut step_stats = RewardStats::default();
             for chunk in batch.chunks(micro) {
                 let pairs: Vec<&TokenPair> = chunk.iter().map(|&i| &train[i]).collect();
-                let sum = training.precision.forward(device, || {
+                let (sum, chosen, rejected) = training.precision.forward(device, || {
                     let (chosen, rejected, margin) = score_pairs(&model, &pairs, pad, device)?;
                     let sum = pairwise_loss_sum(&chosen, &rejected, &margin, c.center_rewards_coef);
                     Ok::<_, Error>((sum, chosen, rejected))
                 })??;
-                let (sum, chosen, rejected) = sum;
                 (&sum / batch.len() as f64).backward();
                 let sum = sum.double_value(&[]);
                 loss += sum / batch.len() as f64;
