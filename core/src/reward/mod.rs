@@ -1,4 +1,5 @@
 //! Rewards: anything that scores finished (prompt, response) pairs.
+pub mod answer;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
