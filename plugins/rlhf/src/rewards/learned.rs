@@ -9,18 +9,22 @@
 //! turn rendered with the reward model's chat template. Scoring runs in batches of
 //! `batch_size`, without gradients, on the run's device.
 //!
-//! The model may be made by an earlier stage of the same run (… → reward_model → ppo), so
-//! a `model` directory that does not exist yet is accepted when the recipe is validated
-//! and when the reward is created; it is loaded on the first `score` call, and if it is
-//! still missing then, that call fails naming `model` and the directory. A directory that
-//! exists is checked at validation (a `config.json` and a `tokenizer.json`).
-use std::path::PathBuf;
+//! The model may be made by an earlier stage of the same run (… → reward_model → ppo):
+//! - validation checks a `model` directory that exists (a `config.json` and a
+//!   `tokenizer.json`) and accepts one that does not yet (it does not know the run's
+//!   output directory);
+//! - creation, before the first stage, loads a model that exists; one that does not is
+//!   an error naming `model` unless it lies under the run's output directory, where an
+//!   earlier stage may make it;
+//! - such a model is loaded on the first `score` call, which fails naming `model` and the
+//!   directory if it is still missing then.
+use std::path::{Path, PathBuf};
 
 use plumb_core::plugin::ValidateContext;
 use plumb_core::reward::ScorePair;
 use plumb_core::tch::Device;
 use plumb_core::train::require;
-use plumb_core::{Error, Result, Reward, RewardModel};
+use plumb_core::{Error, Result, Reward, RewardContext, RewardModel};
 use serde::Deserialize;
 
 use crate::reward_model::preference::Sequence;
@@ -58,16 +62,26 @@ pub struct LearnedReward {
 }
 
 impl LearnedReward {
-    /// The reward on `device`, loading the model now if it exists.
-    pub fn on_device(config: LearnedConfig, device: Device) -> Result<Self> {
+    /// The reward on `device`, loading the model now if it exists. One that does not must
+    /// lie under `run_dir`, where an earlier stage of the run may make it.
+    pub fn create(config: LearnedConfig, device: Device, run_dir: &Path) -> Result<Self> {
         let mut reward = Self { config, device, scorer: None };
         if reward.config.model.exists() {
             reward.load()?;
-        } else {
+        } else if absolute(&reward.config.model)?.starts_with(absolute(run_dir)?) {
             tracing::info!(
-                "rlhf.learned: {} does not exist yet (an earlier stage may make it); loading it on first use",
+                "rlhf.learned: {} does not exist yet (an earlier stage of this run may make it); loading it on first use",
                 reward.config.model.display()
             );
+        } else {
+            return Err(Error::config(
+                "model",
+                format!(
+                    "directory not found: `{}` (a reward model that a stage of this run makes lies under its output directory `{}`)",
+                    reward.config.model.display(),
+                    run_dir.display()
+                ),
+            ));
         }
         Ok(reward)
     }
@@ -126,10 +140,26 @@ impl Reward for LearnedReward {
         Ok(())
     }
 
-    fn new(config: Self::Config) -> Result<Self> {
-        // The contract gives a reward no device yet: the first CUDA device when there is one.
-        Self::on_device(config, Device::cuda_if_available())
+    fn new(config: Self::Config, ctx: &RewardContext) -> Result<Self> {
+        Self::create(config, ctx.device(), ctx.run_dir())
     }
+}
+
+/// `path` made absolute against the current directory, `.` and `..` resolved lexically
+/// (it may not exist yet, so it cannot be canonicalized).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    let joined = std::path::absolute(path).map_err(|e| Error::file(path, e.to_string()))?;
+    let mut out = PathBuf::new();
+    for part in joined.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -175,7 +205,7 @@ mod tests {
     }
 
     fn pairs() -> Vec<ScorePair> {
-        let pair = |p: &str, r: &str| ScorePair { prompt: p.into(), response: r.into() };
+        let pair = ScorePair::new;
         vec![
             pair("One day, Lily went to the park", " with her friend Tom."),
             pair("Last summer,", " Ben was happy."),
@@ -204,7 +234,7 @@ mod tests {
         reward_model(&dir, &tokenizer(280), 3);
         let expected = one_by_one(&dir);
         // Batches of 2: the first padded, the second a single pair.
-        let scores = LearnedReward::on_device(config(&dir, 2), Device::Cpu).unwrap().score(&pairs()).unwrap();
+        let scores = LearnedReward::create(config(&dir, 2), Device::Cpu, root.path()).unwrap().score(&pairs()).unwrap();
         assert_eq!(scores.len(), 3);
         for (a, b) in scores.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-5, "reward {scores:?} vs model {expected:?}");
@@ -223,7 +253,7 @@ mod tests {
         let policy_ids = policy_tokenizer.encode(&text).unwrap();
         assert!(policy_ids.iter().any(|&id| id >= reward_tokenizer.vocab_size() as i64), "{policy_ids:?}");
         // …but the reward re-tokenizes the text with its own tokenizer.
-        let scores = LearnedReward::on_device(config(&dir, 8), Device::Cpu).unwrap().score(&pairs()).unwrap();
+        let scores = LearnedReward::create(config(&dir, 8), Device::Cpu, root.path()).unwrap().score(&pairs()).unwrap();
         let expected = one_by_one(&dir);
         for (a, b) in scores.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-5, "reward {scores:?} vs model {expected:?}");
@@ -233,8 +263,16 @@ mod tests {
     #[test]
     fn a_model_an_earlier_stage_makes_is_loaded_on_first_use_or_named_when_missing() {
         let root = tempfile::tempdir().unwrap();
+        // Missing and outside the run's directory: nothing can make it, refused on creation.
+        let elsewhere = root.path().join("elsewhere/rm");
+        let message = LearnedReward::create(config(&elsewhere, 4), Device::Cpu, &root.path().join("run/./x/.."))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("model") && message.contains("directory not found"), "{message}");
         let dir = root.path().join("run/reward_model/final");
-        let mut reward = LearnedReward::on_device(config(&dir, 4), Device::Cpu).unwrap();
+        // Not there yet, but under the run's directory: an earlier stage may make it.
+        let mut reward = LearnedReward::create(config(&dir, 4), Device::Cpu, &root.path().join("run")).unwrap();
         let message = reward.score(&pairs()).unwrap_err().to_string();
         assert!(
             message.contains("model")
