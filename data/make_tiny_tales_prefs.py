@@ -5,10 +5,12 @@ The prompt is a tiny tale's first sentence; both responses continue it with its 
 sentence (a leading space joins them, as TRL concatenates prompt + response). The rule the
 preference follows: the chosen response is that sentence whole, ending with its period;
 the rejected one stops mid-sentence — half of the time inside that sentence (shorter than
-the chosen one), half of the time inside the sentence after it (longer) — so length says
-nothing and only a finished sentence does. A reward model that learned the rule ranks
-held-out pairs far above chance (0.5). Stories come from make_tiny_tales.py's grammar with
-another seed; `python3 data/make_tiny_tales_prefs.py` rewrites the same file byte for byte.
+the chosen one), half of the time inside the sentence after it (longer) — and half of the
+rejected ones still end with a period ("Finn was."), so neither length nor the last token
+tells the two apart: only a sentence that is finished does. A reward model that learned
+the rule ranks held-out pairs far above chance (0.5). Stories come from
+make_tiny_tales.py's grammar with another seed; `python3 data/make_tiny_tales_prefs.py`
+rewrites the same file byte for byte.
 """
 import json
 import os
@@ -36,6 +38,8 @@ def pair(rng):
         rejected = cut(second, rng)
     else:
         rejected = f"{second} {cut(third, rng)}"
+    if rng.random() < 0.5:
+        rejected += "."  # a period in the wrong place: the last token alone does not tell
     return {"prompt": prompt, "chosen": f" {second}", "rejected": f" {rejected}"}
 
 

@@ -99,6 +99,10 @@ fn a_reward_model_learns_the_preference_rule_and_transformers_gives_the_same_sco
     let accuracy = metrics["eval/accuracy"].as_f64().unwrap();
     assert!(accuracy >= 0.8, "eval/accuracy {accuracy}: {metrics}");
     assert!(accuracy > metrics["eval/initial_accuracy"].as_f64().unwrap(), "{metrics}");
+    assert!(
+        metrics["eval/margin"].as_f64().unwrap() > metrics["eval/initial_margin"].as_f64().unwrap() + 1.0,
+        "{metrics}"
+    );
     assert!(metrics["eval/loss"].as_f64().unwrap() < 0.5 * metrics["eval/initial_loss"].as_f64().unwrap(), "{metrics}");
     assert!(metrics["eval/margin"].as_f64().unwrap() > 0.0, "{metrics}");
     assert_eq!(metrics["data/validation_pairs"], 80.0);
