@@ -86,28 +86,34 @@ impl LearnedReward {
         Ok(reward)
     }
 
+    /// The scorer, loaded now if it was not yet.
     fn load(&mut self) -> Result<&TextScorer> {
-        if self.scorer.is_none() {
-            let dir = &self.config.model;
-            if !dir.is_dir() {
-                return Err(Error::config(
-                    "model",
-                    format!(
-                        "the reward model directory `{}` does not exist (no earlier stage made it); expected a saved reward model",
-                        dir.display()
-                    ),
-                ));
-            }
-            let scorer = TextScorer::load(dir, self.device)?;
-            if self.config.chat_template && scorer.tokenizer.chat_template().is_none() {
-                return Err(Error::config(
-                    "chat_template",
-                    format!("the reward model in {} has no chat template to render with", dir.display()),
-                ));
-            }
-            self.scorer = Some(scorer);
+        let scorer = match self.scorer.take() {
+            Some(scorer) => scorer,
+            None => Self::open(&self.config, self.device)?,
+        };
+        Ok(self.scorer.insert(scorer))
+    }
+
+    fn open(config: &LearnedConfig, device: Device) -> Result<TextScorer> {
+        let dir = &config.model;
+        if !dir.is_dir() {
+            return Err(Error::config(
+                "model",
+                format!(
+                    "the reward model directory `{}` does not exist (no earlier stage made it); expected a saved reward model",
+                    dir.display()
+                ),
+            ));
         }
-        Ok(self.scorer.as_ref().expect("loaded above"))
+        let scorer = TextScorer::load(dir, device)?;
+        if config.chat_template && scorer.tokenizer.chat_template().is_none() {
+            return Err(Error::config(
+                "chat_template",
+                format!("the reward model in {} has no chat template to render with", dir.display()),
+            ));
+        }
+        Ok(scorer)
     }
 }
 
