@@ -254,7 +254,7 @@ fn a_resumed_reward_model_run_continues_the_same_trajectory() {
 }
 
 #[test]
-fn chat_pairs_with_margins_train_truncation_is_counted_and_a_learned_reward_may_name_the_model_to_come() {
+fn chat_pairs_train_truncation_is_counted_a_saved_model_continues_and_a_learned_reward_may_name_it_ahead() {
     let dir = tempfile::tempdir().unwrap();
     // TRL's implicit-prompt conversational format: each side a whole conversation; a margin per pair.
     let text = std::fs::read_to_string(repo_root().join("data/tiny_tales_prefs.jsonl")).unwrap();
@@ -304,6 +304,33 @@ fn chat_pairs_with_margins_train_truncation_is_counted_and_a_learned_reward_may_
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(model.join("tokenizer_config.json")).unwrap()).unwrap();
     assert!(config["chat_template"].as_str().unwrap().contains("### Response:"), "{config}");
+
+    // A saved reward model continues training: it starts where the first run ended (same
+    // held-out pairs, same scores), its head kept rather than drawn afresh.
+    let first = report(&run, "reward_model")["metrics"].clone();
+    let again = dir.path().join("again.yaml");
+    std::fs::write(
+        &again,
+        format!(
+            "run:\n  output_dir: {out}\n  seed: 2\n  device: cpu\nplugins:\n  - name: rlhf\nstages:\n  - name: reward_model\n    uses: rlhf.reward_model\n    model: {model}\n    config:\n      data: {{train: {data}, validation_fraction: 0.25}}\n      max_length: 24\n      batch_size: 8\n      max_steps: 1\n",
+            out = dir.path().join("again").display(),
+            model = model.display(),
+            data = data.display(),
+        ),
+    )
+    .unwrap();
+    assert_exit(&plumb(dir.path(), &["run", again.to_str().unwrap()]), 0);
+    let continued = &report(&dir.path().join("again"), "reward_model")["metrics"];
+    for name in ["accuracy", "margin", "mean_reward", "loss"] {
+        let (before, after) = (
+            first[format!("eval/{name}")].as_f64().unwrap(),
+            continued[format!("eval/initial_{name}")].as_f64().unwrap(),
+        );
+        assert!(
+            (before - after).abs() < 1e-5,
+            "eval/{name}: {before} at the end of the first run, {after} at the start of the continued one"
+        );
+    }
 
     // Once it exists, a learned reward naming a directory without a tokenizer is refused at validation.
     std::fs::remove_file(model.join("tokenizer.json")).unwrap();
