@@ -20,6 +20,14 @@ pub use trainer::{
 
 use crate::error::{Error, Result};
 
+/// Something found in a stage's data that the user should see (lines skipped, examples
+/// truncated): a warning in the log, and TensorBoard text under `tag` (a one-off figure,
+/// not a chart of one point).
+pub fn note_data(ctx: &crate::RunContext, tag: &str, message: &str) {
+    tracing::warn!("{message}");
+    ctx.text(tag, 0, message);
+}
+
 /// An error at `key` unless `ok`: the shape of every check in a stage's `validate`.
 pub fn require(ok: bool, key: &str, message: &str) -> Result<()> {
     if ok {

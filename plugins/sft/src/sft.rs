@@ -19,7 +19,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::train::{
-    require, summed_cross_entropy, DataPosition, EvalConfig, Length, TrainSection, Trained, Trainer, TrainingConfig,
+    note_data, require, summed_cross_entropy, DataPosition, EvalConfig, Length, TrainSection, Trained, Trainer,
+    TrainingConfig,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use regex::Regex;
@@ -167,9 +168,7 @@ impl Stage for Sft {
             let (path, data) = (path.clone(), c.data.clone());
             let (conversations, skipped) = ctx.unless_stopped("reading the SFT data", move || data.read(&path))?;
             if !skipped.lines.is_empty() {
-                tracing::warn!("{skipped}");
-                // One figure of the data, not a curve: TensorBoard text, not a flat chart.
-                ctx.text("data/malformed_lines", 0, &skipped.to_string());
+                note_data(ctx, "data/malformed_lines", &skipped.to_string());
             }
             Ok::<_, Error>(conversations)
         };
@@ -201,8 +200,7 @@ impl Stage for Sft {
                     conversations.len(),
                     c.max_length
                 );
-                tracing::warn!("{message}");
-                ctx.text(&format!("data/{name}_truncated"), 0, &message);
+                note_data(ctx, &format!("data/{name}_truncated"), &message);
             }
             if examples.is_empty() {
                 return Err(Error::Other(format!("{name}: no examples left with response tokens")));

@@ -27,7 +27,7 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::tch::{self, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::{require, DataPosition, Length, TrainSection, Trained, Trainer, TrainingConfig};
+use plumb_core::train::{note_data, require, DataPosition, Length, TrainSection, Trained, Trainer, TrainingConfig};
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
@@ -171,8 +171,7 @@ impl Stage for RewardModelStage {
             let (path, data) = (path.clone(), c.data.clone());
             let (pairs, skipped) = ctx.unless_stopped("reading the preference pairs", move || data.read(&path))?;
             if !skipped.lines.is_empty() {
-                tracing::warn!("{skipped}");
-                ctx.scalar("data/malformed_lines", 0, skipped.lines.len() as f64);
+                note_data(ctx, "data/malformed_lines", &skipped.to_string());
             }
             Ok::<_, Error>(pairs)
         };
@@ -200,14 +199,14 @@ impl Stage for RewardModelStage {
                 out.push(TokenPair { chosen, rejected, margin: pair.margin });
             }
             if truncated > 0 {
-                tracing::warn!(
+                let message = format!(
                     "{name}: {truncated} of {} pairs had a side longer than max_length {}; it kept its last {} tokens",
                     pairs.len(),
                     c.max_length,
                     c.max_length
                 );
+                note_data(ctx, &format!("data/{name}_truncated"), &message);
             }
-            ctx.scalar(&format!("data/{name}_truncated"), 0, truncated as f64);
             Ok(out)
         };
         let validation_file = c.data.validation.as_ref().unwrap_or(&c.data.train);
