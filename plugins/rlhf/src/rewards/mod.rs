@@ -3,6 +3,7 @@
 //!
 //! | file | reward | scores |
 //! |---|---|---|
+//! | `learned.rs` | `rlhf.learned` | a trained reward model (its own tokenizer) |
 //! | `exact_answer.rs` | `rlhf.exact_answer` | the response's final answer against the reference the prompt carries |
 //! | `regex.rs` | `rlhf.regex` | whether the response matches a pattern (a format check) |
 //! | `length.rs` | `rlhf.length` | a penalty per character or word beyond (or below) a target |
@@ -12,11 +13,13 @@
 use plumb_core::{Error, Result};
 
 pub mod exact_answer;
+pub mod learned;
 pub mod length;
 pub mod regex;
 pub mod remote;
 
 pub use exact_answer::ExactAnswer;
+pub use learned::LearnedReward;
 pub use length::Length;
 pub use regex::Regex;
 pub use remote::Remote;
