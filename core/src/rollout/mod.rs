@@ -12,6 +12,8 @@ mod kl;
 mod log_probs;
 mod losses;
 mod masked;
+mod ppo;
+mod sample;
 
 pub use advantage::{gae, whiten};
 pub use experience::Experience;
@@ -19,3 +21,5 @@ pub use kl::{kl_penalty, KlController, KlEstimator};
 pub use log_probs::{entropy, response_log_probs, response_logits};
 pub use losses::{approx_kl, policy_loss, value_loss, PolicyLoss, ValueLoss};
 pub use masked::{masked_mean, masked_sum, masked_var};
+pub use ppo::{minibatch_loss, shaped_rewards, MinibatchStats, PpoLossSettings};
+pub use sample::{policy_response_logits, response_values, sample, Sampled};
