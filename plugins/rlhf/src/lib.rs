@@ -5,11 +5,13 @@
 //! - rewards: learned, verifiable (exact answer, regex/format, length), remote (HTTP),
 //!   and a weighted sum of others.
 
+pub mod ppo;
+
 plumb_core::export_plugin! {
     name: "rlhf",
     version: env!("CARGO_PKG_VERSION"),
     description: "Reward modelling, PPO, and rewards any stage can call",
-    stages: [],
+    stages: [ppo::Ppo],
     evaluators: [],
     rewards: [],
 }
