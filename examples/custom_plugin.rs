@@ -93,7 +93,7 @@ impl plumb_core::Reward for WordCount {
     const DESCRIPTION: &'static str = "Prefers responses with a target number of words";
     type Config = WordCountConfig;
 
-    fn new(c: WordCountConfig) -> Result<Self> {
+    fn new(c: WordCountConfig, _: &plumb_core::plugin::RewardContext) -> Result<Self> {
         Ok(Self { target: c.target_words })
     }
 }

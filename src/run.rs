@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use plumb_core::checkpoint::write_file_atomically;
 use plumb_core::context::RunRequest;
+use plumb_core::plugin::CreateRequest;
 use plumb_host::log::progress::Progress;
 use plumb_host::log::TbWriter;
 use plumb_host::plugin::host::HostServices;
@@ -122,13 +123,16 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // 1. The recipe, its plugins, and every section they own: all before any compute.
     let registry = load_plugins(recipe, user)?;
     let spec = recipe.recipe();
+    // Every component learns the recipe's reward names, so a stage (or a reward made of
+    // others) checks the ones it names before any compute.
+    let reward_names: Vec<String> = spec.rewards.iter().map(|r| r.name.clone()).collect();
     let mut rewards = Vec::new();
     for (i, reward) in spec.rewards.iter().enumerate() {
         let component =
             registry.reward(&reward.uses).map_err(|m| user(recipe.error_at(&format!("rewards[{i}].uses"), m)))?;
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
         component
-            .validate(&yaml(&reward.config))
+            .validate(&yaml(&reward.config), &reward_names)
             .map_err(|e| located(recipe, user, &format!("rewards[{i}].config"), &what, e))?;
         rewards.push(component);
     }
@@ -138,7 +142,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             registry.runnable(&stage.uses).map_err(|m| user(recipe.error_at(&format!("stages[{i}].uses"), m)))?;
         let what = format!("{} `{}` ({})", component.kind.noun(), stage.name, stage.uses);
         component
-            .validate(&recipe.stage_config_yaml(i))
+            .validate(&recipe.stage_config_yaml(i), &reward_names)
             .map_err(|e| located(recipe, user, &format!("stages[{i}].config"), &what, e))?;
         if let Some(model) = &stage.model {
             if !model.join("config.json").is_file() {
@@ -175,11 +179,21 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
     install_stop_handlers(&stop)?;
+    // The rewards, made once for the whole run on its device (a learned reward loads its
+    // model here); every stage scores with the same instances.
     let mut live_rewards: BTreeMap<String, Mutex<RewardInstance>> = BTreeMap::new();
     for (i, (reward, component)) in spec.rewards.iter().zip(&rewards).enumerate() {
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
+        let request = CreateRequest {
+            config_yaml: yaml(&reward.config),
+            name: reward.name.clone(),
+            device: device.clone(),
+            seed: spec.run.seed,
+            run_dir: output_dir.clone(),
+            rewards: reward_names.clone(),
+        };
         let instance = component
-            .create(&yaml(&reward.config))
+            .create(&request)
             .map_err(|e| located(recipe, user, &format!("rewards[{i}].config"), &what, e))?;
         live_rewards.insert(reward.name.clone(), Mutex::new(instance));
     }
@@ -231,6 +245,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             device: device.clone(),
             seed: spec.run.seed,
             resume: mode == Mode::Resume,
+            rewards: reward_names.clone(),
         };
         tracing::info!("{what}: starting");
         let started = Instant::now();

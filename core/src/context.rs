@@ -29,6 +29,9 @@ pub struct RunRequest {
     /// Continue from the stage's latest checkpoint, if it has one.
     #[serde(default)]
     pub resume: bool,
+    /// The names of the recipe's `rewards:`, in recipe order.
+    #[serde(default)]
+    pub rewards: Vec<String>,
 }
 
 /// The safe face of the host for one stage or evaluator run.
@@ -173,12 +176,19 @@ impl<'h> RunContext<'h> {
     }
 
     /// The reward named `name` in the recipe's `rewards:` list, whichever plugin provides it.
+    /// Several at once, weighted: [`RewardSet`](crate::reward::RewardSet).
     pub fn reward(&self, name: &str) -> HostReward<'_, 'h> {
         HostReward { ctx: self, name: name.to_owned() }
     }
 
-    pub(crate) fn host(&self) -> &'h HostApi {
-        self.host
+    /// The names of the recipe's `rewards:`, in recipe order.
+    pub fn reward_names(&self) -> &[String] {
+        &self.request.rewards
+    }
+
+    /// The host's scoring service, detached so several threads can use it at once.
+    pub(crate) fn score_service(&self) -> ScoreService {
+        ScoreService { score: self.host.score, state: self.host.state }
     }
 }
 
@@ -191,15 +201,40 @@ pub struct HostReward<'c, 'h> {
 impl RewardModel for HostReward<'_, '_> {
     fn score(&mut self, pairs: &[ScorePair]) -> Result<Vec<f64>> {
         let request = serde_json::to_string(pairs).map_err(|e| Error::Other(e.to_string()))?;
+        self.ctx.score_service().score_json(&self.name, &request, pairs.len())
+    }
+}
+
+/// The host's `score` service without the rest of its table: what a thread needs to
+/// score with a reward.
+#[derive(Clone, Copy)]
+pub(crate) struct ScoreService {
+    score: extern "C" fn(state: *mut std::ffi::c_void, reward: StrRef, request: StrRef, out: abi::ByteSink) -> i32,
+    state: *mut std::ffi::c_void,
+}
+
+// SAFETY: the ABI (`HostApi::score`) lets a plugin call `score` with the host's `state`
+// from any thread during a run call, several at once; a `ScoreService` is only made from
+// a live `RunContext` and used while it is borrowed.
+unsafe impl Send for ScoreService {}
+unsafe impl Sync for ScoreService {}
+
+impl ScoreService {
+    /// Scores `request`, a JSON list of `count` pairs, with the recipe's reward `name`.
+    /// Every error starts "reward `<name>`: ".
+    pub(crate) fn score_json(&self, name: &str, request: &str, count: usize) -> Result<Vec<f64>> {
         let mut out = Vec::new();
-        let host = self.ctx.host();
-        let raw = (host.score)(host.state, StrRef::new(&self.name), StrRef::new(&request), abi::vec_sink(&mut out));
+        let raw = (self.score)(self.state, StrRef::new(name), StrRef::new(request), abi::vec_sink(&mut out));
         let text = String::from_utf8_lossy(&out);
-        match Status::from_raw(raw) {
+        let scores: Vec<f64> = match Status::from_raw(raw) {
             Some(Status::Ok) => serde_json::from_str(&text)
-                .map_err(|e| Error::Other(format!("reward `{}` returned invalid scores: {e}", self.name))),
-            _ => Err(Error::Other(format!("reward `{}`: {text}", self.name))),
+                .map_err(|e| Error::Other(format!("reward `{name}` returned invalid scores: {e}")))?,
+            _ => return Err(Error::Other(format!("reward `{name}`: {text}"))),
+        };
+        if scores.len() != count {
+            return Err(Error::Other(format!("reward `{name}` returned {} scores for {count} pairs", scores.len())));
         }
+        Ok(scores)
     }
 }
 

@@ -24,8 +24,8 @@ pub use context::RunContext;
 pub use error::{Error, Result};
 pub use model::Policy;
 pub use optim::Optimizer;
-pub use plugin::{Evaluator, Reward, Stage, StageOutput};
-pub use reward::RewardModel;
+pub use plugin::{Evaluator, Reward, RewardContext, Stage, StageOutput};
+pub use reward::{RewardModel, RewardSet, RewardWeights, ScorePair};
 pub use rollout::Experience;
 
 /// Re-exported so plugins draw from the same generator family as core ([`data::SeededRng`]).

@@ -14,9 +14,13 @@ use std::ffi::c_void;
 
 /// First eight bytes of every plugin declaration.
 pub const PLUGIN_MAGIC: [u8; 8] = *b"PLUMBPLG";
-/// Version of the layout of every type in this file, and of how a plugin is found in its
-/// library. 4: the declaration symbol is named after the plugin ([`declaration_symbol`]).
-pub const ABI_VERSION: u32 = 4;
+/// Version of the layout of every type in this file, of the JSON requests that cross it,
+/// and of how a plugin is found in its library. 4: the declaration symbol is named after
+/// the plugin ([`declaration_symbol`]). 5: a reward's `create` takes a
+/// [`crate::plugin::CreateRequest`] (its name, the run's device, seed and directory);
+/// validate and run requests carry the recipe's reward names; pairs carry an optional
+/// reference answer; [`HostApi::score`] may be called from several threads at once.
+pub const ABI_VERSION: u32 = 5;
 /// What a plugin's declaration symbol is named: this, then the plugin's name.
 pub const DECLARATION_SYMBOL_PREFIX: &str = "plumb_plugin_";
 /// The one symbol plugins built for ABI versions up to 3 exported; the host looks for it
@@ -140,9 +144,11 @@ pub struct RewardEntry {
     pub name: StrRef,
     pub description: StrRef,
     pub validate: ValidateFn,
-    /// Returns an opaque handle, or null with the error in `out`.
+    /// `request` is JSON: [`crate::plugin::CreateRequest`]. Returns an opaque handle, or
+    /// null with the error in `out`.
     pub create: extern "C" fn(request: StrRef, out: ByteSink) -> *mut c_void,
     /// `request` is a JSON list of `ScorePair`; on success `out` holds a JSON list of numbers.
+    /// Called for one handle at a time, but not always from the thread that created it.
     pub score: extern "C" fn(handle: *mut c_void, request: StrRef, out: ByteSink) -> i32,
     pub destroy: extern "C" fn(handle: *mut c_void),
 }
@@ -206,7 +212,9 @@ pub struct HostApi {
     /// Non-zero once the user asked the run to stop (SIGINT).
     pub should_stop: extern "C" fn(state: *mut c_void) -> u8,
     /// Scores a JSON list of `ScorePair` with the reward named `reward` in the recipe;
-    /// on success `out` holds a JSON list of numbers.
+    /// on success `out` holds a JSON list of numbers. Safe to call from any thread during
+    /// a run call, and from several at once: the host serialises the calls to one reward
+    /// but scores different rewards concurrently.
     pub score: extern "C" fn(state: *mut c_void, reward: StrRef, request: StrRef, out: ByteSink) -> i32,
     /// The stage resumes at `step`: TensorBoard drops this stage's earlier events from
     /// `step` on (they are written again).

@@ -12,12 +12,39 @@ use crate::reward::RewardModel;
 
 /// Checks a component can make of its configuration before any compute starts.
 pub struct ValidateContext {
-    _private: (),
+    /// The names of the recipe's `rewards:`, in recipe order.
+    rewards: Vec<String>,
 }
 
 impl ValidateContext {
-    pub(crate) fn new() -> Self {
-        Self { _private: () }
+    /// A context for a recipe that defines the rewards `rewards` (their names, not their
+    /// `uses`). The host builds it from the validate request; tests build their own.
+    pub fn new(rewards: Vec<String>) -> Self {
+        Self { rewards }
+    }
+
+    /// The names of the recipe's `rewards:`, in recipe order.
+    pub fn reward_names(&self) -> &[String] {
+        &self.rewards
+    }
+
+    /// An error at `key` unless the recipe's `rewards:` defines a reward named `name`.
+    /// A stage that scores with a reward checks its name here, so a typo fails on
+    /// `plumb validate` rather than at the first rollout.
+    pub fn require_reward(&self, key: &str, name: &str) -> Result<()> {
+        if self.rewards.iter().any(|r| r == name) {
+            return Ok(());
+        }
+        let defined = if self.rewards.is_empty() {
+            "none; add one under `rewards:`".to_owned()
+        } else {
+            self.rewards.join(", ")
+        };
+        let hint = crate::recipe::suggest::did_you_mean(name, self.rewards.iter().map(String::as_str));
+        Err(crate::Error::config(
+            key,
+            format!("reward `{name}` is not defined in the recipe's `rewards:` (defined: {defined}){hint}"),
+        ))
     }
 
     /// An error at `key` unless `path` is an existing file.
@@ -79,16 +106,78 @@ pub trait Evaluator: Sized + 'static {
 /// A text-level reward any stage can call through the host by the name the recipe
 /// gives it (exact-answer match, format checks, a learned reward model, a remote
 /// endpoint). Scoring is by batch so slow or remote scorers can overlap inside one call.
-pub trait Reward: RewardModel + Sized + 'static {
+///
+/// `Send`: the host may score one instance from another thread than the one that made
+/// it (never from two at once), and different rewards concurrently (see
+/// [`RewardSet`](crate::reward::RewardSet)). A reward that needs async I/O keeps its own
+/// runtime, made in [`new`](Reward::new): the host's is not shared across the boundary.
+///
+/// Errors from [`RewardModel::score`] need not name the reward: whoever calls it through
+/// the host gets them prefixed with "reward `<name>`: ".
+pub trait Reward: RewardModel + Send + Sized + 'static {
+    /// The name recipes use after the plugin's: `uses: <plugin>.<NAME>`.
     const NAME: &'static str;
+    /// One line for `plumb plugins`.
     const DESCRIPTION: &'static str;
+    /// The reward's recipe section (`rewards[i].config`); use `#[serde(deny_unknown_fields)]`.
     type Config: DeserializeOwned;
 
+    /// Checks beyond the types (patterns compile, files exist) without doing any work.
     fn validate(_config: &Self::Config, _ctx: &ValidateContext) -> Result<()> {
         Ok(())
     }
 
-    fn new(config: Self::Config) -> Result<Self>;
+    /// Builds the reward once per run, before the first stage: load a model on
+    /// `ctx.device()`, start a runtime, open a connection pool.
+    fn new(config: Self::Config, ctx: &RewardContext) -> Result<Self>;
+}
+
+/// What a reward learns of its run when it is made (crosses as JSON in the create
+/// request, [`CreateRequest`]).
+#[derive(Debug, Clone)]
+pub struct RewardContext {
+    name: String,
+    device: tch::Device,
+    seed: u64,
+    run_dir: PathBuf,
+}
+
+impl RewardContext {
+    /// `name` is the reward's name in the recipe's `rewards:` (not its `uses`).
+    pub fn new(name: impl Into<String>, device: tch::Device, seed: u64, run_dir: impl Into<PathBuf>) -> Self {
+        Self { name: name.into(), device, seed, run_dir: run_dir.into() }
+    }
+
+    /// The reward's name in the recipe, for its log lines.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The run's device, resolved by the host as for stages (`auto` is CUDA when present).
+    pub fn device(&self) -> tch::Device {
+        self.device
+    }
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+    /// The run's output directory.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
+    }
+}
+
+/// What the host sends to make a reward (JSON): its section and its run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateRequest {
+    pub config_yaml: String,
+    /// The reward's name in the recipe.
+    pub name: String,
+    /// `cpu` or `cuda:N`, already resolved from `auto`.
+    pub device: String,
+    pub seed: u64,
+    pub run_dir: PathBuf,
+    /// The names of the recipe's `rewards:` (see [`ValidateContext::require_reward`]).
+    #[serde(default)]
+    pub rewards: Vec<String>,
 }
 
 /// Named scalar results, e.g. `{"eval/loss": 2.31}`.

@@ -9,7 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use serde::{Deserialize, Serialize};
 
 use super::abi::{self, ByteSink, ComponentEntry, HostApi, PluginDeclaration, RewardEntry, Status, StrRef};
-use super::contract::{Evaluator, Reward, Stage, StageOutput, ValidateContext};
+use super::contract::{CreateRequest, Evaluator, Reward, RewardContext, Stage, StageOutput, ValidateContext};
 use crate::context::{RunContext, RunRequest};
 use crate::error::Error;
 use crate::recipe::{parse_section, SectionError};
@@ -19,6 +19,10 @@ use crate::reward::ScorePair;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ValidateRequest {
     pub config_yaml: String,
+    /// The names of the recipe's `rewards:`, so a stage can check the ones it names
+    /// ([`ValidateContext::require_reward`]).
+    #[serde(default)]
+    pub rewards: Vec<String>,
 }
 
 /// The declaration a plugin exports, with the tables it points into.
@@ -221,17 +225,18 @@ fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
 /// Parses the section and runs the component's own checks.
 fn checked<C: serde::de::DeserializeOwned>(
     yaml: &str,
+    rewards: &[String],
     validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
 ) -> Result<C, Failure> {
     let config: C = parse_section(yaml)?;
-    validate(&config, &ValidateContext::new())?;
+    validate(&config, &ValidateContext::new(rewards.to_vec()))?;
     Ok(config)
 }
 
 extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
         let request: ValidateRequest = read_json(request)?;
-        checked::<S::Config>(&request.config_yaml, S::validate)?;
+        checked::<S::Config>(&request.config_yaml, &request.rewards, S::validate)?;
         Ok(Vec::new())
     })
 }
@@ -239,7 +244,7 @@ extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
 extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
         let request: ValidateRequest = read_json(request)?;
-        checked::<E::Config>(&request.config_yaml, E::validate)?;
+        checked::<E::Config>(&request.config_yaml, &request.rewards, E::validate)?;
         Ok(Vec::new())
     })
 }
@@ -247,7 +252,7 @@ extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -
 extern "C" fn validate_reward<R: Reward>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
         let request: ValidateRequest = read_json(request)?;
-        checked::<R::Config>(&request.config_yaml, R::validate)?;
+        checked::<R::Config>(&request.config_yaml, &request.rewards, R::validate)?;
         Ok(Vec::new())
     })
 }
@@ -269,7 +274,7 @@ fn with_context<C: serde::de::DeserializeOwned>(
             format!("host ABI version {} differs from the plugin's {}", host.abi_version, abi::ABI_VERSION),
         ));
     }
-    let config = checked::<C>(&request.config_yaml, validate)?;
+    let config = checked::<C>(&request.config_yaml, &request.rewards, validate)?;
     // SAFETY: as above.
     let mut ctx = unsafe { RunContext::new(host, request) }?;
     let subscriber = tracing_subscriber::fmt()
@@ -304,9 +309,11 @@ extern "C" fn run_evaluator<E: Evaluator>(host: *const HostApi, request: StrRef,
 extern "C" fn create_reward<R: Reward>(request: StrRef, out: ByteSink) -> *mut c_void {
     let mut handle: *mut c_void = std::ptr::null_mut();
     guarded(&out, || {
-        let request: ValidateRequest = read_json(request)?;
-        let config = checked::<R::Config>(&request.config_yaml, R::validate)?;
-        handle = Box::into_raw(Box::new(R::new(config)?)) as *mut c_void;
+        let request: CreateRequest = read_json(request)?;
+        let config = checked::<R::Config>(&request.config_yaml, &request.rewards, R::validate)?;
+        let device = crate::context::parse_device(&request.device)?;
+        let ctx = RewardContext::new(request.name, device, request.seed, request.run_dir);
+        handle = Box::into_raw(Box::new(R::new(config, &ctx)?)) as *mut c_void;
         Ok(Vec::new())
     });
     handle
@@ -314,7 +321,8 @@ extern "C" fn create_reward<R: Reward>(request: StrRef, out: ByteSink) -> *mut c
 
 extern "C" fn score_reward<R: Reward>(handle: *mut c_void, request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
-        // SAFETY: `handle` came from `create_reward::<R>` and the host calls one at a time.
+        // SAFETY: `handle` came from `create_reward::<R>`; the host calls one instance at a
+        // time (from any thread: `R: Send`).
         let reward = unsafe { (handle as *mut R).as_mut() }
             .ok_or_else(|| Failure(Status::Failed, "null reward handle".into()))?;
         let pairs: Vec<ScorePair> = read_json(request)?;
@@ -322,8 +330,12 @@ extern "C" fn score_reward<R: Reward>(handle: *mut c_void, request: StrRef, out:
         if scores.len() != pairs.len() {
             return Err(Failure(
                 Status::Failed,
-                format!("reward `{}` returned {} scores for {} pairs", R::NAME, scores.len(), pairs.len()),
+                format!("`{}` returned {} scores for {} pairs", R::NAME, scores.len(), pairs.len()),
             ));
+        }
+        // JSON has no NaN: it would arrive as `null` and read as malformed. Say what it was.
+        if let Some((i, bad)) = scores.iter().enumerate().find(|(_, s)| !s.is_finite()) {
+            return Err(Failure(Status::Failed, format!("`{}` returned the non-finite score {bad} for pair {i}", R::NAME)));
         }
         to_json(&scores)
     })
@@ -391,5 +403,58 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for HostLog {
             _ => abi::LOG_DEBUG,
         };
         HostLogLine { host: self.0, level, line: Vec::new() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reward::RewardModel;
+
+    /// Scores each pair with the number its response spells (`nan` and `inf` too).
+    struct Parse;
+
+    impl RewardModel for Parse {
+        fn score(&mut self, pairs: &[ScorePair]) -> crate::Result<Vec<f64>> {
+            Ok(pairs.iter().map(|p| p.response.parse().unwrap_or(0.0)).collect())
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+
+    impl Reward for Parse {
+        const NAME: &'static str = "parse";
+        const DESCRIPTION: &'static str = "the number in the response";
+        type Config = Empty;
+        fn new(_: Empty, ctx: &RewardContext) -> crate::Result<Self> {
+            assert_eq!((ctx.name(), ctx.seed(), ctx.device()), ("p", 7, tch::Device::Cpu));
+            Ok(Parse)
+        }
+    }
+
+    fn call(text: &str) -> (i32, String) {
+        let create = serde_json::json!({"config_yaml": "{}", "name": "p", "device": "cpu", "seed": 7, "run_dir": "/tmp"});
+        let create = create.to_string();
+        let mut out = Vec::new();
+        let handle = create_reward::<Parse>(StrRef::new(&create), abi::vec_sink(&mut out));
+        assert!(!handle.is_null(), "{}", String::from_utf8_lossy(&out));
+        let pairs = serde_json::to_string(&[ScorePair::new("q", "1.5"), ScorePair::new("q", text)]).unwrap();
+        let mut out = Vec::new();
+        let status = score_reward::<Parse>(handle, StrRef::new(&pairs), abi::vec_sink(&mut out));
+        destroy_reward::<Parse>(handle);
+        (status, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn a_reward_is_made_with_its_run_and_scores_across_the_boundary() {
+        assert_eq!(call("-2"), (Status::Ok as i32, "[1.5,-2.0]".to_string()));
+    }
+
+    #[test]
+    fn a_non_finite_score_is_refused_by_name() {
+        assert_eq!(call("nan"), (Status::Failed as i32, "`parse` returned the non-finite score NaN for pair 1".into()));
+        assert_eq!(call("-inf"), (Status::Failed as i32, "`parse` returned the non-finite score -inf for pair 1".into()));
     }
 }

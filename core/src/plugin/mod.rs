@@ -5,5 +5,5 @@ pub mod abi;
 pub mod contract;
 pub mod export;
 
-pub use contract::{Evaluator, Metrics, Reward, Stage, StageOutput, ValidateContext};
+pub use contract::{CreateRequest, Evaluator, Metrics, Reward, RewardContext, Stage, StageOutput, ValidateContext};
 pub use export::ValidateRequest;

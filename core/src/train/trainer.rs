@@ -689,6 +689,7 @@ mod tests {
             device: "cpu".into(),
             seed: 0,
             resume,
+            rewards: Vec::new(),
         };
         // SAFETY: the host's functions ignore their state and outlive the context.
         unsafe { RunContext::new(host, request) }.unwrap()

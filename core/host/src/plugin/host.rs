@@ -13,7 +13,8 @@ use crate::log::progress::Progress;
 use crate::log::tensorboard::{HParamValue, TbWriter};
 use plumb_core::plugin::abi::{self, ByteSink, HostApi, ProgressUpdate, Status, StrRef};
 
-/// The host's state behind one stage's [`HostApi`].
+/// The host's state behind one stage's [`HostApi`]. `Sync`: a plugin may call the
+/// services from several threads at once (e.g. score two rewards concurrently).
 pub struct HostServices<'a> {
     /// The plugin's name, for its log lines.
     pub plugin: String,
@@ -23,6 +24,12 @@ pub struct HostServices<'a> {
     /// Rewards named in the recipe, live inside their plugins.
     pub rewards: &'a BTreeMap<String, Mutex<RewardInstance>>,
 }
+
+// The services are reached through a shared reference from any thread.
+const _: fn() = || {
+    fn shared<T: Sync>() {}
+    shared::<HostServices<'static>>();
+};
 
 impl HostServices<'_> {
     /// The C table pointing back at `self`; valid while `self` is.
@@ -138,9 +145,11 @@ extern "C" fn should_stop(state: *mut c_void) -> u8 {
 extern "C" fn score(state: *mut c_void, reward: StrRef, request: StrRef, out: ByteSink) -> i32 {
     with_state(state, Status::Failed as i32, |s| {
         let name = text(reward);
+        // The plugin side prefixes "reward `<name>`: " to what is sent back.
         let Some(instance) = s.rewards.get(&name) else {
             let known: Vec<&str> = s.rewards.keys().map(String::as_str).collect();
-            out.send(format!("no reward named `{name}` in the recipe (known: {})", known.join(", ")).as_bytes());
+            let defined = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
+            out.send(format!("not defined in the recipe's `rewards:` (defined: {defined})").as_bytes());
             return Status::Failed as i32;
         };
         let Ok(mut instance) = instance.lock() else {

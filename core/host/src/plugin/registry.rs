@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use plumb_core::context::RunRequest;
 use plumb_core::plugin::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef, ValidateFn};
-use plumb_core::plugin::{StageOutput, ValidateRequest};
+use plumb_core::plugin::{CreateRequest, StageOutput, ValidateRequest};
 use plumb_core::recipe::{suggest, SectionError};
 
 use super::host::HostServices;
@@ -174,13 +174,11 @@ fn outcome(raw: i32, out: Vec<u8>) -> Result<Vec<u8>, CallError> {
     }
 }
 
-fn validate_request(config_yaml: &str) -> String {
-    serde_json::json!(ValidateRequest { config_yaml: config_yaml.to_owned() }).to_string()
-}
-
-/// Asks a component's `validate` entry to check a section without doing any work.
-fn call_validate(validate: ValidateFn, config_yaml: &str) -> Result<(), CallError> {
-    let request = validate_request(config_yaml);
+/// Asks a component's `validate` entry to check a section without doing any work;
+/// `rewards` are the names of the recipe's `rewards:`.
+fn call_validate(validate: ValidateFn, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
+    let request =
+        serde_json::json!(ValidateRequest { config_yaml: config_yaml.to_owned(), rewards: rewards.to_vec() }).to_string();
     let mut out = Vec::new();
     let raw = validate(StrRef::new(&request), vec_sink(&mut out));
     outcome(raw, out).map(|_| ())
@@ -197,9 +195,10 @@ pub struct Component<'r> {
 }
 
 impl Component<'_> {
-    /// Asks the plugin to check its section without doing any work.
-    pub fn validate(&self, config_yaml: &str) -> Result<(), CallError> {
-        call_validate(self.entry.validate, config_yaml)
+    /// Asks the plugin to check its section without doing any work; `rewards` are the
+    /// names of the recipe's `rewards:` (a stage checks the ones it names).
+    pub fn validate(&self, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
+        call_validate(self.entry.validate, config_yaml, rewards)
     }
 
     /// Runs the component with the host's services; blocks until it returns.
@@ -221,13 +220,13 @@ pub struct RewardComponent<'r> {
 }
 
 impl RewardComponent<'_> {
-    pub fn validate(&self, config_yaml: &str) -> Result<(), CallError> {
-        call_validate(self.entry.validate, config_yaml)
+    pub fn validate(&self, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
+        call_validate(self.entry.validate, config_yaml, rewards)
     }
 
-    /// Builds an instance; it is destroyed when dropped.
-    pub fn create(&self, config_yaml: &str) -> Result<RewardInstance, CallError> {
-        let request = validate_request(config_yaml);
+    /// Builds an instance for a run; it is destroyed when dropped.
+    pub fn create(&self, request: &CreateRequest) -> Result<RewardInstance, CallError> {
+        let request = serde_json::to_string(request).map_err(|e| CallError::Failed(e.to_string()))?;
         let mut out = Vec::new();
         let handle = (self.entry.create)(StrRef::new(&request), vec_sink(&mut out));
         if handle.is_null() {
@@ -249,7 +248,8 @@ pub struct RewardInstance {
     handle: *mut c_void,
 }
 
-// SAFETY: the host serialises calls to one instance behind a mutex.
+// SAFETY: the ABI lets a reward be scored from any thread (`Reward: Send` on the plugin
+// side), one call at a time: the host serialises calls to one instance behind a mutex.
 unsafe impl Send for RewardInstance {}
 
 impl RewardInstance {

@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 
 use plumb_core::plugin::ValidateContext;
+use plumb_core::reward::RewardWeights;
 use plumb_core::rollout::{KlController, KlEstimator};
 use plumb_core::train::{require, Length, TrainSection};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
 use super::prompts::{read_prompts, PromptFields};
-use super::rewards::RewardWeights;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,7 +187,7 @@ pub fn validate(section: &TrainSection<PpoConfig>, ctx: &ValidateContext) -> Res
     training.validate(Length::StepsOrEpochs)?;
     ctx.existing_file("data.train", &c.data.train)?;
     read_prompts(&c.data.train, &c.data.fields)?;
-    c.reward.validate("reward")?;
+    c.reward.validate("reward", ctx)?;
     match (c.value_model.init, &c.value_model.path) {
         (ValueInit::Policy, Some(_)) => {
             return Err(Error::config(

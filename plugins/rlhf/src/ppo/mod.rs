@@ -23,7 +23,6 @@
 //! the run's seed and the step number, so a resumed run repeats the uninterrupted one.
 pub mod config;
 pub mod prompts;
-pub mod rewards;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +35,7 @@ use plumb_core::model::{self, SaveHf};
 use plumb_core::Optimizer;
 use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
-use plumb_core::reward::ScorePair;
+use plumb_core::reward::{RewardSet, ScorePair};
 use plumb_core::rollout::{
     gae, minibatch_loss, policy_response_logits, response_log_probs, response_values, sample, shaped_rewards, whiten,
     Experience, KlController, PpoLossSettings,
@@ -82,9 +81,8 @@ impl Stage for Ppo {
             ));
         };
 
-        // Before any model is loaded: the rewards exist, the prompts fit, the value model
-        // reads the policy's tokens.
-        c.reward.check_defined(ctx, "reward")?;
+        // Before any model is loaded: the prompts fit, the value model reads the policy's
+        // tokens. (The reward names were checked against the recipe by `validate`.)
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         let (prompts, encoded, dropped_prompts) = encode_prompts(&c, &tokenizer)?;
         let policy_vocab = vocab_size(&model_dir)?;
@@ -158,6 +156,7 @@ impl Stage for Ppo {
             temperature: c.temperature,
         };
         let mut last_stats = PpoStats::default();
+        let mut reward_set = RewardSet::new(ctx, &c.reward);
 
         while trainer.running() {
             if trainer.stop_requested() {
@@ -193,10 +192,14 @@ impl Stage for Ppo {
                         Finish::StopToken => &response[..response.len() - 1],
                         _ => &response[..],
                     };
-                    Ok(ScorePair { prompt: prompt.display(), response: tokenizer.decode(text_tokens)? })
+                    let pair = ScorePair::new(prompt.display(), tokenizer.decode(text_tokens)?);
+                    Ok(match &prompt.reference {
+                        Some(reference) => pair.with_reference(reference.clone()),
+                        None => pair,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let scored = c.reward.score(ctx, &pairs)?;
+            let scored = reward_set.score(&pairs)?;
             let mut scores = scored.total.clone();
             if let Some(penalty) = c.missing_eos_penalty {
                 for (score, finish) in scores.iter_mut().zip(&sampled.finishes) {
