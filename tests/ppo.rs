@@ -249,3 +249,33 @@ fn bad_input_is_refused_before_compute_with_the_file_or_key() {
     let err = stderr(&out);
     assert!(err.contains("prompts.jsonl") && err.contains("line 1: the prompt has") && err.contains("more than max_prompt_length 2"), "{err}");
 }
+
+#[test]
+fn a_reward_that_fails_mid_run_stops_it_with_its_error_and_the_last_checkpoint_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = tiny_policy(dir.path());
+    let prompts = prompt_file(dir.path());
+    let recipe = ppo_recipe(dir.path(), &policy, &prompts, 6, "");
+    // The probe plugin's reward scores three batches, then fails: step 4's scoring.
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        "rewards:\n",
+        &format!(
+            "  - name: probe\n    path: {}\nrewards:\n  - name: dying\n    uses: probe.fails_after\n    config: {{batches: 3}}\n",
+            library("libplumb_probe.so").display()
+        ),
+    );
+    std::fs::write(&recipe, text.replace("reward: ten_words", "reward: dying")).unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("reward `dying`") && err.contains("the probe reward is out of service"), "{err}");
+    // Step 2's checkpoint is intact: a resume (with a reward that works) takes it up.
+    let checkpoints = dir.path().join("run/ppo/checkpoints");
+    let saved: Vec<String> =
+        std::fs::read_dir(&checkpoints).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(saved, ["step-00000002"]);
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--resume", "rewards.0.config.batches=100"]);
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains("resuming from step 2"), "{}", stderr(&out));
+    assert_eq!(scalars(&dir.path().join("run/tb/ppo"), "objective/scores").len(), 6);
+}
