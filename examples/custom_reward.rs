@@ -88,7 +88,9 @@ impl Reward for Sentiment {
 
     fn validate(c: &SentimentConfig, _: &ValidateContext) -> Result<()> {
         for (key, list) in [("positive", &c.positive), ("negative", &c.negative)] {
-            if let Some((i, w)) = list.iter().enumerate().find(|(_, w)| w.trim().is_empty() || w.contains(char::is_whitespace)) {
+            if let Some((i, w)) =
+                list.iter().enumerate().find(|(_, w)| w.trim().is_empty() || w.contains(char::is_whitespace))
+            {
                 return Err(Error::config(format!("{key}[{i}]"), format!("expected one word, found `{w}`")));
             }
         }

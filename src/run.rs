@@ -192,9 +192,8 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             run_dir: output_dir.clone(),
             rewards: reward_names.clone(),
         };
-        let instance = component
-            .create(&request)
-            .map_err(|e| located(recipe, user, &format!("rewards[{i}].config"), &what, e))?;
+        let instance =
+            component.create(&request).map_err(|e| located(recipe, user, &format!("rewards[{i}].config"), &what, e))?;
         live_rewards.insert(reward.name.clone(), Mutex::new(instance));
     }
     tracing::info!("run `{}` on {device} into {}", spec.run.name, output_dir.display());

@@ -19,7 +19,8 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn prompts(dir: &Path) -> PathBuf {
-    let starts = ["One day, Lily", "Tom and his dog", "The sun was", "Once upon a time", "Mia found a", "The little bird"];
+    let starts =
+        ["One day, Lily", "Tom and his dog", "The sun was", "Once upon a time", "Mia found a", "The little bird"];
     let lines: Vec<String> = starts.iter().cycle().take(16).map(|s| format!("{{\"prompt\": \"{s}\"}}")).collect();
     write(dir, "prompts.jsonl", &(lines.join("\n") + "\n"))
 }
@@ -87,7 +88,10 @@ fn a_bad_regex_fails_at_validate_naming_its_key() {
     assert_exit(&out, 1);
     let at = format!("{}:{}:", recipe.display(), line_of(&text, "pattern:"));
     let err = stderr(&out);
-    assert!(err.contains(&at) && err.contains("rewards[0].config.pattern: not a valid regex: "), "expected {at}\nin {err}");
+    assert!(
+        err.contains(&at) && err.contains("rewards[0].config.pattern: not a valid regex: "),
+        "expected {at}\nin {err}"
+    );
     assert!(stderr(&out).contains("unclosed group"), "{}", stderr(&out));
 }
 

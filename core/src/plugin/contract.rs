@@ -35,11 +35,8 @@ impl ValidateContext {
         if self.rewards.iter().any(|r| r == name) {
             return Ok(());
         }
-        let defined = if self.rewards.is_empty() {
-            "none; add one under `rewards:`".to_owned()
-        } else {
-            self.rewards.join(", ")
-        };
+        let defined =
+            if self.rewards.is_empty() { "none; add one under `rewards:`".to_owned() } else { self.rewards.join(", ") };
         let hint = crate::recipe::suggest::did_you_mean(name, self.rewards.iter().map(String::as_str));
         Err(crate::Error::config(
             key,

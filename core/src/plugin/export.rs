@@ -335,7 +335,10 @@ extern "C" fn score_reward<R: Reward>(handle: *mut c_void, request: StrRef, out:
         }
         // JSON has no NaN: it would arrive as `null` and read as malformed. Say what it was.
         if let Some((i, bad)) = scores.iter().enumerate().find(|(_, s)| !s.is_finite()) {
-            return Err(Failure(Status::Failed, format!("`{}` returned the non-finite score {bad} for pair {i}", R::NAME)));
+            return Err(Failure(
+                Status::Failed,
+                format!("`{}` returned the non-finite score {bad} for pair {i}", R::NAME),
+            ));
         }
         to_json(&scores)
     })
@@ -435,7 +438,8 @@ mod tests {
     }
 
     fn call(text: &str) -> (i32, String) {
-        let create = serde_json::json!({"config_yaml": "{}", "name": "p", "device": "cpu", "seed": 7, "run_dir": "/tmp"});
+        let create =
+            serde_json::json!({"config_yaml": "{}", "name": "p", "device": "cpu", "seed": 7, "run_dir": "/tmp"});
         let create = create.to_string();
         let mut out = Vec::new();
         let handle = create_reward::<Parse>(StrRef::new(&create), abi::vec_sink(&mut out));
@@ -455,6 +459,9 @@ mod tests {
     #[test]
     fn a_non_finite_score_is_refused_by_name() {
         assert_eq!(call("nan"), (Status::Failed as i32, "`parse` returned the non-finite score NaN for pair 1".into()));
-        assert_eq!(call("-inf"), (Status::Failed as i32, "`parse` returned the non-finite score -inf for pair 1".into()));
+        assert_eq!(
+            call("-inf"),
+            (Status::Failed as i32, "`parse` returned the non-finite score -inf for pair 1".into())
+        );
     }
 }

@@ -162,7 +162,8 @@ impl<'c, 'h> RewardSet<'c, 'h> {
     /// are finite: the plugin side refuses a NaN or an infinity from a reward, which would
     /// poison an advantage estimate without a word.
     pub fn score(&mut self, pairs: &[ScorePair]) -> Result<Scored> {
-        let request = serde_json::to_string(pairs).map_err(|e| Error::Other(format!("cannot encode the pairs: {e}")))?;
+        let request =
+            serde_json::to_string(pairs).map_err(|e| Error::Other(format!("cannot encode the pairs: {e}")))?;
         let service = self.ctx.score_service();
         let one = |name: &str| service.score_json(name, &request, pairs.len());
         let results: Vec<Result<Vec<f64>>> = if self.weights.0.len() == 1 {
@@ -174,7 +175,9 @@ impl<'c, 'h> RewardSet<'c, 'h> {
                     .into_iter()
                     .zip(self.weights.names())
                     .map(|(h, name)| {
-                        h.join().unwrap_or_else(|_| Err(Error::Other(format!("reward `{name}`: its scoring thread panicked"))))
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Other(format!("reward `{name}`: its scoring thread panicked")))
+                        })
                     })
                     .collect()
             })

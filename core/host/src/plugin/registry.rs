@@ -177,8 +177,8 @@ fn outcome(raw: i32, out: Vec<u8>) -> Result<Vec<u8>, CallError> {
 /// Asks a component's `validate` entry to check a section without doing any work;
 /// `rewards` are the names of the recipe's `rewards:`.
 fn call_validate(validate: ValidateFn, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
-    let request =
-        serde_json::json!(ValidateRequest { config_yaml: config_yaml.to_owned(), rewards: rewards.to_vec() }).to_string();
+    let request = serde_json::json!(ValidateRequest { config_yaml: config_yaml.to_owned(), rewards: rewards.to_vec() })
+        .to_string();
     let mut out = Vec::new();
     let raw = validate(StrRef::new(&request), vec_sink(&mut out));
     outcome(raw, out).map(|_| ())

@@ -138,7 +138,11 @@ mod tests {
             ("It is 17.", "18", 0.0),
             ("I do not know.", "18", -1.0),
             ("-3.50 degrees", "-3.5", 1.0),
-            ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "Natalia sold 48/2 = 24 clips in May. 48+24 = 72.\n#### 72", 1.0),
+            (
+                "Natalia sold 48/2 = 24 clips in May.\n#### 72",
+                "Natalia sold 48/2 = 24 clips in May. 48+24 = 72.\n#### 72",
+                1.0,
+            ),
         ];
         let pairs: Vec<ScorePair> = table.iter().map(|(r, t, _)| pair(r, t)).collect();
         let expected: Vec<f64> = table.iter().map(|t| t.2).collect();

@@ -108,7 +108,10 @@ mod tests {
         // `full` anchors the whole alternation, not its first branch.
         assert_eq!(scores("{pattern: 'a|b', mode: full}", &["a", "b", "ab"]), [1.0, 1.0, 0.0]);
         let think = "{pattern: '(?s)^<think>.+</think>', mode: search}";
-        assert_eq!(scores(think, &["<think>\nhmm\n</think> 4", "4 <think>x</think>", "<THINK>x</THINK>"]), [1.0, 0.0, 0.0]);
+        assert_eq!(
+            scores(think, &["<think>\nhmm\n</think> 4", "4 <think>x</think>", "<THINK>x</THINK>"]),
+            [1.0, 0.0, 0.0]
+        );
         assert_eq!(scores("{pattern: '(?i)^<think>'}", &["<THINK>x"]), [1.0]);
     }
 

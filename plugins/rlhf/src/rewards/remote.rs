@@ -189,7 +189,9 @@ impl Failure {
     fn retryable(&self) -> bool {
         match self {
             Failure::Http { status, .. } => {
-                !status.is_client_error() || *status == StatusCode::REQUEST_TIMEOUT || *status == StatusCode::TOO_MANY_REQUESTS
+                !status.is_client_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
             }
             _ => true,
         }
@@ -204,7 +206,9 @@ impl Failure {
             Failure::Timeout => format!("timed out after {timeout_s} s ({n})"),
             Failure::Connect(e) => format!("cannot connect ({n}): {e}"),
             Failure::Malformed { error, body } => {
-                format!("malformed JSON after {n}: expected {{\"scores\": [numbers]}} ({error}); the answer began: {body}")
+                format!(
+                    "malformed JSON after {n}: expected {{\"scores\": [numbers]}} ({error}); the answer began: {body}"
+                )
             }
             Failure::Count { got, want } => format!("{got} scores for {want} pairs ({n})"),
             Failure::Other(e) => format!("{e} ({n})"),
@@ -280,7 +284,12 @@ impl Endpoint {
                 let not_retried = if failure.retryable() { "" } else { " (a client error: not retried)" };
                 return Err(Error::Other(format!("POST {}: {message}{not_retried}", self.url)));
             }
-            tracing::warn!("POST {}: {}; retrying in {:.1} s", self.url, failure.describe(attempt, self.timeout_s), wait.as_secs_f64());
+            tracing::warn!(
+                "POST {}: {}; retrying in {:.1} s",
+                self.url,
+                failure.describe(attempt, self.timeout_s),
+                wait.as_secs_f64()
+            );
             tokio::time::sleep(wait).await;
             wait *= 2;
             attempt += 1;
@@ -336,7 +345,8 @@ impl RewardModel for Remote {
 
 impl plumb_core::Reward for Remote {
     const NAME: &'static str = "remote";
-    const DESCRIPTION: &'static str = "Scores from an HTTP endpoint (JSON in and out), with timeout, retries and concurrency";
+    const DESCRIPTION: &'static str =
+        "Scores from an HTTP endpoint (JSON in and out), with timeout, retries and concurrency";
     type Config = RemoteConfig;
 
     fn validate(c: &RemoteConfig, _: &ValidateContext) -> Result<()> {
@@ -474,10 +484,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(60 - 5 * scores[0] as u64));
             (200, serde_json::json!({ "scores": scores, "model": "judge-1" }).to_string())
         });
-        let yaml = format!(
-            "{{url: '{}', batch_size: 3, max_concurrency: 3, headers: {{X-Token: s3cret}}}}",
-            server.url
-        );
+        let yaml =
+            format!("{{url: '{}', batch_size: 3, max_concurrency: 3, headers: {{X-Token: s3cret}}}}", server.url);
         let mut reward = remote(&yaml).unwrap();
         let mut batch = pairs(10);
         batch[4].reference = Some("4".into());
@@ -488,10 +496,7 @@ mod tests {
         let bodies = server.seen.bodies.lock().unwrap();
         let second: serde_json::Value =
             serde_json::from_str(bodies.iter().find(|b| b.contains("prompt 4")).unwrap()).unwrap();
-        assert_eq!(
-            second["pairs"][0],
-            serde_json::json!({"prompt": "prompt 3", "response": "3", "reference": null})
-        );
+        assert_eq!(second["pairs"][0], serde_json::json!({"prompt": "prompt 3", "response": "3", "reference": null}));
         assert_eq!(second["pairs"][1]["reference"], "4");
         let headers = server.seen.headers.lock().unwrap();
         assert!(headers.iter().any(|h| h == "x-token: s3cret"), "{headers:?}");
@@ -514,7 +519,10 @@ mod tests {
     fn http_500_is_retried_then_named_with_its_body() {
         let (error, requests, url) = failing(|_, _| (500, "boom: the judge is down".into()), "");
         assert_eq!(requests, 3);
-        assert_eq!(error, format!("POST {url}: HTTP 500 Internal Server Error after 3 attempts: boom: the judge is down"));
+        assert_eq!(
+            error,
+            format!("POST {url}: HTTP 500 Internal Server Error after 3 attempts: boom: the judge is down")
+        );
     }
 
     #[test]
@@ -555,14 +563,18 @@ mod tests {
     fn a_client_error_is_not_retried() {
         let (error, requests, url) = failing(|_, _| (404, "no such route".into()), "");
         assert_eq!(requests, 1);
-        assert_eq!(error, format!("POST {url}: HTTP 404 Not Found after 1 attempt: no such route (a client error: not retried)"));
+        assert_eq!(
+            error,
+            format!("POST {url}: HTTP 404 Not Found after 1 attempt: no such route (a client error: not retried)")
+        );
     }
 
     #[test]
     fn a_closed_port_is_named() {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let url = format!("http://127.0.0.1:{port}/score");
-        let error = remote(&format!("{{url: '{url}', retries: 1, backoff_s: 0}}")).unwrap().score(&pairs(1)).unwrap_err();
+        let error =
+            remote(&format!("{{url: '{url}', retries: 1, backoff_s: 0}}")).unwrap().score(&pairs(1)).unwrap_err();
         let error = error.to_string();
         assert!(error.starts_with(&format!("POST {url}: cannot connect (2 attempts): ")), "{error}");
         assert!(error.to_lowercase().contains("refused"), "{error}");
@@ -582,9 +594,15 @@ mod tests {
             "backoff_s: expected seconds, 0 or more and at most a day (86400); found -1"
         );
         assert_eq!(error("{url: 'http://x', batch_size: 0}"), "batch_size: expected at least 1 pair per request");
-        assert_eq!(error("{url: 'http://x', max_concurrency: 0}"), "max_concurrency: expected at least 1 request in flight");
+        assert_eq!(
+            error("{url: 'http://x', max_concurrency: 0}"),
+            "max_concurrency: expected at least 1 request in flight"
+        );
         assert_eq!(error("{url: 'http://x', retries: 50}"), "retries: expected at most 20, found 50");
-        assert_eq!(error("{url: 'http://x', headers: {'Bad Name': v}}"), "headers.Bad Name: `Bad Name` is not a valid HTTP header name");
+        assert_eq!(
+            error("{url: 'http://x', headers: {'Bad Name': v}}"),
+            "headers.Bad Name: `Bad Name` is not a valid HTTP header name"
+        );
         assert!(error("{url: 'http://x', timeout: 3}").starts_with("timeout"), "unknown keys are refused");
     }
 }
