@@ -282,3 +282,11 @@ stages:
     assert!(stderr(&out).contains("resuming from step 2"), "{}", stderr(&out));
     assert_eq!(healthy.requests.load(Ordering::SeqCst), 3, "steps 3 to 5");
 }
+
+#[test]
+fn the_custom_reward_recipe_validates() {
+    let lexicon = format!("plugins.2.path={}", library("examples/libcustom_reward.so").display());
+    let out = plumb(&repo_root(), &["validate", "recipes/custom_reward.yaml", &lexicon]);
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains("uses: lexicon.sentiment"), "{}", stdout(&out));
+}
