@@ -35,6 +35,24 @@ pub enum Bench {
     /// Seconds the token stream takes to cut its first rows when the corpus starts with
     /// one long document (no blank lines): linear in the document's size.
     Pack(PackBench),
+    /// Episodes per second of whole PPO iterations on a fixed small shape (policy,
+    /// reference, value and a learned reward model), as `bench/trl_ppo.py` runs TRL's.
+    Ppo(PpoBench),
+}
+
+#[derive(clap::Args)]
+pub struct PpoBench {
+    /// Timed PPO iterations per repeat, after one untimed warm-up iteration.
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
+    pub iterations: usize,
+    /// Repeats; the median of each figure is printed after them.
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+    pub repeats: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seeds the random weights, prompts and sampling.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -161,6 +179,7 @@ pub fn run(bench: &Bench) -> Result<(), Failure> {
         Bench::Train(args) => train(args),
         Bench::Load(args) => load(args),
         Bench::Pack(args) => pack(args),
+        Bench::Ppo(args) => ppo(args),
     }
 }
 
@@ -433,4 +452,157 @@ fn pack(args: &PackBench) -> Result<(), Failure> {
 /// An I/O error on `path`, as the user's.
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Failure + '_ {
     move |e| Failure::User(format!("{}: {e}", path.display()))
+}
+
+/// The shape of `plumb bench ppo`, for `bench/trl_ppo.py` to mirror.
+const PPO_BATCH: usize = 16;
+const PPO_PROMPT_TOKENS: usize = 16;
+const PPO_RESPONSE_TOKENS: usize = 32;
+const PPO_EPOCHS: usize = 4;
+const PPO_MINIBATCH: usize = 4;
+const PPO_KL_COEF: f64 = 0.05;
+const PPO_LR: f64 = 3e-6;
+
+/// Whole PPO iterations on the quickstart shape: sample 32 tokens for each of 16 random
+/// prompts (temperature 1, no stop token), score them with a learned reward model on the
+/// same tokens, the reference's log-probs and the value model's values, KL-shaped rewards,
+/// GAE and whitening (the rollout); then 4 epochs of 4 shuffled minibatches of 4, each a
+/// forward and backward of policy and value model, one clip and two AdamW steps (the
+/// training). The same core functions as the `rlhf.ppo` stage.
+fn ppo(args: &PpoBench) -> Result<(), Failure> {
+    use plumb_core::model::scalar_head::ScalarHeadModel;
+    use plumb_core::rand::seq::SliceRandom;
+    use plumb_core::rollout::{
+        gae, minibatch_loss, policy_response_logits, response_log_probs, response_values, sample, shaped_rewards,
+        whiten, Experience, KlEstimator, PpoLossSettings,
+    };
+
+    let user = |e: plumb_core::Error| Failure::User(e.to_string());
+    if args.repeats == 0 || args.iterations == 0 {
+        return Err(Failure::User("--iterations and --repeats must be positive".into()));
+    }
+    let device = resolve_device(&args.device)?;
+    let config = shape("quickstart").ok_or_else(|| unknown_shape("quickstart"))?;
+    let shape_line = serde_json::json!({
+        "case": "ppo-shape", "model": "quickstart", "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "tie_word_embeddings": true,
+        "batch": PPO_BATCH, "prompt_tokens": PPO_PROMPT_TOKENS, "response_tokens": PPO_RESPONSE_TOKENS,
+        "temperature": 1.0, "stop_token": null, "ppo_epochs": PPO_EPOCHS, "minibatch": PPO_MINIBATCH,
+        "gradient_accumulation": 1, "kl_coef": PPO_KL_COEF, "lr": PPO_LR, "gamma": 1.0, "lam": 0.95,
+        "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
+        "models": "policy, reference (frozen), value (policy's transformer + fresh head), reward (scalar head)",
+    });
+    println!("{shape_line}");
+
+    // Random weights, saved once so the reference and the scalar-head models start from them.
+    tch::manual_seed(args.seed as i64);
+    let dir = std::env::temp_dir().join(format!("plumb-bench-ppo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let policy = LlamaForCausalLm::new(config, device).map_err(user)?;
+    policy.save(&dir).map_err(user)?;
+    let reference = plumb_core::model::load(&dir, device, tch::Kind::Float).map_err(user)?;
+    let value_model = ScalarHeadModel::from_causal_lm(&dir, device, tch::Kind::Float).map_err(user)?;
+    let reward_model = ScalarHeadModel::from_causal_lm(&dir, device, tch::Kind::Float).map_err(user)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let optimizer = |vs| AdamW::new(vs, AdamWConfig { lr: PPO_LR, ..Default::default() });
+    let (mut policy_adamw, mut value_adamw) = (optimizer(policy.var_store()), optimizer(value_model.var_store()));
+    let mut rng = seeded_rng(args.seed);
+    let vocab = policy.vocab_size() as u64;
+    let prompts: Vec<Vec<i64>> = (0..PPO_BATCH)
+        .map(|_| (0..PPO_PROMPT_TOKENS).map(|_| rng.random_range(0..vocab) as i64).collect())
+        .collect();
+    let settings = PpoLossSettings { clip: 0.2, clip_value: 0.2, vf_coef: 0.1, temperature: 1.0 };
+
+    // One iteration: (rollout seconds, training seconds).
+    let mut iteration = |index: u64| -> Result<(f64, f64), Failure> {
+        synchronize(device);
+        let started = Instant::now();
+        let generation = GenerationSettings {
+            max_new_tokens: PPO_RESPONSE_TOKENS,
+            temperature: 1.0,
+            seed: Some(args.seed.wrapping_add(index)),
+            ..Default::default()
+        };
+        let sampled = sample(&policy, &prompts, &generation, 0).map_err(user)?;
+        let (prompt_len, mask) = (sampled.prompt_len, sampled.response_mask.shallow_clone());
+        let (scores, ref_log_probs, values) = {
+            let _no_grad = tch::no_grad_guard();
+            let (sequences, attention) = (&sampled.sequences, &sampled.attention_mask);
+            let scores = reward_model.scores(sequences, attention).map_err(user)?; // (B)
+            let logits = policy_response_logits(reference.as_ref(), sequences, attention, prompt_len, 1.0).map_err(user)?;
+            let ref_log_probs = response_log_probs(&logits, &sequences.narrow(1, prompt_len, logits.size()[1]));
+            let values = response_values(&value_model, sequences, attention, prompt_len).map_err(user)?;
+            (scores, ref_log_probs * &mask, values * &mask)
+        };
+        let mut experience = Experience {
+            sequences: sampled.sequences.shallow_clone(),
+            attention_mask: sampled.attention_mask.shallow_clone(),
+            prompt_len,
+            response_mask: mask.shallow_clone(),
+            log_probs: sampled.log_probs.shallow_clone(),
+            ref_log_probs,
+            values,
+            scores,
+            rewards: mask.zeros_like(),
+            advantages: mask.zeros_like(),
+            returns: mask.zeros_like(),
+        };
+        let (rewards, _kl) = shaped_rewards(&experience, PPO_KL_COEF, KlEstimator::K1);
+        let (advantages, returns) = gae(&rewards, &experience.values, &mask, 1.0, 0.95);
+        (experience.rewards, experience.advantages, experience.returns) = (rewards, whiten(&advantages, &mask, true), returns);
+        synchronize(device);
+        let rollout = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        let mut order: Vec<i64> = (0..PPO_BATCH as i64).collect();
+        for _ in 0..PPO_EPOCHS {
+            order.shuffle(&mut rng);
+            for indices in order.chunks(PPO_MINIBATCH) {
+                let minibatch = experience.index_select(&Tensor::from_slice(indices));
+                policy_adamw.zero_grad();
+                value_adamw.zero_grad();
+                let (loss, _stats) = minibatch_loss(&policy, &value_model, &minibatch, &settings).map_err(user)?;
+                loss.backward();
+                let mut parameters = policy_adamw.parameters();
+                parameters.extend(value_adamw.parameters());
+                clip_grad_norm(&parameters, 1.0).map_err(user)?;
+                policy_adamw.step().map_err(user)?;
+                value_adamw.step().map_err(user)?;
+            }
+        }
+        synchronize(device);
+        Ok((rollout, started.elapsed().as_secs_f64()))
+    };
+
+    iteration(0)?; // warm-up
+    let mut figures = Vec::new();
+    for repeat in 0..args.repeats {
+        let (mut rollout, mut training) = (0.0, 0.0);
+        for i in 0..args.iterations {
+            let (r, t) = iteration(1 + (repeat * args.iterations + i) as u64)?;
+            rollout += r;
+            training += t;
+        }
+        let seconds = rollout + training;
+        let figure = (args.iterations as f64 * PPO_BATCH as f64 / seconds, rollout / seconds, training / seconds);
+        let line = serde_json::json!({
+            "case": "ppo", "repeat": repeat + 1, "device": device_name(device), "iterations": args.iterations,
+            "episodes_per_s": figure.0, "rollout_share": figure.1, "train_share": figure.2,
+            "iteration_s": seconds / args.iterations as f64, "peak_rss_bytes": peak_rss_bytes(),
+        });
+        println!("{line}");
+        figures.push(figure);
+    }
+    let line = serde_json::json!({
+        "case": "ppo-median", "device": device_name(device), "repeats": args.repeats, "iterations": args.iterations,
+        "episodes_per_s": median(figures.iter().map(|f| f.0).collect()),
+        "rollout_share": median(figures.iter().map(|f| f.1).collect()),
+        "train_share": median(figures.iter().map(|f| f.2).collect()),
+        "peak_rss_bytes": peak_rss_bytes(),
+        // tch 0.24 binds no CUDA memory statistics (tch issue #896) and core's shim has none yet.
+        "peak_cuda_bytes": null,
+    });
+    println!("{line}");
+    Ok(())
 }

@@ -15,6 +15,7 @@ pub mod optim;
 pub mod plugin;
 pub mod recipe;
 pub mod reward;
+pub mod rollout;
 mod shim;
 pub mod tokenizer;
 pub mod train;
@@ -25,6 +26,7 @@ pub use model::Policy;
 pub use optim::Optimizer;
 pub use plugin::{Evaluator, Reward, RewardContext, Stage, StageOutput};
 pub use reward::{RewardModel, RewardSet, RewardWeights, ScorePair};
+pub use rollout::Experience;
 
 /// Re-exported so plugins draw from the same generator family as core ([`data::SeededRng`]).
 pub use rand;

@@ -115,6 +115,10 @@ struct Saved {
     /// Absent in checkpoints older than the record.
     #[serde(default)]
     recipe: Option<RecipeRecord>,
+    /// What else a stage needs to continue exactly (a KL controller, a generator's
+    /// state), as the stage serialised it; absent when it keeps nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stage_state: Option<serde_json::Value>,
 }
 
 /// The resolved recipe a checkpoint was made under: the stage's own section, the run's
@@ -160,6 +164,8 @@ pub struct Trainer<'a, 'h> {
     /// Throughput since the last `train/*` log, evaluations excluded.
     window: (Instant, u64),
     fault_nonfinite_at: Option<u64>,
+    /// The stage's own state from the checkpoint resumed, once [`Trainer::restore`] read it.
+    stage_state: Option<serde_json::Value>,
     pub state: TrainerState,
     /// The latest applied step's statistics.
     pub last: StepStats,
@@ -214,6 +220,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
             started: Instant::now(),
             window: (Instant::now(), 0),
             fault_nonfinite_at,
+            stage_state: None,
             state: TrainerState::default(),
             last: StepStats::default(),
         })
@@ -246,6 +253,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
             optimizer.load_state(&load_tensors(&part_dir(&dir, index, name).join(OPTIMIZER_STATE))?)?;
         }
         self.state = saved.state;
+        self.stage_state = saved.stage_state;
         self.last.loss = self.state.loss.unwrap_or(f64::NAN);
         self.ctx.restart_at(self.state.step as i64 + 1);
         Ok(Some(saved.data))
@@ -261,6 +269,18 @@ impl<'a, 'h> Trainer<'a, 'h> {
         let value = self.untimed(compute)?;
         self.state.at_start.insert(name.to_owned(), value);
         Ok(value)
+    }
+
+    /// The stage's own state saved with the checkpoint this run resumed from
+    /// ([`Trainer::save_checkpoint_with`]), after [`Trainer::restore`]; None for a fresh
+    /// run or a checkpoint saved without one. An error names the file when it does not
+    /// read as `T`.
+    pub fn stage_state<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        let Some(value) = &self.stage_state else { return Ok(None) };
+        let file = self.resume_dir.as_deref().unwrap_or(Path::new(".")).join(TRAINER_STATE);
+        serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|e| Error::file(&file, format!("stage_state: {e}")))
     }
 
     /// True while steps remain.
@@ -321,7 +341,44 @@ impl<'a, 'h> Trainer<'a, 'h> {
         for optimizer in optimizers.iter_mut() {
             optimizer.step()?;
         }
-        self.last = StepStats { loss, grad_norm, learning_rate, tokens_per_second: 0.0, batch_size };
+        self.record(StepStats { loss, grad_norm, learning_rate, tokens_per_second: 0.0, batch_size });
+        Ok(true)
+    }
+
+    /// One update inside a step, for stages that update several times a step (PPO's
+    /// epochs × minibatches): clips the gradients of all `optimizers` together by their
+    /// global norm (as one optimizer over all their models would), applies the non-finite
+    /// guard to `loss` and the norm, and steps them. Returns the norm before clipping, or
+    /// None when the update was skipped. End the step with [`Trainer::end_step`].
+    pub fn update(&mut self, optimizers: &mut [&mut AdamW], mut loss: f64) -> Result<Option<f64>> {
+        if self.fault_nonfinite_at == Some(self.state.step + 1) {
+            loss = f64::NAN;
+        }
+        let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
+        let grad_norm = clip_grad_norm(&parameters, self.config.grad_clip)?;
+        if !self.guard(loss, grad_norm)? {
+            return Ok(None);
+        }
+        for optimizer in optimizers.iter_mut() {
+            optimizer.step()?;
+        }
+        Ok(Some(grad_norm))
+    }
+
+    /// Ends a step whose updates were made with [`Trainer::update`]: counts it and its
+    /// `tokens`, and writes the `train/*` scalars when due and the progress.
+    pub fn end_step(&mut self, loss: f64, grad_norm: f64, tokens: u64, batch_size: usize) {
+        let learning_rate = self.schedule.lr(self.state.step);
+        self.state.step += 1;
+        self.state.tokens += tokens;
+        self.window.1 += tokens;
+        self.record(StepStats { loss, grad_norm, learning_rate, tokens_per_second: 0.0, batch_size });
+    }
+
+    /// Keeps the statistics of the step just counted; logs them when due.
+    fn record(&mut self, stats: StepStats) {
+        let loss = stats.loss;
+        self.last = stats;
         self.state.loss = Some(loss);
         let step = self.state.step;
         if step % self.config.log_every == 0 || step == self.max_steps {
@@ -331,7 +388,6 @@ impl<'a, 'h> Trainer<'a, 'h> {
         }
         let speed = (self.last.tokens_per_second > 0.0).then_some(self.last.tokens_per_second);
         self.ctx.progress(step, self.max_steps, Some(self.last.loss), speed, Some(self.state.tokens));
-        Ok(true)
     }
 
     /// The non-finite guard: `Ok(true)` to apply the update, `Ok(false)` to skip it
@@ -383,6 +439,19 @@ impl<'a, 'h> Trainer<'a, 'h> {
         max_length: usize,
         data: DataPosition,
     ) -> Result<PathBuf> {
+        self.save_checkpoint_with(models, tokenizer, max_length, data, None)
+    }
+
+    /// [`Trainer::save_checkpoint`] with the stage's own state beside the trainer's (read
+    /// back with [`Trainer::stage_state`] after [`Trainer::restore`]).
+    pub fn save_checkpoint_with(
+        &self,
+        models: &[Trained<'_>],
+        tokenizer: &Tokenizer,
+        max_length: usize,
+        data: DataPosition,
+        stage_state: Option<serde_json::Value>,
+    ) -> Result<PathBuf> {
         self.checkpoints.save(self.state.step, |dir| {
             for (index, part) in models.iter().enumerate() {
                 let part_dir = part_dir(dir, index, part.name);
@@ -390,7 +459,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
                 write_model(&part_dir, part.model, tokenizer, max_length)?;
                 save_safetensors(&part_dir.join(OPTIMIZER_STATE), &part.optimizer.state())?;
             }
-            let saved = Saved { state: self.state.clone(), data, recipe: Some(self.recipe.clone()) };
+            let saved = Saved { state: self.state.clone(), data, recipe: Some(self.recipe.clone()), stage_state };
             let json = serde_json::to_value(saved).map_err(|e| Error::Other(e.to_string()))?;
             write_json(&dir.join(TRAINER_STATE), &json)
         })
@@ -720,7 +789,9 @@ mod tests {
                     Trained { name: "value", model: &value, optimizer: &value_adamw },
                 ];
                 let order = BatchOrder::new(3, 0);
-                saved = Some(trainer.save_checkpoint(&models, &tokenizer, 16, DataPosition::Batches(order)).unwrap());
+                let kl = serde_json::json!({"coef": 0.07});
+                let data = DataPosition::Batches(order);
+                saved = Some(trainer.save_checkpoint_with(&models, &tokenizer, 16, data, Some(kl)).unwrap());
             }
         }
         let dir = saved.expect("a checkpoint at step 2");
@@ -749,6 +820,8 @@ mod tests {
         let data = resumed.restore(&mut [("policy", &mut policy_adamw2), ("value", &mut value_adamw2)]).unwrap();
         assert!(matches!(data, Some(DataPosition::Batches(_))));
         assert_eq!(resumed.state.step, 2);
+        let kl: serde_json::Value = resumed.stage_state().unwrap().expect("the stage's state comes back");
+        assert_eq!(kl["coef"], 0.07);
         assert!(same(&policy_adamw, &policy_adamw2) && same(&value_adamw, &value_adamw2));
         let weight = |m: &LlamaForCausalLm| m.var_store().variables()["model.embed_tokens.weight"].copy();
         assert!(weight(&value).equal(&weight(&value2)) && !weight(&value).equal(&weight(&policy2)));

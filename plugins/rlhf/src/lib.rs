@@ -4,6 +4,7 @@
 //! - `rlhf.ppo`: PPO against rewards named in the recipe.
 //! - rewards: learned, verifiable (exact answer, regex/format, length), remote (HTTP),
 //!   and a weighted sum of others.
+pub mod ppo;
 pub mod reward_model;
 pub mod rewards;
 
@@ -14,7 +15,7 @@ plumb_core::export_plugin! {
     name: "rlhf",
     version: env!("CARGO_PKG_VERSION"),
     description: "Reward modelling, PPO, and rewards any stage can call",
-    stages: [RewardModelStage],
+    stages: [RewardModelStage, ppo::Ppo],
     evaluators: [],
-    rewards: [LearnedReward],
+    rewards: [LearnedReward, rewards::ExactAnswer, rewards::Regex, rewards::Length, rewards::Remote],
 }

@@ -1,0 +1,411 @@
+//! `rlhf.ppo`: PPO from a reward (Ouyang et al. 2022, <https://arxiv.org/abs/2203.02155>),
+//! with TRL's `PPOTrainer` semantics and defaults, so its curves compare with TRL's.
+//!
+//! Each step (one iteration) reads top to bottom below: sample a response to each of a
+//! batch of prompts → score them with the recipe's rewards → the frozen reference's
+//! log-probs and the value model's values → per-token rewards (−β·KL, the score at each
+//! response's last token) → GAE(γ, λ) and whitened advantages → `ppo_epochs` passes over
+//! the batch in shuffled minibatches (gradients accumulated over micro-batches), each an
+//! update of the policy and the value model together (one global-norm clip, two AdamW
+//! optimizers: TRL's one optimizer over its policy-and-value wrapper) → the KL
+//! controller → TensorBoard → a checkpoint when due.
+//!
+//! Where plumb differs from TRL, on purpose: the score is added at each response's last
+//! token (TRL adds it one position later, past the end, when the response is shorter
+//! than `response_length`), and means over tokens (approx-KL, entropy, losses) count
+//! only real tokens. Log-probs come from the sampling distribution (logits / T), in
+//! rollout, reference and training alike. The model families here have no dropout, so
+//! nothing has to be switched off for the ratio at the first minibatch to be 1.
+//!
+//! Resuming: a checkpoint holds the policy (at its top, HF layout), the value model (in
+//! `value/`), both optimizers, the prompt order (a seeded permutation and its cursor)
+//! and the KL controller; each step's sampling and minibatch shuffles are seeded from
+//! the run's seed and the step number, so a resumed run repeats the uninterrupted one.
+pub mod config;
+pub mod prompts;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use plumb_core::data::{seeded_rng, BatchOrder};
+use plumb_core::model::generate::{Finish, GenerationSettings};
+use plumb_core::model::scalar_head::ScalarHeadModel;
+use plumb_core::model::{self, SaveHf};
+use plumb_core::Optimizer;
+use plumb_core::plugin::ValidateContext;
+use plumb_core::rand::seq::SliceRandom;
+use plumb_core::reward::{RewardSet, ScorePair};
+use plumb_core::rollout::{
+    gae, minibatch_loss, policy_response_logits, response_log_probs, response_values, sample, shaped_rewards, whiten,
+    Experience, KlController, PpoLossSettings,
+};
+use plumb_core::tch::{self, Kind, Tensor};
+use plumb_core::tokenizer::Tokenizer;
+use plumb_core::train::{DataPosition, TrainSection, Trained, Trainer};
+use plumb_core::{checkpoint, Error, Result, RunContext, Stage, StageOutput};
+use serde::{Deserialize, Serialize};
+
+use config::{micro_batch, minibatch, LongPrompts, PpoConfig, StopToken, ValueInit};
+use prompts::{read_prompts, Prompt};
+use stats::PpoStats;
+
+pub struct Ppo;
+
+/// What a PPO checkpoint holds beyond models, optimizers and the prompt order.
+#[derive(Serialize, Deserialize)]
+struct PpoState {
+    kl: KlController,
+    dropped_prompts: usize,
+}
+
+impl Stage for Ppo {
+    const NAME: &'static str = "ppo";
+    const DESCRIPTION: &'static str =
+        "PPO against the recipe's rewards: rollouts, KL to a frozen reference, GAE, clipped policy and value losses";
+    type Config = TrainSection<PpoConfig>;
+
+    fn validate(config: &Self::Config, ctx: &ValidateContext) -> Result<()> {
+        config::validate(config, ctx)
+    }
+
+    fn run(section: Self::Config, ctx: &mut RunContext) -> Result<StageOutput> {
+        let (minibatch_size, micro) = (minibatch(&section), micro_batch(&section));
+        let TrainSection { train: training, stage: c } = section;
+        let device = ctx.device();
+        tch::manual_seed(ctx.seed() as i64);
+        let Some(model_dir) = ctx.input_model().map(PathBuf::from) else {
+            return Err(Error::config(
+                "model",
+                "PPO starts from a policy: give the stage a `model:` directory (HF layout) or put it after a stage that makes one",
+            ));
+        };
+
+        // Before any model is loaded: the prompts fit, the value model reads the policy's
+        // tokens. (The reward names were checked against the recipe by `validate`.)
+        let tokenizer = Tokenizer::from_dir(&model_dir)?;
+        let (prompts, encoded, dropped_prompts) = encode_prompts(&c, &tokenizer)?;
+        let policy_vocab = vocab_size(&model_dir)?;
+        if let (ValueInit::RewardModel, Some(path)) = (c.value_model.init, &c.value_model.path) {
+            let value_vocab = vocab_size(path)?;
+            if value_vocab != policy_vocab {
+                return Err(Error::config(
+                    "value_model.path",
+                    format!(
+                        "the value model `{}` has a vocabulary of {value_vocab} tokens but the policy `{}` has {policy_vocab}: it cannot read the policy's tokens",
+                        path.display(),
+                        model_dir.display()
+                    ),
+                ));
+            }
+        }
+        let stops = match c.stop_token {
+            StopToken::Eos => tokenizer.eos_ids(),
+            StopToken::None => Vec::new(),
+        };
+        let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
+        let batch_size = training.batch_size;
+        let max_steps = training.total_steps((encoded.len() / batch_size).max(1));
+        tracing::info!(
+            "ppo: {} prompts ({dropped_prompts} dropped as longer than max_prompt_length {}), {batch_size} episodes a step in {} minibatches × {} epochs; {max_steps} steps",
+            encoded.len(),
+            c.max_prompt_length,
+            c.num_minibatches,
+            c.ppo_epochs
+        );
+
+        // Models and optimizers, or all of them and the prompt order from a checkpoint.
+        let mut trainer = Trainer::new(ctx, &training, max_steps)?;
+        let policy = model::load(&trainer.resume_dir_of(0, "policy").unwrap_or(model_dir.clone()), device, Kind::Float)?;
+        tokenizer.check_fits_embedding(policy.vocab_size() as usize, &model_dir)?;
+        let reference = model::load(&model_dir, device, Kind::Float)?;
+        let value_model = match (trainer.resume_dir_of(1, "value"), c.value_model.init, &c.value_model.path) {
+            (Some(dir), _, _) => ScalarHeadModel::from_dir(&dir, device, Kind::Float)?,
+            (None, ValueInit::Policy, _) => ScalarHeadModel::from_causal_lm(&model_dir, device, Kind::Float)?,
+            (None, ValueInit::RewardModel, Some(path)) => ScalarHeadModel::from_dir(path, device, Kind::Float)?,
+            (None, ValueInit::RewardModel, None) => unreachable!("validate requires value_model.path"),
+        };
+        let mut policy_adamw = training.optimizer.adamw(policy.var_store());
+        let mut value_adamw = training.optimizer.adamw(value_model.var_store());
+        let restored = trainer.restore(&mut [("policy", &mut policy_adamw), ("value", &mut value_adamw)])?;
+        let (mut order, mut kl) = match restored {
+            None => (BatchOrder::new(encoded.len(), ctx.seed()), c.kl_controller()),
+            Some(DataPosition::Batches(order)) => {
+                let state: PpoState = trainer.stage_state()?.ok_or_else(|| {
+                    Error::file(trainer.resume_dir().unwrap_or(Path::new(".")), "no PPO state (KL controller) in trainer_state.json")
+                })?;
+                (order, state.kl)
+            }
+            Some(DataPosition::Stream(_)) => return Err(Error::Other("a PPO checkpoint holds a prompt order".into())),
+        };
+        let value_saved = ValueModelSave { model: &value_model, pad };
+        let checkpoint = |trainer: &Trainer, order: &BatchOrder, kl: &KlController, p: &_, v: &_| {
+            let models = [
+                Trained { name: "policy", model: policy.as_ref(), optimizer: p },
+                Trained { name: "value", model: &value_saved, optimizer: v },
+            ];
+            let state = PpoState { kl: kl.clone(), dropped_prompts };
+            let state = serde_json::to_value(state).map_err(|e| Error::Other(e.to_string()))?;
+            let length = c.max_prompt_length + c.max_new_tokens;
+            trainer.save_checkpoint_with(&models, &tokenizer, length, DataPosition::Batches(order.clone()), Some(state))
+        };
+        let settings = PpoLossSettings {
+            clip: c.cliprange,
+            clip_value: c.cliprange_value,
+            vf_coef: c.vf_coef,
+            temperature: c.temperature,
+        };
+        let mut last_stats = PpoStats::default();
+        let mut reward_set = RewardSet::new(ctx, &c.reward);
+
+        while trainer.running() {
+            if trainer.stop_requested() {
+                return Err(trainer.stop(checkpoint(&trainer, &order, &kl, &policy_adamw, &value_adamw)?));
+            }
+            trainer.start_step(&mut [&mut policy_adamw, &mut value_adamw]);
+            let step = trainer.state.step + 1;
+            let step_seed = step_seed(ctx.seed(), step);
+            let rollout_started = Instant::now();
+
+            // 1. Rollout: one sampled response per prompt.
+            let rows = order.next_batch(batch_size);
+            let batch: Vec<&Prompt> = rows.iter().map(|&i| &prompts[i as usize]).collect();
+            let batch_tokens: Vec<Vec<i64>> = rows.iter().map(|&i| encoded[i as usize].clone()).collect();
+            let generation = GenerationSettings {
+                max_new_tokens: c.max_new_tokens,
+                temperature: c.temperature,
+                stop_tokens: stops.clone(),
+                seed: Some(step_seed),
+                pad_token: pad,
+                context: Some(c.max_prompt_length + c.max_new_tokens),
+                ..Default::default()
+            };
+            let sampled = sample(policy.as_ref(), &batch_tokens, &generation, pad)?;
+
+            // 2. Score the finished (prompt, response) pairs; the stop token is not text.
+            let pairs = batch
+                .iter()
+                .zip(&sampled.responses)
+                .zip(&sampled.finishes)
+                .map(|((prompt, response), finish)| {
+                    let text_tokens = match finish {
+                        Finish::StopToken => &response[..response.len() - 1],
+                        _ => &response[..],
+                    };
+                    let pair = ScorePair::new(prompt.display(), tokenizer.decode(text_tokens)?);
+                    Ok(match &prompt.reference {
+                        Some(reference) => pair.with_reference(reference.clone()),
+                        None => pair,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let scored = reward_set.score(&pairs)?;
+            let mut scores = scored.total.clone();
+            if let Some(penalty) = c.missing_eos_penalty {
+                for (score, finish) in scores.iter_mut().zip(&sampled.finishes) {
+                    if *finish != Finish::StopToken {
+                        *score -= penalty;
+                    }
+                }
+            }
+
+            // 3. The reference's log-probs and the value model's values of the same tokens.
+            let (ref_log_probs, values) = {
+                let _no_grad = tch::no_grad_guard();
+                let logits = policy_response_logits(
+                    reference.as_ref(),
+                    &sampled.sequences,
+                    &sampled.attention_mask,
+                    sampled.prompt_len,
+                    c.temperature,
+                )?; // (B, R, V)
+                let responses = sampled.sequences.narrow(1, sampled.prompt_len, logits.size()[1]);
+                let ref_log_probs = response_log_probs(&logits, &responses) * &sampled.response_mask;
+                let values =
+                    response_values(&value_model, &sampled.sequences, &sampled.attention_mask, sampled.prompt_len)?
+                        * &sampled.response_mask;
+                (ref_log_probs, values)
+            };
+            let mask = sampled.response_mask.shallow_clone();
+            let mut experience = Experience {
+                sequences: sampled.sequences.shallow_clone(),
+                attention_mask: sampled.attention_mask.shallow_clone(),
+                prompt_len: sampled.prompt_len,
+                response_mask: mask.shallow_clone(),
+                log_probs: sampled.log_probs.shallow_clone(),
+                ref_log_probs,
+                values,
+                scores: Tensor::from_slice(&scores).to_kind(Kind::Float).to_device(device),
+                rewards: mask.zeros_like(),
+                advantages: mask.zeros_like(),
+                returns: mask.zeros_like(),
+            };
+
+            // 4. Per-token rewards, GAE, whitened advantages.
+            let (mut rewards, token_kl) = shaped_rewards(&experience, kl.coef, c.kl_estimator);
+            if c.whiten_rewards {
+                rewards = whiten(&rewards, &mask, false);
+            }
+            let (advantages, returns) = gae(&rewards, &experience.values, &mask, c.gamma, c.lam);
+            experience.advantages = whiten(&advantages, &mask, true);
+            experience.returns = returns;
+            experience.rewards = rewards;
+            let rollout_seconds = rollout_started.elapsed().as_secs_f64();
+
+            // 5. PPO epochs over shuffled minibatches, each one update of both models.
+            let train_started = Instant::now();
+            let mut shuffle = seeded_rng(step_seed ^ 0x5eed);
+            let (mut updates, mut grad_norms) = (Vec::new(), Vec::new());
+            for _epoch in 0..c.ppo_epochs {
+                let mut permutation: Vec<i64> = (0..batch_size as i64).collect();
+                permutation.shuffle(&mut shuffle);
+                for indices in permutation.chunks(minibatch_size) {
+                    let minibatch = experience.index_select(&Tensor::from_slice(indices));
+                    policy_adamw.zero_grad();
+                    value_adamw.zero_grad();
+                    let mut loss = 0.0;
+                    for part in minibatch.split(micro as i64) {
+                        let share = part.len() as f64 / minibatch.len() as f64;
+                        let (part_loss, part_stats) =
+                            training.precision.forward(device, || minibatch_loss(policy.as_ref(), &value_model, &part, &settings))??;
+                        (part_loss * share).backward();
+                        loss += part_stats.loss * share;
+                        updates.push(part_stats);
+                    }
+                    if let Some(norm) = trainer.update(&mut [&mut policy_adamw, &mut value_adamw], loss)? {
+                        grad_norms.push(norm);
+                    }
+                }
+            }
+            let train_seconds = train_started.elapsed().as_secs_f64();
+
+            // 6. Statistics, the KL controller, the trainer's step.
+            let episodes = batch_size as f64;
+            let per_episode = |t: &Tensor| t.sum(Kind::Double).double_value(&[]) / episodes;
+            let mean_kl = per_episode(&token_kl);
+            let tokens = experience.response_tokens() as u64;
+            let sequence_tokens = experience.attention_mask.sum(Kind::Int64).int64_value(&[]) as f64;
+            let stats = PpoStats {
+                kl: mean_kl,
+                entropy: per_episode(&(-&experience.log_probs * &mask)),
+                non_score_reward: -kl.coef * mean_kl,
+                scores: scores.iter().sum::<f64>() / episodes,
+                score_parts: scored
+                    .parts
+                    .iter()
+                    .map(|(name, s)| (name.clone(), s.iter().sum::<f64>() / episodes))
+                    .collect(),
+                num_eos_tokens: sampled.finishes.iter().filter(|f| **f == Finish::StopToken).count(),
+                response_length: tokens as f64 / episodes,
+                kl_coef: kl.coef,
+                updates: stats::mean(&updates),
+                first: updates.first().copied().unwrap_or_default(),
+                rollout_tokens_per_s: tokens as f64 / rollout_seconds,
+                train_tokens_per_s: sequence_tokens * c.ppo_epochs as f64 / train_seconds,
+                dropped_prompts,
+            };
+            kl.update(mean_kl, batch_size);
+            let grad_norm = grad_norms.iter().sum::<f64>() / grad_norms.len().max(1) as f64;
+            trainer.end_step(stats.updates.loss, grad_norm, tokens, batch_size);
+            if step % training.log_every == 0 || step == max_steps {
+                stats.log(ctx, step);
+                log_samples(ctx, step, &pairs, &scores, c.samples);
+            }
+            last_stats = stats;
+            if trainer.checkpoint_due() {
+                checkpoint(&trainer, &order, &kl, &policy_adamw, &value_adamw)?;
+            }
+        }
+
+        let final_dir = trainer.save_final(policy.as_ref(), &tokenizer, c.max_prompt_length + c.max_new_tokens)?;
+        let mut metrics = trainer.metrics();
+        metrics.extend([
+            ("objective/scores".to_string(), last_stats.scores),
+            ("objective/kl".to_string(), last_stats.kl),
+            ("data/dropped_prompts".to_string(), dropped_prompts as f64),
+        ]);
+        Ok(StageOutput { model: Some(final_dir), metrics })
+    }
+}
+
+/// The prompts that fit, their tokens, and how many were dropped for their length (or
+/// the error that names the first too long, with `long_prompts: error`).
+fn encode_prompts(c: &PpoConfig, tokenizer: &Tokenizer) -> Result<(Vec<Prompt>, Vec<Vec<i64>>, usize)> {
+    let file = &c.data.train;
+    let (mut kept, mut tokens, mut dropped) = (Vec::new(), Vec::new(), 0);
+    for prompt in read_prompts(file, &c.data.fields)? {
+        let ids = prompt.tokens(tokenizer, file)?;
+        if ids.is_empty() {
+            return Err(Error::file(file, format!("line {}: the prompt has no tokens", prompt.line)));
+        }
+        if ids.len() > c.max_prompt_length {
+            match c.long_prompts {
+                LongPrompts::Error => {
+                    return Err(Error::file(
+                        file,
+                        format!(
+                            "line {}: the prompt has {} tokens, more than max_prompt_length {} (raise it, or set long_prompts: drop)",
+                            prompt.line,
+                            ids.len(),
+                            c.max_prompt_length
+                        ),
+                    ))
+                }
+                LongPrompts::Drop => {
+                    dropped += 1;
+                    continue;
+                }
+            }
+        }
+        kept.push(prompt);
+        tokens.push(ids);
+    }
+    if kept.is_empty() {
+        return Err(Error::file(file, format!("every prompt is longer than max_prompt_length {}", c.max_prompt_length)));
+    }
+    Ok((kept, tokens, dropped))
+}
+
+/// `vocab_size` of `dir/config.json`.
+fn vocab_size(dir: &Path) -> Result<u64> {
+    let file = dir.join("config.json");
+    let json: serde_json::Value = checkpoint::read_json(&file)?;
+    json.get("vocab_size")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| Error::file(&file, "vocab_size: missing; expected the vocabulary size"))
+}
+
+/// The seed of step `step`'s sampling and shuffles: a function of the run's seed and the
+/// step only (SplitMix64's finaliser), so a resumed step draws what it drew before.
+fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The value model as a checkpoint part: saved as transformers'
+/// `*ForSequenceClassification` with the policy's pad token.
+struct ValueModelSave<'a> {
+    model: &'a ScalarHeadModel,
+    pad: i64,
+}
+
+impl SaveHf for ValueModelSave<'_> {
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir, self.pad)
+    }
+}
+
+/// A few (prompt, response, score) triples as TensorBoard text.
+fn log_samples(ctx: &RunContext, step: u64, pairs: &[ScorePair], scores: &[f64], count: usize) {
+    if count == 0 {
+        return;
+    }
+    let mut text = String::from("| prompt | response | score |\n|---|---|---|\n");
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
+    for (pair, score) in pairs.iter().zip(scores).take(count) {
+        text.push_str(&format!("| {} | {} | {score:.4} |\n", cell(&pair.prompt), cell(&pair.response)));
+    }
+    ctx.text("samples/episodes", step as i64, &text);
+}
