@@ -123,7 +123,9 @@ impl Stage for Ppo {
             (Some(dir), _, _) => ScalarHeadModel::from_dir(&dir, device, Kind::Float)?,
             (None, ValueInit::Policy, _) => ScalarHeadModel::from_causal_lm(&model_dir, device, Kind::Float)?,
             (None, ValueInit::RewardModel, Some(path)) => ScalarHeadModel::from_dir(path, device, Kind::Float)?,
-            (None, ValueInit::RewardModel, None) => unreachable!("validate requires value_model.path"),
+            (None, ValueInit::RewardModel, None) => {
+                return Err(Error::config("value_model.path", "init: reward_model needs the reward model's directory"))
+            }
         };
         let mut policy_adamw = training.optimizer.adamw(policy.var_store());
         let mut value_adamw = training.optimizer.adamw(value_model.var_store());
