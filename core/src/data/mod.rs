@@ -1,8 +1,10 @@
 //! Data: text corpora, train/validation splits, packing into fixed-length sequences,
 //! and a seeded batch order.
 pub mod curation;
+pub mod jsonl;
 pub mod objectives;
 pub mod stream;
+pub mod template;
 
 use std::path::Path;
 

@@ -245,8 +245,9 @@ pub fn load_causal_lm<A: CausalLm>(dir: &Path, device: Device, kind: Kind) -> Re
     Ok(Box::new(Pretrained::<A>::from_dir(dir, device, kind)?))
 }
 
-/// The transformer under a scalar head, of whichever family.
-pub trait Backbone {
+/// The transformer under a scalar head, of whichever family. `Send`, so a reward holding
+/// one may be scored from the host's threads.
+pub trait Backbone: Send {
     /// Hidden states (B, T, C) of `input_ids` (B, T) at `positions` (B, T); `mask`
     /// (B, T) is 1 for tokens and 0 for padding.
     fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor>;
@@ -265,12 +266,15 @@ pub trait Backbone {
     fn sequence_classification_config(&self) -> (Value, [(&'static str, Option<Value>); 3]);
 }
 
-struct BackboneOf<A: CausalLm> {
+pub struct BackboneOf<A: CausalLm> {
     model: A,
     checkpoint: Checkpoint<A>,
 }
 
-impl<A: CausalLm> Backbone for BackboneOf<A> {
+impl<A: CausalLm> Backbone for BackboneOf<A>
+where
+    Self: Send,
+{
     fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor> {
         self.model.hidden_states(input_ids, positions, Some(mask), None)
     }
@@ -299,7 +303,10 @@ impl<A: CausalLm> Backbone for BackboneOf<A> {
 
 /// Builds family `A`'s backbone for the checkpoint in `dir`, uninitialised, under the
 /// root of `vs`: the `backbone` entry of its row in [`super::FAMILIES`].
-pub fn build_backbone<A: CausalLm>(dir: &Path, vs: &nn::VarStore) -> Result<Box<dyn Backbone>> {
+pub fn build_backbone<A: CausalLm>(dir: &Path, vs: &nn::VarStore) -> Result<Box<dyn Backbone>>
+where
+    BackboneOf<A>: Send,
+{
     let checkpoint = Checkpoint::<A>::open(dir)?;
     let model = A::build_backbone(&Vars::uninit(vs.root()), &checkpoint.config);
     Ok(Box::new(BackboneOf { model, checkpoint }))

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::positions_from_mask;
 use super::family::var_store;
-use super::Backbone;
+use super::{Backbone, SaveHf};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 
@@ -20,6 +20,18 @@ pub struct ScalarHeadModel {
     vs: nn::VarStore,
     backbone: Box<dyn Backbone>,
     score: nn::Linear,
+    /// Rows of the token embedding (`vocab_size` of `config.json`), to check a tokenizer against.
+    vocab_size: usize,
+}
+
+/// `vocab_size` of `dir/config.json`, which every family names so.
+fn vocab_size(dir: &Path) -> Result<usize> {
+    let file = dir.join("config.json");
+    let json: serde_json::Value = checkpoint::read_json(&file)?;
+    json.get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| Error::file(&file, "vocab_size: expected a positive integer"))
 }
 
 /// The backbone of the model in `dir` for its `model_type`, built uninitialised in `vs`.
@@ -45,7 +57,7 @@ impl ScalarHeadModel {
         let backbone = backbone(dir, &vs)?;
         backbone.load(&vs)?;
         let score = head(&vs, backbone.hidden_size(), backbone.initializer_range(), true);
-        Ok(Self { vs, backbone, score })
+        Ok(Self { vs, backbone, score, vocab_size: vocab_size(dir)? })
     }
 
     /// A saved scalar-head model (this type's own `save`, or transformers').
@@ -72,7 +84,12 @@ impl ScalarHeadModel {
         let backbone = backbone(dir, &vs)?;
         let score = head(&vs, backbone.hidden_size(), backbone.initializer_range(), false);
         backbone.load(&vs)?;
-        Ok(Self { vs, backbone, score })
+        Ok(Self { vs, backbone, score, vocab_size: vocab_size(dir)? })
+    }
+
+    /// Rows of the token embedding: token ids must stay below it.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     pub fn var_store(&self) -> &nn::VarStore {
@@ -95,6 +112,29 @@ impl ScalarHeadModel {
         Ok(values.gather(1, &last, false).squeeze_dim(1))
     }
 
+    /// True when `dir/config.json` is a sequence-classification model's (its
+    /// `architectures` end in `ForSequenceClassification`): a saved scalar-head model to
+    /// continue, rather than a causal LM to put a fresh head on.
+    pub fn is_saved_in(dir: &Path) -> Result<bool> {
+        let json: serde_json::Value = checkpoint::read_json(&dir.join("config.json"))?;
+        let architectures = json.get("architectures").and_then(|a| a.as_array());
+        Ok(architectures
+            .is_some_and(|a| a.iter().any(|n| n.as_str().is_some_and(|n| n.ends_with("ForSequenceClassification")))))
+    }
+
+    /// The `pad_token_id` of a saved model's `config.json`, the id transformers finds each
+    /// sequence's end by.
+    pub fn pad_token_id_in(dir: &Path) -> Result<Option<i64>> {
+        let json: serde_json::Value = checkpoint::read_json(&dir.join("config.json"))?;
+        Ok(json.get("pad_token_id").and_then(|v| v.as_i64()))
+    }
+
+    /// This model as [`SaveHf`], saved with `pad_token_id` (see [`Self::save`]), for the
+    /// trainer's checkpoints and final save.
+    pub fn with_pad(&self, pad_token_id: i64) -> WithPad<'_> {
+        WithPad { model: self, pad_token_id }
+    }
+
     /// Writes weights and a `config.json` that transformers reads as
     /// `*ForSequenceClassification` with one label. `pad_token_id` lets transformers
     /// find each sequence's last token in a padded batch.
@@ -110,5 +150,17 @@ impl ScalarHeadModel {
         config["pad_token_id"] = pad.clone();
         let ids = [("bos_token_id", bos.as_ref()), ("eos_token_id", eos.as_ref()), ("pad_token_id", Some(&pad))];
         checkpoint::write_model_configs(dir, config, self.vs.kind(), ids)
+    }
+}
+
+/// A [`ScalarHeadModel`] and the pad id its saved config names (see [`ScalarHeadModel::with_pad`]).
+pub struct WithPad<'a> {
+    pub model: &'a ScalarHeadModel,
+    pub pad_token_id: i64,
+}
+
+impl SaveHf for WithPad<'_> {
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir, self.pad_token_id)
     }
 }

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `mod.rs` | the pair and the [`RewardModel`] trait |
 //! | `set.rs` | a weighted set of the recipe's rewards a stage scores with ([`RewardSet`]) |
+//! | `answer.rs` | final answers read out of text, numbers in one canonical form |
 //!
 //! A reward a plugin provides implements [`crate::plugin::Reward`] on top of
 //! [`RewardModel`]; a stage reaches it by the name the recipe gives it, through the host
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
+pub mod answer;
 pub mod set;
 
 pub use set::{RewardSet, RewardWeights, Scored, WeightedReward};

@@ -4,14 +4,18 @@
 //! - `rlhf.ppo`: PPO against rewards named in the recipe.
 //! - rewards: learned, verifiable (exact answer, regex/format, length), remote (HTTP),
 //!   and a weighted sum of others.
-
 pub mod ppo;
+pub mod reward_model;
+pub mod rewards;
+
+pub use reward_model::RewardModelStage;
+pub use rewards::LearnedReward;
 
 plumb_core::export_plugin! {
     name: "rlhf",
     version: env!("CARGO_PKG_VERSION"),
     description: "Reward modelling, PPO, and rewards any stage can call",
-    stages: [ppo::Ppo],
+    stages: [RewardModelStage, ppo::Ppo],
     evaluators: [],
-    rewards: [],
+    rewards: [LearnedReward, rewards::ExactAnswer, rewards::Regex, rewards::Length, rewards::Remote],
 }

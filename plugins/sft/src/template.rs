@@ -7,93 +7,15 @@
 //! included, so the model learns to stop). The text is tokenized piece by piece along
 //! those boundaries, so every token is either prompt or response, never both.
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-/// `### Instruction:` / `### Response:` blocks, ending each response with EOS: for models
-/// that ship no chat template (such as the pretrain stage's).
-pub const DEFAULT_TEMPLATE: &str = "{% for message in messages %}\
-{% if message['role'] == 'system' %}{{ message['content'] }}\n\n\
-{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n\
-{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n{% endif %}\
-{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}";
-
-/// ChatML, as Qwen and many others use it (without a default system prompt).
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
-<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}\
-{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+pub use plumb_core::data::template::{use_template, TemplateChoice, CHATML_TEMPLATE, DEFAULT_TEMPLATE};
 
 /// End-of-turn markers of common templates; those that are single tokens stop generation.
 const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"];
-
-/// Which chat template formats the data (`template:` in the recipe).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(from = "String")]
-pub enum TemplateChoice {
-    /// The model's own (from its tokenizer files) when it has one, else `default`.
-    Auto,
-    /// The model's own; an error when it has none.
-    Model,
-    /// [`DEFAULT_TEMPLATE`].
-    Default,
-    /// [`CHATML_TEMPLATE`].
-    Chatml,
-    /// A Jinja file.
-    File(PathBuf),
-}
-
-impl From<String> for TemplateChoice {
-    fn from(s: String) -> Self {
-        match s.as_str() {
-            "auto" => Self::Auto,
-            "model" => Self::Model,
-            "default" => Self::Default,
-            "chatml" => Self::Chatml,
-            _ => Self::File(PathBuf::from(s)),
-        }
-    }
-}
-
-impl Default for TemplateChoice {
-    fn default() -> Self {
-        Self::Auto
-    }
-}
-
-/// Gives `tokenizer` the chosen template, so the saved model carries it; afterwards
-/// `tokenizer.chat_template()` is it. `model_dir` names the model in errors.
-pub fn use_template(choice: &TemplateChoice, tokenizer: &mut Tokenizer, model_dir: &Path) -> Result<()> {
-    let builtin = |name: &str| PathBuf::from(format!("built-in `{name}` template"));
-    match choice {
-        TemplateChoice::Auto if tokenizer.chat_template().is_some() => {}
-        TemplateChoice::Model => {
-            if tokenizer.chat_template().is_none() {
-                return Err(Error::config(
-                    "template",
-                    format!(
-                        "the model in {} has no chat template; name one (default, chatml or a .jinja file)",
-                        model_dir.display()
-                    ),
-                ));
-            }
-        }
-        TemplateChoice::Auto | TemplateChoice::Default => {
-            tokenizer.set_chat_template(DEFAULT_TEMPLATE, &builtin("default"))?;
-        }
-        TemplateChoice::Chatml => {
-            tokenizer.set_chat_template(CHATML_TEMPLATE, &builtin("chatml"))?;
-        }
-        TemplateChoice::File(path) => {
-            let source = std::fs::read_to_string(path)
-                .map_err(|e| Error::config("template", format!("{}: {e}", path.display())))?;
-            tokenizer.set_chat_template(&source, path)?;
-        }
-    }
-    Ok(())
-}
 
 /// Token ids that end an assistant turn: the tokenizer's EOS ids and the end-of-turn
 /// markers it has as single tokens.
