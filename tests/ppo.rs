@@ -279,3 +279,68 @@ fn a_reward_that_fails_mid_run_stops_it_with_its_error_and_the_last_checkpoint_r
     assert!(stderr(&out).contains("resuming from step 2"), "{}", stderr(&out));
     assert_eq!(scalars(&dir.path().join("run/tb/ppo"), "objective/scores").len(), 6);
 }
+
+/// A scoring server: the first `good` POSTs get `{"scores": [words per response]}`, later
+/// ones fail as `mode` says (500, malformed JSON, or no answer in time). Prints its port.
+const FLAKY_SERVER: &str = r#"
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+mode, good = sys.argv[1], int(sys.argv[2])
+seen = [0]
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args): pass
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        seen[0] += 1
+        if seen[0] <= good:
+            out, status = json.dumps({"scores": [float(len(p["response"].split())) for p in body["pairs"]]}), 200
+        elif mode == "500":
+            out, status = "the judge fell over", 500
+        elif mode == "json":
+            out, status = "{\"scores\": [1.0,", 200
+        else:
+            time.sleep(5); out, status = "{}", 200
+        data = out.encode()
+        try:
+            self.send_response(status); self.send_header("Content-Length", str(len(data))); self.end_headers()
+            self.wfile.write(data)
+        except BrokenPipeError:
+            pass
+server = HTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+#[test]
+fn a_remote_reward_that_fails_after_its_retries_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = tiny_policy(dir.path());
+    let prompts = prompt_file(dir.path());
+    for (mode, expected) in [("500", "HTTP 500"), ("json", "scores"), ("timeout", "timed out after 1 s")] {
+        let mut server = Command::new(python())
+            .args(["-c", FLAKY_SERVER, mode, "3"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut port).unwrap();
+        let recipe = ppo_recipe(dir.path(), &policy, &prompts, 6, "");
+        let remote = format!(
+            "rewards:\n  - name: judge\n    uses: rlhf.remote\n    config: {{url: 'http://127.0.0.1:{}/score', timeout_s: 1.0, retries: 1, backoff_s: 0.05}}\n",
+            port.trim()
+        );
+        let text = std::fs::read_to_string(&recipe).unwrap();
+        let (head, rest) = text.split_once("rewards:\n").unwrap();
+        let stages = &rest[rest.find("stages:").unwrap()..];
+        std::fs::write(&recipe, format!("{head}{remote}{}", stages.replace("reward: ten_words", "reward: judge"))).unwrap();
+        let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--overwrite"]);
+        server.kill().unwrap();
+        let _ = server.wait();
+        assert!(!out.status.success(), "{mode}");
+        let err = stderr(&out);
+        assert!(err.contains("reward `judge`") && err.contains("2 attempts") && err.contains(expected), "{mode}: {err}");
+        let saved = dir.path().join("run/ppo/checkpoints/step-00000002");
+        assert!(saved.join("model.safetensors").is_file() && saved.join("value/optimizer.safetensors").is_file(), "{mode}");
+        assert!(!dir.path().join("run/ppo/checkpoints/step-00000004").exists(), "{mode}");
+    }
+}

@@ -317,6 +317,6 @@ mod tests {
         let stage = recipe["stages"].as_array().unwrap().iter().find(|s| s["uses"] == "rlhf.ppo").unwrap();
         let mut s = section(&stage["config"].to_string()); // JSON is YAML
         s.stage.data.train = root.join(&s.stage.data.train);
-        validate(&s, &ValidateContext::new(vec!["twelve_words".into()])).unwrap();
+        validate(&s, &ValidateContext::new(vec!["twelve_words".into(), "full_stop".into()])).unwrap();
     }
 }
