@@ -265,7 +265,8 @@ mod tests {
     fn prompts() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.jsonl");
-        std::fs::write(&path, "{\"prompt\": \"1+1=\", \"answer\": 2}\n{\"prompt\": \"2+2=\", \"answer\": 4}\n").unwrap();
+        std::fs::write(&path, "{\"prompt\": \"1+1=\", \"answer\": 2}\n{\"prompt\": \"2+2=\", \"answer\": 4}\n")
+            .unwrap();
         let text = path.display().to_string();
         (dir, text)
     }
@@ -275,9 +276,15 @@ mod tests {
         let (_dir, path) = prompts();
         let s = section(&format!("data: {{train: {path}}}\nreward: exact\nmax_steps: 2\n"));
         let c = &s.stage;
-        assert_eq!((c.kl_coef, c.cliprange, c.cliprange_value, c.gamma, c.lam, c.vf_coef), (0.05, 0.2, 0.2, 1.0, 0.95, 0.1));
+        assert_eq!(
+            (c.kl_coef, c.cliprange, c.cliprange_value, c.gamma, c.lam, c.vf_coef),
+            (0.05, 0.2, 0.2, 1.0, 0.95, 0.1)
+        );
         assert_eq!((c.ppo_epochs, c.num_minibatches, c.temperature, c.max_new_tokens), (4, 1, 0.7, 53));
-        assert_eq!((c.kl_estimator, c.stop_token, c.long_prompts), (KlEstimator::K1, StopToken::Eos, LongPrompts::Error));
+        assert_eq!(
+            (c.kl_estimator, c.stop_token, c.long_prompts),
+            (KlEstimator::K1, StopToken::Eos, LongPrompts::Error)
+        );
         assert_eq!(c.kl_controller(), KlController::fixed(0.05));
         validate(&s, &ValidateContext::new(vec!["exact".into()])).unwrap();
     }
@@ -301,7 +308,8 @@ mod tests {
             ("value_model: {path: /x}", "value_model.path: only with init: reward_model"),
             ("reward: nope", "reward: reward `nope` is not defined"),
         ] {
-            let yaml = format!("{base}{extra}\n").replace("reward: exact\n", if extra.starts_with("reward") { "" } else { "reward: exact\n" });
+            let yaml = format!("{base}{extra}\n")
+                .replace("reward: exact\n", if extra.starts_with("reward") { "" } else { "reward: exact\n" });
             let got = error(&section(&yaml));
             assert!(got.contains(expected), "{extra}: {got}");
         }
@@ -313,7 +321,8 @@ mod tests {
     #[test]
     fn the_shipped_recipe_parses_and_validates() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let recipe: serde_json::Value = parse_section(&std::fs::read_to_string(root.join("recipes/ppo.yaml")).unwrap()).unwrap();
+        let recipe: serde_json::Value =
+            parse_section(&std::fs::read_to_string(root.join("recipes/ppo.yaml")).unwrap()).unwrap();
         let stage = recipe["stages"].as_array().unwrap().iter().find(|s| s["uses"] == "rlhf.ppo").unwrap();
         let mut s = section(&stage["config"].to_string()); // JSON is YAML
         s.stage.data.train = root.join(&s.stage.data.train);
