@@ -595,11 +595,14 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
         println!("{line}");
         figures.push(figure);
     }
+    // The shares of the repeat whose episodes/s is the median, so the three figures agree.
+    figures.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let middle = figures[figures.len() / 2];
     let line = serde_json::json!({
         "case": "ppo-median", "device": device_name(device), "repeats": args.repeats, "iterations": args.iterations,
-        "episodes_per_s": median(figures.iter().map(|f| f.0).collect()),
-        "rollout_share": median(figures.iter().map(|f| f.1).collect()),
-        "train_share": median(figures.iter().map(|f| f.2).collect()),
+        "episodes_per_s": middle.0,
+        "rollout_share": middle.1,
+        "train_share": middle.2,
         "peak_rss_bytes": peak_rss_bytes(),
         // tch 0.24 binds no CUDA memory statistics (tch issue #896) and core's shim has none yet.
         "peak_cuda_bytes": null,
