@@ -509,9 +509,8 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
     let (mut policy_adamw, mut value_adamw) = (optimizer(policy.var_store()), optimizer(value_model.var_store()));
     let mut rng = seeded_rng(args.seed);
     let vocab = policy.vocab_size() as u64;
-    let prompts: Vec<Vec<i64>> = (0..PPO_BATCH)
-        .map(|_| (0..PPO_PROMPT_TOKENS).map(|_| rng.random_range(0..vocab) as i64).collect())
-        .collect();
+    let prompts: Vec<Vec<i64>> =
+        (0..PPO_BATCH).map(|_| (0..PPO_PROMPT_TOKENS).map(|_| rng.random_range(0..vocab) as i64).collect()).collect();
     let settings = PpoLossSettings { clip: 0.2, clip_value: 0.2, vf_coef: 0.1, temperature: 1.0 };
 
     // One iteration: (rollout seconds, training seconds).
@@ -530,7 +529,8 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
             let _no_grad = tch::no_grad_guard();
             let (sequences, attention) = (&sampled.sequences, &sampled.attention_mask);
             let scores = reward_model.scores(sequences, attention).map_err(user)?; // (B)
-            let logits = policy_response_logits(reference.as_ref(), sequences, attention, prompt_len, 1.0).map_err(user)?;
+            let logits =
+                policy_response_logits(reference.as_ref(), sequences, attention, prompt_len, 1.0).map_err(user)?;
             let ref_log_probs = response_log_probs(&logits, &sequences.narrow(1, prompt_len, logits.size()[1]));
             let values = response_values(&value_model, sequences, attention, prompt_len).map_err(user)?;
             (scores, ref_log_probs * &mask, values * &mask)
@@ -550,7 +550,8 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
         };
         let (rewards, _kl) = shaped_rewards(&experience, PPO_KL_COEF, KlEstimator::K1);
         let (advantages, returns) = gae(&rewards, &experience.values, &mask, 1.0, 0.95);
-        (experience.rewards, experience.advantages, experience.returns) = (rewards, whiten(&advantages, &mask, true), returns);
+        (experience.rewards, experience.advantages, experience.returns) =
+            (rewards, whiten(&advantages, &mask, true), returns);
         synchronize(device);
         let rollout = started.elapsed().as_secs_f64();
 
@@ -594,11 +595,14 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
         println!("{line}");
         figures.push(figure);
     }
+    // The shares of the repeat whose episodes/s is the median, so the three figures agree.
+    figures.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let middle = figures[figures.len() / 2];
     let line = serde_json::json!({
         "case": "ppo-median", "device": device_name(device), "repeats": args.repeats, "iterations": args.iterations,
-        "episodes_per_s": median(figures.iter().map(|f| f.0).collect()),
-        "rollout_share": median(figures.iter().map(|f| f.1).collect()),
-        "train_share": median(figures.iter().map(|f| f.2).collect()),
+        "episodes_per_s": middle.0,
+        "rollout_share": middle.1,
+        "train_share": middle.2,
         "peak_rss_bytes": peak_rss_bytes(),
         // tch 0.24 binds no CUDA memory statistics (tch issue #896) and core's shim has none yet.
         "peak_cuda_bytes": null,

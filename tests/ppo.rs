@@ -30,9 +30,15 @@ fn tiny_policy(dir: &Path) -> PathBuf {
 
 /// Story openings as plain prompts, one a line.
 fn prompt_file(dir: &Path) -> PathBuf {
-    let starts = ["One day, Lily", "Tom and his dog", "The sun was", "Once upon a time", "Mia found a", "The little bird"];
-    let lines: Vec<String> =
-        starts.iter().cycle().take(16).enumerate().map(|(i, s)| format!("{{\"prompt\": \"{s}\", \"reference\": \"{i}\"}}")).collect();
+    let starts =
+        ["One day, Lily", "Tom and his dog", "The sun was", "Once upon a time", "Mia found a", "The little bird"];
+    let lines: Vec<String> = starts
+        .iter()
+        .cycle()
+        .take(16)
+        .enumerate()
+        .map(|(i, s)| format!("{{\"prompt\": \"{s}\", \"reference\": \"{i}\"}}"))
+        .collect();
     let path = dir.join("prompts.jsonl");
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     path
@@ -224,13 +230,17 @@ fn bad_input_is_refused_before_compute_with_the_file_or_key() {
     let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "stages.ppo.config.reward=nope", "--overwrite"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("config.reward: reward `nope` is not defined in the recipe's `rewards:` (defined: ten_words)"), "{err}");
+    assert!(
+        err.contains("config.reward: reward `nope` is not defined in the recipe's `rewards:` (defined: ten_words)"),
+        "{err}"
+    );
     assert!(!dir.path().join("run/ppo/checkpoints").exists());
 
     // A value model whose vocabulary differs from the policy's cannot read its tokens.
     let value = dir.path().join("value");
     std::fs::create_dir_all(&value).unwrap();
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(policy.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(policy.join("config.json")).unwrap()).unwrap();
     let policy_vocab = config["vocab_size"].as_u64().unwrap();
     config["vocab_size"] = serde_json::json!(policy_vocab + 20);
     std::fs::write(value.join("config.json"), config.to_string()).unwrap();
@@ -240,14 +250,23 @@ fn bad_input_is_refused_before_compute_with_the_file_or_key() {
     assert!(!out.status.success());
     let err = stderr(&out);
     let expected = format!("has a vocabulary of {} tokens but the policy", policy_vocab + 20);
-    assert!(err.contains("value_model.path") && err.contains(&expected) && err.contains(&format!("has {policy_vocab}")), "{err}");
+    assert!(
+        err.contains("value_model.path") && err.contains(&expected) && err.contains(&format!("has {policy_vocab}")),
+        "{err}"
+    );
 
     // A prompt longer than max_prompt_length is an error naming its line, never cut.
     let recipe = ppo_recipe(dir.path(), &policy, &prompts, 2, "");
-    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--overwrite", "stages.ppo.config.max_prompt_length=2"]);
+    let out =
+        plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--overwrite", "stages.ppo.config.max_prompt_length=2"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("prompts.jsonl") && err.contains("line 1: the prompt has") && err.contains("more than max_prompt_length 2"), "{err}");
+    assert!(
+        err.contains("prompts.jsonl")
+            && err.contains("line 1: the prompt has")
+            && err.contains("more than max_prompt_length 2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -271,11 +290,82 @@ fn a_reward_that_fails_mid_run_stops_it_with_its_error_and_the_last_checkpoint_r
     assert!(err.contains("reward `dying`") && err.contains("the probe reward is out of service"), "{err}");
     // Step 2's checkpoint is intact: a resume (with a reward that works) takes it up.
     let checkpoints = dir.path().join("run/ppo/checkpoints");
-    let saved: Vec<String> =
-        std::fs::read_dir(&checkpoints).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let saved: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(saved, ["step-00000002"]);
     let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--resume", "rewards.0.config.batches=100"]);
     assert_exit(&out, 0);
     assert!(stderr(&out).contains("resuming from step 2"), "{}", stderr(&out));
     assert_eq!(scalars(&dir.path().join("run/tb/ppo"), "objective/scores").len(), 6);
+}
+
+/// A scoring server: the first `good` POSTs get `{"scores": [words per response]}`, later
+/// ones fail as `mode` says (500, malformed JSON, or no answer in time). Prints its port.
+const FLAKY_SERVER: &str = r#"
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+mode, good = sys.argv[1], int(sys.argv[2])
+seen = [0]
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args): pass
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        seen[0] += 1
+        if seen[0] <= good:
+            out, status = json.dumps({"scores": [float(len(p["response"].split())) for p in body["pairs"]]}), 200
+        elif mode == "500":
+            out, status = "the judge fell over", 500
+        elif mode == "json":
+            out, status = "{\"scores\": [1.0,", 200
+        else:
+            time.sleep(5); out, status = "{}", 200
+        data = out.encode()
+        try:
+            self.send_response(status); self.send_header("Content-Length", str(len(data))); self.end_headers()
+            self.wfile.write(data)
+        except BrokenPipeError:
+            pass
+server = HTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+#[test]
+fn a_remote_reward_that_fails_after_its_retries_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = tiny_policy(dir.path());
+    let prompts = prompt_file(dir.path());
+    for (mode, expected) in [("500", "HTTP 500"), ("json", "scores"), ("timeout", "timed out after 1 s")] {
+        let mut server =
+            Command::new(python()).args(["-c", FLAKY_SERVER, mode, "3"]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut port = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut port).unwrap();
+        let recipe = ppo_recipe(dir.path(), &policy, &prompts, 6, "");
+        let remote = format!(
+            "rewards:\n  - name: judge\n    uses: rlhf.remote\n    config: {{url: 'http://127.0.0.1:{}/score', timeout_s: 1.0, retries: 1, backoff_s: 0.05}}\n",
+            port.trim()
+        );
+        let text = std::fs::read_to_string(&recipe).unwrap();
+        let (head, rest) = text.split_once("rewards:\n").unwrap();
+        let stages = &rest[rest.find("stages:").unwrap()..];
+        std::fs::write(&recipe, format!("{head}{remote}{}", stages.replace("reward: ten_words", "reward: judge")))
+            .unwrap();
+        let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--overwrite"]);
+        server.kill().unwrap();
+        let _ = server.wait();
+        assert!(!out.status.success(), "{mode}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("reward `judge`") && err.contains("2 attempts") && err.contains(expected),
+            "{mode}: {err}"
+        );
+        let saved = dir.path().join("run/ppo/checkpoints/step-00000002");
+        assert!(
+            saved.join("model.safetensors").is_file() && saved.join("value/optimizer.safetensors").is_file(),
+            "{mode}"
+        );
+        assert!(!dir.path().join("run/ppo/checkpoints/step-00000004").exists(), "{mode}");
+    }
 }

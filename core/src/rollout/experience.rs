@@ -112,9 +112,8 @@ impl Experience {
         let response_len = parts.iter().map(Self::response_len).max().unwrap_or(0);
         let padded: Vec<Self> = parts.iter().map(|p| p.padded(prompt_len, response_len)).collect();
         let fields = first.rows().len();
-        let rows = (0..fields)
-            .map(|f| Tensor::cat(&padded.iter().map(|p| p.rows()[f]).collect::<Vec<_>>(), 0))
-            .collect();
+        let rows =
+            (0..fields).map(|f| Tensor::cat(&padded.iter().map(|p| p.rows()[f]).collect::<Vec<_>>(), 0)).collect();
         Ok(Self::from_rows(prompt_len, rows))
     }
 
@@ -155,7 +154,8 @@ mod tests {
 
     /// Two episodes with P = 2, R = 3; the second response ends after two tokens.
     fn batch(offset: f64) -> Experience {
-        let per_token = |scale: f64| Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 0.0]).view([2, 3]) * scale + offset;
+        let per_token =
+            |scale: f64| Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 0.0]).view([2, 3]) * scale + offset;
         Experience {
             sequences: Tensor::from_slice(&[0i64, 7, 8, 9, 10, 5, 6, 11, 12, 0]).view([2, 5]),
             attention_mask: Tensor::from_slice(&[0i64, 1, 1, 1, 1, 1, 1, 1, 1, 0]).view([2, 5]),

@@ -90,10 +90,12 @@ mod tests {
         let log_probs = Tensor::from_slice(&[-1.0f32, -2.0, -3.0]).view([1, 3]);
         let ref_log_probs = Tensor::from_slice(&[-1.5f32, -1.0, -9.0]).view([1, 3]);
         let mask = Tensor::from_slice(&[1.0f32, 1.0, 0.0]).view([1, 3]);
-        let k1 = Vec::<f32>::try_from(kl_penalty(&log_probs, &ref_log_probs, &mask, KlEstimator::K1).view([-1])).unwrap();
+        let k1 =
+            Vec::<f32>::try_from(kl_penalty(&log_probs, &ref_log_probs, &mask, KlEstimator::K1).view([-1])).unwrap();
         assert_eq!(k1, [0.5, -1.0, 0.0]);
         // r = π_ref/π: log r = −0.5 → e^−0.5 − 1 + 0.5 = 0.1065307; log r = 1 → e − 2 = 0.7182818.
-        let k3 = Vec::<f32>::try_from(kl_penalty(&log_probs, &ref_log_probs, &mask, KlEstimator::K3).view([-1])).unwrap();
+        let k3 =
+            Vec::<f32>::try_from(kl_penalty(&log_probs, &ref_log_probs, &mask, KlEstimator::K3).view([-1])).unwrap();
         for (got, expected) in k3.iter().zip([0.1065307f32, 0.7182818, 0.0]) {
             assert!((got - expected).abs() < 1e-6, "{k3:?}");
         }

@@ -105,7 +105,8 @@ mod tests {
     #[test]
     fn gradients_flow_only_through_the_unclipped_real_tokens() {
         let log_probs = row(&[-1.0, -0.5, -2.0]).set_requires_grad(true);
-        let out = policy_loss(&log_probs, &row(&[-1.2, -0.5, -0.1]), &row(&[1.0, -2.0, 5.0]), &row(&[1.0, 1.0, 0.0]), 0.2);
+        let out =
+            policy_loss(&log_probs, &row(&[-1.2, -0.5, -0.1]), &row(&[1.0, -2.0, 5.0]), &row(&[1.0, 1.0, 0.0]), 0.2);
         out.loss.backward();
         // Token 0 is clipped (no gradient), token 2 is past the end; token 1: d/dlogπ (−Aρ)/2 = 2·1/2 = 1.
         assert_eq!(Vec::<f32>::try_from(log_probs.grad().view([-1])).unwrap(), [0.0, 1.0, 0.0]);

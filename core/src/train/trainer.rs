@@ -278,9 +278,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
     pub fn stage_state<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
         let Some(value) = &self.stage_state else { return Ok(None) };
         let file = self.resume_dir.as_deref().unwrap_or(Path::new(".")).join(TRAINER_STATE);
-        serde_json::from_value(value.clone())
-            .map(Some)
-            .map_err(|e| Error::file(&file, format!("stage_state: {e}")))
+        serde_json::from_value(value.clone()).map(Some).map_err(|e| Error::file(&file, format!("stage_state: {e}")))
     }
 
     /// True while steps remain.

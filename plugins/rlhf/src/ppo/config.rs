@@ -244,3 +244,88 @@ pub fn validate(section: &TrainSection<PpoConfig>, ctx: &ValidateContext) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use plumb_core::recipe::parse_section;
+
+    use super::*;
+
+    fn section(yaml: &str) -> TrainSection<PpoConfig> {
+        parse_section(yaml).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn error(section: &TrainSection<PpoConfig>) -> String {
+        validate(section, &ValidateContext::new(vec!["exact".into()])).unwrap_err().to_string()
+    }
+
+    /// A prompt file of two lines.
+    fn prompts() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(&path, "{\"prompt\": \"1+1=\", \"answer\": 2}\n{\"prompt\": \"2+2=\", \"answer\": 4}\n")
+            .unwrap();
+        let text = path.display().to_string();
+        (dir, text)
+    }
+
+    #[test]
+    fn defaults_are_trls() {
+        let (_dir, path) = prompts();
+        let s = section(&format!("data: {{train: {path}}}\nreward: exact\nmax_steps: 2\n"));
+        let c = &s.stage;
+        assert_eq!(
+            (c.kl_coef, c.cliprange, c.cliprange_value, c.gamma, c.lam, c.vf_coef),
+            (0.05, 0.2, 0.2, 1.0, 0.95, 0.1)
+        );
+        assert_eq!((c.ppo_epochs, c.num_minibatches, c.temperature, c.max_new_tokens), (4, 1, 0.7, 53));
+        assert_eq!(
+            (c.kl_estimator, c.stop_token, c.long_prompts),
+            (KlEstimator::K1, StopToken::Eos, LongPrompts::Error)
+        );
+        assert_eq!(c.kl_controller(), KlController::fixed(0.05));
+        validate(&s, &ValidateContext::new(vec!["exact".into()])).unwrap();
+    }
+
+    #[test]
+    fn every_value_is_checked_with_its_key() {
+        let (_dir, path) = prompts();
+        let base = format!("data: {{train: {path}}}\nreward: exact\nmax_steps: 2\nbatch_size: 4\n");
+        for (extra, expected) in [
+            ("temperature: 0", "temperature: expected a number above 0"),
+            ("gamma: 1.5", "gamma: expected a number in [0, 1]"),
+            ("lam: -0.1", "lam: expected a number in [0, 1]"),
+            ("cliprange: 0", "cliprange: expected a number above 0"),
+            ("kl_coef: -1", "kl_coef: expected a number >= 0"),
+            ("kl_target: 0", "kl_target: expected a number above 0"),
+            ("ppo_epochs: 0", "ppo_epochs: expected a number above 0"),
+            ("num_minibatches: 3", "num_minibatches: batch_size 4 does not split into 3 equal minibatches"),
+            ("num_minibatches: 2\nmicro_batch_size: 4", "micro_batch_size: a minibatch of 2 episodes"),
+            ("missing_eos_penalty: -1", "missing_eos_penalty: expected a number >= 0"),
+            ("value_model: {init: reward_model}", "value_model.path: init: reward_model needs"),
+            ("value_model: {path: /x}", "value_model.path: only with init: reward_model"),
+            ("reward: nope", "reward: reward `nope` is not defined"),
+        ] {
+            let yaml = format!("{base}{extra}\n")
+                .replace("reward: exact\n", if extra.starts_with("reward") { "" } else { "reward: exact\n" });
+            let got = error(&section(&yaml));
+            assert!(got.contains(expected), "{extra}: {got}");
+        }
+        let typo: std::result::Result<TrainSection<PpoConfig>, _> = parse_section(&format!("{base}kl_coeff: 0.1\n"));
+        let typo = typo.unwrap_err();
+        assert!(format!("{typo:?}").contains("kl_coeff"), "{typo:?}");
+    }
+
+    #[test]
+    fn the_shipped_recipe_parses_and_validates() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let recipe: serde_json::Value =
+            parse_section(&std::fs::read_to_string(root.join("recipes/ppo.yaml")).unwrap()).unwrap();
+        let stage = recipe["stages"].as_array().unwrap().iter().find(|s| s["uses"] == "rlhf.ppo").unwrap();
+        let mut s = section(&stage["config"].to_string()); // JSON is YAML
+        s.stage.data.train = root.join(&s.stage.data.train);
+        validate(&s, &ValidateContext::new(vec!["twelve_words".into(), "full_stop".into()])).unwrap();
+    }
+}

@@ -32,7 +32,6 @@ use plumb_core::data::{seeded_rng, BatchOrder};
 use plumb_core::model::generate::{Finish, GenerationSettings};
 use plumb_core::model::scalar_head::ScalarHeadModel;
 use plumb_core::model::{self, SaveHf};
-use plumb_core::Optimizer;
 use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::{RewardSet, ScorePair};
@@ -43,6 +42,7 @@ use plumb_core::rollout::{
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{DataPosition, TrainSection, Trained, Trainer};
+use plumb_core::Optimizer;
 use plumb_core::{checkpoint, Error, Result, RunContext, Stage, StageOutput};
 use serde::{Deserialize, Serialize};
 
@@ -116,14 +116,17 @@ impl Stage for Ppo {
 
         // Models and optimizers, or all of them and the prompt order from a checkpoint.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
-        let policy = model::load(&trainer.resume_dir_of(0, "policy").unwrap_or(model_dir.clone()), device, Kind::Float)?;
+        let policy =
+            model::load(&trainer.resume_dir_of(0, "policy").unwrap_or(model_dir.clone()), device, Kind::Float)?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &model_dir)?;
         let reference = model::load(&model_dir, device, Kind::Float)?;
         let value_model = match (trainer.resume_dir_of(1, "value"), c.value_model.init, &c.value_model.path) {
             (Some(dir), _, _) => ScalarHeadModel::from_dir(&dir, device, Kind::Float)?,
             (None, ValueInit::Policy, _) => ScalarHeadModel::from_causal_lm(&model_dir, device, Kind::Float)?,
             (None, ValueInit::RewardModel, Some(path)) => ScalarHeadModel::from_dir(path, device, Kind::Float)?,
-            (None, ValueInit::RewardModel, None) => unreachable!("validate requires value_model.path"),
+            (None, ValueInit::RewardModel, None) => {
+                return Err(Error::config("value_model.path", "init: reward_model needs the reward model's directory"))
+            }
         };
         let mut policy_adamw = training.optimizer.adamw(policy.var_store());
         let mut value_adamw = training.optimizer.adamw(value_model.var_store());
@@ -132,7 +135,10 @@ impl Stage for Ppo {
             None => (BatchOrder::new(encoded.len(), ctx.seed()), c.kl_controller()),
             Some(DataPosition::Batches(order)) => {
                 let state: PpoState = trainer.stage_state()?.ok_or_else(|| {
-                    Error::file(trainer.resume_dir().unwrap_or(Path::new(".")), "no PPO state (KL controller) in trainer_state.json")
+                    Error::file(
+                        trainer.resume_dir().unwrap_or(Path::new(".")),
+                        "no PPO state (KL controller) in trainer_state.json",
+                    )
                 })?;
                 (order, state.kl)
             }
@@ -266,8 +272,9 @@ impl Stage for Ppo {
                     let mut loss = 0.0;
                     for part in minibatch.split(micro as i64) {
                         let share = part.len() as f64 / minibatch.len() as f64;
-                        let (part_loss, part_stats) =
-                            training.precision.forward(device, || minibatch_loss(policy.as_ref(), &value_model, &part, &settings))??;
+                        let (part_loss, part_stats) = training
+                            .precision
+                            .forward(device, || minibatch_loss(policy.as_ref(), &value_model, &part, &settings))??;
                         (part_loss * share).backward();
                         loss += part_stats.loss * share;
                         updates.push(part_stats);
@@ -361,7 +368,10 @@ fn encode_prompts(c: &PpoConfig, tokenizer: &Tokenizer) -> Result<(Vec<Prompt>, 
         tokens.push(ids);
     }
     if kept.is_empty() {
-        return Err(Error::file(file, format!("every prompt is longer than max_prompt_length {}", c.max_prompt_length)));
+        return Err(Error::file(
+            file,
+            format!("every prompt is longer than max_prompt_length {}", c.max_prompt_length),
+        ));
     }
     Ok((kept, tokens, dropped))
 }

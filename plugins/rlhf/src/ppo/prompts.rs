@@ -25,7 +25,13 @@ pub struct PromptFields {
 impl Default for PromptFields {
     fn default() -> Self {
         let s = |v: &str| v.to_string();
-        Self { prompt: s("prompt"), messages: s("messages"), role: s("role"), content: s("content"), reference: s("reference") }
+        Self {
+            prompt: s("prompt"),
+            messages: s("messages"),
+            role: s("role"),
+            content: s("content"),
+            reference: s("reference"),
+        }
     }
 }
 
@@ -117,7 +123,6 @@ fn message(value: &Value, fields: &PromptFields) -> std::result::Result<ChatMess
         _ => Err(format!("each message needs string `{}` and `{}` fields", fields.role, fields.content)),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
