@@ -118,7 +118,10 @@ pub fn wilson_95(correct: usize, n: usize) -> (f64, f64) {
     let denominator = 1.0 + z * z / n;
     let centre = (p + z * z / (2.0 * n)) / denominator;
     let half = z / denominator * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At 0% and 100% the bound is exactly 0 or 1; say so rather than 1 - 1e-16.
+    let low = if correct == 0 { 0.0 } else { (centre - half).max(0.0) };
+    let high = if correct as f64 == n { 1.0 } else { (centre + half).min(1.0) };
+    (low, high)
 }
 
 #[cfg(test)]
