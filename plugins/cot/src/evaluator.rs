@@ -50,7 +50,8 @@ pub struct CotConfig {
     #[serde(default)]
     pub few_shot: FewShot,
     /// zero_shot_cot: add Kojima et al.'s second pass ("Therefore, the answer (arabic
-    /// numerals) is") and read the answer from it.
+    /// numerals) is", up to 16 greedy tokens after the reasoning) and take its first
+    /// number as the answer, as their answer cleansing does (strict and flexible alike).
     #[serde(default)]
     pub answer_pass: bool,
     /// Render prompts with the model's chat template (instruction-tuned models).
