@@ -192,8 +192,8 @@ pub fn generate_with<P: Policy + ?Sized>(
         let mask = padded.then_some(&attention);
         let logits = policy.forward(&input, &positions, mask, Some(&mut cache))?;
         let last = logits.select(1, -1).to_kind(Kind::Float); // (b, V)
-        // One uniform per sequence of the whole batch, finished or not: a sequence's
-        // draws do not depend on which others are still in the batch.
+                                                              // One uniform per sequence of the whole batch, finished or not: a sequence's
+                                                              // draws do not depend on which others are still in the batch.
         let draws: Vec<f64> = (0..batch).map(|_| rng.random::<f64>()).collect();
         let row_draws: Vec<f64> = rows.iter().map(|&seq| draws[seq]).collect();
         let (next, log_probs) = sample_with_draws(&last, &seen, settings, &row_draws)?;
@@ -231,11 +231,8 @@ pub fn generate_with<P: Policy + ?Sized>(
             rows = keep.iter().map(|&i| rows[i as usize]).collect();
         }
         // Finished rows still in the batch decode padding; their output is frozen above.
-        let fed: Vec<i64> = next_ids
-            .iter()
-            .zip(&rows)
-            .map(|(&id, &seq)| if running[seq] { id } else { settings.pad_token })
-            .collect();
+        let fed: Vec<i64> =
+            next_ids.iter().zip(&rows).map(|(&id, &seq)| if running[seq] { id } else { settings.pad_token }).collect();
         input = Tensor::from_slice(&fed).view([rows.len() as i64, 1]).to_device(device);
         seen = Tensor::cat(&[&seen, &input], 1);
         positions = positions.select(1, -1).unsqueeze(1) + 1;
@@ -295,7 +292,7 @@ pub fn sample_with_draws(
         filtered = filtered.masked_fill(&drop, f64::NEG_INFINITY);
     }
     let cdf = filtered.softmax(-1, Kind::Double).cumsum(-1, Kind::Double); // (B, V)
-    // A uniform in [0, 1) per row, scaled by each row's total mass.
+                                                                           // A uniform in [0, 1) per row, scaled by each row's total mass.
     let u = Tensor::from_slice(draws).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
     let next = u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(vocab - 1).squeeze_dim(1);
     let log_probs = log_probs_all.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
