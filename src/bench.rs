@@ -141,6 +141,15 @@ pub struct GenerateBench {
     pub device: String,
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Sequences finish at different steps, as real generations do: each stops after a
+    /// length spread evenly over 1..=--new-tokens (by its first sampled token). Without
+    /// it every sequence runs to --new-tokens.
+    #[arg(long)]
+    pub spread: bool,
+    /// Keep finished sequences in the batch (decoding padding), as plumb did before
+    /// compaction: to measure what compaction saves.
+    #[arg(long)]
+    pub no_compact: bool,
 }
 
 /// The shapes of hf_baseline.py, and the quickstart recipe's model.
@@ -265,28 +274,37 @@ fn generate(args: &GenerateBench) -> Result<(), Failure> {
             max_new_tokens: new,
             temperature: 1.0,
             seed: Some(0),
+            compact: !args.no_compact,
             ..Default::default()
         };
-        let timed = |new: usize| -> Result<f64, Failure> {
+        // (seconds, new tokens drawn): with --spread, sequences end early.
+        let timed = |new: usize| -> Result<(f64, usize), Failure> {
             synchronize(device);
             let start = Instant::now();
-            let out = generation::generate(model.as_ref(), &prompts, &settings(new), None).map_err(user)?;
+            let spread = |tokens: &[i64]| tokens.len() >= 1 + (tokens[0] as usize * 7919) % new;
+            let check: Option<generation::StopCheck> = if args.spread { Some(&spread) } else { None };
+            let out = generation::generate(model.as_ref(), &prompts, &settings(new), check).map_err(user)?;
             synchronize(device);
-            debug_assert!(out.iter().all(|g| g.tokens.len() == new));
-            Ok(start.elapsed().as_secs_f64())
+            debug_assert!(args.spread || out.iter().all(|g| g.tokens.len() == new));
+            Ok((start.elapsed().as_secs_f64(), out.iter().map(|g| g.tokens.len()).sum()))
         };
         timed(32.min(args.new_tokens))?; // warm-up
         let mut first = Vec::new();
         let mut full = Vec::new();
+        let mut drawn = 0;
         for _ in 0..args.repeats {
-            first.push(timed(1)?);
-            full.push(timed(args.new_tokens)?);
+            first.push(timed(1)?.0);
+            let (seconds, tokens) = timed(args.new_tokens)?;
+            full.push(seconds);
+            drawn = tokens; // seeded: the same every repeat
         }
         let seconds = median(full);
         let line = serde_json::json!({
             "case": "generate", "model": name, "device": device_name(device), "dtype": format!("{kind:?}"),
             "batch": batch, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "tokens_per_s": (batch * args.new_tokens) as f64 / seconds,
+            "tokens_per_s": drawn as f64 / seconds,
+            "generated_tokens": drawn,
+            "compact": !args.no_compact, "spread": args.spread,
             "seconds": seconds,
             "ttft_ms": median(first) * 1e3,
         });

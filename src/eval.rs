@@ -1,4 +1,5 @@
-//! `plumb eval`: runs one evaluator on a checkpoint, without writing a recipe.
+//! `plumb eval`: runs one evaluator on a checkpoint (or, with `--predictions`, on
+//! generations made elsewhere), without writing a recipe.
 //!
 //! It builds the one-entry recipe the user would have written —
 //!
@@ -23,15 +24,24 @@ use crate::Failure;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// The model to evaluate: a checkpoint directory in HF layout.
+    /// The model to evaluate: a checkpoint directory in HF layout. Not needed with
+    /// `--predictions`, which scores generations made elsewhere.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The evaluator, `<plugin>.<evaluator>`, e.g. `pretrain.perplexity`.
     #[arg(long)]
     pub evaluator: String,
     /// The evaluator's settings, `key=value` (nested keys with dots; values are YAML),
     /// e.g. `data=corpus.txt seq_len=256`.
     pub settings: Vec<String>,
+    /// Score generations made elsewhere (vLLM, an API, an earlier run) instead of a
+    /// model's: a JSONL file the evaluator reads (for `cot.gsm8k`: one line per problem,
+    /// `{"question": …, "generations": [...]}`). Passed as the evaluator's `predictions`.
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    /// Also write the evaluator's report to this file (its `output` setting).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
     /// Where the results go: `<DIR>/<evaluator>/results.json` and `<DIR>/tb/<evaluator>/`.
     #[arg(long, default_value = "runs/eval")]
     pub output_dir: PathBuf,
@@ -62,6 +72,11 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
                 args.evaluator
             ))
         })?;
+    if args.model.is_none() && args.predictions.is_none() {
+        return Err(Failure::User(
+            "--model: expected the model directory to evaluate (only --predictions, which scores generations made elsewhere, needs none)".into(),
+        ));
+    }
     let mut overrides = Vec::with_capacity(args.settings.len());
     for setting in &args.settings {
         if !setting.contains('=') || setting.starts_with('=') {
@@ -85,7 +100,21 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     let mut stage = Mapping::new();
     stage.insert("name".into(), name.into());
     stage.insert("uses".into(), args.evaluator.clone().into());
-    stage.insert("model".into(), path_value(&args.model));
+    if let Some(model) = &args.model {
+        stage.insert("model".into(), path_value(model));
+    }
+    // Paths go into the config as YAML strings (not through `key=value`, which would
+    // read a path such as `1e5` or `yes` as a number or a boolean).
+    let mut config = Mapping::new();
+    if let Some(predictions) = &args.predictions {
+        config.insert("predictions".into(), path_value(predictions));
+    }
+    if let Some(output) = &args.output {
+        config.insert("output".into(), path_value(output));
+    }
+    if !config.is_empty() {
+        stage.insert("config".into(), Value::Mapping(config));
+    }
     let mut recipe = Mapping::new();
     recipe.insert("run".into(), Value::Mapping(run_spec));
     recipe.insert("plugins".into(), Value::Sequence(vec![Value::Mapping(plugin_spec)]));
@@ -109,6 +138,11 @@ fn render(error: RecipeError, evaluator: &str) -> String {
     let RecipeError::At { location, key_path, message } = error else {
         return error.to_string();
     };
+    for (key, option) in [("stages[0].config.predictions", "--predictions"), ("stages[0].config.output", "--output")] {
+        if key_path == key && matches!(location, Location::File { .. }) {
+            return format!("{option}: {message}");
+        }
+    }
     let config_key =
         key_path.strip_prefix("stages[0].config").map(|rest| rest.strip_prefix('.').unwrap_or(rest).to_owned());
     if let Some(key) = config_key {

@@ -117,6 +117,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         seed: args.seed,
         pad_token: tokenizer.pad_id().unwrap_or(0),
         context: None,
+        ..Default::default()
     };
     // The printer decodes as tokens come; it ends generation at a stop string, or once
     // stdout is gone (e.g. `| head`).

@@ -56,6 +56,15 @@ impl KvCache {
     pub fn advance(&mut self, t: i64) {
         self.len += t;
     }
+
+    /// Keeps only the batch rows `rows` (1-D int64 indices, in the order given) of every
+    /// layer, e.g. when finished sequences leave a generation batch; the cached length
+    /// is unchanged.
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *t = t.index_select(0, rows);
+        }
+    }
 }
 
 /// Additive attention mask (B, 1, t, past + t) for `t` new queries after `past` cached
@@ -144,5 +153,21 @@ mod tests {
         assert_eq!(k.size(), vec![1, 1, 3, 2]);
         assert_eq!(k.double_value(&[0, 0, 2, 0]), 3.0);
         assert_eq!(cache.len(), 3);
+    }
+
+    #[test]
+    fn kept_rows_keep_their_keys_and_values() {
+        let mut cache = KvCache::new(2, 3, 1, 4, 2, Kind::Float, Device::Cpu);
+        // Row b holds the value b everywhere.
+        let k = Tensor::arange(3, (Kind::Float, Device::Cpu)).view([3, 1, 1, 1]).expand([3, 1, 2, 2], false);
+        for layer in 0..2 {
+            let _ = cache.append(layer, &k, &(&k * 10.0));
+        }
+        cache.advance(2);
+        cache.keep_rows(&Tensor::from_slice(&[0i64, 2]));
+        let (keys, values) = cache.append(1, &k.narrow(0, 0, 2).narrow(2, 0, 1), &k.narrow(0, 0, 2).narrow(2, 0, 1));
+        assert_eq!(keys.size(), vec![2, 1, 3, 2]);
+        assert_eq!((keys.double_value(&[1, 0, 0, 0]), values.double_value(&[1, 0, 1, 1])), (2.0, 20.0));
+        assert_eq!(cache.len(), 2);
     }
 }

@@ -7,6 +7,15 @@
 //! `max_new_tokens` beyond the room the longest prompt leaves is cut to it, with a
 //! warning (those sequences finish with [`Finish::Length`]).
 //!
+//! Finished sequences leave the batch: once at least a quarter of the rows still in the
+//! batch have finished, those rows are dropped from the inputs, the masks and the KV
+//! cache ([`KvCache::keep_rows`](super::cache::KvCache::keep_rows)), so a long chain does
+//! not keep paying for the short ones beside it. Outputs do not change: each sequence
+//! still draws the same uniform number each step (one is drawn for every sequence of the
+//! original batch, finished or not, as before compaction), so greedy and seeded sampled
+//! generations give the same tokens with and without compaction (up to the last bits of
+//! floating-point sums that a smaller batch may order differently; see the tests).
+//!
 //! Sampling follows `transformers`' logits processors, in their order: repetition
 //! penalty, temperature, top-k, top-p. Draws come from a generator owned by the call
 //! (seeded by `seed`, or from libtorch's global generator when there is none), so a
@@ -40,6 +49,9 @@ pub struct GenerationSettings {
     /// model's [`Policy::context_length`]. A stage that trained the model on longer
     /// sequences than its config declares (RoPE extrapolates) sets its own.
     pub context: Option<usize>,
+    /// Drop finished sequences from the batch (and the KV cache) as they accumulate; off
+    /// only to measure what it saves (`plumb bench generate --no-compact`).
+    pub compact: bool,
 }
 
 impl Default for GenerationSettings {
@@ -54,6 +66,7 @@ impl Default for GenerationSettings {
             seed: None,
             pad_token: 0,
             context: None,
+            compact: true,
         }
     }
 }
@@ -171,37 +184,56 @@ pub fn generate_with<P: Policy + ?Sized>(
         .map(|_| Generated { tokens: Vec::new(), log_probs: Vec::new(), finish: Finish::Length })
         .collect();
     let mut running = vec![true; prompts.len()];
+    // Batch row i generates sequence `rows[i]`; rows leave as their sequences finish.
+    let mut rows: Vec<usize> = (0..prompts.len()).collect();
     for _ in 0..new_tokens {
         // Without padding the mask is all ones: leave it out, so the prefill takes
         // attention's plain causal path.
         let mask = padded.then_some(&attention);
         let logits = policy.forward(&input, &positions, mask, Some(&mut cache))?;
-        let last = logits.select(1, -1).to_kind(Kind::Float); // (B, V)
-        let (next, log_probs) = sample(&last, &seen, settings, &mut rng)?;
+        let last = logits.select(1, -1).to_kind(Kind::Float); // (b, V)
+                                                              // One uniform per sequence of the whole batch, finished or not: a sequence's
+                                                              // draws do not depend on which others are still in the batch.
+        let draws: Vec<f64> = (0..batch).map(|_| rng.random::<f64>()).collect();
+        let row_draws: Vec<f64> = rows.iter().map(|&seq| draws[seq]).collect();
+        let (next, log_probs) = sample_with_draws(&last, &seen, settings, &row_draws)?;
         let next_ids = Vec::<i64>::try_from(&next)?;
         let next_log_probs = Vec::<f64>::try_from(&log_probs.to_kind(Kind::Double))?;
-        for (row, out) in outputs.iter_mut().enumerate() {
-            if !running[row] {
+        for (row, &seq) in rows.iter().enumerate() {
+            if !running[seq] {
                 continue;
             }
+            let out = &mut outputs[seq];
             out.tokens.push(next_ids[row]);
             out.log_probs.push(next_log_probs[row]);
             if let Some(on_token) = on_token.as_mut() {
-                on_token(row, next_ids[row]);
+                on_token(seq, next_ids[row]);
             }
             if settings.stop_tokens.contains(&next_ids[row]) {
-                (running[row], out.finish) = (false, Finish::StopToken);
+                (running[seq], out.finish) = (false, Finish::StopToken);
             } else if stop_check.is_some_and(|check| check(&out.tokens)) {
-                (running[row], out.finish) = (false, Finish::StopCheck);
+                (running[seq], out.finish) = (false, Finish::StopCheck);
             }
         }
         if !running.iter().any(|&r| r) {
             break;
         }
-        // Finished rows keep decoding padding; their output is frozen above.
+        let finished = rows.iter().filter(|&&seq| !running[seq]).count();
+        let mut next_ids = next_ids;
+        if settings.compact && finished > 0 && finished * 4 >= rows.len() {
+            let keep: Vec<i64> = (0..rows.len()).filter(|&i| running[rows[i]]).map(|i| i as i64).collect();
+            let index = Tensor::from_slice(&keep).to_device(device);
+            cache.keep_rows(&index);
+            seen = seen.index_select(0, &index);
+            positions = positions.index_select(0, &index);
+            attention = attention.index_select(0, &index);
+            next_ids = keep.iter().map(|&i| next_ids[i as usize]).collect();
+            rows = keep.iter().map(|&i| rows[i as usize]).collect();
+        }
+        // Finished rows still in the batch decode padding; their output is frozen above.
         let fed: Vec<i64> =
-            next_ids.iter().zip(&running).map(|(&id, &r)| if r { id } else { settings.pad_token }).collect();
-        input = Tensor::from_slice(&fed).view([batch, 1]).to_device(device);
+            next_ids.iter().zip(&rows).map(|(&id, &seq)| if running[seq] { id } else { settings.pad_token }).collect();
+        input = Tensor::from_slice(&fed).view([rows.len() as i64, 1]).to_device(device);
         seen = Tensor::cat(&[&seen, &input], 1);
         positions = positions.select(1, -1).unsqueeze(1) + 1;
         attention = Tensor::cat(&[&attention, &attention.ones_like().narrow(1, 0, 1)], 1);
@@ -217,6 +249,18 @@ pub fn sample(
     seen: &Tensor,
     settings: &GenerationSettings,
     rng: &mut SeededRng,
+) -> Result<(Tensor, Tensor)> {
+    let rows = if settings.temperature <= 0.0 { 0 } else { logits.size()[0] }; // greedy draws nothing
+    let draws: Vec<f64> = (0..rows).map(|_| rng.random::<f64>()).collect();
+    sample_with_draws(logits, seen, settings, &draws)
+}
+
+/// [`sample`] with the uniform numbers in [0, 1) given, one per row (unused when greedy).
+pub fn sample_with_draws(
+    logits: &Tensor,
+    seen: &Tensor,
+    settings: &GenerationSettings,
+    draws: &[f64],
 ) -> Result<(Tensor, Tensor)> {
     let mut logits = logits.shallow_clone();
     if settings.repetition_penalty != 1.0 {
@@ -248,10 +292,8 @@ pub fn sample(
         filtered = filtered.masked_fill(&drop, f64::NEG_INFINITY);
     }
     let cdf = filtered.softmax(-1, Kind::Double).cumsum(-1, Kind::Double); // (B, V)
-    let rows = cdf.size()[0];
-    // 53 random bits → a uniform in [0, 1), scaled by each row's total mass.
-    let draws: Vec<f64> = (0..rows).map(|_| rng.random::<f64>()).collect();
-    let u = Tensor::from_slice(&draws).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
+                                                                           // A uniform in [0, 1) per row, scaled by each row's total mass.
+    let u = Tensor::from_slice(draws).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
     let next = u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(vocab - 1).squeeze_dim(1);
     let log_probs = log_probs_all.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
     Ok((next, log_probs))
@@ -323,6 +365,39 @@ mod tests {
             err,
             "a prompt of 16 tokens leaves no room for new tokens in a context of 16 positions; shorten it to at most 15 tokens"
         );
+    }
+
+    /// Sequences finish at different steps (a stop check on their own tokens); with
+    /// compaction the finished ones leave the batch, and every sequence's tokens are the
+    /// same as without it, greedy and sampled.
+    #[test]
+    fn finished_rows_leave_the_batch_without_changing_outputs() {
+        tch::manual_seed(1);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64
+        }))
+        .unwrap();
+        let model = crate::model::llama::LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
+        let prompts: Vec<Vec<i64>> =
+            (0..8).map(|i| (0..(2 + i % 5)).map(|j| (3 * i + 7 * j + 1) % 40).collect()).collect();
+        // A sequence stops after 1 to 12 tokens, by its first token.
+        let check = |tokens: &[i64]| tokens.len() >= 1 + (tokens[0] % 12) as usize;
+        for temperature in [0.0, 1.0] {
+            let settings = GenerationSettings { max_new_tokens: 12, temperature, seed: Some(5), ..Default::default() };
+            let compacted = generate(&model, &prompts, &settings, Some(&check)).unwrap();
+            let plain =
+                generate(&model, &prompts, &GenerationSettings { compact: false, ..settings.clone() }, Some(&check))
+                    .unwrap();
+            let lengths: Vec<usize> = compacted.iter().map(|g| g.tokens.len()).collect();
+            assert!(lengths.iter().filter(|&&l| l < 6).count() >= 2 && lengths.iter().any(|&l| l >= 6), "{lengths:?}");
+            for (a, b) in compacted.iter().zip(&plain) {
+                assert_eq!((&a.tokens, a.finish), (&b.tokens, b.finish), "temperature {temperature}");
+                for (x, y) in a.log_probs.iter().zip(&b.log_probs) {
+                    assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,3 @@
+fn main() {
+    plumb_link::libtorch();
+}
