@@ -217,6 +217,29 @@ mod tests {
         assert_eq!(text(Mode::SelfConsistency), text(Mode::FewShotCot));
     }
 
+    /// Chat rendering: each exemplar a user turn and an assistant turn, the question a
+    /// user turn, the generation prompt, then the mode's opening (Qwen2.5's template).
+    #[test]
+    fn chat_prompts_go_through_the_models_template() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../core/tests/fixtures/tokenizers/qwen2.5");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let ex = &wei_exemplars()[..1];
+        let direct = build(Mode::Direct, "What is 2 + 3?", ex, Some(&tokenizer)).unwrap().text;
+        assert!(direct.starts_with("<|im_start|>system\n"), "{direct}");
+        assert!(
+            direct.ends_with("<|im_start|>user\nQ: What is 2 + 3?<|im_end|>\n<|im_start|>assistant\nThe answer is"),
+            "{direct}"
+        );
+        assert!(!direct.contains("grove"), "direct shows no exemplars: {direct}");
+        let few = build(Mode::FewShotCot, "What is 2 + 3?", ex, Some(&tokenizer)).unwrap().text;
+        assert!(
+            few.contains("<|im_start|>user\nQ: There are 15 trees in the grove.")
+                && few.contains("<|im_start|>assistant\nThere are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been 21 - 15 = 6. The answer is 6.<|im_end|>"),
+            "{few}"
+        );
+        assert!(few.ends_with("<|im_start|>user\nQ: What is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"), "{few}");
+    }
+
     #[test]
     fn wei_exemplars_are_consistent() {
         let ex = wei_exemplars();
