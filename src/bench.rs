@@ -48,6 +48,7 @@ pub struct PpoBench {
     /// Repeats; the median of each figure is printed after them.
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub repeats: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Seeds the random weights, prompts and sampling.
@@ -81,6 +82,7 @@ pub struct LoadBench {
     /// `config.json`. Default: plumb-bench-load-SHAPE-DTYPE in the temporary directory.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Load in this process, with no child processes, and print the load time and this
@@ -107,8 +109,10 @@ pub struct TrainBench {
     /// Timed steps (the mean is reported), after `--warmup` untimed ones.
     #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub steps: usize,
+    /// Untimed steps first.
     #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     pub warmup: usize,
+    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// The device's peak FLOP/s, for MFU (hf_baseline.py uses 790e12 for an H100 in bf16).
@@ -128,17 +132,22 @@ pub struct GenerateBench {
     /// Measure this model directory instead of a shape.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Batch sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,64", allow_negative_numbers = true)]
     pub batch: Vec<usize>,
+    /// Tokens per prompt (random ids).
     #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pub prompt_len: usize,
+    /// New tokens per sequence.
     #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     pub new_tokens: usize,
     /// Each figure is the median of this many runs, after a warm-up.
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub repeats: usize,
+    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Sequences finish at different steps, as real generations do: each stops after a

@@ -46,6 +46,7 @@ struct Cli {
 enum Command {
     /// Run a recipe: validate everything, then run its stages in order.
     Run {
+        /// The recipe file (YAML).
         recipe: PathBuf,
         /// Overrides, e.g. `stages.pretrain.config.max_steps=10` or `run.seed=3`.
         overrides: Vec<String>,
@@ -59,7 +60,12 @@ enum Command {
         overwrite: bool,
     },
     /// Check a recipe (and its plugins' sections) and print it fully resolved.
-    Validate { recipe: PathBuf, overrides: Vec<String> },
+    Validate {
+        /// The recipe file (YAML).
+        recipe: PathBuf,
+        /// Overrides, e.g. `stages.pretrain.config.max_steps=10` or `run.seed=3`.
+        overrides: Vec<String>,
+    },
     /// Run one evaluator on a checkpoint: `plumb eval --model DIR --evaluator PLUGIN.NAME
     /// [key=value ...]`.
     Eval(eval::EvalArgs),
@@ -163,5 +169,37 @@ fn main() -> ExitCode {
             eprintln!("error: {m}");
             ExitCode::from(failure.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every argument of every subcommand says what it is for.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "plumb", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
     }
 }
