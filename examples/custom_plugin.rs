@@ -48,6 +48,7 @@ impl Stage for Perplexity {
         if c.seq_len < 2 {
             return Err(Error::config("seq_len", "expected at least 2"));
         }
+        ctx.require_input_model("perplexity measures a model")?;
         Ok(())
     }
 

@@ -191,14 +191,14 @@ impl Stage for Samples {
     const DESCRIPTION: &'static str = "Greedy continuations of a few prompts by the current model";
     type Config = SamplesConfig;
 
-    fn validate(c: &SamplesConfig, _ctx: &ValidateContext) -> Result<()> {
+    fn validate(c: &SamplesConfig, ctx: &ValidateContext) -> Result<()> {
         if c.prompts.is_empty() || c.prompts.iter().any(|p| p.trim().is_empty()) {
             return Err(Error::config("prompts", "expected a list of non-empty texts"));
         }
         if !(1..=4096).contains(&c.max_new_tokens) {
             return Err(Error::config("max_new_tokens", "expected a number from 1 to 4096"));
         }
-        Ok(())
+        ctx.require_input_model("samples continues prompts with a model")
     }
 
     fn run(c: SamplesConfig, ctx: &mut RunContext) -> Result<StageOutput> {

@@ -142,8 +142,12 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         let component =
             registry.runnable(&stage.uses).map_err(|m| user(recipe.error_at(&format!("stages[{i}].uses"), m)))?;
         let what = format!("{} `{}` ({})", component.kind.noun(), stage.name, stage.uses);
+        // It starts from its own model or from what an earlier entry hands on (a stage's
+        // output, or an evaluator's own model, which it passes on).
+        let has_input_model = stage.model.is_some()
+            || stages.iter().zip(&stage_models).any(|(earlier, own)| earlier.kind == Kind::Stage || own.is_some());
         component
-            .validate(&recipe.stage_config_yaml(i), &reward_names)
+            .validate(&recipe.stage_config_yaml(i), &reward_names, has_input_model)
             .map_err(|e| located(recipe, user, &format!("stages[{i}].config"), &what, e))?;
         // A stage's own model: a directory, or a hub name (`ORG/NAME`) found in the local
         // Hugging Face cache.

@@ -331,3 +331,34 @@ fn data_filter_warns_when_most_is_removed_and_fails_when_nothing_is_left() {
     );
     assert!(!output.exists());
 }
+
+/// A stage that starts from a model, with none to start from, is refused by `validate`
+/// before any compute; given one (or an earlier stage's), it passes.
+#[test]
+fn validate_refuses_a_stage_with_no_model_to_start_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"Hi\", \"completion\": \"Hello\"}\n{\"prompt\": \"Yo\", \"completion\": \"Hey\"}\n",
+    )
+    .unwrap();
+    let recipe = dir.path().join("r.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "run: {{output_dir: {}, device: cpu}}\nplugins: [{{name: sft}}]\nstages:\n  - name: sft\n    uses: sft.sft\n    config:\n      data: {{train: {}, format: prompt_completion}}\n      max_steps: 1\n",
+            dir.path().join("out").display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let o = plumb(dir.path(), &["validate", recipe.to_str().unwrap()]);
+    assert_exit(&o, 1);
+    let err = stderr(&o);
+    assert!(
+        err.contains("stages[0].config: SFT starts from a model, and this stage has none: give it a `model:`"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists(), "nothing is run");
+}

@@ -220,13 +220,17 @@ fn a_plugin_listed_by_plumb_plugins_loads_by_that_name() {
     let env = [("PLUMB_PLUGIN_PATH", examples.as_str())];
     let listed = stdout(&plumb_with_env(dir.path(), &["plugins"], &env));
     assert!(listed.contains(&format!("custom 0.1.0  {}", example_plugin().display())), "{listed}");
+    let corpus = small_corpus(dir.path(), 20);
     let path = recipe(
         dir.path(),
-        "  - name: custom\n",
+        "  - name: pretrain\n  - name: custom\n",
         "",
-        "  - name: ppl\n    uses: custom.perplexity\n    config: {text: x.txt}\n",
+        &format!(
+            "{}  - name: ppl\n    uses: custom.perplexity\n    config: {{text: {}}}\n",
+            tiny_pretrain_stage("pretrain", &corpus, 2),
+            corpus.display()
+        ),
     );
-    std::fs::write(dir.path().join("x.txt"), "some text").unwrap();
     let out = plumb_with_env(dir.path(), &["validate", path.to_str().unwrap()], &env);
     assert_exit(&out, 0);
 }

@@ -14,13 +14,38 @@ use crate::reward::RewardModel;
 pub struct ValidateContext {
     /// The names of the recipe's `rewards:`, in recipe order.
     rewards: Vec<String>,
+    /// Whether the stage will have an input model.
+    input_model: bool,
 }
 
 impl ValidateContext {
     /// A context for a recipe that defines the rewards `rewards` (their names, not their
     /// `uses`). The host builds it from the validate request; tests build their own.
     pub fn new(rewards: Vec<String>) -> Self {
-        Self { rewards }
+        Self { rewards, input_model: true }
+    }
+
+    /// The same context for a stage that will (or will not) have an input model.
+    pub fn with_input_model(self, input_model: bool) -> Self {
+        Self { input_model, ..self }
+    }
+
+    /// Whether the stage will have an input model: its own `model:` in the recipe or
+    /// the output of an earlier stage.
+    pub fn has_input_model(&self) -> bool {
+        self.input_model
+    }
+
+    /// An error unless the stage will have an input model, saying what it needs it for
+    /// (`what`, e.g. "SFT starts from a model"): a recipe that leaves it out fails on
+    /// `plumb validate`, not after the stages before it have run.
+    pub fn require_input_model(&self, what: &str) -> Result<()> {
+        if self.input_model {
+            return Ok(());
+        }
+        Err(crate::Error::Other(format!(
+            "{what}, and this stage has none: give it a `model:` (a directory in HF layout, or a hub name in the local cache) or put it after a stage that makes one"
+        )))
     }
 
     /// The names of the recipe's `rewards:`, in recipe order.

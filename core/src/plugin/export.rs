@@ -23,6 +23,16 @@ pub struct ValidateRequest {
     /// ([`ValidateContext::require_reward`]).
     #[serde(default)]
     pub rewards: Vec<String>,
+    /// Whether the stage will have an input model (its own `model:` or an earlier
+    /// stage's), so one that needs it can say so before any compute
+    /// ([`ValidateContext::require_input_model`]).
+    #[serde(default = "assumed")]
+    pub has_input_model: bool,
+}
+
+/// A host that does not say is assumed to give the stage a model.
+fn assumed() -> bool {
+    true
 }
 
 /// The declaration a plugin exports, with the tables it points into.
@@ -226,17 +236,18 @@ fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
 fn checked<C: serde::de::DeserializeOwned>(
     yaml: &str,
     rewards: &[String],
+    has_input_model: bool,
     validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
 ) -> Result<C, Failure> {
     let config: C = parse_section(yaml)?;
-    validate(&config, &ValidateContext::new(rewards.to_vec()))?;
+    validate(&config, &ValidateContext::new(rewards.to_vec()).with_input_model(has_input_model))?;
     Ok(config)
 }
 
 extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
         let request: ValidateRequest = read_json(request)?;
-        checked::<S::Config>(&request.config_yaml, &request.rewards, S::validate)?;
+        checked::<S::Config>(&request.config_yaml, &request.rewards, request.has_input_model, S::validate)?;
         Ok(Vec::new())
     })
 }
@@ -244,7 +255,7 @@ extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
 extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
         let request: ValidateRequest = read_json(request)?;
-        checked::<E::Config>(&request.config_yaml, &request.rewards, E::validate)?;
+        checked::<E::Config>(&request.config_yaml, &request.rewards, request.has_input_model, E::validate)?;
         Ok(Vec::new())
     })
 }
@@ -252,7 +263,7 @@ extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -
 extern "C" fn validate_reward<R: Reward>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
         let request: ValidateRequest = read_json(request)?;
-        checked::<R::Config>(&request.config_yaml, &request.rewards, R::validate)?;
+        checked::<R::Config>(&request.config_yaml, &request.rewards, true, R::validate)?;
         Ok(Vec::new())
     })
 }
@@ -274,7 +285,7 @@ fn with_context<C: serde::de::DeserializeOwned>(
             format!("host ABI version {} differs from the plugin's {}", host.abi_version, abi::ABI_VERSION),
         ));
     }
-    let config = checked::<C>(&request.config_yaml, &request.rewards, validate)?;
+    let config = checked::<C>(&request.config_yaml, &request.rewards, request.input_model.is_some(), validate)?;
     // SAFETY: as above.
     let mut ctx = unsafe { RunContext::new(host, request) }?;
     let subscriber = tracing_subscriber::fmt()
@@ -310,7 +321,7 @@ extern "C" fn create_reward<R: Reward>(request: StrRef, out: ByteSink) -> *mut c
     let mut handle: *mut c_void = std::ptr::null_mut();
     guarded(&out, || {
         let request: CreateRequest = read_json(request)?;
-        let config = checked::<R::Config>(&request.config_yaml, &request.rewards, R::validate)?;
+        let config = checked::<R::Config>(&request.config_yaml, &request.rewards, true, R::validate)?;
         let device = crate::context::parse_device(&request.device)?;
         let ctx = RewardContext::new(request.name, device, request.seed, request.run_dir);
         handle = Box::into_raw(Box::new(R::new(config, &ctx)?)) as *mut c_void;

@@ -208,6 +208,9 @@ impl Evaluator for Gsm8k {
                 ctx.existing_dir("output", parent)?;
             }
         }
+        if c.predictions.is_none() {
+            ctx.require_input_model("cot.gsm8k generates with a model (or scores `predictions` made elsewhere)")?;
+        }
         Ok(())
     }
 

@@ -78,6 +78,7 @@ impl Evaluator for Perplexity {
         if c.max_documents == Some(0) {
             return Err(Error::config("max_documents", "expected at least 1"));
         }
+        ctx.require_input_model("perplexity scores a model")?;
         Ok(())
     }
 

@@ -147,6 +147,7 @@ impl Stage for Sft {
         if let Some(pattern) = &training.eval.response_pattern {
             Regex::new(pattern).map_err(|e| Error::config("eval.response_pattern", e.to_string()))?;
         }
+        ctx.require_input_model("SFT starts from a model")?;
         Ok(())
     }
 

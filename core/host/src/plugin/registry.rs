@@ -176,9 +176,14 @@ fn outcome(raw: i32, out: Vec<u8>) -> Result<Vec<u8>, CallError> {
 
 /// Asks a component's `validate` entry to check a section without doing any work;
 /// `rewards` are the names of the recipe's `rewards:`.
-fn call_validate(validate: ValidateFn, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
-    let request = serde_json::json!(ValidateRequest { config_yaml: config_yaml.to_owned(), rewards: rewards.to_vec() })
-        .to_string();
+fn call_validate(
+    validate: ValidateFn,
+    config_yaml: &str,
+    rewards: &[String],
+    has_input_model: bool,
+) -> Result<(), CallError> {
+    let request = ValidateRequest { config_yaml: config_yaml.to_owned(), rewards: rewards.to_vec(), has_input_model };
+    let request = serde_json::json!(request).to_string();
     let mut out = Vec::new();
     let raw = validate(StrRef::new(&request), vec_sink(&mut out));
     outcome(raw, out).map(|_| ())
@@ -196,9 +201,10 @@ pub struct Component<'r> {
 
 impl Component<'_> {
     /// Asks the plugin to check its section without doing any work; `rewards` are the
-    /// names of the recipe's `rewards:` (a stage checks the ones it names).
-    pub fn validate(&self, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
-        call_validate(self.entry.validate, config_yaml, rewards)
+    /// names of the recipe's `rewards:` (a stage checks the ones it names),
+    /// `has_input_model` whether it will get a model to start from.
+    pub fn validate(&self, config_yaml: &str, rewards: &[String], has_input_model: bool) -> Result<(), CallError> {
+        call_validate(self.entry.validate, config_yaml, rewards, has_input_model)
     }
 
     /// Runs the component with the host's services; blocks until it returns.
@@ -221,7 +227,7 @@ pub struct RewardComponent<'r> {
 
 impl RewardComponent<'_> {
     pub fn validate(&self, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
-        call_validate(self.entry.validate, config_yaml, rewards)
+        call_validate(self.entry.validate, config_yaml, rewards, true)
     }
 
     /// Builds an instance for a run; it is destroyed when dropped.

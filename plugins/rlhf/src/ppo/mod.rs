@@ -66,7 +66,8 @@ impl Stage for Ppo {
     type Config = TrainSection<PpoConfig>;
 
     fn validate(config: &Self::Config, ctx: &ValidateContext) -> Result<()> {
-        config::validate(config, ctx)
+        config::validate(config, ctx)?;
+        ctx.require_input_model("PPO starts from a policy (the SFT model)")
     }
 
     fn run(section: Self::Config, ctx: &mut RunContext) -> Result<StageOutput> {

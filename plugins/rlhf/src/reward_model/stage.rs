@@ -152,6 +152,7 @@ impl Stage for RewardModelStage {
                 ));
             }
         }
+        ctx.require_input_model("a reward model starts from a model (a causal LM, or a saved reward model)")?;
         Ok(())
     }
 
