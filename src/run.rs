@@ -17,7 +17,7 @@ use plumb_host::log::TbWriter;
 use plumb_host::plugin::host::HostServices;
 use plumb_host::plugin::registry::RewardInstance;
 use plumb_host::plugin::{loader, CallError, Component, Kind, Registry};
-use plumb_host::recipe::{LoadedRecipe, Recipe, RecipeError};
+use plumb_host::recipe::{LoadedRecipe, ModelSource, Recipe, RecipeError};
 
 use crate::output_dir::{self, Earlier};
 use crate::Failure;
@@ -152,7 +152,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         // A stage's own model: a directory, or a hub name (`ORG/NAME`) found in the local
         // Hugging Face cache.
         let model = match &stage.model {
-            Some(model) => {
+            // Found when that stage has run (the recipe checked it comes earlier).
+            Some(ModelSource::Stage { .. }) | None => None,
+            Some(ModelSource::Path(model)) => {
                 let at = format!("stages[{i}].model");
                 let dir = plumb_core::checkpoint::hub::resolve_model(model)
                     .map_err(|e| user(recipe.error_at(&at, e.to_string())))?;
@@ -167,7 +169,6 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
                 }
                 Some(dir)
             }
-            None => None,
         };
         stage_models.push(model);
         stages.push(component);
@@ -220,6 +221,8 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // 3. The stages, in order.
     let mut input_model: Option<PathBuf> = None;
     let mut sweep_start: Option<Option<PathBuf>> = None;
+    // The model each stage that has run made, for `model: {stage: <name>}`.
+    let mut outputs: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (i, (stage, component)) in spec.stages.iter().zip(&stages).enumerate() {
         let evaluator = component.kind == Kind::Evaluator;
         let what = format!(
@@ -240,6 +243,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         if mode == Mode::Resume {
             if let Some(model) = finished_report(&stage_dir) {
                 println!("{} {} finished in an earlier run; not running it again", component.kind.noun(), stage.name);
+                if let Some(made) = &model {
+                    outputs.insert(stage.name.clone(), made.clone());
+                }
                 input_model = model.or(input_model);
                 continue;
             }
@@ -260,7 +266,12 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             stop: Arc::clone(&stop),
             rewards: &live_rewards,
         };
-        let model = stage_models[i].clone().or(start);
+        let model = match &stage.model {
+            Some(ModelSource::Stage { stage: named }) => Some(outputs.get(named).cloned().ok_or_else(|| {
+                user(recipe.error_at(&format!("stages[{i}].model.stage"), format!("stage `{named}` made no model")))
+            })?),
+            _ => stage_models[i].clone().or(start),
+        };
         let request = RunRequest {
             stage: stage.name.clone(),
             config_yaml: recipe.stage_config_yaml(i),
@@ -329,6 +340,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         }
         if let Some(model) = &output.model {
             println!("stage {} model: {}", stage.name, model.display());
+        }
+        if let Some(made) = &output.model {
+            outputs.insert(stage.name.clone(), made.clone());
         }
         input_model = output.model.or(input_model);
         if stop.load(Ordering::SeqCst) && i + 1 < spec.stages.len() {

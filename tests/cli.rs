@@ -362,3 +362,47 @@ fn validate_refuses_a_stage_with_no_model_to_start_from() {
     );
     assert!(!dir.path().join("out").exists(), "nothing is run");
 }
+
+/// `model: {stage: NAME}` starts a stage from the model an earlier stage made, not the
+/// previous one's; a name that is not an earlier stage is refused by `validate`.
+#[test]
+fn a_stage_starts_from_an_earlier_stages_model_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 40);
+    let write = |evaluated: &str| {
+        let recipe = dir.path().join("r.yaml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "run: {{output_dir: {out}, device: cpu}}\nplugins: [{{name: pretrain}}]\nstages:\n{a}{b}  - name: ppl\n    uses: pretrain.perplexity\n    model: {evaluated}\n    config: {{data: {corpus}, seq_len: 16, max_documents: 5}}\n",
+                out = dir.path().join("out").display(),
+                a = tiny_pretrain_stage("first", &corpus, 2),
+                // The second continues from the first (no architecture of its own).
+                b = tiny_pretrain_stage("second", &corpus, 2).replace(
+                    "      model:\n        hidden_size: 32\n        intermediate_size: 64\n        num_hidden_layers: 2\n        num_attention_heads: 2\n",
+                    ""
+                ),
+                corpus = corpus.display(),
+            ),
+        )
+        .unwrap();
+        recipe
+    };
+    let bad = plumb(dir.path(), &["validate", write("{stage: frist}").to_str().unwrap()]);
+    assert_exit(&bad, 1);
+    let err = stderr(&bad);
+    assert!(
+        err.contains("stages[2].model.stage: no earlier stage named `frist` (earlier stages: first, second); did you mean `first`?"),
+        "{err}"
+    );
+    let wrong_type = plumb(dir.path(), &["validate", write("[1]").to_str().unwrap()]);
+    assert_exit(&wrong_type, 1);
+    assert!(stderr(&wrong_type).contains("or `{stage: <an earlier stage's name>}`"), "{}", stderr(&wrong_type));
+
+    let o = plumb(dir.path(), &["run", write("{stage: first}").to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/ppl/results.json")).unwrap()).unwrap();
+    let scored = std::path::PathBuf::from(results["model"].as_str().unwrap());
+    assert_eq!(scored, dir.path().join("out/first/final"));
+}

@@ -34,4 +34,4 @@ mod validate;
 pub use error::{Location, RecipeError};
 pub use load::LoadedRecipe;
 pub use plumb_core::recipe::{parse_section, suggest, SectionError};
-pub use schema::{Device, PluginSpec, Recipe, RewardSpec, RunSpec, StageSpec};
+pub use schema::{Device, ModelSource, PluginSpec, Recipe, RewardSpec, RunSpec, StageSpec};

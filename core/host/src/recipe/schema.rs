@@ -17,7 +17,8 @@
 //! stages:                       # at least one; run in order
 //!   - name: pretrain            # unique; [A-Za-z0-9_-]+
 //!     uses: pretrain.causal_lm  # <plugin>.<stage> or <plugin>.<evaluator>
-//!     model: runs/x/final       # default: the previous stage's output
+//!     model: runs/x/final       # default: the previous stage's output; or an earlier
+//!                               #   stage's: `model: {stage: sft}`
 //!     config: {max_steps: 300}  # the stage's own section, checked by its plugin; default {}
 //!   - name: ppl                 # an evaluator: runs on the current model (the previous
 //!     uses: pretrain.perplexity #   stage's output, or its own `model:`), trains nothing,
@@ -109,7 +110,7 @@ pub struct StageSpec {
     /// The input model directory (the model an evaluator scores); without it, the
     /// previous stage's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<PathBuf>,
+    pub model: Option<ModelSource>,
     /// The stage's own section, a mapping checked by its plugin.
     #[serde(default = "empty_mapping", deserialize_with = "mapping")]
     pub config: Value,
@@ -119,6 +120,35 @@ impl RewardSpec {
     /// `uses` split into plugin and reward name (validated on load to have both).
     pub fn uses_parts(&self) -> (&str, &str) {
         split_uses(&self.uses)
+    }
+}
+
+/// Where a stage's input model comes from: a directory (or a hub name in the local
+/// cache), or the output of an earlier stage of the same run, found when it has run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ModelSource {
+    /// `model: {stage: sft}`: the model the stage named `sft` (earlier in `stages:`) made.
+    Stage { stage: String },
+    /// `model: path/to/dir` or `model: ORG/NAME`.
+    Path(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for ModelSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        if let Value::String(path) = &value {
+            return Ok(ModelSource::Path(PathBuf::from(path)));
+        }
+        if let Value::Mapping(map) = &value {
+            if let (1, Some(Value::String(stage))) = (map.len(), map.get("stage")) {
+                return Ok(ModelSource::Stage { stage: stage.clone() });
+            }
+        }
+        Err(D::Error::custom(format!(
+            "expected a model directory (or a hub name `ORG/NAME`), or `{{stage: <an earlier stage's name>}}`, found {}",
+            describe(&value)
+        )))
     }
 }
 

@@ -51,6 +51,15 @@ pub(crate) fn validate(recipe: &Recipe) -> Result<(), (KeyPath, String)> {
         }
         let at = root.key("stages").index(i).key("uses");
         check_uses(&stage.uses, "stage", &plugin_names).map_err(|m| (at, m))?;
+        if let Some(super::schema::ModelSource::Stage { stage: named }) = &stage.model {
+            let earlier: Vec<&str> = recipe.stages[..i].iter().map(|s| s.name.as_str()).collect();
+            if !earlier.contains(&named.as_str()) {
+                let hint = did_you_mean(named, earlier.iter().copied());
+                let listed = if earlier.is_empty() { "none".to_owned() } else { earlier.join(", ") };
+                let message = format!("no earlier stage named `{named}` (earlier stages: {listed}){hint}");
+                return Err((root.key("stages").index(i).key("model").key("stage"), message));
+            }
+        }
     }
     Ok(())
 }
