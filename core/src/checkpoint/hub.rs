@@ -12,9 +12,6 @@ use crate::error::{Error, Result};
 /// path), else the cached snapshot of the hub model `ORG/NAME`; an error that says how to
 /// fetch it when the cache does not hold it.
 pub fn resolve_model(model: &Path) -> Result<PathBuf> {
-    if model.is_dir() {
-        return Ok(model.to_path_buf());
-    }
     resolve_in(model, &hub_cache())
 }
 

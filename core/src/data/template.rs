@@ -38,6 +38,23 @@ pub enum TemplateChoice {
     File(PathBuf),
 }
 
+impl TemplateChoice {
+    /// An error at `template` when it names a Jinja file that does not exist (any word
+    /// that is not a built-in choice is taken for a file).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::File(path) if !path.is_file() => Err(Error::config(
+                "template",
+                format!(
+                    "expected auto, model, default, chatml or an existing .jinja file; `{}` is none of them",
+                    path.display()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl From<String> for TemplateChoice {
     fn from(s: String) -> Self {
         match s.as_str() {
@@ -86,4 +103,26 @@ pub fn use_template(choice: &TemplateChoice, tokenizer: &mut Tokenizer, model_di
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_file_that_does_not_exist_is_refused_at_its_key() {
+        for word in ["auto", "model", "default", "chatml"] {
+            TemplateChoice::from(word.to_owned()).validate().unwrap();
+        }
+        let err = TemplateChoice::from("chatlm".to_owned()).validate().unwrap_err().to_string();
+        assert!(
+            err.contains("template")
+                && err.contains(
+                    "expected auto, model, default, chatml or an existing .jinja file; `chatlm` is none of them"
+                ),
+            "{err}"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        TemplateChoice::from(file.path().display().to_string()).validate().unwrap();
+    }
 }

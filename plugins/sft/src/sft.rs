@@ -11,7 +11,7 @@
 //! The loop below is the whole algorithm, top to bottom.
 use std::path::PathBuf;
 
-use plumb_core::data::{split_documents, BatchOrder};
+use plumb_core::data::BatchOrder;
 use plumb_core::device::device_name;
 use plumb_core::model::{self, GenerationSettings, Policy};
 use plumb_core::optim::AdamW;
@@ -19,8 +19,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::train::{
-    note_data, require, summed_cross_entropy, DataPosition, EvalConfig, Length, TrainSection, Trained, Trainer,
-    TrainingConfig,
+    check_train_and_validation, note_data, read_train_and_validation, require, summed_cross_entropy, DataPosition,
+    EvalConfig, Length, TrainSection, Trained, Trainer, TrainingConfig,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use regex::Regex;
@@ -118,30 +118,8 @@ impl Stage for Sft {
             )?;
         }
         require(c.data.max_line_bytes > 0, "data.max_line_bytes", "expected at least 1")?;
-        // Malformed lines are found before any stage computes anything.
-        for path in std::iter::once(&c.data.train).chain(&c.data.validation) {
-            let (examples, _) = c.data.read(path)?;
-            if c.data.validation.is_none() && examples.len() < 2 {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "{} usable example(s); holding out data.validation_fraction for validation needs at least 2 (add examples or give data.validation)",
-                        examples.len()
-                    ),
-                ));
-            }
-        }
-        if let TemplateChoice::File(path) = &c.template {
-            ctx.existing_file("template", path).map_err(|_| {
-                Error::config(
-                    "template",
-                    format!(
-                        "expected auto, model, default, chatml or an existing .jinja file; `{}` is none of them",
-                        path.display()
-                    ),
-                )
-            })?;
-        }
+        check_train_and_validation(&c.data.train, c.data.validation.as_deref(), "example", |p| c.data.read(p))?;
+        c.template.validate()?;
         require(c.max_length >= 2, "max_length", "expected at least 2")?;
         training.validate(Length::StepsOrEpochs)?;
         if let Some(pattern) = &training.eval.response_pattern {
@@ -165,18 +143,15 @@ impl Stage for Sft {
         // Data: conversations, a held-out split, the template, tokens with their label mask.
         // A stop asked for meanwhile (Ctrl-C, SIGTERM) is honoured within 50 ms while the
         // files are read, and between examples while they are tokenized.
-        let read = |path: &PathBuf| {
-            let (path, data) = (path.clone(), c.data.clone());
-            let (conversations, skipped) = ctx.unless_stopped("reading the SFT data", move || data.read(&path))?;
-            if !skipped.lines.is_empty() {
-                note_data(ctx, "data/malformed_lines", &skipped.to_string());
-            }
-            Ok::<_, Error>(conversations)
-        };
-        let (train_conversations, val_conversations) = match &c.data.validation {
-            Some(path) => (read(&c.data.train)?, read(path)?),
-            None => split_documents(read(&c.data.train)?, c.data.validation_fraction, ctx.seed())?,
-        };
+        let data = c.data.clone();
+        let (train_conversations, val_conversations) = read_train_and_validation(
+            ctx,
+            "reading the SFT data",
+            &c.data.train,
+            c.data.validation.as_deref(),
+            c.data.validation_fraction,
+            move |path| data.read(path),
+        )?;
         let mut tokenizer = Tokenizer::from_dir(&model_dir)?;
         use_template(&c.template, &mut tokenizer, &model_dir)?;
         let template = tokenizer.chat_template().expect("use_template sets one");

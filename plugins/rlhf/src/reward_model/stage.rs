@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use plumb_core::data::jsonl::{OnMalformed, DEFAULT_MAX_LINE_BYTES};
 use plumb_core::data::template::{use_template, TemplateChoice};
-use plumb_core::data::{seeded_rng, split_documents, BatchOrder};
+use plumb_core::data::{seeded_rng, BatchOrder};
 use plumb_core::device::device_name;
 use plumb_core::model::scalar_head::ScalarHeadModel;
 use plumb_core::optim::AdamW;
@@ -27,7 +27,10 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::tch::{self, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::{note_data, require, DataPosition, Length, TrainSection, Trained, Trainer, TrainingConfig};
+use plumb_core::train::{
+    check_train_and_validation, note_data, read_train_and_validation, require, DataPosition, Length, TrainSection,
+    Trained, Trainer, TrainingConfig,
+};
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
@@ -127,31 +130,9 @@ impl Stage for RewardModelStage {
         if let Some(coef) = c.center_rewards_coef {
             require(coef.is_finite() && coef >= 0.0, "center_rewards_coef", "expected a number >= 0")?;
         }
-        if let TemplateChoice::File(path) = &c.template {
-            ctx.existing_file("template", path).map_err(|_| {
-                Error::config(
-                    "template",
-                    format!(
-                        "expected auto, model, default, chatml or an existing .jinja file; `{}` is none of them",
-                        path.display()
-                    ),
-                )
-            })?;
-        }
+        c.template.validate()?;
         training.validate(Length::StepsOrEpochs)?;
-        // Malformed pairs are found before any stage computes anything.
-        for path in std::iter::once(&c.data.train).chain(&c.data.validation) {
-            let (pairs, _) = c.data.read(path)?;
-            if c.data.validation.is_none() && pairs.len() < 2 {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "{} usable pair(s); holding out data.validation_fraction for validation needs at least 2 (add pairs or give data.validation)",
-                        pairs.len()
-                    ),
-                ));
-            }
-        }
+        check_train_and_validation(&c.data.train, c.data.validation.as_deref(), "pair", |p| c.data.read(p))?;
         ctx.require_input_model("a reward model starts from a model (a causal LM, or a saved reward model)")?;
         Ok(())
     }
@@ -168,18 +149,15 @@ impl Stage for RewardModelStage {
         };
 
         // Data: pairs, a held-out split, tokens (the template renders conversations).
-        let read = |path: &PathBuf| {
-            let (path, data) = (path.clone(), c.data.clone());
-            let (pairs, skipped) = ctx.unless_stopped("reading the preference pairs", move || data.read(&path))?;
-            if !skipped.lines.is_empty() {
-                note_data(ctx, "data/malformed_lines", &skipped.to_string());
-            }
-            Ok::<_, Error>(pairs)
-        };
-        let (train_pairs, val_pairs) = match &c.data.validation {
-            Some(path) => (read(&c.data.train)?, read(path)?),
-            None => split_documents(read(&c.data.train)?, c.data.validation_fraction, ctx.seed())?,
-        };
+        let data = c.data.clone();
+        let (train_pairs, val_pairs) = read_train_and_validation(
+            ctx,
+            "reading the preference pairs",
+            &c.data.train,
+            c.data.validation.as_deref(),
+            c.data.validation_fraction,
+            move |path| data.read(path),
+        )?;
         let mut tokenizer = Tokenizer::from_dir(&model_dir)?;
         use_template(&c.template, &mut tokenizer, &model_dir)?;
         let pad = pad_id(&model_dir, &tokenizer)?;
