@@ -18,6 +18,7 @@ mod plugins;
 mod recipes_cmd;
 mod run;
 mod scaling_cmd;
+mod summary;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

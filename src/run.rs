@@ -20,6 +20,7 @@ use plumb_host::plugin::{loader, CallError, Component, Kind, Registry};
 use plumb_host::recipe::{LoadedRecipe, ModelSource, Recipe, RecipeError};
 
 use crate::output_dir::{self, Earlier};
+use crate::summary::{RunSummary, StageSummary};
 use crate::Failure;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -219,6 +220,8 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     tracing::info!("run `{}` on {device} into {}", spec.run.name, output_dir.display());
 
     // 3. The stages, in order.
+    let run_started = Instant::now();
+    let mut summary = RunSummary { run: spec.run.name.clone(), ..Default::default() };
     let mut input_model: Option<PathBuf> = None;
     let mut sweep_start: Option<Option<PathBuf>> = None;
     // The model each stage that has run made, for `model: {stage: <name>}`.
@@ -241,8 +244,13 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             false => input_model.clone(),
         };
         if mode == Mode::Resume {
-            if let Some(model) = finished_report(&stage_dir) {
+            if let Some((model, report)) = finished_report(&stage_dir) {
                 println!("{} {} finished in an earlier run; not running it again", component.kind.noun(), stage.name);
+                let metrics: BTreeMap<String, f64> =
+                    serde_json::from_value(report["metrics"].clone()).unwrap_or_default();
+                let kind = component.kind.noun();
+                let seconds = report["seconds"].as_f64();
+                summary.stages.push(StageSummary::new(&stage.name, &stage.uses, kind, seconds, &metrics, &stage.summary));
                 if let Some(made) = &model {
                     outputs.insert(stage.name.clone(), made.clone());
                 }
@@ -324,7 +332,14 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             write_json(&stage_dir.join("results.json"), &results)?;
         }
         let kind = component.kind.noun();
-        let report = serde_json::json!({ "stage": stage.name, "uses": stage.uses, "kind": kind, "model": output.model, "metrics": output.metrics });
+        let report = serde_json::json!({
+            "stage": stage.name,
+            "uses": stage.uses,
+            "kind": kind,
+            "model": output.model,
+            "seconds": seconds,
+            "metrics": output.metrics,
+        });
         write_json(&stage_dir.join("report.json"), &report)?;
         if evaluator {
             let on = model.as_ref().map(|m| format!(" on {}", m.display())).unwrap_or_default();
@@ -341,6 +356,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         if let Some(model) = &output.model {
             println!("stage {} model: {}", stage.name, model.display());
         }
+        summary.stages.push(StageSummary::new(&stage.name, &stage.uses, kind, Some(seconds), &output.metrics, &stage.summary));
         if let Some(made) = &output.model {
             outputs.insert(stage.name.clone(), made.clone());
         }
@@ -352,6 +368,10 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             )));
         }
     }
+    summary.seconds = run_started.elapsed().as_secs_f64();
+    summary.write(&output_dir)?;
+    print!("{}", summary.table());
+    println!("summary: {}", output_dir.join("summary.json").display());
     let points = recipe.sweep_points();
     if !points.is_empty() {
         let rows = plumb_host::scaling::sweep::write_table(&output_dir, points).map_err(Failure::User)?;
@@ -374,11 +394,12 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), Failure> {
     write_file_atomically(path, text.as_bytes()).map_err(|e| Failure::User(e.to_string()))
 }
 
-/// The output model of a stage that finished in an earlier run (its report exists).
-fn finished_report(stage_dir: &Path) -> Option<Option<PathBuf>> {
+/// The output model and the report of a stage that finished in an earlier run (its
+/// report exists).
+fn finished_report(stage_dir: &Path) -> Option<(Option<PathBuf>, serde_json::Value)> {
     let text = std::fs::read(stage_dir.join("report.json")).ok()?;
     let report: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    Some(report["model"].as_str().map(PathBuf::from))
+    Some((report["model"].as_str().map(PathBuf::from), report))
 }
 
 fn short(v: f64) -> String {

@@ -28,7 +28,7 @@ use plumb_core::{Error, Evaluator, Result, RunContext};
 use serde::Deserialize;
 
 use crate::data::{Fields, Problem, Source, GSM8K_TEST_NAME};
-use crate::prompt::{self, Exemplar, Mode, ANSWER_PASS};
+use crate::prompt::{self, Exemplar, Mode, Style, ANSWER_PASS};
 use crate::report::{self, Generations, Scored};
 
 #[derive(Debug, Deserialize)]
@@ -57,12 +57,18 @@ pub struct CotConfig {
     /// Render prompts with the model's chat template (instruction-tuned models).
     #[serde(default)]
     pub chat: bool,
+    /// How questions and answers are written: `lm_eval` (`Q:`/`A:`, "The answer is N",
+    /// the harness's gsm8k-cot) or `gsm8k` (`Question:`/`Answer:`, `#### N`, for models
+    /// taught GSM8K's answer format: direct opens with `####`, reasoning modes with nothing).
+    #[serde(default)]
+    pub style: Style,
     /// New tokens per generation; generations that reach it are counted and reported.
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
     /// A generation ends at the first of these strings (cut off there); EOS ends it too.
-    #[serde(default = "default_stop")]
-    pub stop: Vec<String>,
+    /// Default: the next question's turn (`Q:` in the lm_eval style, `Question:` in gsm8k).
+    #[serde(default)]
+    pub stop: Option<Vec<String>>,
     /// Chains per question for self_consistency (maj@k and pass@k for k up to it).
     #[serde(default = "default_samples")]
     pub samples: usize,
@@ -129,10 +135,6 @@ fn default_shots() -> usize {
 fn default_max_new_tokens() -> usize {
     256
 }
-/// gsm8k-cot's `until` (its `</s>` and `<|im_end|>` are the tokenizer's EOS here).
-fn default_stop() -> Vec<String> {
-    vec!["Q:".into()]
-}
 fn default_samples() -> usize {
     8
 }
@@ -147,6 +149,14 @@ fn default_batch_size() -> usize {
 }
 fn default_text_samples() -> usize {
     3
+}
+
+impl CotConfig {
+    /// The stop strings: `stop`, or the style's (the harness's `until`; its `</s>` and
+    /// `<|im_end|>` are the tokenizer's EOS here).
+    pub fn stops(&self) -> Vec<String> {
+        self.stop.clone().unwrap_or_else(|| vec![self.style.default_stop().to_string()])
+    }
 }
 
 pub struct Gsm8k;
@@ -179,14 +189,18 @@ impl Evaluator for Gsm8k {
         }
         let checks = [
             (c.max_questions == Some(0), "max_questions", "expected at least 1"),
-            (c.few_shot.k == 0, "few_shot.k", "expected at least 1 exemplar (use the zero-shot modes for none)"),
+            (
+                c.few_shot.k == 0 && c.modes.iter().any(|m| matches!(m, Mode::FewShotDirect | Mode::FewShotCot)),
+                "few_shot.k",
+                "expected at least 1 exemplar for the few-shot modes (0 only with the zero-shot modes and self_consistency)",
+            ),
             (c.max_new_tokens == 0, "max_new_tokens", "expected at least 1"),
             (c.samples == 0, "samples", "expected at least 1"),
             (c.batch_size == 0, "batch_size", "expected at least 1"),
             (!(c.temperature >= 0.0 && c.temperature.is_finite()), "temperature", "expected a number >= 0"),
             (!(c.top_p > 0.0 && c.top_p <= 1.0), "top_p", "expected a number in (0, 1]"),
             (c.top_k < 0, "top_k", "expected 0 (all tokens) or more"),
-            (c.stop.iter().any(String::is_empty), "stop", "expected non-empty strings"),
+            (c.stops().iter().any(String::is_empty), "stop", "expected non-empty strings"),
         ];
         if let Some((_, key, message)) = checks.iter().find(|(bad, _, _)| *bad) {
             return Err(Error::config(*key, *message));
@@ -393,7 +407,7 @@ fn run_mode(
 ) -> Result<ModeRun> {
     let chat = c.chat.then_some(tokenizer);
     let prompts: Vec<prompt::Prompt> =
-        problems.iter().map(|p| prompt::build(mode, &p.question, exemplars, chat)).collect::<Result<_>>()?;
+        problems.iter().map(|p| prompt::build(mode, c.style, &p.question, exemplars, chat)).collect::<Result<_>>()?;
     let encode = |text: &str| if c.chat { tokenizer.encode(text) } else { tokenizer.encode_prompt(text) };
     let ids: Vec<Vec<i64>> = prompts.iter().map(|p| encode(&p.text)).collect::<Result<_>>()?;
     let samples = if mode.samples() { c.samples } else { 1 };
@@ -472,10 +486,11 @@ fn generate_rows(
     ctx: &RunContext,
     mode: Mode,
 ) -> Result<Vec<(String, bool, usize)>> {
+    let stops = c.stops();
     // A stop string is at most a few tokens long: look at the decoded tail only.
     let stop_check = |tokens: &[i64]| -> bool {
         let tail = &tokens[tokens.len().saturating_sub(16)..];
-        tokenizer.decode(tail).is_ok_and(|t| c.stop.iter().any(|s| t.contains(s.as_str())))
+        tokenizer.decode(tail).is_ok_and(|t| stops.iter().any(|s| t.contains(s.as_str())))
     };
     let batches = rows.len().div_ceil(c.batch_size);
     let started = Instant::now();
@@ -492,7 +507,7 @@ fn generate_rows(
         for g in generated {
             drawn += g.tokens.len() as u64;
             let full = tokenizer.decode(&g.tokens)?;
-            let cut = c.stop.iter().filter_map(|s| full.find(s.as_str())).min().unwrap_or(full.len());
+            let cut = stops.iter().filter_map(|s| full.find(s.as_str())).min().unwrap_or(full.len());
             out.push((full[..cut].to_string(), g.finish == Finish::Length, g.tokens.len()));
         }
         let seconds = started.elapsed().as_secs_f64().max(1e-9);

@@ -13,6 +13,12 @@
 //! With `chat: true` the same turns are rendered by the model's chat template instead:
 //! each exemplar as a user turn and an assistant turn, the question as the last user turn,
 //! and the mode's answer opening after the generation prompt.
+//!
+//! That is the `lm_eval` [`Style`]. A model trained to answer in GSM8K's own format (its
+//! reasoning, then `#### N`) is asked in the `gsm8k` style instead: `Question: …\nAnswer:`
+//! turns (lm-evaluation-harness's `gsm8k` task; the bare question as a chat turn), exemplars
+//! ending `#### N`, `direct` opening the answer with `####` and the reasoning modes opening
+//! with nothing: the model reasons step by step the way it was taught.
 use plumb_core::data::seeded_rng;
 use plumb_core::rand::seq::index::sample;
 use plumb_core::tokenizer::{ChatMessage, Tokenizer};
@@ -54,11 +60,46 @@ impl Mode {
 
     /// What the prompt puts in the model's mouth after `A:`; it is part of the answer, so
     /// it is read with the generation ("The answer is" + " 18.").
-    pub fn answer_opening(self) -> &'static str {
+    pub fn answer_opening(self, style: Style) -> &'static str {
+        match (style, self) {
+            (Style::LmEval, Mode::Direct | Mode::FewShotDirect) => "The answer is",
+            (Style::LmEval, Mode::ZeroShotCot) => "Let's think step by step.",
+            (Style::Gsm8k, Mode::Direct | Mode::FewShotDirect) => "####",
+            (_, _) => "",
+        }
+    }
+}
+
+/// How questions and answers are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Style {
+    /// `Q: …\nA:` turns, answers ending "The answer is N.", zero-shot CoT opening "Let's
+    /// think step by step." (lm-evaluation-harness's `gsm8k-cot`; Wei et al., Kojima et al.).
+    #[default]
+    LmEval,
+    /// `Question: …\nAnswer:` turns (the bare question in chat), answers ending `#### N`,
+    /// direct answers opening with `####`, reasoning modes with nothing: for models taught
+    /// GSM8K's answer format.
+    Gsm8k,
+}
+
+impl Style {
+    /// The question's turn: the text before the answer (plain) or the user message (chat).
+    fn question(self, question: &str, chat: bool) -> String {
+        match (self, chat) {
+            (Style::LmEval, false) => format!("Q: {question}\nA:"),
+            (Style::LmEval, true) => format!("Q: {question}"),
+            (Style::Gsm8k, false) => format!("Question: {question}\nAnswer:"),
+            (Style::Gsm8k, true) => question.to_string(),
+        }
+    }
+
+    /// Where a plain-text generation ends: at the next question's turn.
+    pub fn default_stop(self) -> &'static str {
         match self {
-            Mode::Direct | Mode::FewShotDirect => "The answer is",
-            Mode::ZeroShotCot => "Let's think step by step.",
-            Mode::FewShotCot | Mode::SelfConsistency => "",
+            Style::LmEval => "Q:",
+            Style::Gsm8k => "Question:",
         }
     }
 }
@@ -77,12 +118,17 @@ pub struct Exemplar {
 }
 
 impl Exemplar {
-    /// The exemplar's answer turn: reasoning then "The answer is N.", or the latter alone.
-    pub fn answer_text(&self, with_reasoning: bool) -> String {
-        if with_reasoning {
-            format!("{} The answer is {}.", self.rationale, self.answer)
-        } else {
-            format!("The answer is {}.", self.answer)
+    /// The exemplar's answer turn: reasoning then "The answer is N." (or `#### N`), or
+    /// the latter alone.
+    pub fn answer_text(&self, with_reasoning: bool, style: Style) -> String {
+        let answer = match style {
+            Style::LmEval => format!("The answer is {}.", self.answer),
+            Style::Gsm8k => format!("#### {}", self.answer),
+        };
+        match (with_reasoning, style) {
+            (false, _) => answer,
+            (true, Style::LmEval) => format!("{} {answer}", self.rationale),
+            (true, Style::Gsm8k) => format!("{}\n{answer}", self.rationale),
         }
     }
 }
@@ -161,18 +207,25 @@ pub struct Prompt {
     pub opening: &'static str,
 }
 
-/// The prompt of `question` in `mode`: plain text, or through `chat`'s template.
-pub fn build(mode: Mode, question: &str, exemplars: &[Exemplar], chat: Option<&Tokenizer>) -> Result<Prompt> {
+/// The prompt of `question` in `mode` and `style`: plain text, or through `chat`'s template.
+pub fn build(
+    mode: Mode,
+    style: Style,
+    question: &str,
+    exemplars: &[Exemplar],
+    chat: Option<&Tokenizer>,
+) -> Result<Prompt> {
     let shown: &[Exemplar] = if mode.uses_exemplars() { exemplars } else { &[] };
     let with_reasoning = matches!(mode, Mode::FewShotCot | Mode::SelfConsistency);
-    let opening = mode.answer_opening();
+    let opening = mode.answer_opening(style);
     let text = match chat {
         None => {
             let mut text = String::new();
             for e in shown {
-                text.push_str(&format!("Q: {}\nA: {}\n\n", e.question, e.answer_text(with_reasoning)));
+                let answer = e.answer_text(with_reasoning, style);
+                text.push_str(&format!("{} {answer}\n\n", style.question(&e.question, false)));
             }
-            text.push_str(&format!("Q: {question}\nA:"));
+            text.push_str(&style.question(question, false));
             if !opening.is_empty() {
                 text.push(' ');
                 text.push_str(opening);
@@ -182,10 +235,10 @@ pub fn build(mode: Mode, question: &str, exemplars: &[Exemplar], chat: Option<&T
         Some(tokenizer) => {
             let mut messages = Vec::new();
             for e in shown {
-                messages.push(ChatMessage::new("user", format!("Q: {}", e.question)));
-                messages.push(ChatMessage::new("assistant", e.answer_text(with_reasoning)));
+                messages.push(ChatMessage::new("user", style.question(&e.question, true)));
+                messages.push(ChatMessage::new("assistant", e.answer_text(with_reasoning, style)));
             }
-            messages.push(ChatMessage::new("user", format!("Q: {question}")));
+            messages.push(ChatMessage::new("user", style.question(question, true)));
             let mut text = tokenizer.apply_chat_template(&messages, true)?;
             text.push_str(opening);
             text
@@ -202,7 +255,7 @@ mod tests {
     fn plain_prompts_of_each_mode() {
         let ex = &wei_exemplars()[..2];
         let q = "What is 2 + 3?";
-        let text = |m| build(m, q, ex, None).unwrap().text;
+        let text = |m| build(m, Style::LmEval, q, ex, None).unwrap().text;
         assert_eq!(text(Mode::Direct), "Q: What is 2 + 3?\nA: The answer is");
         assert_eq!(text(Mode::ZeroShotCot), "Q: What is 2 + 3?\nA: Let's think step by step.");
         assert_eq!(
@@ -224,20 +277,43 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../core/tests/fixtures/tokenizers/qwen2.5");
         let tokenizer = Tokenizer::from_dir(&dir).unwrap();
         let ex = &wei_exemplars()[..1];
-        let direct = build(Mode::Direct, "What is 2 + 3?", ex, Some(&tokenizer)).unwrap().text;
+        let direct = build(Mode::Direct, Style::LmEval, "What is 2 + 3?", ex, Some(&tokenizer)).unwrap().text;
         assert!(direct.starts_with("<|im_start|>system\n"), "{direct}");
         assert!(
             direct.ends_with("<|im_start|>user\nQ: What is 2 + 3?<|im_end|>\n<|im_start|>assistant\nThe answer is"),
             "{direct}"
         );
         assert!(!direct.contains("grove"), "direct shows no exemplars: {direct}");
-        let few = build(Mode::FewShotCot, "What is 2 + 3?", ex, Some(&tokenizer)).unwrap().text;
+        let few = build(Mode::FewShotCot, Style::LmEval, "What is 2 + 3?", ex, Some(&tokenizer)).unwrap().text;
         assert!(
             few.contains("<|im_start|>user\nQ: There are 15 trees in the grove.")
                 && few.contains("<|im_start|>assistant\nThere are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been 21 - 15 = 6. The answer is 6.<|im_end|>"),
             "{few}"
         );
         assert!(few.ends_with("<|im_start|>user\nQ: What is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"), "{few}");
+    }
+
+    /// GSM8K's own format: `Question:`/`Answer:` turns, `#### N` answers, `direct`
+    /// opening with `####` and the reasoning modes with nothing.
+    #[test]
+    fn gsm8k_style_prompts() {
+        let ex = [Exemplar { question: "What is 1 + 1?".into(), rationale: "1 + 1 = 2.".into(), answer: "2".into() }];
+        let text = |m| build(m, Style::Gsm8k, "What is 2 + 3?", &ex, None).unwrap();
+        assert_eq!(text(Mode::Direct).text, "Question: What is 2 + 3?\nAnswer: ####");
+        assert_eq!(text(Mode::Direct).opening, "####");
+        assert_eq!(text(Mode::ZeroShotCot).text, "Question: What is 2 + 3?\nAnswer:");
+        assert_eq!(
+            text(Mode::FewShotCot).text,
+            "Question: What is 1 + 1?\nAnswer: 1 + 1 = 2.\n#### 2\n\nQuestion: What is 2 + 3?\nAnswer:"
+        );
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../core/tests/fixtures/tokenizers/qwen2.5");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let chat = build(Mode::SelfConsistency, Style::Gsm8k, "What is 2 + 3?", &ex, Some(&tokenizer)).unwrap().text;
+        assert!(
+            chat.contains("<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n1 + 1 = 2.\n#### 2<|im_end|>")
+                && chat.ends_with("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"),
+            "{chat}"
+        );
     }
 
     #[test]
@@ -265,6 +341,7 @@ mod tests {
         let e = &a[0];
         let i: usize = e.question[1..].parse().unwrap();
         assert_eq!(e.rationale, format!("a = {} so", i + 1));
-        assert_eq!(e.answer_text(true), format!("a = {} so The answer is {}.", i + 1, i + 1));
+        assert_eq!(e.answer_text(true, Style::LmEval), format!("a = {} so The answer is {}.", i + 1, i + 1));
+        assert_eq!(e.answer_text(true, Style::Gsm8k), format!("a = {} so\n#### {}", i + 1, i + 1));
     }
 }

@@ -114,6 +114,11 @@ pub struct StageSpec {
     /// The stage's own section, a mapping checked by its plugin.
     #[serde(default = "empty_mapping", deserialize_with = "mapping")]
     pub config: Value,
+    /// The metrics this stage shows in the run's summary table (`eval/format_compliance`
+    /// shows beside it `eval/initial_format_compliance` when the stage reports it).
+    /// Default: every `eval/X` that has an `eval/initial_X`; for an evaluator, its accuracies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub summary: Vec<String>,
 }
 
 impl RewardSpec {

@@ -163,6 +163,8 @@ impl Stage for Ppo {
             temperature: c.temperature,
         };
         let mut last_stats = PpoStats::default();
+        // The mean score of this run's first batch (none when it resumed past it).
+        let mut first_scores: Option<f64> = None;
         let mut reward_set = RewardSet::new(ctx, &c.reward);
 
         while trainer.running() {
@@ -319,6 +321,9 @@ impl Stage for Ppo {
                 stats.log(ctx, step);
                 log_samples(ctx, step, &pairs, &scores, c.samples);
             }
+            if step == 1 {
+                first_scores = Some(stats.scores);
+            }
             last_stats = stats;
             if trainer.checkpoint_due() {
                 checkpoint(&trainer, &order, &kl, &policy_adamw, &value_adamw)?;
@@ -332,6 +337,9 @@ impl Stage for Ppo {
             ("objective/kl".to_string(), last_stats.kl),
             ("data/dropped_prompts".to_string(), dropped_prompts as f64),
         ]);
+        if let Some(first) = first_scores {
+            metrics.insert("objective/initial_scores".to_string(), first);
+        }
         Ok(StageOutput { model: Some(final_dir), metrics })
     }
 }
