@@ -9,11 +9,15 @@ problem the templates allow is enumerated, shuffled with a fixed seed and split 
 the held-out problems (`test.jsonl`) never appear, under any name, in the files used for
 training (checked by `--check`, which the test suite runs):
 
-- `corpus.txt`      pretraining: documents `Q: <question>\\nA: <solution>` separated by blank lines
+- `corpus.txt`      pretraining: documents `<question>\\n<worked steps>` separated by blank
+                    lines, in prose: no chat turns and no `#### N` answer line, so the answer
+                    format is what SFT teaches (and the quickstart can show it rising)
 - `sft.jsonl`       SFT, chat format: `{"messages": [user question, assistant solution]}`
-- `prefs.jsonl`     reward model: `{"prompt", "chosen", "rejected"}`, chosen the correct
-                    solution, rejected one with a plausible slip (a wrong product, sum or
-                    difference carried to the end)
+- `prefs.jsonl`     reward model, TRL's conversational format: `{"prompt": [user turn],
+                    "chosen": [assistant turn], "rejected": [assistant turn]}`, chosen the correct
+                    solution, rejected one with a plausible slip carried to the end: a
+                    wrong result in a step, a wrong operation, or a final answer
+                    miscopied from the last step (a third each)
 - `prompts.jsonl`   PPO: `{"messages": [user question], "reference": "<N>"}`
 - `train.jsonl`     GSM8K format (`question`, `answer`), for few-shot exemplars
 - `test.jsonl`      GSM8K format, the held-out evaluation set
@@ -28,7 +32,7 @@ SEED = 20261203
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "arith")
 TEST_PROBLEMS = 200
-COUNTS = {"corpus": 4000, "sft": 2000, "prefs": 1000, "prompts": 512, "train": 400}
+COUNTS = {"corpus": 4000, "sft": 2000, "prefs": 4000, "prompts": 512, "train": 400}
 
 NAMES = [("Tom", "he"), ("Mia", "she"), ("Leo", "he"), ("Ella", "she"), ("Sam", "he"), ("Ruby", "she"),
          ("Owen", "he"), ("Lily", "she"), ("Max", "he"), ("Zoe", "she"), ("Ben", "he"), ("Ava", "she")]
@@ -82,22 +86,37 @@ def problem_keys():
     return keys
 
 
+# The operation a solver who misread the question might use instead.
+WRONG_OP = {"+": "-", "-": "+", "*": "+", "/": "*"}
+
+
 def dress(key, name, pronoun, item, slip=None):
-    """(question, solution, final answer) of problem `key`. `slip` = (step, error) writes a
-    result off by `error` at that step and carries it on, as a model that miscounted would."""
+    """(question, solution, final answer) of problem `key`. `slip` = (kind, step, error)
+    solves it wrongly, as a model that slipped would, and carries the slip to the end:
+    `arithmetic` writes step `step`'s result off by `error`; `operation` uses the wrong
+    operation in step `step` (a sum for a product, ...); `answer` works every step right
+    and then writes a final answer off by `error`."""
     kind, a, b, c = key
     question, (x, op1, y), first, (op2, z), second = TEMPLATES[kind]
     numbers = {"a": a, "b": b, "c": c}
     words = {"name": name, "They": pronoun.capitalize(), "item": item, **numbers}
-    p = OPS[op1](numbers[x], numbers[y]) + (slip[1] if slip and slip[0] == 0 else 0)
-    r = OPS[op2](p, numbers[z]) + (slip[1] if slip and slip[0] == 1 else 0)
-    steps = [first.format(r=p, **words), second.format(p=p, r=r, **words)]
-    return question.format(**words), "\n".join(steps) + f"\n#### {r}", r
+    slip_kind, slip_step, error = slip or (None, None, 0)
+    ops = [op1, op2]
+    if slip_kind == "operation":
+        ops[slip_step] = WRONG_OP[ops[slip_step]]
+    p = OPS[ops[0]](numbers[x], numbers[y]) + (error if slip_kind == "arithmetic" and slip_step == 0 else 0)
+    r = OPS[ops[1]](p, numbers[z]) + (error if slip_kind == "arithmetic" and slip_step == 1 else 0)
+    lines = [first.format(r=p, **words), second.format(p=p, r=r, **words)]
+    # The templates spell the right operation; a wrong one replaces it in its sentence.
+    lines = [line.replace(f" {op} ", f" {used} ", 1) for line, op, used in zip(lines, (op1, op2), ops)]
+    answer = r + (error if slip_kind == "answer" else 0)
+    return question.format(**words), "\n".join(lines) + f"\n#### {answer}", answer
 
 
 def examples(keys, count, rng, slips=False):
     """`count` problems from `keys` (cycling through them), each with a random name and
-    object; with `slips`, also a wrongly solved version of each."""
+    object; with `slips`, also a wrongly solved version of each (a slip of each kind in
+    turn, drawn again in the rare case it lands on the right answer)."""
     out = []
     for i in range(count):
         key = keys[i % len(keys)]
@@ -106,17 +125,32 @@ def examples(keys, count, rng, slips=False):
         q, sol, answer = dress(key, name, pronoun, item)
         row = {"question": q, "solution": sol, "answer": answer}
         if slips:
-            error = rng.choice([-3, -2, -1, 1, 2, 3])
-            _, row["wrong"], wrong = dress(key, name, pronoun, item, (rng.randrange(2), error))
-            assert wrong != answer
+            kind = ("arithmetic", "operation", "answer")[i % 3]
+            wrong = answer
+            while wrong == answer:
+                slip = (kind, rng.randrange(2), rng.choice([-3, -2, -1, 1, 2, 3]))
+                _, row["wrong"], wrong = dress(key, name, pronoun, item, slip)
         out.append(row)
     return out
+
+
+def steps(solution):
+    """A solution's worked steps, without its `#### N` line."""
+    return solution.rsplit("\n#### ", 1)[0]
 
 
 def split():
     keys = problem_keys()
     random.Random(SEED).shuffle(keys)
     return keys[TEST_PROBLEMS:], keys[:TEST_PROBLEMS]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
 
 
 def write_jsonl(path, rows):
@@ -136,13 +170,14 @@ def main():
         return examples(keys, count, rng, slips)
 
     with open(os.path.join(OUT, "corpus.txt"), "w") as f:
-        f.write("\n\n".join(f"Q: {e['question']}\nA: {e['solution']}" for e in draw(COUNTS["corpus"])) + "\n")
+        f.write("\n\n".join(f"{e['question']}\n{steps(e['solution'])}" for e in draw(COUNTS["corpus"])) + "\n")
     write_jsonl(os.path.join(OUT, "sft.jsonl"), [
         {"messages": [{"role": "user", "content": e["question"]}, {"role": "assistant", "content": e["solution"]}]}
         for e in draw(COUNTS["sft"])
     ])
     write_jsonl(os.path.join(OUT, "prefs.jsonl"), [
-        {"prompt": e["question"], "chosen": e["solution"], "rejected": e["wrong"]} for e in draw(COUNTS["prefs"], True)
+        {"prompt": [user(e["question"])], "chosen": [assistant(e["solution"])], "rejected": [assistant(e["wrong"])]}
+        for e in draw(COUNTS["prefs"], True)
     ])
     write_jsonl(os.path.join(OUT, "prompts.jsonl"), [
         {"messages": [{"role": "user", "content": e["question"]}], "reference": str(e["answer"])}
@@ -182,10 +217,10 @@ def check():
     held_out = {parse(q) for q in questions("test.jsonl", lambda r: r["question"])}
     training = [
         *questions("sft.jsonl", lambda r: r["messages"][0]["content"]),
-        *questions("prefs.jsonl", lambda r: r["prompt"]),
+        *questions("prefs.jsonl", lambda r: r["prompt"][0]["content"]),
         *questions("prompts.jsonl", lambda r: r["messages"][0]["content"]),
         *questions("train.jsonl", lambda r: r["question"]),
-        *(doc.split("\n")[0][len("Q: "):] for doc in open(os.path.join(OUT, "corpus.txt")).read().split("\n\n")),
+        *(doc.split("\n")[0] for doc in open(os.path.join(OUT, "corpus.txt")).read().split("\n\n")),
     ]
     leaks = [q for q in training if parse(q) in held_out]
     if leaks:

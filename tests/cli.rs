@@ -29,7 +29,7 @@ fn the_quickstart_recipe_validates_and_prints_resolved() {
 fn a_typo_in_a_stage_key_names_the_place_and_the_nearest_key() {
     let dir = tempfile::tempdir().unwrap();
     let text =
-        std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 400", "max_step: 400");
+        std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 500", "max_step: 500");
     let path = dir.path().join("typo.yaml");
     std::fs::write(&path, &text).unwrap();
     let line = text.lines().position(|l| l.contains("max_step:")).unwrap() + 1;
@@ -59,7 +59,7 @@ fn a_missing_data_file_is_named_with_its_key() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo_root().join(QUICKSTART))
         .unwrap()
-        .replace("data/tiny_tales.txt", "data/nowhere.txt");
+        .replace("data/arith/corpus.txt", "data/nowhere.txt");
     let path = dir.path().join("missing.yaml");
     std::fs::write(&path, &text).unwrap();
     let line = text.lines().position(|l| l.contains("nowhere.txt")).unwrap() + 1;
