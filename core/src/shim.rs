@@ -23,6 +23,21 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plumb_linear_cross_entropy(
+        hidden: *mut c_void,
+        weight: *mut c_void,
+        targets: *mut c_void,
+        chunk: i64,
+        scale: f64,
+        ignore_index: i64,
+        with_entropy: bool,
+        nll: *mut *mut c_void,
+        entropy: *mut *mut c_void,
+    ) -> c_int;
+    pub(crate) fn plumb_generator_new(device: c_int, index: c_int, seed: u64, out: *mut *mut c_void) -> c_int;
+    pub(crate) fn plumb_generator_free(generator: *mut c_void);
+    pub(crate) fn plumb_generator_uniform(generator: *mut c_void, tensor: *mut c_void) -> c_int;
 }
 
 /// A shim call's status as a Result: on failure, the C++ exception's message after `what`.

@@ -549,6 +549,10 @@ impl CausalLm for Llama {
         Llama::lm_head(self, hidden)
     }
 
+    fn lm_head_weight(&self) -> Option<&Tensor> {
+        Some(self.lm_head.as_ref().map_or(&self.embed_tokens.ws, |head| &head.ws))
+    }
+
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         Llama::new_cache(self, batch, capacity)
     }
