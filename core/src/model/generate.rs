@@ -186,7 +186,8 @@ pub fn generate_with<P: Policy + ?Sized>(
     if let Some(bad) = prompts.iter().flatten().find(|&&id| id < 0 || id >= vocab) {
         return Err(Error::Other(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
     }
-    let _no_grad = tch::no_grad_guard();
+    // Nothing here is trained through, and only host values leave.
+    let _inference = crate::shim::InferenceMode::enter();
     let seed = settings
         .seed
         .unwrap_or_else(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64);

@@ -313,7 +313,7 @@ impl Attention {
         }
     }
 
-    /// x: (B, T, C); cos/sin: (B, T, hd); `masks` gives the additive mask of this layer's
+    /// x: (B, T, C); cos/sin: (B, 1, T, hd) ([`Rope::cos_sin`]); `masks` gives the additive mask of this layer's
     /// kind, or None for plain causal attention.
     fn forward(
         &self,
