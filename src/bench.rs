@@ -403,7 +403,8 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
             })
             .collect();
         let prompts_file = dir.join(format!("prompts-{batch}.json"));
-        std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap_or_default()).map_err(io(&prompts_file))?;
+        std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap_or_default())
+            .map_err(io(&prompts_file))?;
 
         let settings = |new: usize| GenerationSettings {
             max_new_tokens: new,
