@@ -256,7 +256,7 @@ pub fn generate_with<P: Policy + ?Sized>(
             ended = ended.logical_or(&Tensor::isin(&next, stop, false, false));
         }
         input = next.unsqueeze(1); // (b, 1)
-        let _ = sequence.narrow(1, len, 1).copy_(&input);
+        sequence.narrow(1, len, 1).copy_(&input);
         positions = positions.narrow(1, positions.size()[1] - 1, 1) + 1;
 
         if (step + 1) % check_every != 0 && step + 1 != new_tokens {
