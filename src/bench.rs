@@ -121,6 +121,14 @@ pub struct TrainBench {
     /// fp32, or bf16 (forward under bf16 autocast, fp32 master weights; hf_baseline.py's setting).
     #[arg(long, default_value = "fp32")]
     pub precision: String,
+    /// How the LM head and the loss run: `chunked` (a chunk of positions at a time, what
+    /// training does) or `whole` (all logits at once, kept for backward: the way before).
+    #[arg(long, default_value = "chunked")]
+    pub head: String,
+    /// Run each way of computing the loss (`--head whole`, then `chunked`) in a child
+    /// process of its own and print their peak resident memory and step time side by side.
+    #[arg(long)]
+    pub memory: bool,
 }
 
 #[derive(clap::Args)]
@@ -159,6 +167,20 @@ pub struct GenerateBench {
     /// compaction: to measure what compaction saves.
     #[arg(long)]
     pub no_compact: bool,
+    /// Measure `transformers.generate` beside plumb in this run: this Python (with torch
+    /// and transformers) runs `bench/hf_generate.py` on the same checkpoint (the shape's
+    /// random weights, written once) and the same prompts, and each batch gets a line
+    /// with both figures and their ratio.
+    #[arg(long, value_name = "PYTHON")]
+    pub transformers: Option<PathBuf>,
+    /// With --transformers: prompts get lengths spread over --prompt-min..=--prompt-len
+    /// (left-padded), as in a real batch. Default: all --prompt-len.
+    #[arg(long, allow_negative_numbers = true)]
+    pub prompt_min: Option<usize>,
+    /// Threads of libtorch's CPU ops (and of torch on the transformers side); default:
+    /// libtorch's own choice.
+    #[arg(long, allow_negative_numbers = true)]
+    pub threads: Option<usize>,
 }
 
 /// The shapes of hf_baseline.py, and the quickstart recipe's model.
@@ -207,6 +229,14 @@ fn unknown_shape(name: &str) -> Failure {
 
 /// Mean seconds of a full training step on random tokens, as hf_baseline.py's `train`.
 fn train(args: &TrainBench) -> Result<(), Failure> {
+    if args.memory {
+        return train_memory(args);
+    }
+    let chunks = match args.head.as_str() {
+        "chunked" => plumb_core::model::HeadChunks::Auto,
+        "whole" => plumb_core::model::HeadChunks::Whole,
+        other => return Err(Failure::User(format!("--head: expected chunked or whole, found `{other}`"))),
+    };
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     let config = shape(&args.shape).ok_or_else(|| unknown_shape(&args.shape))?;
     let quickstart = args.shape == "quickstart";
@@ -230,10 +260,11 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
     let rows: Vec<i64> = (0..batch as i64).collect();
     let mut step = || -> Result<(), Failure> {
         optimizer.zero_grad();
-        accumulate_gradients(&model, &data, &rows, batch, device, precision).map_err(user)?;
+        accumulate_gradients(&model, &data, &rows, batch, device, precision, chunks).map_err(user)?;
         clip_grad_norm(&optimizer.parameters(), 1.0).map_err(user)?;
         optimizer.step().map_err(user)
     };
+    let rss_before_steps = rss_bytes();
     for _ in 0..args.warmup {
         step()?;
     }
@@ -252,12 +283,16 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
         "params": params, "batch": batch, "seq": seq, "steps": args.steps,
         "step_s": step_s, "tokens_per_s": tokens_per_s,
         "mfu": args.peak_flops.map(|peak| tokens_per_s * flops_per_token / peak),
+        "head": args.head, "rss_before_steps_bytes": rss_before_steps, "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{line}");
     Ok(())
 }
 
 fn generate(args: &GenerateBench) -> Result<(), Failure> {
+    if let Some(python) = &args.transformers {
+        return generate_beside_transformers(args, python);
+    }
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     if args.repeats == 0 || args.new_tokens == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
         return Err(Failure::User("--repeats, --new-tokens, --prompt-len and --batch must be positive".into()));
@@ -320,6 +355,164 @@ fn generate(args: &GenerateBench) -> Result<(), Failure> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// `plumb bench generate --transformers PYTHON`: for each batch, plumb's generation and
+/// `bench/hf_generate.py`'s `transformers.generate` on one checkpoint (the shape's random
+/// weights, saved once; or --model) and the same prompts (lengths spread over
+/// --prompt-min..=--prompt-len, left-padded), sampling at temperature 1 exactly
+/// --new-tokens tokens; each side's median of --repeats runs after a warm-up, one side
+/// after the other in this process's run.
+fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(), Failure> {
+    let user = |e: plumb_core::Error| Failure::User(e.to_string());
+    let min_len = args.prompt_min.unwrap_or(args.prompt_len);
+    if args.repeats == 0 || args.new_tokens == 0 || min_len == 0 || min_len > args.prompt_len || args.batch.contains(&0)
+    {
+        return Err(Failure::User(
+            "--repeats, --new-tokens, --prompt-len and --batch must be positive, and --prompt-min at most --prompt-len"
+                .into(),
+        ));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/hf_generate.py");
+    if !script.is_file() {
+        return Err(Failure::User(format!("{}: not found (it ships in plumb's checkout)", script.display())));
+    }
+    let device = resolve_device(&args.device)?;
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    let dir = std::env::temp_dir().join(format!("plumb-bench-generate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let checkpoint = match &args.model {
+        Some(model) => model.clone(),
+        None => {
+            let config = shape(&args.shape).ok_or_else(|| unknown_shape(&args.shape))?;
+            tch::manual_seed(0);
+            LlamaForCausalLm::new(config, Device::Cpu).map_err(user)?.save(&dir).map_err(user)?;
+            dir.clone()
+        }
+    };
+    let model = plumb_core::model::load(&checkpoint, device, tch::Kind::Float).map_err(user)?;
+    let vocab = model.vocab_size() as u64;
+    let mut rng = seeded_rng(1);
+    for &batch in &args.batch {
+        let prompts: Vec<Vec<i64>> = (0..batch)
+            .map(|_| {
+                let len = rng.random_range(min_len..=args.prompt_len);
+                (0..len).map(|_| rng.random_range(0..vocab) as i64).collect()
+            })
+            .collect();
+        let prompts_file = dir.join(format!("prompts-{batch}.json"));
+        std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap_or_default())
+            .map_err(io(&prompts_file))?;
+
+        let settings = |new: usize| GenerationSettings {
+            max_new_tokens: new,
+            temperature: 1.0,
+            seed: Some(0),
+            ..Default::default()
+        };
+        let timed = |new: usize| -> Result<f64, Failure> {
+            synchronize(device);
+            let start = Instant::now();
+            let out = generation::generate(model.as_ref(), &prompts, &settings(new), None).map_err(user)?;
+            synchronize(device);
+            if out.iter().any(|g| g.tokens.len() != new) {
+                return Err(Failure::Internal("a sequence ended before --new-tokens".into()));
+            }
+            Ok(start.elapsed().as_secs_f64())
+        };
+        timed(32.min(args.new_tokens))?; // warm-up
+        let plumb_s = median((0..args.repeats).map(|_| timed(args.new_tokens)).collect::<Result<_, _>>()?);
+
+        let mut command = Command::new(python);
+        command.arg(&script).arg("--model").arg(&checkpoint).arg("--prompts").arg(&prompts_file);
+        command.args(["--new-tokens", &args.new_tokens.to_string(), "--repeats", &args.repeats.to_string()]);
+        command.args(["--device", &device_name(device)]);
+        command.args(["--threads", &tch::get_num_threads().to_string()]);
+        let output = command.output().map_err(|e| Failure::User(format!("cannot run {}: {e}", python.display())))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let theirs: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or_default()).map_err(|_| {
+                Failure::User(format!(
+                    "{} {} printed no result: {}",
+                    python.display(),
+                    script.display(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            })?;
+        let hf_s = theirs["seconds"].as_f64().unwrap_or(f64::NAN);
+        let tokens = (batch * args.new_tokens) as f64;
+        let line = serde_json::json!({
+            "case": "generate-vs-transformers", "model": args.model.as_ref().map_or(args.shape.clone(), |m| m.display().to_string()),
+            "device": device_name(device), "threads": tch::get_num_threads(), "batch": batch,
+            "prompt_min": prompts.iter().map(Vec::len).min(), "prompt_max": prompts.iter().map(Vec::len).max(),
+            "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "plumb_s": plumb_s, "plumb_tokens_per_s": tokens / plumb_s,
+            "transformers_s": hf_s, "transformers_tokens_per_s": tokens / hf_s,
+            "speedup": hf_s / plumb_s,
+        });
+        println!("{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `plumb bench train --memory`: the same step with the whole logits and with the chunked
+/// head, each in a child process (so one's freed memory cannot hide in the other's peak),
+/// their lines, then one line with both peaks, what chunking saves and what it costs.
+fn train_memory(args: &TrainBench) -> Result<(), Failure> {
+    let exe = std::env::current_exe().map_err(|e| Failure::Internal(format!("cannot find plumb's executable: {e}")))?;
+    let mut runs = Vec::new();
+    for head in ["whole", "chunked"] {
+        let mut command = Command::new(&exe);
+        command.args([
+            "bench",
+            "train",
+            "--shape",
+            &args.shape,
+            "--device",
+            &args.device,
+            "--precision",
+            &args.precision,
+        ]);
+        command.args(["--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string(), "--head", head]);
+        for (flag, value) in [("--batch", args.batch), ("--seq", args.seq)] {
+            if let Some(value) = value {
+                command.args([flag, &value.to_string()]);
+            }
+        }
+        let output = command.output().map_err(|e| Failure::Internal(format!("cannot run {}: {e}", exe.display())))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_str(line).map_err(|_| {
+            Failure::Internal(format!(
+                "`plumb bench train --head {head}` printed no result: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        })?;
+        println!("{line}");
+        runs.push(parsed);
+    }
+    let figure = |run: &serde_json::Value, key: &str| run[key].as_f64().unwrap_or(f64::NAN);
+    let (whole, chunked) = (&runs[0], &runs[1]);
+    let line = serde_json::json!({
+        "case": "train-memory", "model": args.shape, "batch": whole["batch"], "seq": whole["seq"],
+        "peak_rss_bytes_whole": whole["peak_rss_bytes"], "peak_rss_bytes_chunked": chunked["peak_rss_bytes"],
+        "saved_bytes": figure(whole, "peak_rss_bytes") - figure(chunked, "peak_rss_bytes"),
+        "step_s_whole": whole["step_s"], "step_s_chunked": chunked["step_s"],
+        "time_ratio": figure(chunked, "step_s") / figure(whole, "step_s"),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// The resident set size of this process now, in bytes (`VmRSS`).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The peak resident set size of this process in bytes (`VmHWM` in /proc/self/status,
@@ -500,8 +693,8 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
     use plumb_core::model::scalar_head::ScalarHeadModel;
     use plumb_core::rand::seq::SliceRandom;
     use plumb_core::rollout::{
-        gae, minibatch_loss, policy_response_logits, response_log_probs, response_values, sample, shaped_rewards,
-        whiten, Experience, KlEstimator, PpoLossSettings,
+        gae, minibatch_loss, policy_response_scores, response_values, sample, shaped_rewards, whiten, Experience,
+        KlEstimator, PpoLossSettings,
     };
 
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
@@ -556,9 +749,10 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
             let _no_grad = tch::no_grad_guard();
             let (sequences, attention) = (&sampled.sequences, &sampled.attention_mask);
             let scores = reward_model.scores(sequences, attention).map_err(user)?; // (B)
-            let logits =
-                policy_response_logits(reference.as_ref(), sequences, attention, prompt_len, 1.0).map_err(user)?;
-            let ref_log_probs = response_log_probs(&logits, &sequences.narrow(1, prompt_len, logits.size()[1]));
+            let ref_log_probs =
+                policy_response_scores(reference.as_ref(), sequences, attention, prompt_len, 1.0, false)
+                    .map_err(user)?
+                    .log_probs;
             let values = response_values(&value_model, sequences, attention, prompt_len).map_err(user)?;
             (scores, ref_log_probs * &mask, values * &mask)
         };

@@ -117,6 +117,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         seed: args.seed,
         pad_token: tokenizer.pad_id().unwrap_or(0),
         context: None,
+        // Stream each token as it comes: one device read a token is nothing beside a human reader.
+        check_every: 1,
         ..Default::default()
     };
     // The printer decodes as tokens come; it ends generation at a stop string, or once

@@ -1,10 +1,16 @@
 // plumb's one C++ shim: the libtorch calls tch 0.24 does not bind (DESIGN.md, "What tch does
 // not reach"), as a small C API. Every function catches C++ exceptions and reports them as a
 // non-zero return with the message in a thread-local buffer (plumb_shim_last_error).
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/DeviceType.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/ScalarType.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <mutex>
 
 #include <exception>
 #include <string>
@@ -34,6 +40,89 @@ int guarded(F f) {
   }
   return 1;
 }
+// The logits of `hidden` (n, C) under the LM head `weight` (V, C), times `scale`, in fp32:
+// the matmul runs in `compute` (the hidden states' dtype, or autocast's), as the model's own
+// head would run it.
+at::Tensor head_logits(const at::Tensor& hidden, const at::Tensor& weight, c10::ScalarType compute, double scale) {
+  auto logits = at::matmul(hidden.to(compute), weight.to(compute).t()).to(at::kFloat);
+  if (scale != 1.0) logits.mul_(scale);
+  return logits;
+}
+
+// Per-token negative log-likelihood (and, on request, entropy) of `targets` under the LM
+// head, computed `chunk` rows at a time so that no more than one chunk's logits exist at
+// once, in the forward pass or the backward: what is kept for backward is the hidden
+// states, the weight, the targets and one logsumexp per row; backward recomputes each
+// chunk's logits (one more matmul of the head) and turns them straight into gradients.
+// Rows whose target is `ignore_index` score 0 and get no gradient.
+struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor hidden,
+                                                at::Tensor weight, at::Tensor targets, int64_t chunk, double scale,
+                                                int64_t ignore_index, bool with_entropy) {
+    const auto device = hidden.device().type();
+    const auto compute =
+        at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device) : hidden.scalar_type();
+    const int64_t n = hidden.size(0);
+    auto float_options = hidden.options().dtype(at::kFloat);
+    auto nll = at::zeros({n}, float_options);
+    auto lse = at::empty({n}, float_options);
+    auto entropy = with_entropy ? at::zeros({n}, float_options) : at::zeros({0}, float_options);
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t len = std::min(chunk, n - start);
+      auto logits = head_logits(hidden.narrow(0, start, len), weight, compute, scale);  // (len, V)
+      auto row_lse = at::logsumexp(logits, {1});                                       // (len)
+      auto t = targets.narrow(0, start, len);
+      auto valid = t.ne(ignore_index);
+      auto picked = logits.gather(1, t.masked_fill(valid.logical_not(), 0).unsqueeze(1)).squeeze(1);
+      nll.narrow(0, start, len).copy_((row_lse - picked) * valid);
+      lse.narrow(0, start, len).copy_(row_lse);
+      if (with_entropy) {  // H = logsumexp(z) - sum softmax(z) z
+        auto probs = (logits - row_lse.unsqueeze(1)).exp_();
+        entropy.narrow(0, start, len).copy_(row_lse - (probs * logits).sum(1));
+      }
+    }
+    ctx->save_for_backward({hidden, weight, targets, lse});
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["compute"] = static_cast<int64_t>(compute);
+    ctx->mark_non_differentiable({entropy});
+    return {nll, entropy};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto &hidden = saved[0], &weight = saved[1], &targets = saved[2], &lse = saved[3];
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const auto compute = static_cast<c10::ScalarType>(ctx->saved_data["compute"].toInt());
+    const bool want_hidden = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
+    const int64_t n = hidden.size(0);
+    auto grad_nll = grads[0].defined() ? grads[0] : at::zeros({n}, hidden.options().dtype(at::kFloat));
+    at::Tensor grad_hidden = want_hidden ? at::empty_like(hidden) : at::Tensor();
+    at::Tensor grad_weight = want_weight ? at::zeros(weight.sizes(), weight.options().dtype(at::kFloat)) : at::Tensor();
+    auto weight_c = weight.to(compute);
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t len = std::min(chunk, n - start);
+      auto h = hidden.narrow(0, start, len);
+      auto logits = head_logits(h, weight, compute, scale);
+      auto t = targets.narrow(0, start, len);
+      auto valid = t.ne(ignore_index);
+      auto g = (grad_nll.narrow(0, start, len) * valid).unsqueeze(1);  // (len, 1)
+      // d nll / d z = softmax(z) - onehot(target); z = scale * h W^T.
+      auto dlogits = (logits - lse.narrow(0, start, len).unsqueeze(1)).exp_().mul_(g);
+      dlogits.scatter_add_(1, t.masked_fill(valid.logical_not(), 0).unsqueeze(1), -g);
+      if (scale != 1.0) dlogits.mul_(scale);
+      auto dlogits_c = dlogits.to(compute);
+      if (want_hidden) grad_hidden.narrow(0, start, len).copy_(at::matmul(dlogits_c, weight_c));
+      if (want_weight) grad_weight.add_(at::matmul(dlogits_c.t(), h.to(compute)).to(at::kFloat));
+    }
+    if (want_weight) grad_weight = grad_weight.to(weight.scalar_type());
+    return {grad_hidden, grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 }  // namespace
 
 extern "C" {
@@ -81,5 +170,56 @@ int plumb_fused_adamw(void* const* params, void* const* grads, void* const* exp_
                       beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
   });
 }
+
+// Per-token negative log-likelihood (N) of `targets` (N, int64) under logits
+// scale * hidden (N, C) @ weight (V, C)^T, differentiable in `hidden` and `weight`, never holding
+// more than `chunk` rows of logits (LinearCrossEntropy above). With `with_entropy`, `*entropy`
+// receives each row's entropy (no gradient), else an empty tensor. The results are new
+// at::Tensor objects the caller owns (tch's Tensor::from_ptr takes them).
+int plumb_linear_cross_entropy(void* hidden, void* weight, void* targets, int64_t chunk, double scale,
+                               int64_t ignore_index, bool with_entropy, void** nll, void** entropy) {
+  return guarded([&] {
+    auto outputs = LinearCrossEntropy::apply(*static_cast<at::Tensor*>(hidden), *static_cast<at::Tensor*>(weight),
+                                             *static_cast<at::Tensor*>(targets), std::max<int64_t>(chunk, 1), scale,
+                                             ignore_index, with_entropy);
+    *nll = new at::Tensor(outputs[0]);
+    *entropy = new at::Tensor(outputs[1]);
+  });
+}
+
+// A random generator of its own for `device` (0 CPU, 1 CUDA) number `index`, of the kind
+// libtorch's default generator there is (mt19937 on a CPU, Philox on CUDA), seeded with
+// `seed`: draws from it do not touch the global generator, and its state lives where the
+// tensors it fills live. Free it with plumb_generator_free.
+int plumb_generator_new(int device, int index, uint64_t seed, void** out) {
+  c10::DeviceType type;
+  if (!device_type(device, &type)) return 1;
+  return guarded([&] {
+    auto fresh = at::globalContext().defaultGenerator(c10::Device(type, static_cast<c10::DeviceIndex>(index))).clone();
+    {
+      std::lock_guard<std::mutex> lock(fresh.mutex());
+      fresh.set_current_seed(seed);
+    }
+    *out = new at::Generator(std::move(fresh));
+  });
+}
+
+void plumb_generator_free(void* generator) { delete static_cast<at::Generator*>(generator); }
+
+// Fills `tensor` in place with uniform numbers in [0, 1) drawn from `generator`.
+int plumb_generator_uniform(void* generator, void* tensor) {
+  return guarded([&] {
+    auto& gen = *static_cast<at::Generator*>(generator);
+    static_cast<at::Tensor*>(tensor)->uniform_(0.0, 1.0, gen);
+  });
+}
+
+// Enters inference mode (c10::InferenceMode, torch.inference_mode) on this thread: no
+// autograd and no version counters, so each op costs less to dispatch than under no_grad.
+// Tensors made inside are inference tensors. Leave with plumb_inference_mode_exit, on the
+// same thread, innermost first.
+void* plumb_inference_mode_enter() { return new c10::InferenceMode(); }
+
+void plumb_inference_mode_exit(void* guard) { delete static_cast<c10::InferenceMode*>(guard); }
 
 }  // extern "C"

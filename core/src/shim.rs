@@ -23,6 +23,23 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plumb_linear_cross_entropy(
+        hidden: *mut c_void,
+        weight: *mut c_void,
+        targets: *mut c_void,
+        chunk: i64,
+        scale: f64,
+        ignore_index: i64,
+        with_entropy: bool,
+        nll: *mut *mut c_void,
+        entropy: *mut *mut c_void,
+    ) -> c_int;
+    pub(crate) fn plumb_inference_mode_enter() -> *mut c_void;
+    pub(crate) fn plumb_inference_mode_exit(guard: *mut c_void);
+    pub(crate) fn plumb_generator_new(device: c_int, index: c_int, seed: u64, out: *mut *mut c_void) -> c_int;
+    pub(crate) fn plumb_generator_free(generator: *mut c_void);
+    pub(crate) fn plumb_generator_uniform(generator: *mut c_void, tensor: *mut c_void) -> c_int;
 }
 
 /// A shim call's status as a Result: on failure, the C++ exception's message after `what`.
@@ -33,4 +50,27 @@ pub(crate) fn check(code: c_int, what: &str) -> Result<()> {
     // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
     let message = unsafe { CStr::from_ptr(plumb_shim_last_error()) }.to_string_lossy().into_owned();
     Err(Error::Other(format!("{what}: {message}")))
+}
+
+/// Inference mode (`torch.inference_mode`) on this thread until dropped: autograd off and
+/// cheaper dispatch than `no_grad`. Tensors made under it cannot enter autograd later, so
+/// only code that hands back host values (generation) uses it. Not `Send`: it must end on
+/// the thread it began on.
+pub(crate) struct InferenceMode {
+    raw: *mut c_void,
+}
+
+impl InferenceMode {
+    pub(crate) fn enter() -> Self {
+        // SAFETY: allocates a guard object; nothing can throw.
+        Self { raw: unsafe { plumb_inference_mode_enter() } }
+    }
+}
+
+impl Drop for InferenceMode {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from plumb_inference_mode_enter on this thread (the type is
+        // not Send) and is freed once; guards drop innermost first.
+        unsafe { plumb_inference_mode_exit(self.raw) }
+    }
 }

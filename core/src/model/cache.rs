@@ -77,6 +77,16 @@ pub fn attention_mask(key_mask: &Tensor, past: i64, t: i64, window: Option<i64>)
     let device = key_mask.device();
     let total = past + t;
     let b = key_mask.size()[0];
+    if t == 1 && window.is_none() {
+        // A decoding step: one query, the last position, so causality hides nothing. The
+        // same rule in a few kernels instead of twenty (a step is launch-bound).
+        let key_segment = key_mask.to_kind(Kind::Int64); // (B, total)
+        let query_segment = key_segment.narrow(1, past, 1);
+        let allowed = key_segment.ne(0).logical_and(&key_segment.eq_tensor(&query_segment));
+        let _ = allowed.narrow(1, past, 1).fill_(1); // it sees itself
+        let hidden = allowed.logical_not().view([b, 1, 1, total]);
+        return Tensor::zeros([b, 1, 1, total], (Kind::Float, device)).masked_fill(&hidden, f64::NEG_INFINITY);
+    }
     let query_pos = Tensor::arange_start(past, total, (Kind::Int64, device)).view([t, 1]);
     let key_pos = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
     let mut allowed = key_pos.le_tensor(&query_pos); // (t, total)
@@ -119,6 +129,19 @@ mod tests {
             ]
         );
         assert_eq!(Vec::<i64>::try_from(positions_from_mask(&key_mask).view([-1])).unwrap(), vec![0, 0, 1, 2]);
+    }
+
+    /// The one-query path of a decoding step gives what the general rule gives for the
+    /// last row: padding and other segments hidden, a padding query seeing itself.
+    #[test]
+    fn a_decoding_steps_mask_is_the_last_row_of_the_full_mask() {
+        for keys in [[0i64, 1, 1, 1, 1], [1, 1, 2, 2, 2], [1, 1, 0, 1, 0], [0, 0, 0, 0, 1]] {
+            let key_mask = Tensor::from_slice(&keys).view([1, 5]);
+            let full = attention_mask(&key_mask, 0, 5, None).narrow(2, 4, 1);
+            let step = attention_mask(&key_mask, 4, 1, None);
+            assert_eq!(step.size(), [1, 1, 1, 5]);
+            assert!(step.equal(&full), "{keys:?}: {step} vs {full}");
+        }
     }
 
     #[test]

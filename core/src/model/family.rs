@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
+use super::head::{self, ScoreOptions, TokenScores};
 use super::vars::Vars;
 use super::{KvCache, Policy};
 use crate::checkpoint;
@@ -73,6 +74,11 @@ pub trait CausalLm: Architecture + 'static {
 
     /// Logits (B, T, vocab) from hidden states (B, T, C).
     fn lm_head(&self, hidden: &Tensor) -> Tensor;
+
+    /// The LM head's weight (vocab, C) when the head is `hidden · weightᵀ` and nothing
+    /// else (tied or not), so the loss can run it chunk by chunk ([`super::head`]); None
+    /// for a head that is more than that.
+    fn lm_head_weight(&self) -> Option<&Tensor>;
 
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache;
 
@@ -217,6 +223,38 @@ impl<A: CausalLm> Policy for Pretrained<A> {
     ) -> Result<Tensor> {
         let hidden = self.model.hidden_states(input_ids, positions, attention_mask, cache)?;
         Ok(self.model.lm_head(&hidden))
+    }
+
+    fn last_logits(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.model.hidden_states(input_ids, positions, attention_mask, cache)?;
+        Ok(self.model.lm_head(&hidden.select(1, -1)))
+    }
+
+    fn token_scores(
+        &self,
+        input_ids: &Tensor,
+        positions: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        targets: &Tensor,
+        start: i64,
+        options: &ScoreOptions,
+    ) -> Result<TokenScores> {
+        let positions = match positions {
+            Some(p) => p.shallow_clone(),
+            None => super::default_positions(input_ids, attention_mask)?,
+        };
+        let hidden = self.model.hidden_states(input_ids, &positions, attention_mask, None)?;
+        let hidden = hidden.narrow(1, start, targets.size()[1]); // (B, S, C)
+        match self.model.lm_head_weight() {
+            Some(weight) => head::token_scores(&hidden, weight, targets, options),
+            None => Ok(head::scores_from_logits(&self.model.lm_head(&hidden), targets, options)),
+        }
     }
 
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {

@@ -7,24 +7,34 @@
 //! `max_new_tokens` beyond the room the longest prompt leaves is cut to it, with a
 //! warning (those sequences finish with [`Finish::Length`]).
 //!
-//! Finished sequences leave the batch: once at least a quarter of the rows still in the
-//! batch have finished, those rows are dropped from the inputs, the masks and the KV
-//! cache ([`KvCache::keep_rows`](super::cache::KvCache::keep_rows)), so a long chain does
-//! not keep paying for the short ones beside it. Outputs do not change: each sequence
-//! still draws the same uniform number each step (one is drawn for every sequence of the
-//! original batch, finished or not, as before compaction), so greedy and seeded sampled
+//! The loop never waits for the host between tokens. Everything a step needs is on the
+//! device and allocated once for the batch: the KV cache, every position's ids and key
+//! mask (prompt and new tokens), and the drawn tokens and their log-probs. Sampling runs
+//! there too, with uniform numbers from a generator of the call's own on the device
+//! ([`DeviceGenerator`], seeded by `seed`), and a stop token ends its row there (the row
+//! decodes padding from then on). The host reads the drawn tokens once every
+//! `check_every` steps (one device-to-host copy), runs the stop check, calls `on_token`,
+//! and decides whether to stop or to compact. A sequence that the stop check ends keeps
+//! decoding until that read; what it drew after its end is dropped, so outputs do not
+//! depend on `check_every`.
+//!
+//! Finished sequences leave the batch: at a read, once at least a quarter of the rows
+//! still in the batch have finished, those rows are dropped from the inputs, the masks
+//! and the KV cache ([`KvCache::keep_rows`](super::cache::KvCache::keep_rows)), so a long
+//! chain does not keep paying for the short ones beside it. Outputs do not change: each
+//! sequence still draws the same uniform number each step (one is drawn for every
+//! sequence of the original batch, finished or not), so greedy and seeded sampled
 //! generations give the same tokens with and without compaction (up to the last bits of
 //! floating-point sums that a smaller batch may order differently; see the tests).
 //!
 //! Sampling follows `transformers`' logits processors, in their order: repetition
-//! penalty, temperature, top-k, top-p. Draws come from a generator owned by the call
-//! (seeded by `seed`, or from libtorch's global generator when there is none), so a
-//! seeded generation is the same whatever else runs in the process.
-use rand::Rng;
-use tch::{Kind, Tensor};
+//! penalty, temperature, top-k, top-p.
+use std::cell::Cell;
 
+use tch::{Device, Kind, Tensor};
+
+use super::generator::DeviceGenerator;
 use super::Policy;
-use crate::data::{seeded_rng, SeededRng};
 use crate::error::{Error, Result};
 
 /// Sampling settings for [`Policy::generate`].
@@ -52,6 +62,11 @@ pub struct GenerationSettings {
     /// Drop finished sequences from the batch (and the KV cache) as they accumulate; off
     /// only to measure what it saves (`plumb bench generate --no-compact`).
     pub compact: bool,
+    /// The host reads the drawn tokens (runs the stop check, streams them to `on_token`,
+    /// sees whether all have finished) every this many steps: one device-to-host copy
+    /// each time. 1 streams every token as it comes; larger values waste at most
+    /// `check_every - 1` steps after the last sequence ends.
+    pub check_every: usize,
 }
 
 impl Default for GenerationSettings {
@@ -67,6 +82,7 @@ impl Default for GenerationSettings {
             pad_token: 0,
             context: None,
             compact: true,
+            check_every: 8,
         }
     }
 }
@@ -93,13 +109,32 @@ pub struct Generated {
     pub finish: Finish,
 }
 
-/// A check on a sequence's new tokens after each step (e.g. "has it produced a stop
-/// string?"); true ends that sequence.
+/// A check on a sequence's new tokens (e.g. "has it produced a stop string?"), called
+/// after each token once the host has read it; true ends that sequence there.
 pub type StopCheck<'a> = &'a dyn Fn(&[i64]) -> bool;
 
-/// Called with (row, token) for every new token as it is drawn, in row order within a
-/// step (e.g. to stream a continuation while it is generated).
+/// Called with (row, token) for every new token once the host has read it (every
+/// `check_every` steps), in step order and row order within a step (e.g. to stream a
+/// continuation while it is generated).
 pub type OnToken<'a> = &'a mut dyn FnMut(usize, i64);
+
+thread_local! {
+    /// Device-to-host reads made by generation on this thread (see [`host_reads`]).
+    static HOST_READS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many times generation on this thread has read from the device so far: each is a
+/// synchronisation point on CUDA. Every such read in this module goes through
+/// [`read_to_host`]; the model's own forward makes none.
+pub fn host_reads() -> usize {
+    HOST_READS.with(Cell::get)
+}
+
+/// `t` as f64 on the host: a device-to-host copy (the only kind this module makes).
+fn read_to_host(t: &Tensor) -> Result<Vec<f64>> {
+    HOST_READS.with(|n| n.set(n.get() + 1));
+    Ok(Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu).reshape([-1]))?)
+}
 
 /// Generates continuations of `prompts` in one batch. See the module docs.
 pub fn generate<P: Policy + ?Sized>(
@@ -133,7 +168,7 @@ pub fn new_token_budget(longest: usize, max_new_tokens: usize, context: Option<u
     Ok(max_new_tokens.min(room))
 }
 
-/// [`generate`], calling `on_token` with each new token as it is drawn.
+/// [`generate`], calling `on_token` with each new token once the host has read it.
 pub fn generate_with<P: Policy + ?Sized>(
     policy: &P,
     prompts: &[Vec<i64>],
@@ -151,116 +186,156 @@ pub fn generate_with<P: Policy + ?Sized>(
     if let Some(bad) = prompts.iter().flatten().find(|&&id| id < 0 || id >= vocab) {
         return Err(Error::Other(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
     }
-    let _no_grad = tch::no_grad_guard();
+    // Nothing here is trained through, and only host values leave.
+    let _inference = crate::shim::InferenceMode::enter();
     let seed = settings
         .seed
-        .unwrap_or_else(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64);
-    let mut rng = seeded_rng(seed);
+        .unwrap_or_else(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64);
     let device = policy.var_store().device();
+    let mut generator = DeviceGenerator::new(device, seed)?;
     let batch = prompts.len() as i64;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let padded = prompts.iter().any(|p| p.len() != longest);
     let context = settings.context.or(policy.context_length().map(|c| c.max(0) as usize));
-    let new_tokens = new_token_budget(longest, settings.max_new_tokens, context)? as i64;
+    let new_tokens = new_token_budget(longest, settings.max_new_tokens, context)?;
+    let (prompt_width, width) = (longest as i64, (longest + new_tokens) as i64);
+    let pad = settings.pad_token;
+    let check_every = settings.check_every.max(1);
 
-    // Left-pad the prompts: (B, P) ids and mask.
-    let mut ids = Vec::with_capacity(prompts.len() * longest);
-    let mut mask = Vec::with_capacity(prompts.len() * longest);
+    // Every position of every row, allocated once: the left-padded prompts, then the new
+    // tokens as they are drawn. (B, P + N) ids and key mask (1 on every new position).
+    let mut ids = Vec::with_capacity(prompts.len() * width as usize);
+    let mut mask = Vec::with_capacity(prompts.len() * width as usize);
     for prompt in prompts {
-        let pad = longest - prompt.len();
-        ids.extend(std::iter::repeat_n(settings.pad_token, pad).chain(prompt.iter().copied()));
-        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, prompt.len())));
+        let left = longest - prompt.len();
+        ids.extend(
+            std::iter::repeat_n(pad, left).chain(prompt.iter().copied()).chain(std::iter::repeat_n(pad, new_tokens)),
+        );
+        mask.extend(std::iter::repeat_n(0i64, left).chain(std::iter::repeat_n(1, prompt.len() + new_tokens)));
     }
-    let shape = [batch, longest as i64];
-    let mut input = Tensor::from_slice(&ids).view(shape).to_device(device);
-    let mut attention = Tensor::from_slice(&mask).view(shape).to_device(device);
-    // Every token seen so far, for the repetition penalty (padding included, as transformers does).
-    let mut seen = input.shallow_clone();
-    let mut positions = super::cache::positions_from_mask(&attention);
-    let mut cache = policy.new_cache(batch, longest as i64 + new_tokens);
+    let mut sequence = Tensor::from_slice(&ids).view([batch, width]).to_device(device);
+    let mut key_mask = Tensor::from_slice(&mask).view([batch, width]).to_device(device);
+    // What each sequence of the original batch drew at each step, read by the host every
+    // `check_every` steps: (B, N) ids and log-probs.
+    let drawn = Tensor::full([batch, new_tokens as i64], pad, (Kind::Int64, device));
+    let drawn_log_probs = Tensor::zeros([batch, new_tokens as i64], (Kind::Float, device));
+    let stop_tokens =
+        (!settings.stop_tokens.is_empty()).then(|| Tensor::from_slice(&settings.stop_tokens).to_device(device));
+
+    let mut input = sequence.narrow(1, 0, prompt_width);
+    let mut positions = super::cache::positions_from_mask(&key_mask.narrow(1, 0, prompt_width));
+    let mut cache = policy.new_cache(batch, width);
+    // Batch row i generates sequence `rows[i]` (`row_index` on the device); rows leave as
+    // their sequences finish. `ended` (b) marks rows that decode padding: a stop token
+    // ended them on the device, or the host's stop check did.
+    let mut rows: Vec<usize> = (0..prompts.len()).collect();
+    let mut row_index = Tensor::arange(batch, (Kind::Int64, device));
+    let mut ended = Tensor::zeros([batch], (Kind::Bool, device));
 
     let mut outputs: Vec<Generated> = prompts
         .iter()
         .map(|_| Generated { tokens: Vec::new(), log_probs: Vec::new(), finish: Finish::Length })
         .collect();
     let mut running = vec![true; prompts.len()];
-    // Batch row i generates sequence `rows[i]`; rows leave as their sequences finish.
-    let mut rows: Vec<usize> = (0..prompts.len()).collect();
-    for _ in 0..new_tokens {
+    let mut read = 0; // steps the host has read
+    for step in 0..new_tokens {
+        let len = prompt_width + step as i64;
         // Without padding the mask is all ones: leave it out, so the prefill takes
         // attention's plain causal path.
-        let mask = padded.then_some(&attention);
-        let logits = policy.forward(&input, &positions, mask, Some(&mut cache))?;
-        let last = logits.select(1, -1).to_kind(Kind::Float); // (b, V)
-                                                              // One uniform per sequence of the whole batch, finished or not: a sequence's
-                                                              // draws do not depend on which others are still in the batch.
-        let draws: Vec<f64> = (0..batch).map(|_| rng.random::<f64>()).collect();
-        let row_draws: Vec<f64> = rows.iter().map(|&seq| draws[seq]).collect();
-        let (next, log_probs) = sample_with_draws(&last, &seen, settings, &row_draws)?;
-        let next_ids = Vec::<i64>::try_from(&next)?;
-        let next_log_probs = Vec::<f64>::try_from(&log_probs.to_kind(Kind::Double))?;
-        for (row, &seq) in rows.iter().enumerate() {
-            if !running[seq] {
-                continue;
-            }
-            let out = &mut outputs[seq];
-            out.tokens.push(next_ids[row]);
-            out.log_probs.push(next_log_probs[row]);
-            if let Some(on_token) = on_token.as_mut() {
-                on_token(seq, next_ids[row]);
-            }
-            if settings.stop_tokens.contains(&next_ids[row]) {
-                (running[seq], out.finish) = (false, Finish::StopToken);
-            } else if stop_check.is_some_and(|check| check(&out.tokens)) {
-                (running[seq], out.finish) = (false, Finish::StopCheck);
+        let mask = padded.then(|| key_mask.narrow(1, 0, len));
+        let logits = policy.last_logits(&input, &positions, mask.as_ref(), Some(&mut cache))?; // (b, V)
+                                                                                               // One uniform per sequence of the whole batch, finished or not: a sequence's
+                                                                                               // draws do not depend on which others are still in the batch.
+        let draws = generator.uniform(batch, Kind::Double)?.index_select(0, &row_index);
+        let (next, log_probs) =
+            sample_with_draws(&logits.to_kind(Kind::Float), &sequence.narrow(1, 0, len), settings, &draws)?;
+        let next = next.masked_fill(&ended, pad); // (b)
+        let _ = drawn.narrow(1, step as i64, 1).index_copy_(0, &row_index, &next.unsqueeze(1));
+        let _ = drawn_log_probs.narrow(1, step as i64, 1).index_copy_(0, &row_index, &log_probs.unsqueeze(1));
+        if let Some(stop) = &stop_tokens {
+            ended = ended.logical_or(&Tensor::isin(&next, stop, false, false));
+        }
+        input = next.unsqueeze(1); // (b, 1)
+        sequence.narrow(1, len, 1).copy_(&input);
+        positions = positions.narrow(1, positions.size()[1] - 1, 1) + 1;
+
+        if (step + 1) % check_every != 0 && step + 1 != new_tokens {
+            continue;
+        }
+        // The host's look: one copy of the steps since the last one, ids and log-probs.
+        let steps = (step + 1 - read) as i64;
+        let block = Tensor::stack(
+            &[
+                drawn.narrow(1, read as i64, steps).to_kind(Kind::Double),
+                drawn_log_probs.narrow(1, read as i64, steps).to_kind(Kind::Double),
+            ],
+            0,
+        ); // (2, B, steps)
+        let values = read_to_host(&block)?;
+        let at = |part: usize, seq: usize, t: usize| values[(part * prompts.len() + seq) * steps as usize + t];
+        for t in 0..steps as usize {
+            for &seq in &rows {
+                if !running[seq] {
+                    continue;
+                }
+                let (token, log_prob) = (at(0, seq, t) as i64, at(1, seq, t));
+                let out = &mut outputs[seq];
+                out.tokens.push(token);
+                out.log_probs.push(log_prob);
+                if let Some(on_token) = on_token.as_mut() {
+                    on_token(seq, token);
+                }
+                if settings.stop_tokens.contains(&token) {
+                    (running[seq], out.finish) = (false, Finish::StopToken);
+                } else if stop_check.is_some_and(|check| check(&out.tokens)) {
+                    (running[seq], out.finish) = (false, Finish::StopCheck);
+                }
             }
         }
+        read = step + 1;
         if !running.iter().any(|&r| r) {
             break;
         }
-        let finished = rows.iter().filter(|&&seq| !running[seq]).count();
-        let mut next_ids = next_ids;
+        // What the host ended (stop checks) the device ends too.
+        let host_ended: Vec<bool> = rows.iter().map(|&seq| !running[seq]).collect();
+        let finished = host_ended.iter().filter(|&&e| e).count();
+        if stop_check.is_some() && finished > 0 {
+            ended = Tensor::from_slice(&host_ended).to_device(device);
+        }
         if settings.compact && finished > 0 && finished * 4 >= rows.len() {
             let keep: Vec<i64> = (0..rows.len()).filter(|&i| running[rows[i]]).map(|i| i as i64).collect();
             let index = Tensor::from_slice(&keep).to_device(device);
             cache.keep_rows(&index);
-            seen = seen.index_select(0, &index);
-            positions = positions.index_select(0, &index);
-            attention = attention.index_select(0, &index);
-            next_ids = keep.iter().map(|&i| next_ids[i as usize]).collect();
+            for t in [&mut sequence, &mut key_mask, &mut positions, &mut input, &mut row_index, &mut ended] {
+                *t = t.index_select(0, &index);
+            }
             rows = keep.iter().map(|&i| rows[i as usize]).collect();
         }
-        // Finished rows still in the batch decode padding; their output is frozen above.
-        let fed: Vec<i64> =
-            next_ids.iter().zip(&rows).map(|(&id, &seq)| if running[seq] { id } else { settings.pad_token }).collect();
-        input = Tensor::from_slice(&fed).view([rows.len() as i64, 1]).to_device(device);
-        seen = Tensor::cat(&[&seen, &input], 1);
-        positions = positions.select(1, -1).unsqueeze(1) + 1;
-        attention = Tensor::cat(&[&attention, &attention.ones_like().narrow(1, 0, 1)], 1);
     }
     Ok(outputs)
 }
 
 /// Picks the next token of each row of `logits` (B, V) given the tokens `seen` so far
 /// (B, L); returns (ids (B), log-probs (B)). Draws by inverse CDF with one uniform
-/// number a row from `rng`.
+/// number a row from `generator` (none when greedy).
 pub fn sample(
     logits: &Tensor,
     seen: &Tensor,
     settings: &GenerationSettings,
-    rng: &mut SeededRng,
+    generator: &mut DeviceGenerator,
 ) -> Result<(Tensor, Tensor)> {
     let rows = if settings.temperature <= 0.0 { 0 } else { logits.size()[0] }; // greedy draws nothing
-    let draws: Vec<f64> = (0..rows).map(|_| rng.random::<f64>()).collect();
+    let draws = generator.uniform(rows, Kind::Double)?;
     sample_with_draws(logits, seen, settings, &draws)
 }
 
-/// [`sample`] with the uniform numbers in [0, 1) given, one per row (unused when greedy).
+/// [`sample`] with the uniform numbers in [0, 1) given, one per row (B) (unused when
+/// greedy), on the logits' device.
 pub fn sample_with_draws(
     logits: &Tensor,
     seen: &Tensor,
     settings: &GenerationSettings,
-    draws: &[f64],
+    draws: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let mut logits = logits.shallow_clone();
     if settings.repetition_penalty != 1.0 {
@@ -293,7 +368,7 @@ pub fn sample_with_draws(
     }
     let cdf = filtered.softmax(-1, Kind::Double).cumsum(-1, Kind::Double); // (B, V)
                                                                            // A uniform in [0, 1) per row, scaled by each row's total mass.
-    let u = Tensor::from_slice(draws).to_device(cdf.device()).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
+    let u = draws.to_kind(Kind::Double).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
     let next = u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(vocab - 1).squeeze_dim(1);
     let log_probs = log_probs_all.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
     Ok((next, log_probs))
@@ -307,7 +382,8 @@ mod tests {
         let row = Tensor::from_slice(logits).unsqueeze(0);
         let logits = row.repeat([draws as i64, 1]);
         let seen = Tensor::zeros([draws as i64, 1], (Kind::Int64, tch::Device::Cpu));
-        let (next, log_probs) = sample(&logits, &seen, settings, &mut seeded_rng(3)).unwrap();
+        let (next, log_probs) =
+            sample(&logits, &seen, settings, &mut DeviceGenerator::new(tch::Device::Cpu, 3).unwrap()).unwrap();
         assert!(log_probs.le(0.0).all().int64_value(&[]) == 1);
         let next = Vec::<i64>::try_from(next).unwrap();
         (0..logits.size()[1]).map(|t| next.iter().filter(|&&n| n == t).count() as f64 / draws as f64).collect()
@@ -389,15 +465,61 @@ mod tests {
             let plain =
                 generate(&model, &prompts, &GenerationSettings { compact: false, ..settings.clone() }, Some(&check))
                     .unwrap();
+            // The host reads every token or every 5 (so rows leave the batch at other
+            // steps): the same outputs.
+            let every = |n| GenerationSettings { check_every: n, ..settings.clone() };
+            let every_token = generate(&model, &prompts, &every(1), Some(&check)).unwrap();
+            let every_five = generate(&model, &prompts, &every(5), Some(&check)).unwrap();
             let lengths: Vec<usize> = compacted.iter().map(|g| g.tokens.len()).collect();
             assert!(lengths.iter().filter(|&&l| l < 6).count() >= 2 && lengths.iter().any(|&l| l >= 6), "{lengths:?}");
-            for (a, b) in compacted.iter().zip(&plain) {
-                assert_eq!((&a.tokens, a.finish), (&b.tokens, b.finish), "temperature {temperature}");
-                for (x, y) in a.log_probs.iter().zip(&b.log_probs) {
-                    assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+            for other in [&plain, &every_token, &every_five] {
+                for (a, b) in compacted.iter().zip(other) {
+                    assert_eq!((&a.tokens, a.finish), (&b.tokens, b.finish), "temperature {temperature}");
+                    for (x, y) in a.log_probs.iter().zip(&b.log_probs) {
+                        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+                    }
                 }
             }
         }
+    }
+
+    /// The host reads the device once every `check_every` tokens, not once a token: 64 new
+    /// tokens for 6 sequences read it 8 times at 8, and 64 times at 1. A stop token ends
+    /// a row on the device; the host sees it at its next read, and generation ends at the
+    /// read after the last row has stopped.
+    #[test]
+    fn the_host_reads_the_device_once_every_check_every_tokens() {
+        tch::manual_seed(2);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 30, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 128
+        }))
+        .unwrap();
+        let model = crate::model::llama::LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
+        let prompts: Vec<Vec<i64>> = (0..6).map(|i| (0..(3 + i)).map(|j| (5 * i + j) % 30).collect()).collect();
+        let reads = |settings: &GenerationSettings| {
+            let before = host_reads();
+            let out = generate(&model, &prompts, settings, None).unwrap();
+            (host_reads() - before, out)
+        };
+        let settings = GenerationSettings { max_new_tokens: 64, seed: Some(1), ..Default::default() };
+        let (batched, out) = reads(&settings);
+        assert_eq!(batched, 64 / 8, "one read per 8 tokens");
+        assert!(out.iter().all(|g| g.tokens.len() == 64 && g.log_probs.iter().all(|&l| l <= 0.0)));
+        let (every, same) = reads(&GenerationSettings { check_every: 1, ..settings.clone() });
+        assert_eq!((every, &same), (64, &out), "one read per token, the same tokens");
+        // With a stop token that every sequence soon draws, generation ends early, and the
+        // reads are still one per 8 steps taken.
+        let stop = GenerationSettings { stop_tokens: (0..20).collect(), ..settings };
+        let (stopped_reads, stopped) = reads(&stop);
+        let longest = stopped.iter().map(|g| g.tokens.len()).max().unwrap();
+        assert!(stopped.iter().all(|g| g.finish == Finish::StopToken && (0..20).contains(g.tokens.last().unwrap())));
+        assert_eq!(
+            stopped_reads,
+            longest.div_ceil(8),
+            "lengths {:?}",
+            stopped.iter().map(|g| g.tokens.len()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -406,7 +528,8 @@ mod tests {
         let seen = Tensor::from_slice(&[0i64, 1]).unsqueeze(0);
         let settings = GenerationSettings { temperature: 0.0, repetition_penalty: 4.0, ..Default::default() };
         // Penalised: [0.5, -8, 1] -> token 2 wins.
-        let (next, _) = sample(&logits, &seen, &settings, &mut seeded_rng(0)).unwrap();
+        let (next, _) =
+            sample(&logits, &seen, &settings, &mut DeviceGenerator::new(tch::Device::Cpu, 0).unwrap()).unwrap();
         assert_eq!(next.int64_value(&[0]), 2);
     }
 }

@@ -554,6 +554,10 @@ impl CausalLm for Gpt2 {
         Gpt2::lm_head(self, hidden)
     }
 
+    fn lm_head_weight(&self) -> Option<&Tensor> {
+        Some(self.lm_head.as_ref().map_or(&self.wte.ws, |head| &head.ws))
+    }
+
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         Gpt2::new_cache(self, batch, capacity)
     }

@@ -313,7 +313,7 @@ impl Attention {
         }
     }
 
-    /// x: (B, T, C); cos/sin: (B, T, hd); `masks` gives the additive mask of this layer's
+    /// x: (B, T, C); cos/sin: (B, 1, T, hd) ([`Rope::cos_sin`]); `masks` gives the additive mask of this layer's
     /// kind, or None for plain causal attention.
     fn forward(
         &self,
@@ -547,6 +547,10 @@ impl CausalLm for Llama {
 
     fn lm_head(&self, hidden: &Tensor) -> Tensor {
         Llama::lm_head(self, hidden)
+    }
+
+    fn lm_head_weight(&self) -> Option<&Tensor> {
+        Some(self.lm_head.as_ref().map_or(&self.embed_tokens.ws, |head| &head.ws))
     }
 
     fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {

@@ -5,7 +5,9 @@ pub mod bert;
 pub mod cache;
 pub mod family;
 pub mod generate;
+pub mod generator;
 pub mod gpt2;
+pub mod head;
 pub mod llama;
 pub mod rope;
 pub mod scalar_head;
@@ -20,6 +22,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub use cache::KvCache;
 pub use family::{Architecture, Backbone, CausalLm, Pretrained};
 pub use generate::{Generated, GenerationSettings};
+pub use head::{HeadChunks, ScoreOptions, TokenScores};
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
@@ -172,14 +175,43 @@ pub trait Policy: SaveHf {
     /// Logits (B, T, vocab) of a whole batch. Positions count tokens only, so a
     /// left-padded row gets the same positions as it would alone.
     fn logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let positions = match attention_mask {
-            Some(mask) => cache::positions_from_mask(mask),
-            None => {
-                let (b, t) = input_ids.size2()?;
-                Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], false)
-            }
-        };
+        let positions = default_positions(input_ids, attention_mask)?;
         self.forward(input_ids, &positions, attention_mask, None)
+    }
+
+    /// The logits (B, vocab) of the last position of each row only: what a generation
+    /// step needs (a prefill's other positions never go through the LM head).
+    fn last_logits(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Ok(self.forward(input_ids, positions, attention_mask, cache)?.select(1, -1))
+    }
+
+    /// The scores of `targets` (B, S): `targets[:, i]` is predicted at position `start + i`
+    /// of `input_ids` (B, T) (for next-token targets, `input_ids[:, start + i + 1]`).
+    /// `positions` default to the mask's, as [`Policy::logits`] counts them. Families with a
+    /// plain LM head compute them chunk by chunk ([`head`]); this default goes through the
+    /// whole logits.
+    fn token_scores(
+        &self,
+        input_ids: &Tensor,
+        positions: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        targets: &Tensor,
+        start: i64,
+        options: &ScoreOptions,
+    ) -> Result<TokenScores> {
+        let positions = match positions {
+            Some(p) => p.shallow_clone(),
+            None => default_positions(input_ids, attention_mask)?,
+        };
+        let logits = self.forward(input_ids, &positions, attention_mask, None)?;
+        let logits = logits.narrow(1, start, targets.size()[1]);
+        Ok(head::scores_from_logits(&logits, targets, options))
     }
 
     /// Log-probability of each next token: (B, T-1), entry t scores input_ids[:, t+1].
@@ -217,6 +249,18 @@ pub trait Policy: SaveHf {
     /// Writes the weights and `config.json` (and `generation_config.json`) in HF layout
     /// into `dir`, which exists.
     fn save(&self, dir: &Path) -> Result<()>;
+}
+
+/// Position ids (B, T) of `input_ids` (B, T): counting tokens only under a padding mask,
+/// 0..T without one.
+pub fn default_positions(input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match attention_mask {
+        Some(mask) => cache::positions_from_mask(mask),
+        None => {
+            let (b, t) = input_ids.size2()?;
+            Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], false)
+        }
+    })
 }
 
 /// Additive attention mask in `kind` from `allowed` (bool, broadcastable to (B, H, Tq, Tk)):

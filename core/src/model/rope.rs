@@ -135,20 +135,25 @@ impl Rope {
         }
     }
 
-    /// cos and sin for `positions` (B, T): each (B, T, head_dim), HF's "rotate half"
-    /// layout; computed in fp32, returned in `kind` (the activations' dtype).
+    /// cos and signed sin for `positions` (B, T), each (B, 1, T, head_dim) (a head axis to
+    /// broadcast over), for [`apply`]: cos is HF's "rotate half" layout, `cat(θ, θ).cos()`;
+    /// the sin carries the rotation's sign, `cat(-θ.sin(), θ.sin())`. Computed in fp32,
+    /// returned in `kind` (the activations' dtype).
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let inv_freq = self.inv_freq(positions); // (B or 1, hd/2)
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.unsqueeze(1); // (B, T, hd/2)
-        let emb = Tensor::cat(&[&freqs, &freqs], -1); // (B, T, hd)
-        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+        let cos = Tensor::cat(&[&freqs, &freqs], -1).cos(); // (B, T, hd)
+        let sin = freqs.sin();
+        let signed_sin = Tensor::cat(&[&sin.neg(), &sin], -1);
+        (cos.unsqueeze(1).to_kind(kind), signed_sin.unsqueeze(1).to_kind(kind))
     }
 }
 
-/// Rotates `x` (B, H, T, hd) by the angles in cos/sin (B, T, hd).
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1)); // (B, 1, T, hd)
+/// Rotates `x` (B, H, T, hd) by the angles of [`Rope::cos_sin`] (B, 1, T, hd):
+/// x·cos + rotate_half(x)·sin, where rotate_half(x) = cat(−x₂, x₁) is written as the
+/// halves swapped (a roll) times the signed sin: three kernels a call instead of nine
+/// (a decoding step is launch-bound).
+pub fn apply(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
-    let rotated = Tensor::cat(&[&x.narrow(-1, half, half).neg(), &x.narrow(-1, 0, half)], -1);
-    x * cos + rotated * sin
+    (x * cos).addcmul(&x.roll([half], [-1]), signed_sin)
 }

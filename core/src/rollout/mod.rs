@@ -22,4 +22,4 @@ pub use log_probs::{entropy, response_log_probs, response_logits};
 pub use losses::{approx_kl, policy_loss, value_loss, PolicyLoss, ValueLoss};
 pub use masked::{masked_mean, masked_sum, masked_var};
 pub use ppo::{minibatch_loss, shaped_rewards, MinibatchStats, PpoLossSettings};
-pub use sample::{policy_response_logits, response_values, sample, Sampled};
+pub use sample::{policy_response_logits, policy_response_scores, response_values, sample, Sampled};

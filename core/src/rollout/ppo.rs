@@ -6,10 +6,9 @@ use tch::{Kind, Tensor};
 
 use super::experience::Experience;
 use super::kl::{kl_penalty, KlEstimator};
-use super::log_probs::{entropy, response_log_probs};
 use super::losses::{policy_loss, value_loss};
 use super::masked::masked_mean;
-use super::sample::{policy_response_logits, response_values};
+use super::sample::{policy_response_scores, response_values};
 use crate::error::Result;
 use crate::model::scalar_head::ScalarHeadModel;
 use crate::model::Policy;
@@ -61,14 +60,11 @@ pub fn minibatch_loss(
     settings: &PpoLossSettings,
 ) -> Result<(Tensor, MinibatchStats)> {
     let mask = &minibatch.response_mask;
-    let logits = policy_response_logits(
-        policy,
-        &minibatch.sequences,
-        &minibatch.attention_mask,
-        minibatch.prompt_len,
-        settings.temperature,
-    )?; // (B, R, V)
-    let log_probs = response_log_probs(&logits, &minibatch.responses()); // (B, R)
+    let (sequences, attention) = (&minibatch.sequences, &minibatch.attention_mask);
+    let scores =
+        policy_response_scores(policy, sequences, attention, minibatch.prompt_len, settings.temperature, true)?;
+    let log_probs = scores.log_probs; // (B, R)
+    let entropy = scores.entropy.unwrap_or_else(|| log_probs.zeros_like());
     let values = response_values(value_model, &minibatch.sequences, &minibatch.attention_mask, minibatch.prompt_len)?;
     let policy_part = policy_loss(&log_probs, &minibatch.log_probs, &minibatch.advantages, mask, settings.clip);
     let value_part = value_loss(&values, &minibatch.values, &minibatch.returns, mask, settings.clip_value);
@@ -83,7 +79,7 @@ pub fn minibatch_loss(
                 policy_part.approx_kl,
                 policy_part.clipfrac,
                 value_part.clipfrac,
-                masked_mean(&entropy(&logits.detach()), mask),
+                masked_mean(&entropy, mask),
                 policy_part.ratio,
             ],
             0,

@@ -6,7 +6,7 @@ use super::log_probs::response_logits;
 use crate::error::{Error, Result};
 use crate::model::generate::{generate, Finish, GenerationSettings};
 use crate::model::scalar_head::ScalarHeadModel;
-use crate::model::Policy;
+use crate::model::{HeadChunks, Policy, ScoreOptions, TokenScores};
 
 /// Responses sampled for a batch of prompts, as [`super::Experience`] lays them out:
 /// prompts left-padded to P positions, responses right-padded to R.
@@ -71,6 +71,24 @@ pub fn policy_response_logits(
     let logits = policy.logits(sequences, Some(attention_mask))?; // (B, P + R, V)
     let response_len = sequences.size()[1] - prompt_len;
     Ok(response_logits(&logits, prompt_len, response_len, temperature))
+}
+
+/// The scores at `temperature` — log-probs (B, R) and, on request, entropies — of the
+/// response tokens of `sequences` (B, P + R) under `policy`, through its head a chunk of
+/// positions at a time ([`crate::model::head`]): the (B, R, V) logits never exist whole.
+/// The same numbers as [`policy_response_logits`] then [`super::response_log_probs`] and
+/// [`super::entropy`], to fp32 rounding.
+pub fn policy_response_scores(
+    policy: &dyn Policy,
+    sequences: &Tensor,
+    attention_mask: &Tensor,
+    prompt_len: i64,
+    temperature: f64,
+    entropy: bool,
+) -> Result<TokenScores> {
+    let responses = sequences.narrow(1, prompt_len, sequences.size()[1] - prompt_len);
+    let options = ScoreOptions { temperature, entropy, chunks: HeadChunks::Auto };
+    policy.token_scores(sequences, None, Some(attention_mask), &responses, prompt_len - 1, &options)
 }
 
 /// The value model's estimate (B, R) before each response token: its output at the

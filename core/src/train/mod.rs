@@ -12,7 +12,7 @@ pub use config::{
     BatchSizeWarmup, CheckpointConfig, EvalConfig, Length, OnNonFinite, OptimizerConfig, ScheduleConfig, TrainSection,
     TrainingConfig,
 };
-pub use loss::{accumulate_gradients, next_token_loss, summed_cross_entropy};
+pub use loss::{accumulate_gradients, next_token_loss, summed_cross_entropy, summed_token_loss};
 pub use precision::Precision;
 pub use trainer::{
     save_model, write_model, DataPosition, StepStats, Trained, Trainer, TrainerState, FAULT_NONFINITE_AT_STEP,

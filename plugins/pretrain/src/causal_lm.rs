@@ -6,10 +6,10 @@ use std::path::Path;
 
 use plumb_core::data::SeededRng;
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
-use plumb_core::model::{GenerationSettings, Policy};
+use plumb_core::model::{GenerationSettings, HeadChunks, Policy};
 use plumb_core::tch::{nn, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::{nested, summed_cross_entropy};
+use plumb_core::train::{nested, summed_token_loss};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
@@ -104,8 +104,8 @@ impl Objective for CausalLmObjective {
         let width = rows[0].len() as i64;
         let data = Tensor::from_slice(&rows.concat()).view([-1, width]).to_device(device);
         let (inputs, targets) = (data.narrow(1, 0, width - 1), data.narrow(1, 1, width - 1));
-        let logits = model.logits(&inputs, None)?; // (B, T, V)
-        let sum = summed_cross_entropy(&logits, &targets);
+        // The LM head and its cross-entropy run a chunk of positions at a time.
+        let sum = summed_token_loss(model, &inputs, None, None, &targets, HeadChunks::Auto)?;
         Ok((sum, targets.numel()))
     }
 

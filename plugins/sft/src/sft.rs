@@ -13,13 +13,13 @@ use std::path::PathBuf;
 
 use plumb_core::data::BatchOrder;
 use plumb_core::device::device_name;
-use plumb_core::model::{self, GenerationSettings, Policy};
+use plumb_core::model::{self, GenerationSettings, HeadChunks, Policy};
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::train::{
-    check_train_and_validation, note_data, read_train_and_validation, require, summed_cross_entropy, DataPosition,
+    check_train_and_validation, note_data, read_train_and_validation, require, summed_token_loss, DataPosition,
     EvalConfig, Length, TrainSection, Trained, Trainer, TrainingConfig,
 };
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
@@ -314,8 +314,9 @@ pub fn format_example(
 
 /// Summed cross-entropy over the batch's targets (a sum, so micro-batches add up).
 fn target_loss_sum(policy: &dyn Policy, batch: &Batch) -> Result<Tensor> {
-    let logits = policy.forward(&batch.input_ids, &batch.positions, batch.attention_mask.as_ref(), None)?;
-    Ok(summed_cross_entropy(&logits, &batch.targets))
+    // The LM head and its cross-entropy run a chunk of positions at a time.
+    let (inputs, positions, mask) = (&batch.input_ids, Some(&batch.positions), batch.attention_mask.as_ref());
+    summed_token_loss(policy, inputs, positions, mask, &batch.targets, HeadChunks::Auto)
 }
 
 /// Mean loss per target token over the validation examples.

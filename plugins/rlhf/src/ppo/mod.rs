@@ -36,8 +36,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::{RewardSet, ScorePair};
 use plumb_core::rollout::{
-    gae, minibatch_loss, policy_response_logits, response_log_probs, response_values, sample, shaped_rewards, whiten,
-    Experience, KlController, PpoLossSettings,
+    gae, minibatch_loss, policy_response_scores, response_values, sample, shaped_rewards, whiten, Experience,
+    KlController, PpoLossSettings,
 };
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -221,15 +221,16 @@ impl Stage for Ppo {
             // 3. The reference's log-probs and the value model's values of the same tokens.
             let (ref_log_probs, values) = {
                 let _no_grad = tch::no_grad_guard();
-                let logits = policy_response_logits(
+                let (sequences, attention) = (&sampled.sequences, &sampled.attention_mask);
+                let scores = policy_response_scores(
                     reference.as_ref(),
-                    &sampled.sequences,
-                    &sampled.attention_mask,
+                    sequences,
+                    attention,
                     sampled.prompt_len,
                     c.temperature,
-                )?; // (B, R, V)
-                let responses = sampled.sequences.narrow(1, sampled.prompt_len, logits.size()[1]);
-                let ref_log_probs = response_log_probs(&logits, &responses) * &sampled.response_mask;
+                    false,
+                )?;
+                let ref_log_probs = scores.log_probs * &sampled.response_mask; // (B, R)
                 let values =
                     response_values(&value_model, &sampled.sequences, &sampled.attention_mask, sampled.prompt_len)?
                         * &sampled.response_mask;

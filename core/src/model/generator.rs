@@ -1,0 +1,73 @@
+//! A seeded random generator that lives on the device: generation draws its uniform
+//! numbers where the logits are, so sampling never waits for the host. tch 0.24 binds no
+//! generator objects (its `multinomial` and `rand` take none), so this goes through
+//! plumb's C++ shim (`core/csrc/shim.cpp`): a clone of libtorch's default generator for
+//! the device (mt19937 on a CPU, Philox on CUDA), seeded, owned by its caller, so draws
+//! from it do not depend on anything else that runs in the process.
+use std::os::raw::{c_int, c_void};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::shim;
+
+/// A generator of one device's kind, seeded once.
+pub struct DeviceGenerator {
+    raw: *mut c_void,
+    device: Device,
+}
+
+impl DeviceGenerator {
+    /// A generator for `device`, seeded with `seed`.
+    pub fn new(device: Device, seed: u64) -> Result<Self> {
+        let (code, index) = match device {
+            Device::Cuda(n) => (1, n as c_int),
+            _ => (0, 0),
+        };
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: plain values in, one pointer out; the shim catches every C++ exception.
+        shim::check(unsafe { shim::plumb_generator_new(code, index, seed, &mut raw) }, "device generator")?;
+        Ok(Self { raw, device })
+    }
+
+    /// `n` uniform numbers in [0, 1) of `kind`, on the generator's device.
+    pub fn uniform(&mut self, n: i64, kind: Kind) -> Result<Tensor> {
+        let mut out = Tensor::empty([n], (kind, self.device));
+        // SAFETY: `raw` is a live at::Generator (freed only on drop) and `out` a live tensor.
+        let code = unsafe { shim::plumb_generator_uniform(self.raw, out.as_mut_ptr() as *mut c_void) };
+        shim::check(code, "device generator")?;
+        Ok(out)
+    }
+}
+
+impl Drop for DeviceGenerator {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from plumb_generator_new and is freed once.
+        unsafe { shim::plumb_generator_free(self.raw) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_gives_the_same_uniform_numbers_whatever_the_global_generator_does() {
+        let draw = |seed| {
+            let mut generator = DeviceGenerator::new(Device::Cpu, seed).unwrap();
+            let first = generator.uniform(1000, Kind::Double).unwrap();
+            tch::manual_seed(99); // the global generator moves; ours does not care
+            let _ = Tensor::rand([10], (Kind::Float, Device::Cpu));
+            Tensor::cat(&[first, generator.uniform(3, Kind::Double).unwrap()], 0)
+        };
+        let (a, b, c) = (draw(7), draw(7), draw(8));
+        assert_eq!(a.size(), [1003]);
+        assert!(a.equal(&b), "same seed, same numbers");
+        assert!(!a.equal(&c), "another seed, other numbers");
+        let (min, max, mean) = (a.min().double_value(&[]), a.max().double_value(&[]), a.mean(Kind::Double));
+        assert!(min >= 0.0 && max < 1.0, "{min} {max}");
+        assert!((mean.double_value(&[]) - 0.5).abs() < 0.05);
+        // Successive draws continue the stream rather than repeating it.
+        assert!(!a.narrow(0, 0, 3).equal(&a.narrow(0, 1000, 3)));
+    }
+}
