@@ -77,8 +77,6 @@ pub struct DpoStats {
     pub correct: usize,
     pub chosen_logp_sum: f64,
     pub rejected_logp_sum: f64,
-    /// Pairs whose chosen completion the policy itself finds likelier (summed log-probs).
-    pub policy_prefers_chosen: usize,
 }
 
 impl DpoStats {
@@ -98,7 +96,6 @@ impl DpoStats {
         self.correct += chosen.iter().zip(rejected).filter(|(c, r)| c > r).count();
         self.chosen_logp_sum += logp_chosen.iter().sum::<f64>();
         self.rejected_logp_sum += logp_rejected.iter().sum::<f64>();
-        self.policy_prefers_chosen += logp_chosen.iter().zip(logp_rejected).filter(|(c, r)| c > r).count();
     }
 
     /// Adds another set's sums to these.
@@ -110,7 +107,6 @@ impl DpoStats {
         self.correct += other.correct;
         self.chosen_logp_sum += other.chosen_logp_sum;
         self.rejected_logp_sum += other.rejected_logp_sum;
-        self.policy_prefers_chosen += other.policy_prefers_chosen;
     }
 
     /// One figure by its name without a prefix (`loss`, `rewards/accuracies`, ...).
@@ -129,7 +125,6 @@ impl DpoStats {
             ("rewards/margins", (self.chosen_reward_sum - self.rejected_reward_sum) / n),
             ("logps/chosen", self.chosen_logp_sum / n),
             ("logps/rejected", self.rejected_logp_sum / n),
-            ("logps/accuracies", self.policy_prefers_chosen as f64 / n),
         ]
         .into_iter()
         .map(|(name, value)| (format!("{prefix}{name}"), value))
@@ -225,6 +220,5 @@ mod tests {
         assert!((named["eval/rewards/margins"] - 0.05).abs() < 1e-12);
         assert_eq!(named["eval/rewards/accuracies"], 0.5);
         assert_eq!((named["eval/logps/chosen"], named["eval/logps/rejected"]), (-7.5, -8.0));
-        assert_eq!(named["eval/logps/accuracies"], 0.5);
     }
 }

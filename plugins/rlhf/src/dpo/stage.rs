@@ -9,10 +9,9 @@
 //! `precompute_ref_log_probs`, after which the reference model is freed) → the loss of
 //! [`super::loss`], its gradient accumulated → one update. Every log step writes TRL's
 //! figures over the pairs since the last log (`rewards/chosen`, `rewards/rejected`,
-//! `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, and
-//! `logps/accuracies`: the share of pairs whose chosen completion the policy finds
-//! likelier); each evaluation the same and `eval/loss` under `eval/` on the held-out
-//! pairs. The policy is saved in HF layout with its tokenizer (and chat template).
+//! `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`); each
+//! evaluation (the first at step 0, where the policy is the reference: every implicit
+//! reward 0, the loss log 2) the same and `eval/loss` under `eval/` on the held-out pairs. The policy is saved in HF layout with its tokenizer (and chat template).
 //!
 //! Resuming: a checkpoint holds the policy, its optimizer and the batch order; the
 //! reference's log-probs are recomputed from the input model, the same numbers as before.
@@ -263,7 +262,9 @@ impl Stage for Dpo {
             stats.log(ctx, "eval/", step);
             Ok(stats)
         };
-        let initial = trainer.at_start("eval/logps/accuracies", || Ok(evaluate(0)?.value("logps/accuracies")))?;
+        if trainer.resume_dir().is_none() {
+            trainer.untimed(|| evaluate(0))?;
+        }
 
         // Train: each step one batch of pairs, its micro-batches' gradients accumulated, the
         // loss a mean over the step's pairs.
@@ -315,7 +316,6 @@ impl Stage for Dpo {
         let mut metrics = trainer.metrics();
         metrics.insert("data/train_pairs".to_string(), train.len() as f64);
         metrics.insert("data/validation_pairs".to_string(), validation.len() as f64);
-        metrics.insert("eval/initial_logps/accuracies".to_string(), initial);
         if let Some(stats) = &latest {
             metrics.extend(stats.named("eval/"));
         }
