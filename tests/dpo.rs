@@ -164,7 +164,7 @@ fn ipo_and_label_smoothing_train_and_validate_refuses_bad_settings_with_their_ke
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_policy(dir.path());
     let (train, validation) = split_prefs(dir.path(), 32, 8);
-    let base = "      batch_size: 8\n      max_steps: 2\n";
+    let base = "      batch_size: 8\n      max_steps: 2\n      log_every: 1\n";
     for (name, extra) in
         [("ipo", "      loss_type: ipo\n      beta: 0.5\n"), ("smooth", "      label_smoothing: 0.1\n")]
     {
