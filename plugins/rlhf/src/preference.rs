@@ -34,9 +34,13 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fields {
+    /// The shared prompt (optional on a line).
     pub prompt: String,
+    /// The preferred response.
     pub chosen: String,
+    /// The response it is preferred to.
     pub rejected: String,
+    /// The optional margin the chosen side should win by (reward model only).
     pub margin: String,
     /// The role and content keys of each chat turn.
     pub role: String,

@@ -143,7 +143,45 @@ pub fn batches(pairs: usize, batch_size: usize, seed: u64) -> (Vec<Vec<usize>>, 
 
 #[cfg(test)]
 mod tests {
+    use plumb_core::data::template::DEFAULT_TEMPLATE;
+
     use super::*;
+    use crate::preference::{parse_pair, Fields};
+
+    fn tokenizer() -> Tokenizer {
+        let text = "Hi there. Hello! Go away. The cat sat on the mat. ### Instruction: ### Response:";
+        let mut tokenizer = Tokenizer::train_bpe(std::iter::once(text), 300, 1).unwrap();
+        tokenizer.set_chat_template(DEFAULT_TEMPLATE, std::path::Path::new("default")).unwrap();
+        tokenizer
+    }
+
+    #[test]
+    fn plain_completions_end_with_eos_and_chat_completions_are_what_follows_the_rendered_prompt() {
+        let tokenizer = tokenizer();
+        let eos = tokenizer.eos_id().unwrap();
+        let pair = parse_pair(
+            r#"{"prompt": "The cat", "chosen": " sat.", "rejected": " sat on the mat."}"#,
+            &Fields::default(),
+        )
+        .unwrap();
+        let tokens = tokenize(&pair, &tokenizer, None).unwrap();
+        assert_eq!(tokens.prompt, tokenizer.encode_prompt("The cat").unwrap());
+        assert_eq!(tokens.chosen, [tokenizer.encode(" sat.").unwrap(), vec![eos]].concat());
+        assert_eq!(*tokens.rejected.last().unwrap(), eos);
+
+        let line =
+            r#"{"prompt": [{"role": "user", "content": "Hi there."}], "chosen": "Hello!", "rejected": "Go away."}"#;
+        let pair = parse_pair(line, &Fields::default()).unwrap();
+        let template = tokenizer.chat_template();
+        let tokens = tokenize(&pair, &tokenizer, template).unwrap();
+        // The prompt with the generation prompt; each completion the rest of its conversation.
+        let prompt = "### Instruction:\nHi there.\n\n### Response:\n";
+        assert_eq!(tokens.prompt, tokenizer.encode(prompt).unwrap());
+        assert_eq!(tokens.chosen, tokenizer.encode("Hello!<|endoftext|>\n\n").unwrap());
+        assert_eq!(tokens.rejected, tokenizer.encode("Go away.<|endoftext|>\n\n").unwrap());
+        let error = tokenize(&pair, &tokenizer, None).unwrap_err().to_string();
+        assert!(error.contains("no chat template"), "{error}");
+    }
 
     #[test]
     fn truncation_keeps_the_prompts_end_and_the_completions_start() {
