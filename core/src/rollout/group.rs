@@ -43,9 +43,10 @@ impl GroupAdvantages {
 }
 
 /// The advantages of `rewards`, consecutive groups of `group_size` completions of one
-/// prompt each (so `rewards.len()` is a multiple of `group_size`, at least 2).
+/// prompt each (`rewards.len()` a multiple of `group_size`, at least 2: a stage's
+/// validation sees to it; a last partial group would be a group of its own).
 pub fn group_advantages(rewards: &[f64], group_size: usize, scale: ScaleRewards) -> GroupAdvantages {
-    assert!(group_size >= 2 && rewards.len() % group_size == 0, "whole groups of at least two");
+    debug_assert!(group_size >= 2 && rewards.len().is_multiple_of(group_size), "whole groups of at least two");
     let (means, stds): (Vec<f64>, Vec<f64>) = rewards.chunks(group_size).map(mean_std).unzip();
     let batch_std = mean_std(rewards).1;
     let advantages = rewards
