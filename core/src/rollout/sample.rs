@@ -103,3 +103,12 @@ pub fn response_values(
     let response_len = sequences.size()[1] - prompt_len;
     Ok(values.narrow(1, prompt_len - 1, response_len).to_kind(Kind::Float))
 }
+
+/// The seed of step `step`'s sampling and shuffles: a function of the run's seed and the
+/// step only (SplitMix64's finaliser), so a resumed step draws what it drew before.
+pub fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}

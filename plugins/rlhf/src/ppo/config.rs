@@ -9,11 +9,12 @@ use plumb_core::train::{require, Length, TrainSection};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-use super::prompts::{read_prompts, PromptFields};
+use crate::prompts::{read_prompts, LongPrompts, PromptData, StopToken};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PpoConfig {
+    /// The prompts.
     pub data: PromptData,
     /// The rewards (names in the recipe's `rewards:`), one or a weighted list.
     pub reward: RewardWeights,
@@ -78,31 +79,6 @@ pub struct PpoConfig {
     /// (prompt, response, score) samples written to TensorBoard at each log.
     #[serde(default = "default_samples")]
     pub samples: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PromptData {
-    /// A JSONL file of prompts (see `prompts.rs`).
-    pub train: PathBuf,
-    #[serde(default)]
-    pub fields: PromptFields,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LongPrompts {
-    #[default]
-    Error,
-    Drop,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopToken {
-    #[default]
-    Eos,
-    None,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

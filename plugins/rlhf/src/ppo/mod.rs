@@ -22,7 +22,6 @@
 //! and the KL controller; each step's sampling and minibatch shuffles are seeded from
 //! the run's seed and the step number, so a resumed run repeats the uninterrupted one.
 pub mod config;
-pub mod prompts;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -34,10 +33,10 @@ use plumb_core::model::scalar_head::ScalarHeadModel;
 use plumb_core::model::{self, SaveHf};
 use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
-use plumb_core::reward::{RewardSet, ScorePair};
+use plumb_core::reward::RewardSet;
 use plumb_core::rollout::{
-    gae, minibatch_loss, policy_response_scores, response_values, sample, shaped_rewards, whiten, Experience,
-    KlController, PpoLossSettings,
+    gae, minibatch_loss, policy_response_scores, response_values, sample, shaped_rewards, step_seed, whiten,
+    Experience, KlController, PpoLossSettings,
 };
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -46,8 +45,8 @@ use plumb_core::Optimizer;
 use plumb_core::{checkpoint, Error, Result, RunContext, Stage, StageOutput};
 use serde::{Deserialize, Serialize};
 
-use config::{micro_batch, minibatch, LongPrompts, PpoConfig, StopToken, ValueInit};
-use prompts::{read_prompts, Prompt};
+use crate::prompts::{encode_prompts, log_samples, score_pairs, Prompt, StopToken};
+use config::{micro_batch, minibatch, PpoConfig, ValueInit};
 use stats::PpoStats;
 
 pub struct Ppo;
@@ -85,7 +84,8 @@ impl Stage for Ppo {
         // Before any model is loaded: the prompts fit, the value model reads the policy's
         // tokens. (The reward names were checked against the recipe by `validate`.)
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
-        let (prompts, encoded, dropped_prompts) = encode_prompts(&c, &tokenizer)?;
+        let (prompts, encoded, dropped_prompts) =
+            encode_prompts(&c.data, &tokenizer, c.max_prompt_length, c.long_prompts)?;
         let policy_vocab = vocab_size(&model_dir)?;
         if let (ValueInit::RewardModel, Some(path)) = (c.value_model.init, &c.value_model.path) {
             let value_vocab = vocab_size(path)?;
@@ -192,22 +192,7 @@ impl Stage for Ppo {
             let sampled = sample(policy.as_ref(), &batch_tokens, &generation, pad)?;
 
             // 2. Score the finished (prompt, response) pairs; the stop token is not text.
-            let pairs = batch
-                .iter()
-                .zip(&sampled.responses)
-                .zip(&sampled.finishes)
-                .map(|((prompt, response), finish)| {
-                    let text_tokens = match finish {
-                        Finish::StopToken => &response[..response.len() - 1],
-                        _ => &response[..],
-                    };
-                    let pair = ScorePair::new(prompt.display(), tokenizer.decode(text_tokens)?);
-                    Ok(match &prompt.reference {
-                        Some(reference) => pair.with_reference(reference.clone()),
-                        None => pair,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let pairs = score_pairs(&batch, &sampled, &tokenizer)?;
             let scored = reward_set.score(&pairs)?;
             let mut scores = scored.total.clone();
             if let Some(penalty) = c.missing_eos_penalty {
@@ -345,47 +330,6 @@ impl Stage for Ppo {
     }
 }
 
-/// The prompts that fit, their tokens, and how many were dropped for their length (or
-/// the error that names the first too long, with `long_prompts: error`).
-fn encode_prompts(c: &PpoConfig, tokenizer: &Tokenizer) -> Result<(Vec<Prompt>, Vec<Vec<i64>>, usize)> {
-    let file = &c.data.train;
-    let (mut kept, mut tokens, mut dropped) = (Vec::new(), Vec::new(), 0);
-    for prompt in read_prompts(file, &c.data.fields)? {
-        let ids = prompt.tokens(tokenizer, file)?;
-        if ids.is_empty() {
-            return Err(Error::file(file, format!("line {}: the prompt has no tokens", prompt.line)));
-        }
-        if ids.len() > c.max_prompt_length {
-            match c.long_prompts {
-                LongPrompts::Error => {
-                    return Err(Error::file(
-                        file,
-                        format!(
-                            "line {}: the prompt has {} tokens, more than max_prompt_length {} (raise it, or set long_prompts: drop)",
-                            prompt.line,
-                            ids.len(),
-                            c.max_prompt_length
-                        ),
-                    ))
-                }
-                LongPrompts::Drop => {
-                    dropped += 1;
-                    continue;
-                }
-            }
-        }
-        kept.push(prompt);
-        tokens.push(ids);
-    }
-    if kept.is_empty() {
-        return Err(Error::file(
-            file,
-            format!("every prompt is longer than max_prompt_length {}", c.max_prompt_length),
-        ));
-    }
-    Ok((kept, tokens, dropped))
-}
-
 /// `vocab_size` of `dir/config.json`.
 fn vocab_size(dir: &Path) -> Result<u64> {
     let file = dir.join("config.json");
@@ -393,15 +337,6 @@ fn vocab_size(dir: &Path) -> Result<u64> {
     json.get("vocab_size")
         .and_then(serde_json::Value::as_u64)
         .ok_or_else(|| Error::file(&file, "vocab_size: missing; expected the vocabulary size"))
-}
-
-/// The seed of step `step`'s sampling and shuffles: a function of the run's seed and the
-/// step only (SplitMix64's finaliser), so a resumed step draws what it drew before.
-fn step_seed(seed: u64, step: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The value model as a checkpoint part: saved as transformers'
@@ -415,17 +350,4 @@ impl SaveHf for ValueModelSave<'_> {
     fn save_hf(&self, dir: &Path) -> Result<()> {
         self.model.save(dir, self.pad)
     }
-}
-
-/// A few (prompt, response, score) triples as TensorBoard text.
-fn log_samples(ctx: &RunContext, step: u64, pairs: &[ScorePair], scores: &[f64], count: usize) {
-    if count == 0 {
-        return;
-    }
-    let mut text = String::from("| prompt | response | score |\n|---|---|---|\n");
-    let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
-    for (pair, score) in pairs.iter().zip(scores).take(count) {
-        text.push_str(&format!("| {} | {} | {score:.4} |\n", cell(&pair.prompt), cell(&pair.response)));
-    }
-    ctx.text("samples/episodes", step as i64, &text);
 }

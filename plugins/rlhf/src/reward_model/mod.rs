@@ -1,7 +1,6 @@
 //! Reward modelling: preference pairs, the pairwise loss and its figures, scoring with a
 //! scalar-head model, and the `rlhf.reward_model` stage.
 pub mod loss;
-pub mod preference;
 pub mod scoring;
 pub mod stage;
 

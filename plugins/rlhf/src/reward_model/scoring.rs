@@ -8,7 +8,7 @@ use plumb_core::tch::{self, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::Result;
 
-use super::preference::Sequence;
+use crate::preference::Sequence;
 
 /// `rows` right-padded with `pad_id` to the longest: ids (N, T) and attention mask (N, T),
 /// 1 for tokens, 0 for padding, on `device`.

@@ -1,7 +1,7 @@
 //! `rlhf.reward_model`: a transformer with a scalar head trained on preference pairs.
 //!
 //! Starts from the previous stage's causal LM (a fresh `score` head on its transformer)
-//! or from a saved scalar-head model to continue. Reads pairs (see [`super::preference`]),
+//! or from a saved scalar-head model to continue. Reads pairs (see [`crate::preference`]),
 //! scores both sides of each, and minimises −log σ(r_c − r_r − margin) (+ the optional
 //! centering term, see [`super::loss`]). Each log step writes `train/accuracy`,
 //! `train/margin`, `train/mean_reward`, `train/min_reward`, `train/max_reward` over the
@@ -17,7 +17,6 @@
 //! The loop below is the whole algorithm, top to bottom.
 use std::path::PathBuf;
 
-use plumb_core::data::jsonl::{OnMalformed, DEFAULT_MAX_LINE_BYTES};
 use plumb_core::data::template::{use_template, TemplateChoice};
 use plumb_core::data::{seeded_rng, BatchOrder};
 use plumb_core::device::device_name;
@@ -27,23 +26,21 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::tch::{self, Device, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::{
-    check_train_and_validation, note_data, read_train_and_validation, require, DataPosition, Length, TrainSection,
-    Trained, Trainer, TrainingConfig,
-};
+use plumb_core::train::{note_data, require, DataPosition, Length, TrainSection, Trained, Trainer, TrainingConfig};
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
 use super::loss::{pairwise_loss_sum, RewardStats};
-use super::preference::{read_pairs, Fields, Pair};
 use super::scoring::{collate, keep_end, pad_id};
+use crate::preference::{Pair, PreferenceData};
 
 /// The stage's own recipe section, beside the training fields every stage shares
 /// ([`TrainingConfig`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardModelConfig {
-    pub data: DataConfig,
+    /// The preference pairs.
+    pub data: PreferenceData,
     /// Tokens per sequence (prompt and response); longer ones keep their end.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
@@ -56,40 +53,8 @@ pub struct RewardModelConfig {
     pub template: TemplateChoice,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// A JSONL file, one preference pair per line.
-    pub train: PathBuf,
-    /// A held-out JSONL file; without it, `validation_fraction` of `train` is held out.
-    #[serde(default)]
-    pub validation: Option<PathBuf>,
-    #[serde(default = "default_validation_fraction")]
-    pub validation_fraction: f64,
-    #[serde(default)]
-    pub fields: Fields,
-    /// `stop` at the first malformed line, or `skip` (and count) them.
-    #[serde(default)]
-    pub on_malformed: OnMalformed,
-    /// The longest line read, in bytes (default 1 MiB).
-    #[serde(default = "default_max_line_bytes")]
-    pub max_line_bytes: usize,
-}
-
-impl DataConfig {
-    fn read(&self, path: &std::path::Path) -> Result<(Vec<Pair>, plumb_core::data::jsonl::Skipped)> {
-        read_pairs(path, &self.fields, self.on_malformed, self.max_line_bytes)
-    }
-}
-
 fn default_max_length() -> usize {
     512
-}
-fn default_validation_fraction() -> f64 {
-    0.1
-}
-fn default_max_line_bytes() -> usize {
-    DEFAULT_MAX_LINE_BYTES
 }
 
 /// A pair as token ids.
@@ -115,24 +80,13 @@ impl Stage for RewardModelStage {
 
     fn validate(config: &Self::Config, ctx: &ValidateContext) -> Result<()> {
         let TrainSection { train: training, stage: c } = config;
-        ctx.existing_file("data.train", &c.data.train)?;
-        if let Some(validation) = &c.data.validation {
-            ctx.existing_file("data.validation", validation)?;
-        } else {
-            require(
-                c.data.validation_fraction > 0.0 && c.data.validation_fraction < 1.0,
-                "data.validation_fraction",
-                "expected a fraction strictly between 0 and 1",
-            )?;
-        }
-        require(c.data.max_line_bytes > 0, "data.max_line_bytes", "expected at least 1")?;
         require(c.max_length >= 2, "max_length", "expected at least 2")?;
         if let Some(coef) = c.center_rewards_coef {
             require(coef.is_finite() && coef >= 0.0, "center_rewards_coef", "expected a number >= 0")?;
         }
         c.template.validate()?;
         training.validate(Length::StepsOrEpochs)?;
-        check_train_and_validation(&c.data.train, c.data.validation.as_deref(), "pair", |p| c.data.read(p))?;
+        c.data.validate(ctx)?;
         ctx.require_input_model("a reward model starts from a model (a causal LM, or a saved reward model)")?;
         Ok(())
     }
@@ -149,15 +103,7 @@ impl Stage for RewardModelStage {
         };
 
         // Data: pairs, a held-out split, tokens (the template renders conversations).
-        let data = c.data.clone();
-        let (train_pairs, val_pairs) = read_train_and_validation(
-            ctx,
-            "reading the preference pairs",
-            &c.data.train,
-            c.data.validation.as_deref(),
-            c.data.validation_fraction,
-            move |path| data.read(path),
-        )?;
+        let (train_pairs, val_pairs) = c.data.read_split(ctx)?;
         let mut tokenizer = Tokenizer::from_dir(&model_dir)?;
         use_template(&c.template, &mut tokenizer, &model_dir)?;
         let pad = pad_id(&model_dir, &tokenizer)?;
@@ -171,8 +117,8 @@ impl Stage for RewardModelStage {
                 }
                 let in_line = |e: Error| Error::file(file, format!("line {}: {e}", pair.line));
                 let template = tokenizer.chat_template();
-                let mut chosen = pair.chosen.tokenize(&tokenizer, template, pad).map_err(in_line)?;
-                let mut rejected = pair.rejected.tokenize(&tokenizer, template, pad).map_err(in_line)?;
+                let mut chosen = pair.whole(&pair.chosen).tokenize(&tokenizer, template, pad).map_err(in_line)?;
+                let mut rejected = pair.whole(&pair.rejected).tokenize(&tokenizer, template, pad).map_err(in_line)?;
                 let cut = keep_end(&mut chosen, c.max_length) | keep_end(&mut rejected, c.max_length);
                 truncated += usize::from(cut);
                 out.push(TokenPair { chosen, rejected, margin: pair.margin });

@@ -27,7 +27,7 @@ use plumb_core::train::require;
 use plumb_core::{Error, Result, Reward, RewardContext, RewardModel};
 use serde::Deserialize;
 
-use crate::reward_model::preference::Sequence;
+use crate::preference::Sequence;
 use crate::reward_model::scoring::TextScorer;
 
 #[derive(Debug, Clone, Deserialize)]

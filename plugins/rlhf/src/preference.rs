@@ -1,5 +1,6 @@
 //! Pairwise preference data in JSONL, one pair per line, in the shapes TRL's
-//! `RewardTrainer` and OpenRLHF read:
+//! `RewardTrainer` and `DPOTrainer` and OpenRLHF read (the reward-model and DPO stages
+//! both read it here):
 //!
 //! - plain text with a shared prompt: `{"prompt": "…", "chosen": "…", "rejected": "…"}`;
 //!   each side is scored as `prompt + chosen` (concatenated as is, as TRL does);
@@ -17,11 +18,15 @@
 //! text and chat, a conversation has no assistant turn, or `chosen` equals `rejected`:
 //! such a pair prefers nothing (its loss is log 2 whatever the model does) and is almost
 //! always a data bug, so it is refused rather than trained on.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use plumb_core::data::jsonl::{kind_of, parse_messages, parse_object, read_lines, OnMalformed, Skipped};
+use plumb_core::data::jsonl::{
+    kind_of, parse_messages, parse_object, read_lines, OnMalformed, Skipped, DEFAULT_MAX_LINE_BYTES,
+};
+use plumb_core::plugin::ValidateContext;
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
-use plumb_core::{Error, Result};
+use plumb_core::train::{check_train_and_validation, read_train_and_validation, require};
+use plumb_core::{Error, Result, RunContext};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -29,9 +34,13 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fields {
+    /// The shared prompt (optional on a line).
     pub prompt: String,
+    /// The preferred response.
     pub chosen: String,
+    /// The response it is preferred to.
     pub rejected: String,
+    /// The optional margin the chosen side should win by (reward model only).
     pub margin: String,
     /// The role and content keys of each chat turn.
     pub role: String,
@@ -49,6 +58,74 @@ impl Default for Fields {
             role: s("role"),
             content: s("content"),
         }
+    }
+}
+
+/// The `data:` section of a stage that trains on preference pairs (the reward model,
+/// DPO).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreferenceData {
+    /// A JSONL file, one preference pair per line.
+    pub train: PathBuf,
+    /// A held-out JSONL file; without it, `validation_fraction` of `train` is held out.
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
+    /// The share of `train` held out when there is no `validation` file.
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// The names of the fields a line has (TRL's by default).
+    #[serde(default)]
+    pub fields: Fields,
+    /// `stop` at the first malformed line, or `skip` (and count) them.
+    #[serde(default)]
+    pub on_malformed: OnMalformed,
+    /// The longest line read, in bytes (default 1 MiB).
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+}
+
+fn default_validation_fraction() -> f64 {
+    0.1
+}
+fn default_max_line_bytes() -> usize {
+    DEFAULT_MAX_LINE_BYTES
+}
+
+impl PreferenceData {
+    /// The pairs of `path` and the lines left out.
+    pub fn read(&self, path: &Path) -> Result<(Vec<Pair>, Skipped)> {
+        read_pairs(path, &self.fields, self.on_malformed, self.max_line_bytes)
+    }
+
+    /// Every check of the section that needs no model: the files exist, the fraction and
+    /// the line limit are in range, and every line of the files reads as a pair.
+    pub fn validate(&self, ctx: &ValidateContext) -> Result<()> {
+        ctx.existing_file("data.train", &self.train)?;
+        if let Some(validation) = &self.validation {
+            ctx.existing_file("data.validation", validation)?;
+        } else {
+            require(
+                self.validation_fraction > 0.0 && self.validation_fraction < 1.0,
+                "data.validation_fraction",
+                "expected a fraction strictly between 0 and 1",
+            )?;
+        }
+        require(self.max_line_bytes > 0, "data.max_line_bytes", "expected at least 1")?;
+        check_train_and_validation(&self.train, self.validation.as_deref(), "pair", |p| self.read(p))
+    }
+
+    /// The training and held-out pairs (see [`read_train_and_validation`]).
+    pub fn read_split(&self, ctx: &RunContext) -> Result<(Vec<Pair>, Vec<Pair>)> {
+        let data = self.clone();
+        read_train_and_validation(
+            ctx,
+            "reading the preference pairs",
+            &self.train,
+            self.validation.as_deref(),
+            self.validation_fraction,
+            move |path| data.read(path),
+        )
     }
 }
 
@@ -102,14 +179,42 @@ impl Sequence {
     }
 }
 
-/// One preference: `chosen` is better than `rejected` (by at least `margin`).
+/// One preference: `chosen` is better than `rejected` (by at least `margin`), both
+/// answering `prompt`. The prompt is the line's own, or, when the line has none, what both
+/// sides open with (TRL's implicit prompt: the turns they share, or for plain text their
+/// shared words); it is empty (`Text("")`, `Chat([])`) when they share nothing. The
+/// responses are never empty, and are of the prompt's kind (text or chat).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pair {
+    pub prompt: Sequence,
     pub chosen: Sequence,
     pub rejected: Sequence,
     pub margin: f64,
     /// 1-based line in its file.
     pub line: usize,
+}
+
+impl Pair {
+    /// The prompt followed by `response` (one of this pair's): what a reward model scores.
+    pub fn whole(&self, response: &Sequence) -> Sequence {
+        join(&self.prompt, response)
+    }
+}
+
+/// `prompt` followed by `response`: text concatenated as is, or the turns of both.
+fn join(prompt: &Sequence, response: &Sequence) -> Sequence {
+    match (prompt, response) {
+        (Sequence::Chat(p), Sequence::Chat(r)) => Sequence::Chat(p.iter().chain(r).cloned().collect()),
+        (Sequence::Text(p), Sequence::Text(r)) => Sequence::Text(format!("{p}{r}")),
+        (Sequence::Text(p), Sequence::Chat(r)) => {
+            let mut turns = if p.is_empty() { Vec::new() } else { vec![ChatMessage::new("user", p.clone())] };
+            turns.extend(r.iter().cloned());
+            Sequence::Chat(turns)
+        }
+        (Sequence::Chat(p), Sequence::Text(r)) => {
+            Sequence::Chat(p.iter().cloned().chain([ChatMessage::new("assistant", r.clone())]).collect())
+        }
+    }
 }
 
 /// Reads every non-blank line of `path` as a preference pair; see the module docs for
@@ -124,12 +229,12 @@ pub fn read_pairs(
     if lines.is_empty() {
         return Err(Error::file(path, format!("no usable preference pairs{}", skipped.first_reason())));
     }
-    let pairs = lines.into_iter().map(|(line, (chosen, rejected, margin))| Pair { chosen, rejected, margin, line });
+    let pairs = lines.into_iter().map(|(line, p)| Pair { line, ..p });
     Ok((pairs.collect(), skipped))
 }
 
-/// One line as (chosen, rejected, margin), or why it is malformed.
-pub fn parse_pair(text: &str, fields: &Fields) -> std::result::Result<(Sequence, Sequence, f64), String> {
+/// One line as a pair (its `line` 0), or why it is malformed.
+pub fn parse_pair(text: &str, fields: &Fields) -> std::result::Result<Pair, String> {
     let object = parse_object(text)?;
     let response = |name: &str| -> std::result::Result<Side, String> {
         match object.get(name) {
@@ -175,37 +280,58 @@ pub fn parse_pair(text: &str, fields: &Fields) -> std::result::Result<(Sequence,
     }
     let margin = margin(&object, &fields.margin)?;
     let chat = chosen.is_chat() || prompt.as_ref().is_some_and(Side::is_chat);
-    let whole = |side: Side, name: &str| -> std::result::Result<Sequence, String> {
-        if !chat {
-            let prefix = match &prompt {
-                Some(Side::Text(p)) => p.as_str(),
-                _ => "",
-            };
-            return Ok(Sequence::Text(format!("{prefix}{}", side.text())));
-        }
-        let mut messages = match &prompt {
-            None => Vec::new(),
-            Some(Side::Text(p)) => vec![ChatMessage::new("user", p.clone())],
-            Some(Side::Chat(m)) => m.clone(),
+    let (prompt, chosen, rejected) = if chat {
+        let turns = |side: Side| match side {
+            Side::Text(t) => vec![ChatMessage::new("assistant", t)],
+            Side::Chat(m) => m,
         };
-        match side {
-            Side::Text(t) => messages.push(ChatMessage::new("assistant", t)),
-            Side::Chat(m) => messages.extend(m),
+        let mut prompt = match prompt {
+            None => Vec::new(),
+            Some(Side::Text(p)) => vec![ChatMessage::new("user", p)],
+            Some(Side::Chat(m)) => m,
+        };
+        let (mut chosen, mut rejected) = (turns(chosen), turns(rejected));
+        // The turns both sides open with belong to the prompt; each keeps at least one.
+        let shared = chosen.iter().zip(&rejected).take_while(|(c, r)| c == r).count();
+        let shared = shared.min(chosen.len() - 1).min(rejected.len() - 1);
+        prompt.extend(chosen.drain(..shared));
+        rejected.drain(..shared);
+        (Sequence::Chat(prompt), Sequence::Chat(chosen), Sequence::Chat(rejected))
+    } else {
+        let (chosen, rejected) = (chosen.text().to_owned(), rejected.text().to_owned());
+        match prompt {
+            Some(Side::Text(p)) => (Sequence::Text(p), Sequence::Text(chosen), Sequence::Text(rejected)),
+            _ => {
+                let cut = shared_words(&chosen, &rejected);
+                let prompt = Sequence::Text(chosen[..cut].to_owned());
+                (prompt, Sequence::Text(chosen[cut..].to_owned()), Sequence::Text(rejected[cut..].to_owned()))
+            }
         }
-        if !messages.iter().any(|m| m.role == "assistant") {
-            return Err(format!("`{name}`: the conversation has no assistant turn to score"));
-        }
-        Ok(Sequence::Chat(messages))
     };
-    let chosen = whole(chosen, &fields.chosen)?;
-    let rejected = whole(rejected, &fields.rejected)?;
-    if chosen == rejected {
+    let pair = Pair { prompt, chosen, rejected, margin, line: 0 };
+    for (side, name) in [(&pair.chosen, &fields.chosen), (&pair.rejected, &fields.rejected)] {
+        if let Sequence::Chat(turns) = pair.whole(side) {
+            if !turns.iter().any(|m| m.role == "assistant") {
+                return Err(format!("`{name}`: the conversation has no assistant turn to score"));
+            }
+        }
+    }
+    if pair.chosen == pair.rejected {
         return Err(format!(
             "`{}` and `{}` are the same: a pair must prefer one response over another",
             fields.chosen, fields.rejected
         ));
     }
-    Ok((chosen, rejected, margin))
+    Ok(pair)
+}
+
+/// Where the implicit prompt of two plain texts ends: before the last whitespace of the
+/// text they share (so no word is split between prompt and response, and each response
+/// keeps at least that whitespace), or 0 when they share no whitespace.
+fn shared_words(a: &str, b: &str) -> usize {
+    let shared: usize =
+        a.char_indices().zip(b.chars()).take_while(|((_, x), y)| x == y).map(|((_, x), _)| x.len_utf8()).sum();
+    a[..shared].rfind(char::is_whitespace).unwrap_or(0)
 }
 
 /// A response or prompt as the line gives it.
@@ -243,8 +369,14 @@ fn margin(object: &Map<String, Value>, name: &str) -> std::result::Result<f64, S
 mod tests {
     use super::*;
 
+    /// The whole chosen and rejected sequences and the margin of a line.
     fn parse(line: &str) -> std::result::Result<(Sequence, Sequence, f64), String> {
-        parse_pair(line, &Fields::default())
+        wholes(line, &Fields::default())
+    }
+
+    fn wholes(line: &str, fields: &Fields) -> std::result::Result<(Sequence, Sequence, f64), String> {
+        let p = parse_pair(line, fields)?;
+        Ok((p.whole(&p.chosen), p.whole(&p.rejected), p.margin))
     }
 
     #[test]
@@ -273,14 +405,43 @@ mod tests {
     }
 
     #[test]
+    fn the_prompt_is_the_lines_own_or_what_both_sides_open_with() {
+        let text = |s: &str| Sequence::Text(s.into());
+        let p =
+            parse_pair(r#"{"prompt": "Once", "chosen": " upon a time.", "rejected": " upon a"}"#, &Fields::default())
+                .unwrap();
+        assert_eq!((p.prompt, p.chosen, p.rejected), (text("Once"), text(" upon a time."), text(" upon a")));
+        // Implicit: the shared words, cut before a whitespace so no word is split.
+        let p = parse_pair(r#"{"chosen": "The cat sat.", "rejected": "The cat sang."}"#, &Fields::default()).unwrap();
+        assert_eq!((p.prompt, p.chosen, p.rejected), (text("The cat"), text(" sat."), text(" sang.")));
+        let p = parse_pair(r#"{"chosen": "ab", "rejected": "abc d"}"#, &Fields::default()).unwrap();
+        assert_eq!((p.prompt, p.chosen, p.rejected), (text(""), text("ab"), text("abc d")));
+        // Chat: the turns both conversations open with.
+        let line = r#"{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                       "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go."}]}"#;
+        let p = parse_pair(&line.replace('\n', " "), &Fields::default()).unwrap();
+        assert_eq!(p.prompt, Sequence::Chat(vec![ChatMessage::new("user", "Hi")]));
+        assert_eq!(p.chosen, Sequence::Chat(vec![ChatMessage::new("assistant", "Hello!")]));
+        assert_eq!(p.rejected, Sequence::Chat(vec![ChatMessage::new("assistant", "Go.")]));
+        // A plain prompt before chat responses is one user turn.
+        let line = r#"{"prompt": "Hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}"#;
+        assert!(parse_pair(line, &Fields::default()).is_err(), "mixed responses are refused");
+        let line = r#"{"prompt": "Hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#;
+        assert_eq!(
+            parse_pair(line, &Fields::default()).unwrap().prompt,
+            Sequence::Chat(vec![ChatMessage::new("user", "Hi")])
+        );
+    }
+
+    #[test]
     fn fields_are_renamable() {
         let fields =
             Fields { prompt: "question".into(), chosen: "good".into(), rejected: "bad".into(), ..Fields::default() };
-        let (c, r, _) = parse_pair(r#"{"question": "Q ", "good": "yes", "bad": "no"}"#, &fields).unwrap();
+        let (c, r, _) = wholes(r#"{"question": "Q ", "good": "yes", "bad": "no"}"#, &fields).unwrap();
         assert_eq!((c, r), (Sequence::Text("Q yes".into()), Sequence::Text("Q no".into())));
         let fields = Fields { role: "from".into(), content: "value".into(), ..Fields::default() };
         let line = r#"{"chosen": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}], "rejected": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "c"}]}"#;
-        assert!(parse_pair(line, &fields).unwrap().0.is_chat());
+        assert!(wholes(line, &fields).unwrap().0.is_chat());
     }
 
     #[test]

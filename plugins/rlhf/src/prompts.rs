@@ -1,12 +1,127 @@
 //! The prompt file of a rollout: JSONL, one prompt a line, plain (`prompt`) or chat
 //! (`messages`, rendered with the tokenizer's chat template and its generation prompt),
-//! with an optional reference answer (`reference`, else `answer`) for verifiable rewards.
-use std::path::Path;
+//! with an optional reference answer (`reference`, else `answer`) for verifiable rewards;
+//! the prompts as tokens, and the sampled responses as pairs for the rewards to score.
+//! PPO and GRPO read their prompts here.
+use std::path::{Path, PathBuf};
 
+use plumb_core::model::generate::Finish;
+use plumb_core::reward::ScorePair;
+use plumb_core::rollout::Sampled;
 use plumb_core::tokenizer::{ChatMessage, Tokenizer};
-use plumb_core::{Error, Result};
+use plumb_core::{Error, Result, RunContext};
 use serde::Deserialize;
 use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// The `data:` section of a stage that samples from prompts (PPO, GRPO).
+pub struct PromptData {
+    /// A JSONL file of prompts (see `prompts.rs`).
+    pub train: PathBuf,
+    /// The names of the fields a line is read from.
+    #[serde(default)]
+    pub fields: PromptFields,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+/// What a prompt longer than `max_prompt_length` does.
+pub enum LongPrompts {
+    /// Stop before training, naming the file and line.
+    #[default]
+    Error,
+    /// Leave it out, counted and logged.
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+/// Where a sampled response ends.
+pub enum StopToken {
+    /// At the tokenizer's end-of-sequence token(s), kept as its last token.
+    #[default]
+    Eos,
+    /// Never before `max_new_tokens`.
+    None,
+}
+
+/// The prompts of `data` that fit in `max_prompt_length` tokens, their tokens, and how
+/// many were dropped for their length (or the error that names the first too long, with
+/// `long_prompts: error`).
+pub fn encode_prompts(
+    data: &PromptData,
+    tokenizer: &Tokenizer,
+    max_prompt_length: usize,
+    long_prompts: LongPrompts,
+) -> Result<(Vec<Prompt>, Vec<Vec<i64>>, usize)> {
+    let file = &data.train;
+    let (mut kept, mut tokens, mut dropped) = (Vec::new(), Vec::new(), 0);
+    for prompt in read_prompts(file, &data.fields)? {
+        let ids = prompt.tokens(tokenizer, file)?;
+        if ids.is_empty() {
+            return Err(Error::file(file, format!("line {}: the prompt has no tokens", prompt.line)));
+        }
+        if ids.len() > max_prompt_length {
+            match long_prompts {
+                LongPrompts::Error => {
+                    return Err(Error::file(
+                        file,
+                        format!(
+                            "line {}: the prompt has {} tokens, more than max_prompt_length {max_prompt_length} (raise it, or set long_prompts: drop)",
+                            prompt.line,
+                            ids.len(),
+                        ),
+                    ))
+                }
+                LongPrompts::Drop => {
+                    dropped += 1;
+                    continue;
+                }
+            }
+        }
+        kept.push(prompt);
+        tokens.push(ids);
+    }
+    if kept.is_empty() {
+        return Err(Error::file(file, format!("every prompt is longer than max_prompt_length {max_prompt_length}")));
+    }
+    Ok((kept, tokens, dropped))
+}
+
+/// The (prompt, response) pairs the rewards score for `sampled`'s responses to
+/// `prompts`, with each prompt's reference answer; a stop token is not text.
+pub fn score_pairs(prompts: &[&Prompt], sampled: &Sampled, tokenizer: &Tokenizer) -> Result<Vec<ScorePair>> {
+    prompts
+        .iter()
+        .zip(&sampled.responses)
+        .zip(&sampled.finishes)
+        .map(|((prompt, response), finish)| {
+            let text_tokens = match finish {
+                Finish::StopToken => &response[..response.len() - 1],
+                _ => &response[..],
+            };
+            let pair = ScorePair::new(prompt.display(), tokenizer.decode(text_tokens)?);
+            Ok(match &prompt.reference {
+                Some(reference) => pair.with_reference(reference.clone()),
+                None => pair,
+            })
+        })
+        .collect()
+}
+
+/// A few (prompt, response, score) triples as TensorBoard text.
+pub fn log_samples(ctx: &RunContext, step: u64, pairs: &[ScorePair], scores: &[f64], count: usize) {
+    if count == 0 {
+        return;
+    }
+    let mut text = String::from("| prompt | response | score |\n|---|---|---|\n");
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
+    for (pair, score) in pairs.iter().zip(scores).take(count) {
+        text.push_str(&format!("| {} | {} | {score:.4} |\n", cell(&pair.prompt), cell(&pair.response)));
+    }
+    ctx.text("samples/episodes", step as i64, &text);
+}
 
 /// The names of the fields a prompt line is read from.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -16,7 +131,9 @@ pub struct PromptFields {
     pub prompt: String,
     /// A chat prompt: a list of {role, content} messages.
     pub messages: String,
+    /// The role key of each chat message.
     pub role: String,
+    /// The content key of each chat message.
     pub content: String,
     /// The reference answer; when the line has no such field, `answer` is read instead.
     pub reference: String,
