@@ -26,7 +26,7 @@ pub struct ScalarHeadModel {
 
 /// `vocab_size` of `dir/config.json`, which every family names so.
 fn vocab_size(dir: &Path) -> Result<usize> {
-    let file = dir.join("config.json");
+    let file = super::lora::chain(dir)?.0.join("config.json");
     let json: serde_json::Value = checkpoint::read_json(&file)?;
     json.get("vocab_size")
         .and_then(|v| v.as_u64())
@@ -116,6 +116,9 @@ impl ScalarHeadModel {
     /// `architectures` end in `ForSequenceClassification`): a saved scalar-head model to
     /// continue, rather than a causal LM to put a fresh head on.
     pub fn is_saved_in(dir: &Path) -> Result<bool> {
+        if super::lora::is_adapter(dir) {
+            return Ok(false); // an adapter of a causal LM (PEFT layout)
+        }
         let json: serde_json::Value = checkpoint::read_json(&dir.join("config.json"))?;
         let architectures = json.get("architectures").and_then(|a| a.as_array());
         Ok(architectures
