@@ -12,6 +12,7 @@ mod data_cmd;
 mod device;
 mod eval;
 mod generate;
+mod lora_cmd;
 mod new_cmd;
 mod output_dir;
 mod plugins;
@@ -76,6 +77,9 @@ enum Command {
     /// Data preparation: `plumb data filter` curates corpora.
     #[command(subcommand)]
     Data(data_cmd::Data),
+    /// LoRA adapters: `plumb lora merge ADAPTER -o DIR` saves the merged model.
+    #[command(subcommand)]
+    Lora(lora_cmd::Lora),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -157,6 +161,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench) => bench::run(&bench),
         Command::Data(data) => data_cmd::run(&data),
+        Command::Lora(lora) => lora_cmd::run(&lora),
         Command::New(new) => new_cmd::run(&new),
         Command::Scaling(scaling) => scaling_cmd::run(&scaling),
         Command::Recipes => recipes_cmd::list(),

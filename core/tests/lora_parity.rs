@@ -56,8 +56,7 @@ fn adapters_load_in_peft_and_merged_checkpoints_in_transformers_with_the_same_lo
 
             let adapter = tempfile::tempdir().unwrap();
             policy.save(adapter.path()).unwrap();
-            let reference =
-                python(&["peft", base.to_str().unwrap(), adapter.path().to_str().unwrap(), &ids_json]);
+            let reference = python(&["peft", base.to_str().unwrap(), adapter.path().to_str().unwrap(), &ids_json]);
             assert_eq!(reference["adapted"], *adapted, "{label}");
             let diff = (&ours - logits_of(&reference)).abs().max().double_value(&[]);
             eprintln!("{label}: max abs logit difference to peft {diff:.2e}");

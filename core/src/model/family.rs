@@ -213,10 +213,7 @@ impl<A: Architecture> Pretrained<A> {
                 {
                     let _no_grad = tch::no_grad_guard();
                     for (name, tensor) in self.vs.variables() {
-                        let mut parts: Vec<&str> = name.split('.').collect();
-                        let last = parts.pop().unwrap_or_default();
-                        let path = parts.iter().fold(merged.root(), |p, c| p.sub(*c));
-                        let _ = path.add(last, tensor.copy(), false);
+                        super::vars::add_copy(&merged, &name, &tensor);
                     }
                 }
                 lora.merge_into(&merged)?;
@@ -377,13 +374,17 @@ where
 
 /// Builds family `A`'s backbone for the checkpoint in `dir`, uninitialised, under the
 /// root of `vs`: the `backbone` entry of its row in [`super::FAMILIES`].
-pub fn build_backbone<A: CausalLm>(dir: &Path, vs: &nn::VarStore) -> Result<Box<dyn Backbone>>
+pub fn build_backbone<A: CausalLm>(
+    dir: &Path,
+    vs: &nn::VarStore,
+    lora: Option<&lora::Builder>,
+) -> Result<Box<dyn Backbone>>
 where
     BackboneOf<A>: Send,
 {
     let (base, merged) = lora::chain(dir)?;
     let checkpoint = Checkpoint::<A>::open(&base)?;
-    let model = A::build_backbone(&Vars::uninit(vs.root()), &checkpoint.config);
+    let model = A::build_backbone(&Vars::uninit(vs.root()).with_lora(lora), &checkpoint.config);
     Ok(Box::new(BackboneOf { model, checkpoint, merged }))
 }
 

@@ -281,6 +281,8 @@ pub struct Builder {
     store: nn::VarStore,
     shared: Arc<Shared>,
     modules: RefCell<Vec<String>>,
+    /// Modules trained whole beside the adapters (PEFT's `modules_to_save`).
+    whole: RefCell<Vec<String>>,
 }
 
 impl Builder {
@@ -302,7 +304,25 @@ impl Builder {
         };
         let store = nn::VarStore::new(device);
         let shared = Arc::new(Shared { enabled: AtomicBool::new(true), seed, draws: AtomicU64::new(draws) });
-        Ok(Self { config, fresh, store, shared, modules: RefCell::new(Vec::new()) })
+        Ok(Self { config, fresh, store, shared, modules: RefCell::new(Vec::new()), whole: RefCell::new(Vec::new()) })
+    }
+
+    /// A linear layer trained whole beside the adapters (see [`Builder::whole_module`]).
+    pub fn whole_module_linear(&self, name: &str, in_dim: i64, out_dim: i64, config: nn::LinearConfig) -> nn::Linear {
+        self.whole_module(name).linear(in_dim, out_dim, config)
+    }
+
+    /// Variables for a module trained whole beside the adapters (PEFT's `modules_to_save`,
+    /// e.g. a reward model's fresh `score` head): they live with the adapters, train with
+    /// them and are saved with them (PEFT's key: `base_model.model.score.weight`). Fresh
+    /// for new adapters, else left for the saved adapter to fill.
+    pub fn whole_module(&self, name: &str) -> super::vars::Vars<'_> {
+        self.whole.borrow_mut().push(name.to_string());
+        let path = self.store.root() / name;
+        match self.fresh {
+            true => super::vars::Vars::fresh(path),
+            false => super::vars::Vars::uninit(path),
+        }
     }
 
     /// The adapter of the linear layer at `path` (in → out), or None when the recipe
@@ -338,6 +358,7 @@ impl Builder {
     /// An error when the recipe's `target_modules` matched no layer.
     pub fn finish(self, request: &Request, base: &Path, family: &str) -> Result<Adapters> {
         let modules = self.modules.into_inner();
+        let whole = self.whole.into_inner();
         if modules.is_empty() {
             return Err(Error::config(
                 "lora.target_modules",
@@ -357,7 +378,7 @@ impl Builder {
             }
         }
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
-        Ok(Adapters { store, shared: self.shared, config: self.config, modules, base })
+        Ok(Adapters { store, shared: self.shared, config: self.config, modules, whole, base })
     }
 }
 
@@ -368,6 +389,8 @@ pub struct Adapters {
     shared: Arc<Shared>,
     config: LoraConfig,
     modules: Vec<String>,
+    /// Modules trained whole (PEFT's `modules_to_save`).
+    whole: Vec<String>,
     base: PathBuf,
 }
 
@@ -444,7 +467,7 @@ impl Adapters {
             "fan_in_fan_out": false,
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": if self.whole.is_empty() { Value::Null } else { json!(self.whole) },
             "layers_to_transform": null,
             "layers_pattern": null,
             "rank_pattern": {},
@@ -530,10 +553,8 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
             return Err(bad(key, "per-layer ranks or alphas are not supported"));
         }
     }
-    for key in ["layers_to_transform", "modules_to_save"] {
-        if get(key).is_some() {
-            return Err(bad(key, "not supported; expected null"));
-        }
+    if get("layers_to_transform").is_some() {
+        return Err(bad("layers_to_transform", "not supported; expected null"));
     }
     let rank = get("r").and_then(Value::as_i64).ok_or_else(|| bad("r", "expected a positive integer"))?;
     let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("lora_alpha", "expected a number"))?;
@@ -624,7 +645,23 @@ fn merge_tensors(base: &nn::VarStore, tensors: &[(String, Tensor)], scaling: f64
     let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t);
     let _no_grad = tch::no_grad_guard();
     for (name, a) in tensors {
-        let Some(layer) = name.strip_suffix(".lora_A.weight") else { continue };
+        let Some(layer) = name.strip_suffix(".lora_A.weight") else {
+            if name.ends_with(".lora_B.weight") {
+                continue; // merged with its lora_A
+            }
+            // A module trained whole (modules_to_save): its weights replace the model's.
+            let mut var = variables.get(name).map(Tensor::shallow_clone).ok_or_else(|| {
+                Error::file(source, format!("tensor `{name}`: the model has no variable of that name"))
+            })?;
+            if var.size() != a.size() {
+                return Err(Error::file(
+                    source,
+                    format!("tensor `{name}` has shape {:?}, the model {:?}", a.size(), var.size()),
+                ));
+            }
+            var.f_copy_(a)?;
+            continue;
+        };
         let b = find(&format!("{layer}.lora_B.weight"))
             .ok_or_else(|| Error::file(source, format!("`{layer}.lora_B.weight` is missing beside its lora_A")))?;
         let mut weight = variables.get(&format!("{layer}.weight")).map(Tensor::shallow_clone).ok_or_else(|| {

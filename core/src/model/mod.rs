@@ -29,8 +29,9 @@ use crate::error::{Error, Result};
 /// a dtype on a device, with LoRA adapters when asked.
 pub type LoadCausalLm = fn(&Path, Device, Kind, Option<&lora::Request>) -> Result<Box<dyn Policy>>;
 
-/// Builds a family's backbone for the checkpoint in a directory, uninitialised, in a VarStore.
-pub type BuildBackbone = fn(&Path, &nn::VarStore) -> Result<Box<dyn Backbone>>;
+/// Builds a family's backbone for the checkpoint in a directory, uninitialised, in a
+/// VarStore, with LoRA adapters from the builder when there is one.
+pub type BuildBackbone = fn(&Path, &nn::VarStore, Option<&lora::Builder>) -> Result<Box<dyn Backbone>>;
 
 /// One row of [`FAMILIES`]: a model family, the `model_type`s of `config.json` it reads,
 /// and what can be built from a checkpoint of it.

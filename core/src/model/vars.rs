@@ -111,6 +111,15 @@ impl<'a, T: ToString> Div<T> for Vars<'a> {
     }
 }
 
+/// Adds `tensor` (a copy, not trainable) to `vs` as variable `name` (a dotted path,
+/// `model.layers.0.mlp.up_proj.weight`).
+pub(crate) fn add_copy(vs: &nn::VarStore, name: &str, tensor: &Tensor) {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let last = parts.pop().unwrap_or_default();
+    let path = parts.iter().fold(vs.root(), |p, c| p.sub(*c));
+    let _ = path.add(last, tensor.copy(), false);
+}
+
 /// An embedding table: `nn::Embedding` with a public padding index (tch keeps its
 /// configuration private, so a table allocated here could not become one).
 #[derive(Debug)]
