@@ -131,7 +131,10 @@ impl Stage for Ppo {
         // The reference: with LoRA, the policy itself with its adapters off (no second copy
         // of the model in memory); else a frozen copy of the input model.
         let reference_copy = match policy.lora() {
-            Some(_) => None,
+            Some(_) => {
+                tracing::info!("reference: the policy with its LoRA adapters off (no copy of the model loaded)");
+                None
+            }
             None => Some(model::load(&model_dir, device, Kind::Float)?),
         };
         let value_model = match (trainer.resume_dir_of(1, "value"), c.value_model.init, &c.value_model.path) {
@@ -394,9 +397,9 @@ fn encode_prompts(c: &PpoConfig, tokenizer: &Tokenizer) -> Result<(Vec<Prompt>, 
     Ok((kept, tokens, dropped))
 }
 
-/// `vocab_size` of `dir/config.json`.
+/// `vocab_size` of `dir/config.json` (for a LoRA adapter, of the model under it).
 fn vocab_size(dir: &Path) -> Result<u64> {
-    let file = dir.join("config.json");
+    let file = model::lora::chain(dir)?.0.join("config.json");
     let json: serde_json::Value = checkpoint::read_json(&file)?;
     json.get("vocab_size")
         .and_then(serde_json::Value::as_u64)
