@@ -8,6 +8,7 @@
 //! Options that take numbers accept negative ones as values (`--temperature -1`), so a
 //! value out of range is reported as such.
 mod bench;
+mod bench_lora;
 mod data_cmd;
 mod device;
 mod eval;
