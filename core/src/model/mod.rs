@@ -137,24 +137,21 @@ pub fn load_for_training(
     Ok(policy)
 }
 
-/// Logs what a model trains: with LoRA, the adapters' parameters and AdamW state as a
+/// Logs what a model with LoRA adapters trains: the adapters' parameters and AdamW state as a
 /// share of full fine-tuning's (two fp32 moments per trained parameter).
 pub fn log_trainable(policy: &dyn Policy) {
-    let all: i64 = policy.var_store().variables().values().map(|t| t.numel() as i64).sum();
-    match policy.lora() {
-        Some(lora) => {
-            let trained = lora.num_parameters();
-            tracing::info!(
-                "LoRA r={} alpha={} on {} layers: {trained} trainable parameters of {all} ({:.3}%), AdamW state {:.2} MB instead of {:.2} MB",
-                lora.config().rank,
-                lora.config().alpha,
-                lora.modules().len(),
-                100.0 * trained as f64 / all as f64,
-                (2 * 4 * trained) as f64 / 1e6,
-                (2 * 4 * all) as f64 / 1e6,
-            );
-        }
-        None => tracing::info!("full fine-tuning: {all} trainable parameters"),
+    if let Some(lora) = policy.lora() {
+        let all: i64 = policy.var_store().variables().values().map(|t| t.numel() as i64).sum();
+        let trained = lora.num_parameters();
+        tracing::info!(
+            "LoRA r={} alpha={} on {} layers: {trained} trainable parameters of {all} ({:.3}%), AdamW state {:.2} MB instead of {:.2} MB",
+            lora.config().rank,
+            lora.config().alpha,
+            lora.modules().len(),
+            100.0 * trained as f64 / all as f64,
+            (2 * 4 * trained) as f64 / 1e6,
+            (2 * 4 * all) as f64 / 1e6,
+        );
     }
 }
 
