@@ -859,6 +859,48 @@ mod tests {
     }
 
     #[test]
+    fn a_scalar_head_model_trains_adapters_and_its_head_and_resumes_or_merges_to_the_same_scores() {
+        use crate::model::scalar_head::ScalarHeadModel;
+        let dir = tiny_llama();
+        let config = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0, target_modules: TargetModules::default() };
+        tch::manual_seed(2);
+        let model =
+            ScalarHeadModel::for_training(dir.path(), None, Device::Cpu, Kind::Float, Some(&config), 0).unwrap();
+        let trainable: Vec<String> = {
+            let mut names: Vec<String> = model.trainable().variables().into_keys().collect();
+            names.sort();
+            names
+        };
+        assert_eq!(trainable.len(), 2 * 2 * 2 + 1, "{trainable:?}");
+        assert!(trainable.contains(&"score.weight".to_string()));
+        assert!(model.var_store().variables().values().all(|v| !v.requires_grad()), "the backbone is frozen");
+        {
+            let _no_grad = tch::no_grad_guard();
+            for (name, mut var) in model.trainable().variables() {
+                if name.ends_with("lora_B.weight") {
+                    var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.5));
+                }
+            }
+        }
+        let mask = ids().ones_like();
+        let scores = model.scores(&ids(), &mask).unwrap();
+
+        let saved = tempfile::tempdir().unwrap();
+        model.save(saved.path(), 0).unwrap();
+        let peft: Value = read_json(&saved.path().join(CONFIG_FILE)).unwrap();
+        assert_eq!((&peft["task_type"], &peft["modules_to_save"]), (&json!("SEQ_CLS"), &json!(["score"])));
+        let resumed =
+            ScalarHeadModel::for_training(dir.path(), Some(saved.path()), Device::Cpu, Kind::Float, Some(&config), 0)
+                .unwrap();
+        assert_eq!(max_abs(&resumed.scores(&ids(), &mask).unwrap(), &scores), 0.0);
+        let merged = tempfile::tempdir().unwrap();
+        model.save_merged(merged.path(), 0).unwrap();
+        let plain = ScalarHeadModel::from_dir(merged.path(), Device::Cpu, Kind::Float).unwrap();
+        assert!(plain.lora().is_none());
+        assert!(max_abs(&plain.scores(&ids(), &mask).unwrap(), &scores) < 1e-5);
+    }
+
+    #[test]
     fn dropout_masks_are_a_function_of_seed_and_draw() {
         let mask = |seed, draw| keep_mask(&[64, 64], 0.25, seed, draw, Device::Cpu);
         assert!(mask(1, 0).equal(&mask(1, 0)));
