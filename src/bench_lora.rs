@@ -92,7 +92,6 @@ pub fn run(args: &LoraBench) -> Result<(), Failure> {
         }
         super::bench::synchronize(device);
         let step_s = start.elapsed().as_secs_f64() / args.steps as f64;
-        drop(step);
         let parameters: i64 = policy.var_store().variables().values().map(|t| t.numel() as i64).sum();
         let trainable: i64 = optimizer.parameters().iter().map(|t| t.numel() as i64).sum();
         lines.push(serde_json::json!({

@@ -254,9 +254,9 @@ fn keep_mask(shape: &[i64], p: f64, seed: u64, draw: u64, device: Device) -> Ten
     let key = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(draw.wrapping_mul(0xD1B5_4A32_D192_ED03));
     let shr = |x: &Tensor, s: i64| x.bitwise_right_shift_tensor_scalar(s).bitwise_and((1i64 << (64 - s)) - 1);
     let mut x = Tensor::arange(numel, (Kind::Int64, device)) * (0x9E37_79B9_7F4A_7C15u64 as i64) + (key as i64);
-    x = (&x).bitwise_xor_tensor(&shr(&x, 30)) * (0xBF58_476D_1CE4_E5B9u64 as i64);
-    x = (&x).bitwise_xor_tensor(&shr(&x, 27)) * (0x94D0_49BB_1331_11EBu64 as i64);
-    x = (&x).bitwise_xor_tensor(&shr(&x, 31));
+    x = x.bitwise_xor_tensor(&shr(&x, 30)) * (0xBF58_476D_1CE4_E5B9u64 as i64);
+    x = x.bitwise_xor_tensor(&shr(&x, 27)) * (0x94D0_49BB_1331_11EBu64 as i64);
+    x = x.bitwise_xor_tensor(&shr(&x, 31));
     let uniform = shr(&x, 40).to_kind(Kind::Float) / (1u64 << 24) as f64;
     uniform.ge(p).view(shape)
 }
