@@ -38,6 +38,9 @@ pub enum Bench {
     /// Episodes per second of whole PPO iterations on a fixed small shape (policy,
     /// reference, value and a learned reward model), as `bench/trl_ppo.py` runs TRL's.
     Ppo(PpoBench),
+    /// Trainable parameters, optimizer state and step time of LoRA against full
+    /// fine-tuning on one shape.
+    Lora(crate::bench_lora::LoraBench),
 }
 
 #[derive(clap::Args)]
@@ -184,7 +187,7 @@ pub struct GenerateBench {
 }
 
 /// The shapes of hf_baseline.py, and the quickstart recipe's model.
-fn shape(name: &str) -> Option<LlamaConfig> {
+pub(crate) fn shape(name: &str) -> Option<LlamaConfig> {
     // The quickstart's tokenizer comes out at 637 tokens; it ties its embeddings.
     let (vocab, hidden, intermediate, layers, heads, kv_heads, tie) = match name {
         "quickstart" => (637, 128, 352, 4, 4, 4, true),
@@ -202,7 +205,7 @@ fn shape(name: &str) -> Option<LlamaConfig> {
     .ok()
 }
 
-fn synchronize(device: Device) {
+pub(crate) fn synchronize(device: Device) {
     if let Device::Cuda(n) = device {
         tch::Cuda::synchronize(n as i64);
     }
@@ -220,10 +223,11 @@ pub fn run(bench: &Bench) -> Result<(), Failure> {
         Bench::Load(args) => load(args),
         Bench::Pack(args) => pack(args),
         Bench::Ppo(args) => ppo(args),
+        Bench::Lora(args) => crate::bench_lora::run(args),
     }
 }
 
-fn unknown_shape(name: &str) -> Failure {
+pub(crate) fn unknown_shape(name: &str) -> Failure {
     Failure::User(format!("--shape: unknown shape `{name}`; expected quickstart, llama-125m, llama-350m or llama-1b"))
 }
 

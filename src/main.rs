@@ -8,10 +8,12 @@
 //! Options that take numbers accept negative ones as values (`--temperature -1`), so a
 //! value out of range is reported as such.
 mod bench;
+mod bench_lora;
 mod data_cmd;
 mod device;
 mod eval;
 mod generate;
+mod lora_cmd;
 mod new_cmd;
 mod output_dir;
 mod plugins;
@@ -77,6 +79,9 @@ enum Command {
     /// Data preparation: `plumb data filter` curates corpora.
     #[command(subcommand)]
     Data(data_cmd::Data),
+    /// LoRA adapters: `plumb lora merge ADAPTER -o DIR` saves the merged model.
+    #[command(subcommand)]
+    Lora(lora_cmd::Lora),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -158,6 +163,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench) => bench::run(&bench),
         Command::Data(data) => data_cmd::run(&data),
+        Command::Lora(lora) => lora_cmd::run(&lora),
         Command::New(new) => new_cmd::run(&new),
         Command::Scaling(scaling) => scaling_cmd::run(&scaling),
         Command::Recipes => recipes_cmd::list(),

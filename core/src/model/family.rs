@@ -12,6 +12,7 @@ use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::head::{self, ScoreOptions, TokenScores};
+use super::lora::{self, Adapters};
 use super::vars::Vars;
 use super::{KvCache, Policy};
 use crate::checkpoint;
@@ -152,6 +153,8 @@ pub struct Pretrained<A: Architecture> {
     vs: nn::VarStore,
     model: A,
     hf: A::HfConfig,
+    /// LoRA adapters on some linear layers; the base variables `vs` are then frozen.
+    lora: Option<Adapters>,
 }
 
 impl<A: Architecture> Pretrained<A> {
@@ -160,24 +163,75 @@ impl<A: Architecture> Pretrained<A> {
         let (hf, config) = A::resolve(hf)?;
         let vs = nn::VarStore::new(device);
         let model = A::build(&Vars::fresh(vs.root()), &config);
-        Ok(Self { vs, model, hf })
+        Ok(Self { vs, model, hf, lora: None })
     }
 
     /// Loads `dir/config.json` and the weights (single or sharded safetensors) straight
     /// into variables of `kind` on `device`: no other copy of the model is made.
     pub fn from_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let checkpoint = Checkpoint::<A>::open(dir)?;
-        let vs = var_store(device, kind);
-        let model = A::build(&Vars::uninit(vs.root()), &checkpoint.config);
-        checkpoint.fill(&vs)?;
-        Ok(Self { vs, model, hf: checkpoint.hf })
+        Self::from_dir_with(dir, device, kind, None)
     }
 
-    /// Writes the weights (`model.safetensors`, sharded when large) and `config.json`
-    /// (and `generation_config.json`) in HF layout into `dir`, which exists.
+    /// [`Pretrained::from_dir`] where `dir` may also be a LoRA adapter (PEFT layout), or
+    /// a chain of them: each is merged into its base's weights as it loads (see
+    /// [`lora::chain`]). With `lora`, the model then gets adapters (fresh or saved ones)
+    /// on the linear layers they name, and its own variables are frozen.
+    pub fn from_dir_with(dir: &Path, device: Device, kind: Kind, lora: Option<&lora::Request>) -> Result<Self> {
+        let (base, merged) = lora::chain(dir)?;
+        let checkpoint = Checkpoint::<A>::open(&base)?;
+        let mut vs = var_store(device, kind);
+        let builder = lora.map(|request| lora::Builder::new(request, device)).transpose()?;
+        let model = A::build(&Vars::uninit(vs.root()).with_lora(builder.as_ref()), &checkpoint.config);
+        checkpoint.fill(&vs)?;
+        for adapter in &merged {
+            lora::merge_saved(&vs, adapter)?;
+        }
+        let adapters = match (builder, lora) {
+            (Some(builder), Some(request)) => {
+                vs.freeze();
+                let family = std::any::type_name::<A>().rsplit("::").next().unwrap_or("this");
+                Some(builder.finish(request, dir, family)?)
+            }
+            _ => None,
+        };
+        Ok(Self { vs, model, hf: checkpoint.hf, lora: adapters })
+    }
+
+    /// Writes the model in HF layout into `dir`, which exists: the weights
+    /// (`model.safetensors`, sharded when large) and `config.json` (and
+    /// `generation_config.json`); for a model with LoRA adapters, the adapter only, in
+    /// PEFT's layout (see [`lora::Adapters::save`]): its base stays where it was loaded from.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
+        if let Some(lora) = &self.lora {
+            return lora.save(dir, "CAUSAL_LM");
+        }
+        self.save_merged(dir)
+    }
+
+    /// Writes the model in HF layout into `dir`, which exists, with any LoRA adapters
+    /// merged into the weights (W + (α/r)·B·A): a plain checkpoint `transformers` loads.
+    pub fn save_merged(&self, dir: &Path) -> Result<()> {
+        match &self.lora {
+            None => checkpoint::save_weights(&self.vs, dir, checkpoint::DEFAULT_SHARD_BYTES)?,
+            Some(lora) => {
+                // A merged copy of each adapted weight; the others are saved as they are.
+                let merged = var_store(self.vs.device(), self.vs.kind());
+                {
+                    let _no_grad = tch::no_grad_guard();
+                    for (name, tensor) in self.vs.variables() {
+                        super::vars::add_copy(&merged, &name, &tensor);
+                    }
+                }
+                lora.merge_into(&merged)?;
+                checkpoint::save_weights(&merged, dir, checkpoint::DEFAULT_SHARD_BYTES)?;
+            }
+        }
         write_configs::<A>(dir, &self.hf, self.vs.kind())
+    }
+
+    /// The LoRA adapters, when the model was loaded with them.
+    pub fn lora(&self) -> Option<&Adapters> {
+        self.lora.as_ref()
     }
 
     /// The trainable variables (and the device and dtype they live in).
@@ -190,9 +244,9 @@ impl<A: Architecture> Pretrained<A> {
         self.vs.set_kind(kind);
     }
 
-    /// Trainable parameters.
+    /// Trainable parameters: the adapters' when there are adapters.
     pub fn num_parameters(&self) -> i64 {
-        super::num_parameters(&self.vs)
+        super::num_parameters(self.lora.as_ref().map_or(&self.vs, |l| l.var_store()))
     }
 
     /// Rows of the token embedding.
@@ -265,6 +319,14 @@ impl<A: CausalLm> Policy for Pretrained<A> {
         &self.vs
     }
 
+    fn lora(&self) -> Option<&Adapters> {
+        self.lora.as_ref()
+    }
+
+    fn save_merged(&self, dir: &Path) -> Result<()> {
+        Pretrained::save_merged(self, dir)
+    }
+
     fn vocab_size(&self) -> i64 {
         self.model.vocab_size()
     }
@@ -279,8 +341,14 @@ impl<A: CausalLm> Policy for Pretrained<A> {
 }
 
 /// Loads family `A`'s causal LM: the `causal_lm` entry of its row in [`super::FAMILIES`].
-pub fn load_causal_lm<A: CausalLm>(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
-    Ok(Box::new(Pretrained::<A>::from_dir(dir, device, kind)?))
+/// `dir` may be a LoRA adapter (merged as it loads); with `lora`, the model gets adapters.
+pub fn load_causal_lm<A: CausalLm>(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+    lora: Option<&lora::Request>,
+) -> Result<Box<dyn Policy>> {
+    Ok(Box::new(Pretrained::<A>::from_dir_with(dir, device, kind, lora)?))
 }
 
 /// The transformer under a scalar head, of whichever family. `Send`, so a reward holding
@@ -307,6 +375,8 @@ pub trait Backbone: Send {
 pub struct BackboneOf<A: CausalLm> {
     model: A,
     checkpoint: Checkpoint<A>,
+    /// LoRA adapters merged into the weights as they load (see [`lora::chain`]).
+    merged: Vec<PathBuf>,
 }
 
 impl<A: CausalLm> Backbone for BackboneOf<A>
@@ -326,7 +396,8 @@ where
     }
 
     fn load(&self, vs: &nn::VarStore) -> Result<()> {
-        self.checkpoint.fill(vs)
+        self.checkpoint.fill(vs)?;
+        self.merged.iter().try_for_each(|adapter| lora::merge_saved(vs, adapter))
     }
 
     fn sequence_classification_config(&self) -> (Value, [(&'static str, Option<Value>); 3]) {
@@ -341,13 +412,18 @@ where
 
 /// Builds family `A`'s backbone for the checkpoint in `dir`, uninitialised, under the
 /// root of `vs`: the `backbone` entry of its row in [`super::FAMILIES`].
-pub fn build_backbone<A: CausalLm>(dir: &Path, vs: &nn::VarStore) -> Result<Box<dyn Backbone>>
+pub fn build_backbone<A: CausalLm>(
+    dir: &Path,
+    vs: &nn::VarStore,
+    lora: Option<&lora::Builder>,
+) -> Result<Box<dyn Backbone>>
 where
     BackboneOf<A>: Send,
 {
-    let checkpoint = Checkpoint::<A>::open(dir)?;
-    let model = A::build_backbone(&Vars::uninit(vs.root()), &checkpoint.config);
-    Ok(Box::new(BackboneOf { model, checkpoint }))
+    let (base, merged) = lora::chain(dir)?;
+    let checkpoint = Checkpoint::<A>::open(&base)?;
+    let model = A::build_backbone(&Vars::uninit(vs.root()).with_lora(lora), &checkpoint.config);
+    Ok(Box::new(BackboneOf { model, checkpoint, merged }))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use tch::{Kind, Tensor};
 
 use super::cache::{attention_mask, KvCache};
 use super::family::{Architecture, CausalLm, Pretrained};
+use super::lora::Linear;
 use super::rope::{self, Rope, RopeScaling};
 use super::vars::{Embedding, Vars};
 use crate::error::{Error, Result};
@@ -255,13 +256,13 @@ impl LlamaConfig {
     }
 }
 
-fn linear(vars: Vars, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> nn::Linear {
+fn linear(vars: Vars, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
     let config = nn::LinearConfig {
         ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
         bs_init: Some(nn::Init::Const(0.0)),
         bias,
     };
-    vars.linear(in_dim, out_dim, config)
+    vars.adaptable_linear(in_dim, out_dim, config)
 }
 
 /// Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32.
@@ -287,10 +288,10 @@ impl RmsNorm {
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    o_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -324,7 +325,7 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
-        let heads = |proj: &nn::Linear, n: i64| proj.forward(x).view([b, t, n, self.head_dim]).transpose(1, 2);
+        let heads = |proj: &Linear, n: i64| proj.forward(x).view([b, t, n, self.head_dim]).transpose(1, 2);
         let q = rope::apply(&heads(&self.q_proj, self.num_heads), cos, sin); // (B, nh, T, hd)
         let k = rope::apply(&heads(&self.k_proj, self.num_kv_heads), cos, sin); // (B, nkv, T, hd)
         let v = heads(&self.v_proj, self.num_kv_heads);
@@ -342,9 +343,9 @@ impl Attention {
 /// SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)).
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
-    down_proj: nn::Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
@@ -400,7 +401,7 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: RmsNorm,
     /// None when tied to `embed_tokens`.
-    lm_head: Option<nn::Linear>,
+    lm_head: Option<Linear>,
     config: Config,
 }
 

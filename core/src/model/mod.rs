@@ -9,6 +9,7 @@ pub mod generator;
 pub mod gpt2;
 pub mod head;
 pub mod llama;
+pub mod lora;
 pub mod rope;
 pub mod scalar_head;
 pub mod t5;
@@ -27,11 +28,13 @@ pub use head::{HeadChunks, ScoreOptions, TokenScores};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 
-/// Loads a family's causal LM from a checkpoint directory, in a dtype on a device.
-pub type LoadCausalLm = fn(&Path, Device, Kind) -> Result<Box<dyn Policy>>;
+/// Loads a family's causal LM from a checkpoint directory (or a LoRA adapter on one), in
+/// a dtype on a device, with LoRA adapters when asked.
+pub type LoadCausalLm = fn(&Path, Device, Kind, Option<&lora::Request>) -> Result<Box<dyn Policy>>;
 
-/// Builds a family's backbone for the checkpoint in a directory, uninitialised, in a VarStore.
-pub type BuildBackbone = fn(&Path, &nn::VarStore) -> Result<Box<dyn Backbone>>;
+/// Builds a family's backbone for the checkpoint in a directory, uninitialised, in a
+/// VarStore, with LoRA adapters from the builder when there is one.
+pub type BuildBackbone = fn(&Path, &nn::VarStore, Option<&lora::Builder>) -> Result<Box<dyn Backbone>>;
 
 /// One row of [`FAMILIES`]: a model family, the `model_type`s of `config.json` it reads,
 /// and what can be built from a checkpoint of it.
@@ -75,7 +78,9 @@ pub fn model_types(has: impl Fn(&Family) -> bool) -> String {
 /// where the type is missing or unknown, or its family lacks the entry, an error naming
 /// the file and listing the model types whose families have it (`what` names the entry:
 /// "causal LM", "scalar head").
+/// A LoRA adapter directory is read as the model under it ([`lora::chain`]).
 pub(crate) fn dispatch<T: Copy>(dir: &Path, what: &str, entry: impl Fn(&Family) -> Option<T>) -> Result<T> {
+    let (dir, _) = lora::chain(dir)?;
     let config_file: PathBuf = dir.join("config.json");
     let config: Value = checkpoint::read_json(&config_file)?;
     let supported = model_types(|f| entry(f).is_some());
@@ -101,10 +106,56 @@ pub(crate) fn dispatch<T: Copy>(dir: &Path, what: &str, entry: impl Fn(&Family) 
 }
 
 /// Loads the causal LM in `dir` (HF layout) in `kind` on `device`, choosing the family
-/// from `config.json`'s `model_type` in [`FAMILIES`].
+/// from `config.json`'s `model_type` in [`FAMILIES`]. `dir` may hold a LoRA adapter (PEFT
+/// layout) instead: the model it adapts is loaded with the adapter merged in.
 pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn Policy>> {
+    load_with(dir, device, kind, None)
+}
+
+/// [`load`], then LoRA adapters on the layers `lora` names: fresh ones or those saved in
+/// a directory. The model's own variables are frozen; [`Policy::trainable`] is the adapters.
+pub fn load_with(dir: &Path, device: Device, kind: Kind, lora: Option<&lora::Request>) -> Result<Box<dyn Policy>> {
     let load = dispatch(dir, "causal LM", |f| f.causal_lm)?;
-    load(dir, device, kind)
+    load(dir, device, kind, lora)
+}
+
+/// The causal LM a training stage trains: the input model `input`, or the model of the
+/// checkpoint `resume` it continues from. With a `lora` block, the input model with fresh
+/// adapters (drawn from libtorch's generator; `seed` seeds their dropout), or with the
+/// adapter the checkpoint holds; without one, the whole model.
+pub fn load_for_training(
+    input: &Path,
+    resume: Option<&Path>,
+    device: Device,
+    kind: Kind,
+    lora: Option<&lora::LoraConfig>,
+    seed: u64,
+) -> Result<Box<dyn Policy>> {
+    let policy = match (lora, resume) {
+        (None, resume) => load(resume.unwrap_or(input), device, kind)?,
+        (Some(config), None) => load_with(input, device, kind, Some(&lora::Request::New { config, seed }))?,
+        (Some(_), Some(dir)) => load_with(input, device, kind, Some(&lora::Request::Saved { dir, trainable: true }))?,
+    };
+    log_trainable(policy.as_ref());
+    Ok(policy)
+}
+
+/// Logs what a model with LoRA adapters trains: the adapters' parameters and AdamW state as a
+/// share of full fine-tuning's (two fp32 moments per trained parameter).
+pub fn log_trainable(policy: &dyn Policy) {
+    if let Some(lora) = policy.lora() {
+        let all: i64 = policy.var_store().variables().values().map(|t| t.numel() as i64).sum();
+        let trained = lora.num_parameters();
+        tracing::info!(
+            "LoRA r={} alpha={} on {} layers: {trained} trainable parameters of {all} ({:.3}%), AdamW state {:.2} MB instead of {:.2} MB",
+            lora.config().rank,
+            lora.config().alpha,
+            lora.modules().len(),
+            100.0 * trained as f64 / all as f64,
+            (2 * 4 * trained) as f64 / 1e6,
+            (2 * 4 * all) as f64 / 1e6,
+        );
+    }
 }
 
 /// Trainable parameters of a model's variables.
@@ -228,12 +279,30 @@ pub trait Policy: SaveHf {
         generate::generate(self, prompts, settings, None)
     }
 
-    /// The trainable variables (and the device and dtype they live in).
+    /// The model's variables (and the device and dtype they live in); frozen when the
+    /// model has LoRA adapters.
     fn var_store(&self) -> &nn::VarStore;
 
-    /// Trainable parameters.
+    /// The LoRA adapters, when the model was loaded with them: switch them off with
+    /// [`lora::Adapters::disabled`] for the base model's outputs.
+    fn lora(&self) -> Option<&lora::Adapters> {
+        None
+    }
+
+    /// The variables a stage trains (hand these to its optimizer): the adapters' when the
+    /// model has LoRA adapters, else all of the model's.
+    fn trainable(&self) -> &nn::VarStore {
+        self.lora().map_or(self.var_store(), |l| l.var_store())
+    }
+
+    /// Writes a plain HF checkpoint into `dir` (which exists), any adapters merged in.
+    fn save_merged(&self, dir: &Path) -> Result<()> {
+        self.save(dir)
+    }
+
+    /// Trainable parameters: the adapters' when the model has LoRA adapters.
     fn num_parameters(&self) -> i64 {
-        num_parameters(self.var_store())
+        num_parameters(self.trainable())
     }
 
     /// Rows of the token embedding.

@@ -9,23 +9,33 @@ use std::ops::Div;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use super::lora::{Builder, Linear};
+
 /// A VarStore path and how variables created under it start.
 #[derive(Debug, Clone)]
 pub struct Vars<'a> {
     path: nn::Path<'a>,
     init: bool,
+    /// Where LoRA adapters come from, when the model gets them (see [`Vars::adaptable_linear`]).
+    lora: Option<&'a Builder>,
 }
 
 impl<'a> Vars<'a> {
     /// Variables initialised as each layer's `Init` says: a fresh model.
     pub fn fresh(path: nn::Path<'a>) -> Self {
-        Self { path, init: true }
+        Self { path, init: true, lora: None }
     }
 
     /// Variables allocated without values (`Tensor::empty`), for a checkpoint to fill:
     /// every one must be overwritten before use.
     pub fn uninit(path: nn::Path<'a>) -> Self {
-        Self { path, init: false }
+        Self { path, init: false, lora: None }
+    }
+
+    /// The same variables, with LoRA adapters from `lora` on the linear layers its
+    /// `target_modules` name (see [`Vars::adaptable_linear`]).
+    pub fn with_lora(self, lora: Option<&'a Builder>) -> Self {
+        Self { lora, ..self }
     }
 
     /// Whether variables are initialised (a fresh model) rather than left for a checkpoint.
@@ -57,6 +67,17 @@ impl<'a> Vars<'a> {
         nn::Linear { ws: self.var("weight", &[out_dim, in_dim], config.ws_init), bs }
     }
 
+    /// A linear layer that gets a LoRA adapter when the model is built with adapters and
+    /// this layer's path is one of their `target_modules` ([`super::lora`]); else a
+    /// plain one, as [`Vars::linear`] builds it.
+    pub fn adaptable_linear(&self, in_dim: i64, out_dim: i64, config: nn::LinearConfig) -> Linear {
+        let base = self.linear(in_dim, out_dim, config);
+        match self.lora {
+            Some(lora) => lora.linear(&self.path.components().collect::<Vec<_>>(), base, in_dim, out_dim),
+            None => Linear::plain(base),
+        }
+    }
+
     /// An embedding table `weight` (rows, dim), as `nn::embedding` builds it.
     pub fn embedding(&self, rows: i64, dim: i64, config: nn::EmbeddingConfig) -> Embedding {
         let ws = if self.init {
@@ -78,7 +99,7 @@ impl<'a, T: ToString> Div<T> for &Vars<'a> {
     type Output = Vars<'a>;
 
     fn div(self, rhs: T) -> Vars<'a> {
-        Vars { path: &self.path / rhs, init: self.init }
+        Vars { path: &self.path / rhs, init: self.init, lora: self.lora }
     }
 }
 
@@ -86,8 +107,17 @@ impl<'a, T: ToString> Div<T> for Vars<'a> {
     type Output = Vars<'a>;
 
     fn div(self, rhs: T) -> Vars<'a> {
-        Vars { path: self.path / rhs, init: self.init }
+        Vars { path: self.path / rhs, init: self.init, lora: self.lora }
     }
+}
+
+/// Adds `tensor` (a copy, not trainable) to `vs` as variable `name` (a dotted path,
+/// `model.layers.0.mlp.up_proj.weight`).
+pub(crate) fn add_copy(vs: &nn::VarStore, name: &str, tensor: &Tensor) {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let last = parts.pop().unwrap_or_default();
+    let path = parts.iter().fold(vs.root(), |p, c| p.sub(*c));
+    let _ = path.add(last, tensor.copy(), false);
 }
 
 /// An embedding table: `nn::Embedding` with a public padding index (tch keeps its

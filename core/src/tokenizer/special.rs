@@ -41,8 +41,10 @@ pub(crate) struct ModelTokenIds {
 }
 
 impl ModelTokenIds {
-    /// Reads `dir/generation_config.json` and `dir/config.json`; either may be absent.
+    /// Reads `dir/generation_config.json` and `dir/config.json`; either may be absent. For
+    /// a LoRA adapter, those of the model under it.
     pub fn read(dir: &Path) -> Result<Self> {
+        let (dir, _) = crate::model::lora::chain(dir)?;
         for name in ["generation_config.json", "config.json"] {
             let file = dir.join(name);
             let Some(json) = read_json_object(&file)? else { continue };

@@ -11,6 +11,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::{require, Precision};
 use crate::error::{Error, Result};
+use crate::model::lora::LoraConfig;
 use crate::optim::schedule::Decay;
 use crate::optim::{AdamW, AdamWConfig, Schedule};
 use crate::recipe::{located_message, parse_value};
@@ -53,6 +54,9 @@ pub struct TrainingConfig {
     /// Write the `train/*` scalars every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Train LoRA adapters (`{rank, alpha, dropout, target_modules}`) instead of every weight.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
 }
 
 /// How a stage's length is given.
@@ -93,7 +97,13 @@ impl TrainingConfig {
         require(self.grad_clip >= 0.0, "grad_clip", "expected a non-negative value (0 turns clipping off)")?;
         require(self.checkpoint.keep > 0, "checkpoint.keep", "expected at least 1")?;
         require(self.eval.every > 0, "eval.every", "expected at least 1")?;
-        require(self.log_every > 0, "log_every", "expected at least 1")
+        require(self.log_every > 0, "log_every", "expected at least 1")?;
+        self.lora.as_ref().map_or(Ok(()), LoraConfig::validate)
+    }
+
+    /// An error at `lora` for a stage that cannot train adapters (`why`).
+    pub fn refuse_lora(&self, why: &str) -> Result<()> {
+        require(self.lora.is_none(), "lora", why)
     }
 
     /// Sequences per forward/backward pass.

@@ -112,6 +112,9 @@ impl<O: Objective> Stage for Pretraining<O> {
         c.tokenizer.validate(named.len() + additional.len())?;
         O::validate(&c.objective, c.model.as_ref(), c.data.seq_len)?;
         training.validate(Length::Steps)?;
+        training.refuse_lora(
+            "pretraining trains every weight of the model; LoRA adapts a pretrained one (sft, reward_model, ppo)",
+        )?;
         require(
             training.eval.response_pattern.is_none(),
             "eval.response_pattern",

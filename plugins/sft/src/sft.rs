@@ -200,7 +200,8 @@ impl Stage for Sft {
         // Model, optimizer and data order; or all of them from the latest checkpoint.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
         let load_from = trainer.resume_dir().unwrap_or(&model_dir).to_path_buf();
-        let policy = model::load(&load_from, device, Kind::Float)?;
+        let lora = training.lora.as_ref();
+        let policy = model::load_for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &load_from)?;
         tracing::info!(
             "model: {} parameters on {}, from {}",
@@ -208,7 +209,7 @@ impl Stage for Sft {
             device_name(device),
             load_from.display()
         );
-        let mut optimizer = training.optimizer.adamw(policy.var_store());
+        let mut optimizer = training.optimizer.adamw(policy.trainable());
         let mut order = match trainer.restore(&mut [("model", &mut optimizer)])? {
             None => BatchOrder::new(plan.batches.len(), ctx.seed()),
             Some(DataPosition::Batches(order)) => order,

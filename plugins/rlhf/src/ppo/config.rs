@@ -161,6 +161,12 @@ impl PpoConfig {
 pub fn validate(section: &TrainSection<PpoConfig>, ctx: &ValidateContext) -> Result<()> {
     let TrainSection { train: training, stage: c } = section;
     training.validate(Length::StepsOrEpochs)?;
+    if training.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+        return Err(Error::config(
+            "lora.dropout",
+            "PPO takes its rollout log-probs without dropout, so the ratio of its first update must be 1: set 0",
+        ));
+    }
     ctx.existing_file("data.train", &c.data.train)?;
     read_prompts(&c.data.train, &c.data.fields)?;
     c.reward.validate("reward", ctx)?;

@@ -14,8 +14,14 @@
 //! token (TRL adds it one position later, past the end, when the response is shorter
 //! than `response_length`), and means over tokens (approx-KL, entropy, losses) count
 //! only real tokens. Log-probs come from the sampling distribution (logits / T), in
-//! rollout, reference and training alike. The model families here have no dropout, so
-//! nothing has to be switched off for the ratio at the first minibatch to be 1.
+//! rollout, reference and training alike. The model families here have no dropout (and
+//! LoRA dropout is refused here), so nothing has to be switched off for the ratio at the
+//! first minibatch to be 1.
+//!
+//! With a `lora:` block the policy trains adapters only, and the reference is the policy
+//! with its adapters switched off: no second copy of the model is loaded. The value model
+//! is trained whole either way. The final model and the checkpoints' policy are then the
+//! adapter in PEFT's layout (a next stage, `plumb generate` or `plumb eval` load it merged).
 //!
 //! Resuming: a checkpoint holds the policy (at its top, HF layout), the value model (in
 //! `value/`), both optimizers, the prompt order (a seeded permutation and its cursor)
@@ -117,10 +123,20 @@ impl Stage for Ppo {
 
         // Models and optimizers, or all of them and the prompt order from a checkpoint.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
+        let resume_policy = trainer.resume_dir_of(0, "policy");
+        let lora = training.lora.as_ref();
         let policy =
-            model::load(&trainer.resume_dir_of(0, "policy").unwrap_or(model_dir.clone()), device, Kind::Float)?;
+            model::load_for_training(&model_dir, resume_policy.as_deref(), device, Kind::Float, lora, ctx.seed())?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &model_dir)?;
-        let reference = model::load(&model_dir, device, Kind::Float)?;
+        // The reference: with LoRA, the policy itself with its adapters off (no second copy
+        // of the model in memory); else a frozen copy of the input model.
+        let reference_copy = match policy.lora() {
+            Some(_) => {
+                tracing::info!("reference: the policy with its LoRA adapters off (no copy of the model loaded)");
+                None
+            }
+            None => Some(model::load(&model_dir, device, Kind::Float)?),
+        };
         let value_model = match (trainer.resume_dir_of(1, "value"), c.value_model.init, &c.value_model.path) {
             (Some(dir), _, _) => ScalarHeadModel::from_dir(&dir, device, Kind::Float)?,
             (None, ValueInit::Policy, _) => ScalarHeadModel::from_causal_lm(&model_dir, device, Kind::Float)?,
@@ -129,7 +145,7 @@ impl Stage for Ppo {
                 return Err(Error::config("value_model.path", "init: reward_model needs the reward model's directory"))
             }
         };
-        let mut policy_adamw = training.optimizer.adamw(policy.var_store());
+        let mut policy_adamw = training.optimizer.adamw(policy.trainable());
         let mut value_adamw = training.optimizer.adamw(value_model.var_store());
         let restored = trainer.restore(&mut [("policy", &mut policy_adamw), ("value", &mut value_adamw)])?;
         let (mut order, mut kl) = match restored {
@@ -206,11 +222,14 @@ impl Stage for Ppo {
             // 3. The reference's log-probs and the value model's values of the same tokens.
             let (ref_log_probs, values) = {
                 let _no_grad = tch::no_grad_guard();
-                let (sequences, attention) = (&sampled.sequences, &sampled.attention_mask);
+                let (reference, _adapters_off) = match &reference_copy {
+                    Some(copy) => (copy.as_ref(), None),
+                    None => (policy.as_ref(), policy.lora().map(|l| l.disabled())),
+                };
                 let scores = policy_response_scores(
-                    reference.as_ref(),
-                    sequences,
-                    attention,
+                    reference,
+                    &sampled.sequences,
+                    &sampled.attention_mask,
                     sampled.prompt_len,
                     c.temperature,
                     false,
@@ -330,9 +349,9 @@ impl Stage for Ppo {
     }
 }
 
-/// `vocab_size` of `dir/config.json`.
+/// `vocab_size` of `dir/config.json` (for a LoRA adapter, of the model under it).
 fn vocab_size(dir: &Path) -> Result<u64> {
-    let file = dir.join("config.json");
+    let file = model::lora::chain(dir)?.0.join("config.json");
     let json: serde_json::Value = checkpoint::read_json(&file)?;
     json.get("vocab_size")
         .and_then(serde_json::Value::as_u64)

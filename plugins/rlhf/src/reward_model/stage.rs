@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use plumb_core::data::template::{use_template, TemplateChoice};
 use plumb_core::data::{seeded_rng, BatchOrder};
 use plumb_core::device::device_name;
-use plumb_core::model::scalar_head::ScalarHeadModel;
+use plumb_core::model::scalar_head::{Merged, ScalarHeadModel};
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
@@ -151,17 +151,31 @@ impl Stage for RewardModelStage {
 
         // Model, optimizer and data order; or all of them from the latest checkpoint.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
-        let model = match trainer.resume_dir() {
-            Some(dir) => ScalarHeadModel::from_dir(dir, device, Kind::Float)?,
-            None if ScalarHeadModel::is_saved_in(&model_dir)? => {
-                ScalarHeadModel::from_dir(&model_dir, device, Kind::Float)?
-            }
-            None => ScalarHeadModel::from_causal_lm(&model_dir, device, Kind::Float)?,
-        };
+        let lora = training.lora.as_ref();
+        let model =
+            ScalarHeadModel::for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
         tokenizer.check_fits_embedding(model.vocab_size(), &model_dir)?;
-        let parameters: i64 = model.var_store().trainable_variables().iter().map(Tensor::numel).sum::<usize>() as i64;
-        tracing::info!("model: {parameters} parameters on {}, from {}", device_name(device), model_dir.display());
-        let mut optimizer = training.optimizer.adamw(model.var_store());
+        let count =
+            |vs: &plumb_core::tch::nn::VarStore| vs.variables().values().map(Tensor::numel).sum::<usize>() as i64;
+        let parameters = count(model.trainable());
+        tracing::info!(
+            "model: {parameters} trainable parameters on {}, from {}",
+            device_name(device),
+            model_dir.display()
+        );
+        if let Some(adapters) = model.lora() {
+            let all = count(model.var_store()) + count(model.trainable());
+            tracing::info!(
+                "LoRA r={} alpha={} on {} layers (the head trained whole): {parameters} trainable parameters of {all} ({:.3}%), AdamW state {:.2} MB instead of {:.2} MB",
+                adapters.config().rank,
+                adapters.config().alpha,
+                adapters.modules().len(),
+                100.0 * parameters as f64 / all as f64,
+                (8 * parameters) as f64 / 1e6,
+                (8 * all) as f64 / 1e6
+            );
+        }
+        let mut optimizer = training.optimizer.adamw(model.trainable());
         let mut order = match trainer.restore(&mut [("model", &mut optimizer)])? {
             None => BatchOrder::new(batches.len(), ctx.seed()),
             Some(DataPosition::Batches(order)) => order,
@@ -234,7 +248,12 @@ impl Stage for RewardModelStage {
             }
         }
 
-        let final_dir = trainer.save_final(&model.with_pad(pad), &tokenizer, c.max_length)?;
+        // With LoRA, the final model is merged: a plain reward model for `rlhf.learned`,
+        // PPO's value model and transformers (the checkpoints keep the adapter, to resume).
+        let final_dir = match model.lora() {
+            Some(_) => trainer.save_final(&Merged(model.with_pad(pad)), &tokenizer, c.max_length)?,
+            None => trainer.save_final(&model.with_pad(pad), &tokenizer, c.max_length)?,
+        };
         let mut metrics = trainer.metrics();
         metrics.insert("data/train_pairs".to_string(), train.len() as f64);
         metrics.insert("data/validation_pairs".to_string(), validation.len() as f64);
