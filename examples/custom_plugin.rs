@@ -23,7 +23,7 @@ use plumb_core::train::next_token_loss;
 use plumb_core::{data, Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PerplexityConfig {
     /// A text file; documents separated by blank lines.
@@ -72,7 +72,7 @@ impl Stage for Perplexity {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WordCountConfig {
     target_words: usize,

@@ -11,6 +11,7 @@ mod bench;
 mod data_cmd;
 mod device;
 mod eval;
+mod explain;
 mod generate;
 mod new_cmd;
 mod output_dir;
@@ -59,7 +60,8 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Check a recipe (and its plugins' sections) and print it fully resolved.
+    /// Check a recipe (and its plugins' sections) and print it fully resolved: overrides
+    /// applied, every default of every section filled in.
     Validate {
         /// The recipe file (YAML).
         recipe: PathBuf,
@@ -71,6 +73,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// List the plugins found on PLUMB_PLUGIN_PATH and next to this executable.
     Plugins,
+    /// Every option of a stage, evaluator or reward (`plumb explain sft.sft`), or of the
+    /// recipe's `run:` section (`plumb explain`), with its type, default and meaning.
+    Explain(explain::ExplainArgs),
     /// Continue a prompt with a model in HF layout (temperature 0 = greedy).
     Generate(generate::GenerateArgs),
     /// Data preparation: `plumb data filter` curates corpora.
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
         Command::Validate { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Validate),
         Command::Eval(args) => eval::run(&args),
         Command::Plugins => plugins::list(),
+        Command::Explain(args) => explain::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench) => bench::run(&bench),
         Command::Data(data) => data_cmd::run(&data),

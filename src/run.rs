@@ -17,6 +17,7 @@ use plumb_host::log::TbWriter;
 use plumb_host::plugin::host::HostServices;
 use plumb_host::plugin::registry::RewardInstance;
 use plumb_host::plugin::{loader, CallError, Component, Kind, Registry};
+use plumb_host::recipe::options::fill_defaults;
 use plumb_host::recipe::{LoadedRecipe, ModelSource, Recipe, RecipeError};
 
 use crate::output_dir::{self, Earlier};
@@ -102,6 +103,30 @@ fn located(
     }
 }
 
+/// The resolved recipe with the defaults of every stage's and reward's section filled in,
+/// as its plugin declares them: what `plumb validate` prints and the run directory keeps.
+fn with_defaults(
+    recipe: &LoadedRecipe,
+    registry: &Registry,
+    user: &dyn Fn(RecipeError) -> Failure,
+) -> Result<String, Failure> {
+    let filled = recipe.resolved_yaml_filled(|at, uses, config| {
+        let schema = match at.starts_with("rewards") {
+            true => registry.reward(uses).map(|c| c.schema()),
+            false => registry.runnable(uses).map(|c| c.schema()),
+        };
+        match schema {
+            Ok(Ok(schema)) => {
+                fill_defaults(&schema, config);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(recipe.error_at(at, format!("`{uses}` could not describe its options: {e}"))),
+            Err(message) => Err(recipe.error_at(at, message)),
+        }
+    });
+    filled.map_err(user)
+}
+
 fn yaml(value: &serde_yaml::Value) -> String {
     serde_yaml::to_string(value).unwrap_or_default()
 }
@@ -176,8 +201,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // A device this machine lacks is a recipe error, found by `validate` too.
     let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
     let device = plumb_core::device::device_name(device);
+    let resolved = with_defaults(recipe, &registry, user)?;
     if mode == Mode::Validate {
-        print!("{}", recipe.resolved_yaml());
+        print!("{resolved}");
         return Ok(());
     }
 
@@ -194,7 +220,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // A resume that a stage refuses (its checkpoint was made under another recipe) keeps
     // the recipe the run was made under.
     let earlier_recipe = if mode == Mode::Resume { std::fs::read(&recipe_file).ok() } else { None };
-    write_file_atomically(&recipe_file, recipe.resolved_yaml().as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+    write_file_atomically(&recipe_file, resolved.as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
     // The first Ctrl-C (or SIGTERM) asks the running stage to finish its step and save; a
     // second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));

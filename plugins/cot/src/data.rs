@@ -53,7 +53,7 @@ pub fn strip_annotations(text: &str) -> String {
 }
 
 /// Which fields of a JSONL line hold the question and the answer.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fields {
     #[serde(default = "default_question")]

@@ -31,7 +31,7 @@ use crate::data::{Fields, Problem, Source, GSM8K_TEST_NAME};
 use crate::prompt::{self, Exemplar, Mode, ANSWER_PASS};
 use crate::report::{self, Generations, Scored};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CotConfig {
     /// A JSONL file of problems, or `gsm8k:test` (the default): GSM8K's test set, built in.
@@ -89,7 +89,7 @@ pub struct CotConfig {
 }
 
 /// Where few-shot exemplars come from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FewShot {
     /// `wei` (the eight exemplars of Wei et al., in order, as lm-evaluation-harness's

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Problem;
 
 /// One way of asking; a run evaluates a list of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, PartialOrd, Ord, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     Direct,

@@ -20,7 +20,7 @@ use crate::stage::{Objective, Pretraining};
 pub type CausalLm = Pretraining<CausalLmObjective>;
 
 /// A Llama-style architecture; the vocabulary size comes from the tokenizer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub hidden_size: usize,
@@ -41,7 +41,7 @@ pub struct ModelConfig {
 }
 
 /// Causal LM has no settings of its own (`objective:` stays empty).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NextToken {}
 

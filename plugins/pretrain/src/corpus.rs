@@ -16,7 +16,7 @@ use plumb_core::train::{nested, require, DataPosition};
 use plumb_core::{Error, Result, RunContext};
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A UTF-8 text file; documents are separated by blank lines. Or `sources`.
@@ -81,7 +81,7 @@ impl DataConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
     #[serde(default = "default_vocab_size")]

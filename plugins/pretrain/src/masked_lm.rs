@@ -19,7 +19,7 @@ use crate::stage::{Objective, Pretraining};
 pub type MaskedLm = Pretraining<MaskedLmObjective>;
 
 /// A BERT encoder; the vocabulary comes from the tokenizer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BertArchitecture {
     pub hidden_size: usize,

@@ -19,7 +19,7 @@ use crate::stage::{Objective, Pretraining};
 pub type SpanCorruption = Pretraining<SpanCorruptionObjective>;
 
 /// A T5 encoder-decoder; the vocabulary comes from the tokenizer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct T5Architecture {
     pub d_model: usize,

@@ -20,7 +20,7 @@ use plumb_core::tokenizer::ChatMessage;
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     Alpaca,
@@ -29,7 +29,7 @@ pub enum Format {
 }
 
 /// The names of the fields each format reads; defaults are the formats' usual names.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fields {
     pub instruction: String,

@@ -34,7 +34,7 @@ use crate::template::{
 
 /// The stage's own recipe section, beside the training fields every stage shares
 /// ([`TrainingConfig`]: optimizer, schedule, batch, steps or epochs, checkpoint, eval, ...).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
     pub data: DataConfig,
@@ -57,7 +57,7 @@ pub struct SftConfig {
     pub batching: Batching,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A JSONL file, one example per line.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::prompts::{read_prompts, PromptFields};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PpoConfig {
     pub data: PromptData,
@@ -80,7 +80,7 @@ pub struct PpoConfig {
     pub samples: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromptData {
     /// A JSONL file of prompts (see `prompts.rs`).
@@ -89,7 +89,7 @@ pub struct PromptData {
     pub fields: PromptFields,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LongPrompts {
     #[default]
@@ -97,7 +97,7 @@ pub enum LongPrompts {
     Drop,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StopToken {
     #[default]
@@ -105,7 +105,7 @@ pub enum StopToken {
     None,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValueModelConfig {
     /// `policy`: the policy's transformer with a fresh scalar head; `reward_model`: the
@@ -116,7 +116,7 @@ pub struct ValueModelConfig {
     pub path: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ValueInit {
     #[default]

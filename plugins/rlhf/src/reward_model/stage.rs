@@ -40,7 +40,7 @@ use super::scoring::{collate, keep_end, pad_id};
 
 /// The stage's own recipe section, beside the training fields every stage shares
 /// ([`TrainingConfig`]).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RewardModelConfig {
     pub data: DataConfig,
@@ -56,7 +56,7 @@ pub struct RewardModelConfig {
     pub template: TemplateChoice,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A JSONL file, one preference pair per line.

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::finite;
 
 /// Where the pattern must match.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Anywhere in the response.
@@ -31,7 +31,7 @@ pub enum Mode {
     Full,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegexConfig {
     pub pattern: String,
