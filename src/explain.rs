@@ -21,14 +21,7 @@ pub fn run(args: &ExplainArgs) -> Result<(), Failure> {
     if name == "run" {
         let schema = serde_json::to_value(schemars::schema_for!(RunSpec))
             .map_err(|e| Failure::Internal(format!("the run section's schema: {e}")))?;
-        print!(
-            "{}",
-            render(
-                "run: the recipe's `run:` section",
-                "Settings of the run as a whole.",
-                &options(&schema)
-            )
-        );
+        print!("{}", render("run: the recipe's `run:` section", "Settings of the run as a whole.", &options(&schema)));
         if args.name.is_none() {
             let mut names = Vec::new();
             for kind in [Kind::Stage, Kind::Evaluator, Kind::Reward] {
@@ -41,9 +34,8 @@ pub fn run(args: &ExplainArgs) -> Result<(), Failure> {
         return Ok(());
     }
     let described = registry.described(name).map_err(Failure::User)?;
-    let schema = described
-        .schema()
-        .map_err(|e| Failure::Internal(format!("`{name}` could not describe its options: {e}")))?;
+    let schema =
+        described.schema().map_err(|e| Failure::Internal(format!("`{name}` could not describe its options: {e}")))?;
     let title = format!(
         "{} {} (plugin {} {}, {})",
         described.kind.noun(),
@@ -73,7 +65,7 @@ pub fn render(title: &str, about: &str, options: &[OptionDoc]) -> String {
         let mut line = format!("{}: {}", option.key, option.kind);
         match (&option.default, option.required) {
             (_, true) => line += " (required)",
-            (Some(default), false) if !option.section => line += &format!(" = {default}"),
+            (Some(default), false) if !option.section || default == "null" => line += &format!(" = {default}"),
             (None, false) if !option.section => line += " (optional)",
             _ => {}
         }
@@ -89,16 +81,15 @@ mod tests {
 
     #[test]
     fn each_option_is_a_line_of_key_type_and_default_then_its_doc() {
-        let option = |key: &str, kind: &str, default: Option<&str>, required: bool, section: bool, doc: &str| {
-            OptionDoc {
+        let option =
+            |key: &str, kind: &str, default: Option<&str>, required: bool, section: bool, doc: &str| OptionDoc {
                 key: key.into(),
                 kind: kind.into(),
                 default: default.map(Into::into),
                 required,
                 section,
                 doc: doc.into(),
-            }
-        };
+            };
         let text = render(
             "stage x.y (plugin x)",
             "Does y.",

@@ -44,7 +44,8 @@ pub fn list() -> Result<(), Failure> {
         count += 1;
         println!("{} {}  {}", plugin.name, plugin.version, plugin.path.display());
         println!("    {}", plugin.description);
-        for (kind, list) in [("stage", &plugin.stages), ("evaluator", &plugin.evaluators), ("reward", &plugin.rewards)] {
+        for (kind, list) in [("stage", &plugin.stages), ("evaluator", &plugin.evaluators), ("reward", &plugin.rewards)]
+        {
             for c in list {
                 println!("    {kind:<9} {}.{}  {}", plugin.name, c.name, c.description);
             }

@@ -172,7 +172,10 @@ mod tests {
             assert_eq!(dtype_name(kind), name);
             assert_eq!(parse_dtype(name), Ok(kind));
         }
-        assert_eq!((dtype_name(Kind::Int64), dtype_name(Kind::Double), dtype_name(Kind::Bool)), ("int64", "float64", "bool"));
+        assert_eq!(
+            (dtype_name(Kind::Int64), dtype_name(Kind::Double), dtype_name(Kind::Bool)),
+            ("int64", "float64", "bool")
+        );
         assert_eq!((parse_dtype("bf16"), parse_dtype("fp32")), (Ok(Kind::BFloat16), Ok(Kind::Float)));
         assert_eq!(
             parse_dtype("bfloat"),

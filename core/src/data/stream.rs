@@ -20,7 +20,7 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::tokenizer::Tokenizer;
 
 /// One file of a mixture (`data.sources[i]` in a recipe).
-#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// A text file (documents separated by blank lines) or JSONL (`.jsonl`).

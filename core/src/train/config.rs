@@ -5,8 +5,8 @@
 //! stage's own (`data`, `model`, `template`, ...). [`TrainSection`] reads it, sending each
 //! key to the struct that declares it, so both stay `deny_unknown_fields` and a typo is
 //! answered with the nearest name from either.
-use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use schemars::JsonSchema;
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 

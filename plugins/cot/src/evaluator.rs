@@ -69,8 +69,11 @@ pub struct CotConfig {
     /// Sampling of self_consistency (the other modes decode greedily).
     #[serde(default = "default_temperature")]
     pub temperature: f64,
+    /// Nucleus sampling of self_consistency: the smallest set of tokens whose probability
+    /// reaches this (1.0 = all).
     #[serde(default = "default_top_p")]
     pub top_p: f64,
+    /// Sampling of self_consistency from the k likeliest tokens only; 0 = no limit.
     #[serde(default)]
     pub top_k: i64,
     /// Rows (prompts × samples) per generation batch.

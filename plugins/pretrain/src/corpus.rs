@@ -84,8 +84,10 @@ impl DataConfig {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
+    /// Tokens in the vocabulary, special tokens included.
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
+    /// A pair is merged only when it occurs at least this often.
     #[serde(default = "default_min_frequency")]
     pub min_frequency: u64,
     /// Trained on at most this many training documents, from the start of the stream.

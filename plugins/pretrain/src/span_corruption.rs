@@ -22,9 +22,13 @@ pub type SpanCorruption = Pretraining<SpanCorruptionObjective>;
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct T5Architecture {
+    /// Width of the hidden states.
     pub d_model: usize,
+    /// Width of the feed-forward layer.
     pub d_ff: usize,
+    /// Encoder layers.
     pub num_layers: usize,
+    /// Attention heads per layer.
     pub num_heads: usize,
     /// Default: d_model / num_heads.
     #[serde(default)]

@@ -85,12 +85,15 @@ pub trait Objective: Sized + 'static {
 #[serde(deny_unknown_fields)]
 #[schemars(bound = "A: schemars::JsonSchema, S: schemars::JsonSchema + Default")]
 pub struct PretrainConfig<A, S> {
+    /// The corpus: one text file or a weighted mixture, streamed, packed and held out.
     pub data: DataConfig,
+    /// The byte-level BPE tokenizer trained from the corpus when the stage starts from scratch.
     #[serde(default)]
     pub tokenizer: TokenizerConfig,
     /// The architecture, when the stage starts from scratch (no input model).
     #[serde(default = "no_model::<A>")]
     pub model: Option<A>,
+    /// The objective's own settings (masking or span corruption rates).
     #[serde(default)]
     pub objective: S,
     /// Grow the batch from `start` sequences to `batch_size` over the first `steps` steps.

@@ -32,13 +32,21 @@ pub enum Format {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fields {
+    /// alpaca: the instruction.
     pub instruction: String,
+    /// alpaca: the optional input, after the instruction and a blank line.
     pub input: String,
+    /// alpaca: the answer.
     pub output: String,
+    /// prompt_completion: the prompt.
     pub prompt: String,
+    /// prompt_completion: the answer.
     pub completion: String,
+    /// messages: the list of chat turns.
     pub messages: String,
+    /// messages: the role key of each turn.
     pub role: String,
+    /// messages: the content key of each turn.
     pub content: String,
     /// An optional system prompt field (alpaca and prompt_completion).
     pub system: String,

@@ -203,7 +203,9 @@ impl Registry {
         let mut names = self.names(Kind::Stage);
         names.extend(self.names(Kind::Evaluator));
         names.extend(self.names(Kind::Reward));
-        let hint = suggest(uses, names.iter().map(String::as_str)).map(|s| format!("did you mean `{s}`? ")).unwrap_or_default();
+        let hint = suggest(uses, names.iter().map(String::as_str))
+            .map(|s| format!("did you mean `{s}`? "))
+            .unwrap_or_default();
         let known = if names.is_empty() { "none (no plugins found)".to_owned() } else { names.join(", ") };
         Err(format!("no stage, evaluator or reward named `{uses}`; {hint}known: {known}"))
     }

@@ -135,8 +135,9 @@ impl LoadedRecipe {
         for (i, stage) in recipe.stages.iter_mut().enumerate() {
             fill(&format!("stages[{i}].config"), &stage.uses, &mut stage.config)?;
         }
-        let text = serde_yaml::to_string(&recipe)
-            .map_err(|e| self.locator.error(&KeyPath::default(), format!("cannot write the resolved recipe as YAML: {e}")))?;
+        let text = serde_yaml::to_string(&recipe).map_err(|e| {
+            self.locator.error(&KeyPath::default(), format!("cannot write the resolved recipe as YAML: {e}"))
+        })?;
         Ok(header(&self.locator.file, self.locator.overrides.texts()) + &text)
     }
 

@@ -117,6 +117,12 @@ fn object_of<'s>(root: &'s Json, schema: &'s Json, depth: usize) -> Option<Objec
             .unwrap_or_default();
         return Some(Object { properties: properties.iter().collect(), required });
     }
+    // A struct with no fields: `{"type": "object", "additionalProperties": false}`.
+    if schema.get("type").and_then(Json::as_str) == Some("object")
+        && schema.get("additionalProperties") == Some(&Json::Bool(false))
+    {
+        return Some(Object { properties: Vec::new(), required: Vec::new() });
+    }
     let choices = choices(schema)?;
     let mut non_null = choices.iter().filter(|c| !is_null(root, c));
     match (non_null.next(), non_null.next()) {
@@ -347,10 +353,8 @@ mod tests {
 
     #[test]
     fn options_are_flattened_with_kind_default_and_doc() {
-        let listed: Vec<(String, String, Option<String>, bool, String)> = options(&schema())
-            .into_iter()
-            .map(|o| (o.key, o.kind, o.default, o.required, o.doc))
-            .collect();
+        let listed: Vec<(String, String, Option<String>, bool, String)> =
+            options(&schema()).into_iter().map(|o| (o.key, o.kind, o.default, o.required, o.doc)).collect();
         let row = |key: &str, kind: &str, default: Option<&str>, required: bool, doc: &str| {
             (key.to_owned(), kind.to_owned(), default.map(str::to_owned), required, doc.to_owned())
         };

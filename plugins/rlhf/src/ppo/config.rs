@@ -14,6 +14,7 @@ use super::prompts::{read_prompts, PromptFields};
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PpoConfig {
+    /// The prompts to sample responses for.
     pub data: PromptData,
     /// The rewards (names in the recipe's `rewards:`), one or a weighted list.
     pub reward: RewardWeights,
@@ -58,11 +59,13 @@ pub struct PpoConfig {
     /// ε of the value clip (TRL's `cliprange_value`).
     #[serde(default = "default_clip")]
     pub cliprange_value: f64,
+    /// Discount of future rewards in GAE (TRL's `gamma`).
     #[serde(default = "default_gamma")]
     pub gamma: f64,
     /// λ of GAE (TRL's `lam`).
     #[serde(default = "default_lam")]
     pub lam: f64,
+    /// Weight of the value loss beside the policy loss (TRL's `vf_coef`).
     #[serde(default = "default_vf_coef")]
     pub vf_coef: f64,
     /// Passes over each batch of episodes (TRL's `num_ppo_epochs`).
@@ -85,6 +88,7 @@ pub struct PpoConfig {
 pub struct PromptData {
     /// A JSONL file of prompts (see `prompts.rs`).
     pub train: PathBuf,
+    /// The names of the fields of a prompt line.
     #[serde(default)]
     pub fields: PromptFields,
 }
@@ -112,6 +116,7 @@ pub struct ValueModelConfig {
     /// scalar-head model at `path` (a trained reward model).
     #[serde(default)]
     pub init: ValueInit,
+    /// The scalar-head model directory, for `init: reward_model`.
     #[serde(default)]
     pub path: Option<PathBuf>,
 }

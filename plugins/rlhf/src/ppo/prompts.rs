@@ -16,7 +16,9 @@ pub struct PromptFields {
     pub prompt: String,
     /// A chat prompt: a list of {role, content} messages.
     pub messages: String,
+    /// The role key of each chat turn.
     pub role: String,
+    /// The content key of each chat turn.
     pub content: String,
     /// The reference answer; when the line has no such field, `answer` is read instead.
     pub reference: String,

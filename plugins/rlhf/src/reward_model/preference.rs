@@ -29,12 +29,17 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fields {
+    /// The prompt: text, or a list of chat turns.
     pub prompt: String,
+    /// The preferred response: text, or chat turns.
     pub chosen: String,
+    /// The other response: text, or chat turns.
     pub rejected: String,
+    /// An optional number by which chosen should outscore rejected (TRL's `margin`).
     pub margin: String,
     /// The role and content keys of each chat turn.
     pub role: String,
+    /// The content key of each chat turn.
     pub content: String,
 }
 

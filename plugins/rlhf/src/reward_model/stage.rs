@@ -43,6 +43,7 @@ use super::scoring::{collate, keep_end, pad_id};
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RewardModelConfig {
+    /// The preference pairs to train on and hold out.
     pub data: DataConfig,
     /// Tokens per sequence (prompt and response); longer ones keep their end.
     #[serde(default = "default_max_length")]
@@ -64,8 +65,10 @@ pub struct DataConfig {
     /// A held-out JSONL file; without it, `validation_fraction` of `train` is held out.
     #[serde(default)]
     pub validation: Option<PathBuf>,
+    /// Fraction of `train` held out when there is no `validation` file.
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
+    /// The names of the fields of a preference line.
     #[serde(default)]
     pub fields: Fields,
     /// `stop` at the first malformed line, or `skip` (and count) them.

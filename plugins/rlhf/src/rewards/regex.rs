@@ -34,7 +34,9 @@ pub enum Mode {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegexConfig {
+    /// The regular expression (Rust's `regex` syntax) a response is tested against.
     pub pattern: String,
+    /// `search` (anywhere in the response) or `full` (the whole response).
     #[serde(default)]
     pub mode: Mode,
     /// The score of a matching response.
