@@ -178,8 +178,8 @@ mod tests {
         );
         assert_eq!((parse_dtype("bf16"), parse_dtype("fp32")), (Ok(Kind::BFloat16), Ok(Kind::Float)));
         assert_eq!(
-            parse_dtype("bfloat"),
-            Err("unknown dtype `bfloat`; expected float32, bfloat16 or float16; did you mean `bfloat16`?".into())
+            parse_dtype("bfloat17"),
+            Err("unknown dtype `bfloat17`; expected float32, bfloat16 or float16; did you mean `bfloat16`?".into())
         );
         // A tensor's dtype, as a model reports it, reads the same way.
         assert_eq!(dtype_name(tch::Tensor::zeros([1], (Kind::BFloat16, tch::Device::Cpu)).kind()), "bfloat16");

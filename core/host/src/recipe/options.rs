@@ -322,6 +322,12 @@ mod tests {
         3.0
     }
 
+    impl Default for Inner {
+        fn default() -> Self {
+            Self { rate: three(), bounds: [0, 0], note: None }
+        }
+    }
+
     #[derive(Deserialize, JsonSchema)]
     #[serde(deny_unknown_fields)]
     struct Section {
