@@ -81,9 +81,8 @@ enum Command {
     /// Data preparation: `plumb data filter` curates corpora.
     #[command(subcommand)]
     Data(data_cmd::Data),
-    /// Benchmarks that print figures.
-    #[command(subcommand)]
-    Bench(bench::Bench),
+    /// Benchmarks that print figures: a table, or JSON lines with --json.
+    Bench(bench::BenchArgs),
     /// Scaling laws: fit sweeps (`plumb scaling fit RUN_DIR`), plan a compute budget.
     #[command(subcommand)]
     Scaling(scaling_cmd::Scaling),
@@ -161,7 +160,7 @@ fn main() -> ExitCode {
         Command::Plugins => plugins::list(),
         Command::Explain(args) => explain::run(&args),
         Command::Generate(args) => generate::run(&args),
-        Command::Bench(bench) => bench::run(&bench),
+        Command::Bench(args) => bench::run(&args),
         Command::Data(data) => data_cmd::run(&data),
         Command::New(new) => new_cmd::run(&new),
         Command::Scaling(scaling) => scaling_cmd::run(&scaling),
