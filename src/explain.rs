@@ -66,6 +66,8 @@ pub fn render(title: &str, about: &str, options: &[OptionDoc]) -> String {
         match (&option.default, option.required) {
             (_, true) => line += " (required)",
             (Some(default), false) if !option.section || default == "null" => line += &format!(" = {default}"),
+            // A section on by default: its keys' defaults follow.
+            (Some(_), false) => line += " = {…}",
             (None, false) if !option.section => line += " (optional)",
             _ => {}
         }
@@ -98,6 +100,8 @@ mod tests {
                 option("optimizer", "mapping", None, false, true, "AdamW."),
                 option("optimizer.lr", "number", Some("0.001"), false, false, "The peak learning rate."),
                 option("note", "string | null", Some("null"), false, false, ""),
+                option("near", "mapping | null", Some("{rows: 8}"), false, true, "Near duplicates; null: off."),
+                option("far", "mapping | null", Some("null"), false, true, "Far ones."),
             ],
         );
         assert_eq!(
@@ -107,7 +111,9 @@ mod tests {
              data: string (required)\n    A file.\n\
              optimizer: mapping\n    AdamW.\n\
              optimizer.lr: number = 0.001\n    The peak learning rate.\n\
-             note: string | null = null\n    (no description)\n"
+             note: string | null = null\n    (no description)\n\
+             near: mapping | null = {…}\n    Near duplicates; null: off.\n\
+             far: mapping | null = null\n    Far ones.\n"
         );
     }
 }

@@ -173,6 +173,8 @@ fn doc_of(root: &Json, schema: &Json) -> String {
     let own = |s: &Json| -> Option<String> {
         let text = s.get("title").or_else(|| s.get("description")).and_then(Json::as_str)?;
         let first = text.split("\n\n").next().unwrap_or(text);
+        // Rustdoc's links (`[`normalize`]`) read as plain code here.
+        let first = first.replace("[`", "`").replace("`]", "`");
         Some(first.split_whitespace().collect::<Vec<_>>().join(" "))
     };
     own(schema).or_else(|| own(resolve(root, schema))).unwrap_or_default()
@@ -293,7 +295,7 @@ mod tests {
     use serde::{Deserialize, Serialize};
 
     /// How fast.
-    #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+    #[derive(Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
     #[serde(rename_all = "snake_case")]
     enum Pace {
         /// Slowly.
@@ -392,9 +394,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(section, expected);
-        // What it wrote reads back as the same section.
+        // What it wrote reads back as the section it stands for.
         let text = serde_yaml::to_string(&section).unwrap();
-        assert!(serde_yaml::from_str::<Section>(&text).is_ok(), "{text}");
+        let back: Section = serde_yaml::from_str(&text).unwrap();
+        assert_eq!((back.path.to_str(), back.pace, back.names), (Some("x.txt"), Pace::Slow, names()));
+        assert_eq!((back.inner.rate, back.inner.bounds, back.inner.note), (5.0, [0, 0], None));
+        let extra = back.extra.unwrap();
+        assert_eq!((extra.rate, extra.bounds, extra.note.as_deref()), (3.0, [0, 0], Some("hi")));
         // A set key is never replaced, and filling twice changes nothing.
         let once = section.clone();
         fill_defaults(&schema(), &mut section);
