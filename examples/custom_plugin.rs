@@ -23,11 +23,14 @@ use plumb_core::train::next_token_loss;
 use plumb_core::{data, Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+/// The evaluator's section. Deriving `schemars::JsonSchema` is all it takes for
+/// `plumb explain custom.perplexity` to list its keys, doc comments and defaults.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PerplexityConfig {
     /// A text file; documents separated by blank lines.
     text: PathBuf,
+    /// Tokens per window scored.
     #[serde(default = "default_seq_len")]
     seq_len: usize,
 }
@@ -72,9 +75,10 @@ impl Stage for Perplexity {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WordCountConfig {
+    /// The number of words a response should have.
     target_words: usize,
 }
 

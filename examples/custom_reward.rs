@@ -26,7 +26,7 @@ use plumb_core::reward::{RewardModel, ScorePair};
 use plumb_core::{Error, Result, Reward};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SentimentConfig {
     /// Words that count +1 each (compared in lower case, punctuation stripped).

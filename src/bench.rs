@@ -5,13 +5,18 @@
 //! `../shared/bench/hf_baseline.py` measures `transformers` (same shapes, batch, lengths;
 //! a training step is forward, backward, clipping and AdamW), so the two can be compared
 //! side by side on one machine. `bench/hf_train.py` measures transformers on a CPU too.
+//!
+//! Each prints a table when it is done (progress on stderr meanwhile, at a terminal), or,
+//! with `--json`, one JSON object per line as each figure is measured ([`table`]).
+mod table;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use plumb_core::data::seeded_rng;
 use plumb_core::data::stream::{Mixture, SourceConfig, TokenStream};
-use plumb_core::device::device_name;
+use plumb_core::device::{device_name, dtype_name};
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::Policy;
@@ -21,8 +26,20 @@ use plumb_core::tch::{self, Device, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{accumulate_gradients, Precision};
 
+use plumb_host::log::progress::Counter;
+
+use self::table::{column, Column, Report, Unit};
 use crate::device::{parse_dtype, resolve_device};
 use crate::Failure;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Print one JSON object per line, as each figure is measured, instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub case: Bench,
+}
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
@@ -216,23 +233,110 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-pub fn run(bench: &Bench) -> Result<(), Failure> {
-    match bench {
-        Bench::Generate(args) => generate(args),
-        Bench::Train(args) => train(args),
-        Bench::Load(args) => load(args),
-        Bench::Pack(args) => pack(args),
-        Bench::Ppo(args) => ppo(args),
+pub fn run(bench: &BenchArgs) -> Result<(), Failure> {
+    let json = bench.json;
+    match &bench.case {
+        Bench::Generate(args) => generate(args, json),
+        Bench::Train(args) => train(args, json),
+        Bench::Load(args) => load(args, json),
+        Bench::Pack(args) => pack(args, json),
+        Bench::Ppo(args) => ppo(args, json),
         Bench::Lora(args) => crate::bench_lora::run(args),
     }
 }
+
+/// Runs `work` with a bar of `total` steps (on stderr, at a terminal), then prints the
+/// report's table once the bar is gone.
+fn measured(
+    label: &str,
+    total: usize,
+    mut report: Report,
+    work: impl FnOnce(&Counter, &mut Report) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let progress = Counter::new(label, total as u64);
+    work(&progress, &mut report)?;
+    drop(progress);
+    report.print();
+    Ok(())
+}
+
+const TRAIN_COLUMNS: &[Column] = &[
+    column("model", "model", Unit::Text),
+    column("device", "device", Unit::Text),
+    column("precision", "precision", Unit::Text),
+    column("params", "params", Unit::Integer),
+    column("batch", "batch", Unit::Integer),
+    column("seq", "seq", Unit::Integer),
+    column("steps", "steps", Unit::Integer),
+    column("step_s", "step (s)", Unit::Decimals(4)),
+    column("tokens_per_s", "tokens/s", Unit::Decimals(1)),
+    column("mfu", "MFU", Unit::Percent),
+];
+
+const GENERATE_COLUMNS: &[Column] = &[
+    column("model", "model", Unit::Text),
+    column("device", "device", Unit::Text),
+    column("dtype", "dtype", Unit::Text),
+    column("batch", "batch", Unit::Integer),
+    column("prompt", "prompt (tokens)", Unit::Integer),
+    column("new_tokens", "new (tokens)", Unit::Integer),
+    column("repeats", "repeats", Unit::Integer),
+    column("generated_tokens", "generated (tokens)", Unit::Integer),
+    column("seconds", "time (s)", Unit::Decimals(3)),
+    column("tokens_per_s", "tokens/s", Unit::Decimals(1)),
+    column("ttft_ms", "TTFT (ms)", Unit::Decimals(1)),
+    column("compact", "compact", Unit::Text),
+    column("spread", "spread", Unit::Text),
+];
+
+const LOAD_COLUMNS: &[Column] = &[
+    column("model", "model", Unit::Text),
+    column("device", "device", Unit::Text),
+    column("dtype", "dtype", Unit::Text),
+    column("file_bytes", "file", Unit::Bytes),
+    column("load_s", "load (s)", Unit::Decimals(3)),
+    column("peak_rss_bytes", "peak RSS", Unit::Bytes),
+    column("peak_rss_over_file", "RSS / file", Unit::Decimals(2)),
+    column("dir", "checkpoint", Unit::Text),
+];
+
+const LOAD_IN_PROCESS_COLUMNS: &[Column] = &[
+    column("dir", "checkpoint", Unit::Text),
+    column("params", "params", Unit::Integer),
+    column("dtype", "dtype", Unit::Text),
+    column("load_s", "load (s)", Unit::Decimals(3)),
+    column("peak_rss_bytes", "peak RSS", Unit::Bytes),
+];
+
+const PACK_COLUMNS: &[Column] = &[
+    column("document_mb", "document (MB)", Unit::Decimals(2)),
+    column("document_tokens", "tokens", Unit::Integer),
+    column("rows", "rows", Unit::Integer),
+    column("seq_len", "seq_len", Unit::Integer),
+    column("repeats", "repeats", Unit::Integer),
+    column("first_rows_s", "first rows (s)", Unit::Decimals(3)),
+    column("mb_per_s", "MB/s", Unit::Decimals(2)),
+    column("tokenize_s", "tokenize (s)", Unit::Decimals(3)),
+];
+
+const PPO_COLUMNS: &[Column] = &[
+    column("case", "case", Unit::Text),
+    column("repeat", "repeat", Unit::Text),
+    column("device", "device", Unit::Text),
+    column("iterations", "iterations", Unit::Integer),
+    column("episodes_per_s", "episodes/s", Unit::Decimals(2)),
+    column("rollout_share", "rollout", Unit::Percent),
+    column("train_share", "training", Unit::Percent),
+    column("iteration_s", "iteration (s)", Unit::Decimals(3)),
+    column("peak_rss_bytes", "peak RSS", Unit::Bytes),
+];
 
 pub(crate) fn unknown_shape(name: &str) -> Failure {
     Failure::User(format!("--shape: unknown shape `{name}`; expected quickstart, llama-125m, llama-350m or llama-1b"))
 }
 
 /// Mean seconds of a full training step on random tokens, as hf_baseline.py's `train`.
-fn train(args: &TrainBench) -> Result<(), Failure> {
+fn train(args: &TrainBench, json: bool) -> Result<(), Failure> {
     if args.memory {
         return train_memory(args);
     }
@@ -269,16 +373,22 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
         optimizer.step().map_err(user)
     };
     let rss_before_steps = rss_bytes();
+    let progress = Counter::new("bench train", (args.warmup + args.steps) as u64);
+    progress.doing("warm-up");
     for _ in 0..args.warmup {
         step()?;
+        progress.step();
     }
     synchronize(device);
+    progress.doing("timed steps");
     let start = Instant::now();
     for _ in 0..args.steps {
         step()?;
+        progress.step();
     }
     synchronize(device);
     let step_s = start.elapsed().as_secs_f64() / args.steps as f64;
+    drop(progress);
     let tokens_per_s = (batch * seq) as f64 / step_s;
     // Parameters and attention, as hf_baseline.py counts them (Kaplan/PaLM accounting).
     let flops_per_token = 6.0 * params as f64 + 12.0 * (layers * hidden * seq) as f64;
@@ -289,11 +399,13 @@ fn train(args: &TrainBench) -> Result<(), Failure> {
         "mfu": args.peak_flops.map(|peak| tokens_per_s * flops_per_token / peak),
         "head": args.head, "rss_before_steps_bytes": rss_before_steps, "peak_rss_bytes": peak_rss_bytes(),
     });
-    println!("{line}");
+    let mut report = Report::new(json, TRAIN_COLUMNS);
+    report.add(&line);
+    report.print();
     Ok(())
 }
 
-fn generate(args: &GenerateBench) -> Result<(), Failure> {
+fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
     if let Some(python) = &args.transformers {
         return generate_beside_transformers(args, python);
     }
@@ -315,50 +427,57 @@ fn generate(args: &GenerateBench) -> Result<(), Failure> {
     };
     let vocab = model.vocab_size() as u64;
     let mut rng = seeded_rng(1);
-    for &batch in &args.batch {
-        let prompts: Vec<Vec<i64>> =
-            (0..batch).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab) as i64).collect()).collect();
-        let settings = |new: usize| GenerationSettings {
-            max_new_tokens: new,
-            temperature: 1.0,
-            seed: Some(0),
-            compact: !args.no_compact,
-            ..Default::default()
-        };
-        // (seconds, new tokens drawn): with --spread, sequences end early.
-        let timed = |new: usize| -> Result<(f64, usize), Failure> {
-            synchronize(device);
-            let start = Instant::now();
-            let spread = |tokens: &[i64]| tokens.len() >= 1 + (tokens[0] as usize * 7919) % new;
-            let check: Option<generation::StopCheck> = if args.spread { Some(&spread) } else { None };
-            let out = generation::generate(model.as_ref(), &prompts, &settings(new), check).map_err(user)?;
-            synchronize(device);
-            debug_assert!(args.spread || out.iter().all(|g| g.tokens.len() == new));
-            Ok((start.elapsed().as_secs_f64(), out.iter().map(|g| g.tokens.len()).sum()))
-        };
-        timed(32.min(args.new_tokens))?; // warm-up
-        let mut first = Vec::new();
-        let mut full = Vec::new();
-        let mut drawn = 0;
-        for _ in 0..args.repeats {
-            first.push(timed(1)?.0);
-            let (seconds, tokens) = timed(args.new_tokens)?;
-            full.push(seconds);
-            drawn = tokens; // seeded: the same every repeat
+    let runs = args.batch.len() * (1 + args.repeats);
+    measured("bench generate", runs, Report::new(json, GENERATE_COLUMNS), |progress, report| {
+        for &batch in &args.batch {
+            let prompts: Vec<Vec<i64>> =
+                (0..batch).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab) as i64).collect()).collect();
+            let settings = |new: usize| GenerationSettings {
+                max_new_tokens: new,
+                temperature: 1.0,
+                seed: Some(0),
+                compact: !args.no_compact,
+                ..Default::default()
+            };
+            // (seconds, new tokens drawn): with --spread, sequences end early.
+            let timed = |new: usize| -> Result<(f64, usize), Failure> {
+                synchronize(device);
+                let start = Instant::now();
+                let spread = |tokens: &[i64]| tokens.len() >= 1 + (tokens[0] as usize * 7919) % new;
+                let check: Option<generation::StopCheck> = if args.spread { Some(&spread) } else { None };
+                let out = generation::generate(model.as_ref(), &prompts, &settings(new), check).map_err(user)?;
+                synchronize(device);
+                debug_assert!(args.spread || out.iter().all(|g| g.tokens.len() == new));
+                Ok((start.elapsed().as_secs_f64(), out.iter().map(|g| g.tokens.len()).sum()))
+            };
+            progress.doing(&format!("batch {batch}, warm-up"));
+            timed(32.min(args.new_tokens))?; // warm-up
+            progress.step();
+            let mut first = Vec::new();
+            let mut full = Vec::new();
+            let mut drawn = 0;
+            for repeat in 1..=args.repeats {
+                progress.doing(&format!("batch {batch}, repeat {repeat}/{}", args.repeats));
+                first.push(timed(1)?.0);
+                let (seconds, tokens) = timed(args.new_tokens)?;
+                full.push(seconds);
+                drawn = tokens; // seeded: the same every repeat
+                progress.step();
+            }
+            let seconds = median(full);
+            let line = serde_json::json!({
+                "case": "generate", "model": name, "device": device_name(device), "dtype": dtype_name(kind),
+                "batch": batch, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                "tokens_per_s": drawn as f64 / seconds,
+                "generated_tokens": drawn,
+                "compact": !args.no_compact, "spread": args.spread,
+                "seconds": seconds,
+                "ttft_ms": median(first) * 1e3,
+            });
+            progress.suspend(|| report.add(&line));
         }
-        let seconds = median(full);
-        let line = serde_json::json!({
-            "case": "generate", "model": name, "device": device_name(device), "dtype": format!("{kind:?}"),
-            "batch": batch, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "tokens_per_s": drawn as f64 / seconds,
-            "generated_tokens": drawn,
-            "compact": !args.no_compact, "spread": args.spread,
-            "seconds": seconds,
-            "ttft_ms": median(first) * 1e3,
-        });
-        println!("{line}");
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `plumb bench generate --transformers PYTHON`: for each batch, plumb's generation and
@@ -544,7 +663,18 @@ fn weight_bytes(dir: &Path) -> Result<u64, Failure> {
 fn child(args: &LoadBench, dir: &Path, extra: &str) -> Result<String, Failure> {
     let exe = std::env::current_exe().map_err(|e| Failure::Internal(format!("finding this executable: {e}")))?;
     let output = Command::new(&exe)
-        .args(["bench", "load", "--shape", &args.shape, "--dtype", &args.dtype, "--device", &args.device, extra])
+        .args([
+            "bench",
+            "load",
+            "--json",
+            "--shape",
+            &args.shape,
+            "--dtype",
+            &args.dtype,
+            "--device",
+            &args.device,
+            extra,
+        ])
         .arg("--dir")
         .arg(dir)
         .stderr(std::process::Stdio::inherit())
@@ -558,7 +688,7 @@ fn child(args: &LoadBench, dir: &Path, extra: &str) -> Result<String, Failure> {
 
 /// Writes the shape's checkpoint once, then loads it in a child process (so that
 /// writing it does not count) and reports the child's peak RSS against the file size.
-fn load(args: &LoadBench) -> Result<(), Failure> {
+fn load(args: &LoadBench, json: bool) -> Result<(), Failure> {
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     let device = resolve_device(&args.device)?;
     let kind = parse_dtype(Some(&args.dtype), device)?;
@@ -584,17 +714,24 @@ fn load(args: &LoadBench) -> Result<(), Failure> {
         let load_s = start.elapsed().as_secs_f64();
         let line = serde_json::json!({
             "case": "load", "dir": dir.display().to_string(), "params": model.num_parameters(),
-            "dtype": format!("{:?}", model.var_store().kind()), "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+            "dtype": dtype_name(model.var_store().kind()), "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
         });
-        println!("{line}");
+        let mut report = Report::new(json, LOAD_IN_PROCESS_COLUMNS);
+        report.add(&line);
+        report.print();
         return Ok(());
     }
+    let progress = Counter::new("bench load", 2);
     if !dir.join("config.json").is_file() {
-        eprintln!("writing the {} checkpoint into {} (once)", args.shape, dir.display());
+        progress.suspend(|| eprintln!("writing the {} checkpoint into {} (once)", args.shape, dir.display()));
+        progress.doing("writing the checkpoint");
         child(args, &dir, "--write-only")?;
     }
+    progress.step();
     let file_bytes = weight_bytes(&dir)?;
+    progress.doing("loading it in a child process");
     let out = child(args, &dir, "--in-process")?;
+    drop(progress);
     let report: serde_json::Value = out
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())
@@ -605,7 +742,9 @@ fn load(args: &LoadBench) -> Result<(), Failure> {
         "dir": dir.display().to_string(), "file_bytes": file_bytes, "load_s": report["load_s"],
         "peak_rss_bytes": peak, "peak_rss_over_file": peak.map(|p| p as f64 / file_bytes.max(1) as f64),
     });
-    println!("{line}");
+    let mut report = Report::new(json, LOAD_COLUMNS);
+    report.add(&line);
+    report.print();
     Ok(())
 }
 
@@ -631,7 +770,7 @@ fn long_document(mb: f64, seed: u64) -> String {
 /// For each size: a corpus of one long document then 300 short ones, and the seconds
 /// from opening the stream to its first row: reading, tokenizing and packing the long
 /// document (and the short ones, which fill the stream's first chunk).
-fn pack(args: &PackBench) -> Result<(), Failure> {
+fn pack(args: &PackBench, json: bool) -> Result<(), Failure> {
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     if args.mb.is_empty() || args.mb.iter().any(|&mb| !(mb > 0.0 && mb.is_finite())) {
         return Err(Failure::User("--mb: expected positive sizes in MB, e.g. 1,8".into()));
@@ -645,32 +784,37 @@ fn pack(args: &PackBench) -> Result<(), Failure> {
     let tokenizer = Tokenizer::train_bpe(std::iter::once(sample.as_str()), 512, 2).map_err(user)?;
     let eos = tokenizer.eos_id().ok_or_else(|| Failure::Internal("the trained tokenizer has no EOS".into()))?;
     let short: String = (0..300).map(|i| format!("\n\nA short story, number {i}.")).collect();
-    for (i, &mb) in args.mb.iter().enumerate() {
-        let path = dir.join(format!("long-{i}.txt"));
-        let document = long_document(mb, 1);
-        std::fs::write(&path, format!("{document}{short}\n")).map_err(io(&path))?;
-        let start = Instant::now();
-        let tokens = tokenizer.encode(&document).map_err(user)?.len();
-        let tokenize_s = start.elapsed().as_secs_f64();
-        let sources = [SourceConfig::text(&path)];
-        let mut best = f64::INFINITY;
-        for _ in 0..args.repeats {
+    let runs = args.mb.len() * args.repeats;
+    measured("bench pack", runs, Report::new(json, PACK_COLUMNS), |progress, report| {
+        for (i, &mb) in args.mb.iter().enumerate() {
+            let path = dir.join(format!("long-{i}.txt"));
+            let document = long_document(mb, 1);
+            std::fs::write(&path, format!("{document}{short}\n")).map_err(io(&path))?;
             let start = Instant::now();
-            let mixture = Mixture::open(&sources, 0, 0.0, None).map_err(user)?;
-            let mut stream = TokenStream::new(mixture, args.seq_len, eos, 1, 0, None);
-            stream.next_rows(&tokenizer, 1).map_err(user)?;
-            best = best.min(start.elapsed().as_secs_f64());
+            let tokens = tokenizer.encode(&document).map_err(user)?.len();
+            let tokenize_s = start.elapsed().as_secs_f64();
+            let sources = [SourceConfig::text(&path)];
+            let mut best = f64::INFINITY;
+            for repeat in 1..=args.repeats {
+                progress.doing(&format!("{mb} MB, run {repeat}/{}", args.repeats));
+                let start = Instant::now();
+                let mixture = Mixture::open(&sources, 0, 0.0, None).map_err(user)?;
+                let mut stream = TokenStream::new(mixture, args.seq_len, eos, 1, 0, None);
+                stream.next_rows(&tokenizer, 1).map_err(user)?;
+                best = best.min(start.elapsed().as_secs_f64());
+                progress.step();
+            }
+            let line = serde_json::json!({
+                "case": "pack", "document_mb": mb, "document_bytes": document.len(), "document_tokens": tokens,
+                "rows": tokens / (args.seq_len + 1), "seq_len": args.seq_len, "repeats": args.repeats,
+                "first_rows_s": best, "mb_per_s": mb / best, "tokenize_s": tokenize_s,
+            });
+            progress.suspend(|| report.add(&line));
+            std::fs::remove_file(&path).map_err(io(&path))?;
         }
-        let line = serde_json::json!({
-            "case": "pack", "document_mb": mb, "document_bytes": document.len(), "document_tokens": tokens,
-            "rows": tokens / (args.seq_len + 1), "seq_len": args.seq_len, "repeats": args.repeats,
-            "first_rows_s": best, "mb_per_s": mb / best, "tokenize_s": tokenize_s,
-        });
-        println!("{line}");
-        std::fs::remove_file(&path).map_err(io(&path))?;
-    }
-    std::fs::remove_dir(&dir).map_err(io(&dir))?;
-    Ok(())
+        Ok(())
+    })?;
+    std::fs::remove_dir(&dir).map_err(io(&dir))
 }
 
 /// An I/O error on `path`, as the user's.
@@ -693,7 +837,7 @@ const PPO_LR: f64 = 3e-6;
 /// GAE and whitening (the rollout); then 4 epochs of 4 shuffled minibatches of 4, each a
 /// forward and backward of policy and value model, one clip and two AdamW steps (the
 /// training). The same core functions as the `rlhf.ppo` stage.
-fn ppo(args: &PpoBench) -> Result<(), Failure> {
+fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
     use plumb_core::model::scalar_head::ScalarHeadModel;
     use plumb_core::rand::seq::SliceRandom;
     use plumb_core::rollout::{
@@ -717,7 +861,8 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
         "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
         "models": "policy, reference (frozen), value (policy's transformer + fresh head), reward (scalar head)",
     });
-    println!("{shape_line}");
+    let mut report = Report::new(json, PPO_COLUMNS);
+    report.note(&shape_line);
 
     // Random weights, saved once so the reference and the scalar-head models start from them.
     tch::manual_seed(args.seed as i64);
@@ -801,14 +946,19 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
         Ok((rollout, started.elapsed().as_secs_f64()))
     };
 
+    let progress = Counter::new("bench ppo", (1 + args.repeats * args.iterations) as u64);
+    progress.doing("warm-up");
     iteration(0)?; // warm-up
+    progress.step();
     let mut figures = Vec::new();
     for repeat in 0..args.repeats {
         let (mut rollout, mut training) = (0.0, 0.0);
         for i in 0..args.iterations {
+            progress.doing(&format!("repeat {}/{}, iteration {}/{}", repeat + 1, args.repeats, i + 1, args.iterations));
             let (r, t) = iteration(1 + (repeat * args.iterations + i) as u64)?;
             rollout += r;
             training += t;
+            progress.step();
         }
         let seconds = rollout + training;
         let figure = (args.iterations as f64 * PPO_BATCH as f64 / seconds, rollout / seconds, training / seconds);
@@ -817,9 +967,10 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
             "episodes_per_s": figure.0, "rollout_share": figure.1, "train_share": figure.2,
             "iteration_s": seconds / args.iterations as f64, "peak_rss_bytes": peak_rss_bytes(),
         });
-        println!("{line}");
+        progress.suspend(|| report.add(&line));
         figures.push(figure);
     }
+    drop(progress);
     // The shares of the repeat whose episodes/s is the median, so the three figures agree.
     figures.sort_by(|a, b| a.0.total_cmp(&b.0));
     let middle = figures[figures.len() / 2];
@@ -832,6 +983,7 @@ fn ppo(args: &PpoBench) -> Result<(), Failure> {
         // tch 0.24 binds no CUDA memory statistics (tch issue #896) and core's shim has none yet.
         "peak_cuda_bytes": null,
     });
-    println!("{line}");
+    report.add(&line);
+    report.print();
     Ok(())
 }

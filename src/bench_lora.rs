@@ -80,7 +80,8 @@ pub fn run(args: &LoraBench) -> Result<(), Failure> {
         let rows: Vec<i64> = (0..args.batch as i64).collect();
         let mut step = || -> Result<(), Failure> {
             optimizer.zero_grad();
-            accumulate_gradients(policy.as_ref(), &data, &rows, args.batch, device, Precision::Fp32, HeadChunks::Auto).map_err(user)?;
+            accumulate_gradients(policy.as_ref(), &data, &rows, args.batch, device, Precision::Fp32, HeadChunks::Auto)
+                .map_err(user)?;
             clip_grad_norm(&optimizer.parameters(), 1.0).map_err(user)?;
             optimizer.step().map_err(user)
         };

@@ -9,16 +9,12 @@ pub fn resolve_device(text: &str) -> Result<Device, Failure> {
     text.parse::<DeviceSpec>().and_then(DeviceSpec::resolve).map_err(|e| Failure::User(format!("--device: {e}")))
 }
 
-/// `float32`, `bfloat16`, `float16` (or f32/bf16/f16); default fp32 on CPU, bf16 on CUDA.
+/// `float32`, `bfloat16`, `float16` (or fp32/bf16/fp16); default float32 on CPU, bfloat16
+/// on CUDA. Written back with [`plumb_core::device::dtype_name`].
 pub fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, Failure> {
     match text {
         None if device.is_cuda() => Ok(Kind::BFloat16),
         None => Ok(Kind::Float),
-        Some("float32" | "f32" | "fp32") => Ok(Kind::Float),
-        Some("bfloat16" | "bf16") => Ok(Kind::BFloat16),
-        Some("float16" | "f16" | "fp16") => Ok(Kind::Half),
-        Some(other) => {
-            Err(Failure::User(format!("--dtype: unknown dtype `{other}`; expected float32, bfloat16 or float16")))
-        }
+        Some(text) => plumb_core::device::parse_dtype(text).map_err(|e| Failure::User(format!("--dtype: {e}"))),
     }
 }

@@ -12,6 +12,7 @@ mod bench_lora;
 mod data_cmd;
 mod device;
 mod eval;
+mod explain;
 mod generate;
 mod lora_cmd;
 mod new_cmd;
@@ -62,7 +63,8 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Check a recipe (and its plugins' sections) and print it fully resolved.
+    /// Check a recipe (and its plugins' sections) and print it fully resolved: overrides
+    /// applied, every default of every section filled in.
     Validate {
         /// The recipe file (YAML).
         recipe: PathBuf,
@@ -74,6 +76,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// List the plugins found on PLUMB_PLUGIN_PATH and next to this executable.
     Plugins,
+    /// Every option of a stage, evaluator or reward (`plumb explain sft.sft`), or of the
+    /// recipe's `run:` section (`plumb explain`), with its type, default and meaning.
+    Explain(explain::ExplainArgs),
     /// Continue a prompt with a model in HF layout (temperature 0 = greedy).
     Generate(generate::GenerateArgs),
     /// Data preparation: `plumb data filter` curates corpora.
@@ -82,9 +87,8 @@ enum Command {
     /// LoRA adapters: `plumb lora merge ADAPTER -o DIR` saves the merged model.
     #[command(subcommand)]
     Lora(lora_cmd::Lora),
-    /// Benchmarks that print figures.
-    #[command(subcommand)]
-    Bench(bench::Bench),
+    /// Benchmarks that print figures: a table, or JSON lines with --json.
+    Bench(bench::BenchArgs),
     /// Scaling laws: fit sweeps (`plumb scaling fit RUN_DIR`), plan a compute budget.
     #[command(subcommand)]
     Scaling(scaling_cmd::Scaling),
@@ -160,8 +164,9 @@ fn main() -> ExitCode {
         Command::Validate { recipe, overrides } => run::run(&recipe, &overrides, run::Mode::Validate),
         Command::Eval(args) => eval::run(&args),
         Command::Plugins => plugins::list(),
+        Command::Explain(args) => explain::run(&args),
         Command::Generate(args) => generate::run(&args),
-        Command::Bench(bench) => bench::run(&bench),
+        Command::Bench(args) => bench::run(&args),
         Command::Data(data) => data_cmd::run(&data),
         Command::Lora(lora) => lora_cmd::run(&lora),
         Command::New(new) => new_cmd::run(&new),

@@ -139,6 +139,8 @@ crate-type = ["cdylib", "rlib"]
 plumb-core = { path = "{{checkout}}/core" }
 serde = { version = "1", features = ["derive"] }
 serde_json = "1"
+# Each config derives `schemars::JsonSchema`: `plumb explain` shows its options.
+schemars = "1"
 tracing = "0.1"
 
 [build-dependencies]
@@ -169,8 +171,9 @@ use plumb_core::tokenizer::Tokenizer;
 use plumb_core::{Error, Result, RunContext, Stage, StageOutput};
 use serde::Deserialize;
 
-/// The stage's recipe section (`config:`); unknown keys are errors.
-#[derive(Debug, Deserialize)]
+/// The stage's recipe section (`config:`); unknown keys are errors. `plumb explain
+/// {{name}}.samples` lists its keys with their doc comments and defaults.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SamplesConfig {
     /// Texts to continue.

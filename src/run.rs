@@ -17,6 +17,7 @@ use plumb_host::log::TbWriter;
 use plumb_host::plugin::host::HostServices;
 use plumb_host::plugin::registry::RewardInstance;
 use plumb_host::plugin::{loader, CallError, Component, Kind, Registry};
+use plumb_host::recipe::options::fill_defaults;
 use plumb_host::recipe::{LoadedRecipe, ModelSource, Recipe, RecipeError};
 
 use crate::output_dir::{self, Earlier};
@@ -103,6 +104,30 @@ fn located(
     }
 }
 
+/// The resolved recipe with the defaults of every stage's and reward's section filled in,
+/// as its plugin declares them: what `plumb validate` prints and the run directory keeps.
+fn with_defaults(
+    recipe: &LoadedRecipe,
+    registry: &Registry,
+    user: &dyn Fn(RecipeError) -> Failure,
+) -> Result<String, Failure> {
+    let filled = recipe.resolved_yaml_filled(|at, uses, config| {
+        let schema = match at.starts_with("rewards") {
+            true => registry.reward(uses).map(|c| c.schema()),
+            false => registry.runnable(uses).map(|c| c.schema()),
+        };
+        match schema {
+            Ok(Ok(schema)) => {
+                fill_defaults(&schema, config);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(recipe.error_at(at, format!("`{uses}` could not describe its options: {e}"))),
+            Err(message) => Err(recipe.error_at(at, message)),
+        }
+    });
+    filled.map_err(user)
+}
+
 fn yaml(value: &serde_yaml::Value) -> String {
     serde_yaml::to_string(value).unwrap_or_default()
 }
@@ -177,8 +202,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // A device this machine lacks is a recipe error, found by `validate` too.
     let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
     let device = plumb_core::device::device_name(device);
+    let resolved = with_defaults(recipe, &registry, user)?;
     if mode == Mode::Validate {
-        print!("{}", recipe.resolved_yaml());
+        print!("{resolved}");
         return Ok(());
     }
 
@@ -195,7 +221,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // A resume that a stage refuses (its checkpoint was made under another recipe) keeps
     // the recipe the run was made under.
     let earlier_recipe = if mode == Mode::Resume { std::fs::read(&recipe_file).ok() } else { None };
-    write_file_atomically(&recipe_file, recipe.resolved_yaml().as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+    write_file_atomically(&recipe_file, resolved.as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
     // The first Ctrl-C (or SIGTERM) asks the running stage to finish its step and save; a
     // second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -250,7 +276,14 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
                     serde_json::from_value(report["metrics"].clone()).unwrap_or_default();
                 let kind = component.kind.noun();
                 let seconds = report["seconds"].as_f64();
-                summary.stages.push(StageSummary::new(&stage.name, &stage.uses, kind, seconds, &metrics, &stage.summary));
+                summary.stages.push(StageSummary::new(
+                    &stage.name,
+                    &stage.uses,
+                    kind,
+                    seconds,
+                    &metrics,
+                    &stage.summary,
+                ));
                 if let Some(made) = &model {
                     outputs.insert(stage.name.clone(), made.clone());
                 }
@@ -356,7 +389,14 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         if let Some(model) = &output.model {
             println!("stage {} model: {}", stage.name, model.display());
         }
-        summary.stages.push(StageSummary::new(&stage.name, &stage.uses, kind, Some(seconds), &output.metrics, &stage.summary));
+        summary.stages.push(StageSummary::new(
+            &stage.name,
+            &stage.uses,
+            kind,
+            Some(seconds),
+            &output.metrics,
+            &stage.summary,
+        ));
         if let Some(made) = &output.model {
             outputs.insert(stage.name.clone(), made.clone());
         }

@@ -156,7 +156,8 @@ impl RunSummary {
         let json = serde_json::to_string_pretty(self).unwrap_or_default() + "\n";
         write_file_atomically(&output_dir.join("summary.json"), json.as_bytes())
             .map_err(|e| Failure::User(e.to_string()))?;
-        let tensorboard = TbWriter::create(&output_dir.join("tb").join("summary")).map_err(|e| Failure::User(e.to_string()))?;
+        let tensorboard =
+            TbWriter::create(&output_dir.join("tb").join("summary")).map_err(|e| Failure::User(e.to_string()))?;
         tensorboard.restart_at(0);
         tensorboard.text("summary", 0, &self.markdown());
         tensorboard.close().map_err(|e| Failure::Internal(format!("TensorBoard summary: {e}")))

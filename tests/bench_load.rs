@@ -9,7 +9,7 @@ fn bench_load_writes_the_checkpoint_once_and_reports_peak_rss_against_the_file_s
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("quickstart-bf16");
     let run = |extra: &[&str]| -> Value {
-        let mut args = vec!["bench", "load", "--shape", "quickstart", "--dtype", "bf16", "--dir"];
+        let mut args = vec!["bench", "load", "--json", "--shape", "quickstart", "--dtype", "bf16", "--dir"];
         args.push(checkpoint.to_str().unwrap());
         args.extend_from_slice(extra);
         let out = common::plumb(dir.path(), &args);
@@ -35,6 +35,6 @@ fn bench_load_writes_the_checkpoint_once_and_reports_peak_rss_against_the_file_s
     assert_eq!(config["torch_dtype"], "bfloat16");
 
     let alone = run(&["--in-process"]);
-    assert_eq!(alone["dtype"], "BFloat16");
+    assert_eq!(alone["dtype"], "bfloat16", "the dtype as every plumb output spells it");
     assert!(alone["peak_rss_bytes"].as_u64().unwrap() > file_bytes, "{alone}");
 }

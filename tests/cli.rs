@@ -29,7 +29,7 @@ fn the_quickstart_recipe_validates_and_prints_resolved() {
 fn a_typo_in_a_stage_key_names_the_place_and_the_nearest_key() {
     let dir = tempfile::tempdir().unwrap();
     let text =
-        std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 500", "max_step: 500");
+        std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 2000", "max_step: 2000");
     let path = dir.path().join("typo.yaml");
     std::fs::write(&path, &text).unwrap();
     let line = text.lines().position(|l| l.contains("max_step:")).unwrap() + 1;
@@ -280,7 +280,7 @@ fn shipped_recipes_are_listed_and_copied_to_start_from() {
         let name = entry.unwrap().file_name().to_string_lossy().trim_end_matches(".yaml").to_owned();
         assert!(listed.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing from:\n{listed}");
     }
-    assert!(listed.contains("Pretrain a small Llama-style model from scratch"), "{listed}");
+    assert!(listed.contains("The whole alignment pipeline on a laptop CPU"), "{listed}");
 
     let o = plumb(dir.path(), &["init", "sft"]);
     assert_exit(&o, 0);

@@ -50,7 +50,7 @@ fn a_long_document_is_packed_in_linear_time() {
     // blank line: reading, tokenizing and cutting it into rows. Short rows (seq_len 16)
     // make many cuts, where cutting one row at a time from the front was quadratic
     // (some 100x for 8x the size).
-    let out = plumb(&repo_root(), &["bench", "pack", "--mb", "1,8", "--seq-len", "16", "--repeats", "2"]);
+    let out = plumb(&repo_root(), &["bench", "pack", "--json", "--mb", "1,8", "--seq-len", "16", "--repeats", "2"]);
     assert_exit(&out, 0);
     let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let seconds: Vec<f64> = lines.iter().map(|l| l["first_rows_s"].as_f64().unwrap()).collect();

@@ -66,7 +66,8 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
     assert!(text.contains("run quickstart finished in"), "{text}");
     assert!(text.contains("eval/format_compliance 0 → "), "{text}");
     let summary = json(&out.join("summary.json"));
-    let stages: Vec<&str> = summary["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    let stages: Vec<&str> =
+        summary["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(stages, ["pretrain", "sft", "cot_sft", "reward_model", "ppo", "cot"]);
     for s in summary["stages"].as_array().unwrap() {
         assert!(s["seconds"].as_f64().unwrap() > 0.0, "{s}");

@@ -1,5 +1,6 @@
 //! Devices as recipes, the command line and the host write them: `auto`, `cpu`, `cuda`
-//! (= `cuda:0`) or `cuda:N`; parsed, resolved and printed here only.
+//! (= `cuda:0`) or `cuda:N`; parsed, resolved and printed here only. Likewise dtypes:
+//! `float32`, `bfloat16`, `float16` ([`dtype_name`], [`parse_dtype`]).
 use std::fmt;
 use std::str::FromStr;
 
@@ -39,6 +40,60 @@ pub fn device_name(device: tch::Device) -> String {
         tch::Device::Cuda(n) => format!("cuda:{n}"),
         tch::Device::Cpu => "cpu".into(),
         other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// A string: `auto`, `cpu`, `cuda` or `cuda:N`.
+impl schemars::JsonSchema for DeviceSpec {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Device".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$" })
+    }
+}
+
+/// How plumb writes a tensor dtype everywhere (command output, reports, logs, the
+/// `torch_dtype` of `config.json`): PyTorch's name without `torch.` (`float32`,
+/// `bfloat16`, `float16`, `int64`, ...), never tch's `Float` or `Half`.
+pub fn dtype_name(kind: tch::Kind) -> &'static str {
+    use tch::Kind;
+    match kind {
+        Kind::Uint8 => "uint8",
+        Kind::Int8 => "int8",
+        Kind::Int16 => "int16",
+        Kind::Int => "int32",
+        Kind::Int64 => "int64",
+        Kind::Half => "float16",
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        Kind::ComplexHalf => "complex32",
+        Kind::ComplexFloat => "complex64",
+        Kind::ComplexDouble => "complex128",
+        Kind::Bool => "bool",
+        Kind::QInt8 => "qint8",
+        Kind::QUInt8 => "quint8",
+        Kind::QInt32 => "qint32",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Float8e5m2 => "float8_e5m2",
+        Kind::Float8e4m3fn => "float8_e4m3fn",
+        Kind::Float8e5m2fnuz => "float8_e5m2fnuz",
+        Kind::Float8e4m3fnuz => "float8_e4m3fnuz",
+    }
+}
+
+/// A floating-point dtype a model can be loaded in, by its [`dtype_name`] or a short
+/// form (`fp32`/`f32`, `bf16`, `fp16`/`f16`).
+pub fn parse_dtype(text: &str) -> Result<tch::Kind, String> {
+    match text {
+        "float32" | "f32" | "fp32" => Ok(tch::Kind::Float),
+        "bfloat16" | "bf16" => Ok(tch::Kind::BFloat16),
+        "float16" | "f16" | "fp16" => Ok(tch::Kind::Half),
+        other => {
+            let hint = did_you_mean(other, ["float32", "bfloat16", "float16"]);
+            Err(format!("unknown dtype `{other}`; expected float32, bfloat16 or float16{hint}"))
+        }
     }
 }
 
@@ -108,5 +163,25 @@ mod tests {
         assert!(DeviceSpec::Cuda(past).resolve().unwrap_err().contains("CUDA device(s)"));
         assert_eq!(device_name(tch::Device::Cpu), "cpu");
         assert_eq!(device_name(tch::Device::Cuda(1)), "cuda:1");
+    }
+
+    #[test]
+    fn dtypes_are_spelled_as_pytorch_spells_them_and_parse_back() {
+        use tch::Kind;
+        for (kind, name) in [(Kind::Float, "float32"), (Kind::BFloat16, "bfloat16"), (Kind::Half, "float16")] {
+            assert_eq!(dtype_name(kind), name);
+            assert_eq!(parse_dtype(name), Ok(kind));
+        }
+        assert_eq!(
+            (dtype_name(Kind::Int64), dtype_name(Kind::Double), dtype_name(Kind::Bool)),
+            ("int64", "float64", "bool")
+        );
+        assert_eq!((parse_dtype("bf16"), parse_dtype("fp32")), (Ok(Kind::BFloat16), Ok(Kind::Float)));
+        assert_eq!(
+            parse_dtype("bfloat17"),
+            Err("unknown dtype `bfloat17`; expected float32, bfloat16 or float16; did you mean `bfloat16`?".into())
+        );
+        // A tensor's dtype, as a model reports it, reads the same way.
+        assert_eq!(dtype_name(tch::Tensor::zeros([1], (Kind::BFloat16, tch::Device::Cpu)).kind()), "bfloat16");
     }
 }

@@ -30,5 +30,8 @@ pub use rollout::Experience;
 
 /// Re-exported so plugins draw from the same generator family as core ([`data::SeededRng`]).
 pub use rand;
+/// Re-exported: every stage's, evaluator's and reward's config derives
+/// `schemars::JsonSchema` (a plugin depends on `schemars = "1"` for the derive macro).
+pub use schemars;
 /// Re-exported so plugins use the same `tch` as core.
 pub use tch;

@@ -145,14 +145,10 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_file_atomically(path, text.as_bytes())
 }
 
-/// HF's name for a dtype in `config.json` (`torch_dtype`).
+/// HF's name for a dtype in `config.json` (`torch_dtype`): plumb's one spelling,
+/// [`crate::device::dtype_name`].
 pub fn hf_dtype_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::BFloat16 => "bfloat16",
-        Kind::Half => "float16",
-        Kind::Double => "float64",
-        _ => "float32",
-    }
+    crate::device::dtype_name(kind)
 }
 
 /// Writes `config.json` (with `torch_dtype` set to `kind`) and `generation_config.json`

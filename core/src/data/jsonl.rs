@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
 pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 /// What a malformed line does (`data.on_malformed`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnMalformed {
     /// Stop before training, naming the file and line.

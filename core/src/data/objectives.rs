@@ -34,7 +34,7 @@ fn uniform(rng: &mut SeededRng) -> f64 {
 // ---------------------------------------------------------------------------------------
 
 /// How many tokens BERT's objective selects, and what becomes of them.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MlmConfig {
     /// Chance that a maskable token is selected for prediction (HF `mlm_probability`).
@@ -193,7 +193,7 @@ fn equal_row_length<R: AsRef<[i64]>>(rows: &[R]) -> Result<usize> {
 // ---------------------------------------------------------------------------------------
 
 /// How much of a row T5's objective corrupts, and in how long spans.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpanConfig {
     /// Fraction of the tokens that are noise (dropped from the inputs, predicted in the targets).

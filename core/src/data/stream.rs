@@ -20,9 +20,10 @@ use crate::error::{Error, IoResultExt, Result};
 use crate::tokenizer::Tokenizer;
 
 /// One file of a mixture (`data.sources[i]` in a recipe).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
+    /// A text file (documents separated by blank lines) or JSONL (`.jsonl`).
     pub path: PathBuf,
     /// Relative share of documents drawn from this file.
     #[serde(default = "default_weight")]

@@ -4,7 +4,7 @@
 //! tokenizer so the trained model is used with the text it was trained on.
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -23,8 +23,8 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// Which chat template formats the data (`template:` in the recipe).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(from = "String", into = "String")]
 pub enum TemplateChoice {
     /// The model's own (from its tokenizer files) when it has one, else `default`.
     Auto,
@@ -63,6 +63,19 @@ impl From<String> for TemplateChoice {
             "default" => Self::Default,
             "chatml" => Self::Chatml,
             _ => Self::File(PathBuf::from(s)),
+        }
+    }
+}
+
+/// As a recipe writes it: the choice's word, or the file's path.
+impl From<TemplateChoice> for String {
+    fn from(choice: TemplateChoice) -> String {
+        match choice {
+            TemplateChoice::Auto => "auto".into(),
+            TemplateChoice::Model => "model".into(),
+            TemplateChoice::Default => "default".into(),
+            TemplateChoice::Chatml => "chatml".into(),
+            TemplateChoice::File(path) => path.display().to_string(),
         }
     }
 }

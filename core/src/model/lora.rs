@@ -59,7 +59,7 @@ const PEFT_PREFIX: &str = "base_model.model.";
 
 /// The recipe's `lora:` block, shared by every training stage (see
 /// [`crate::train::TrainingConfig`]). Field names and defaults are PEFT's `LoraConfig`'s.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
     /// Rank r of each adapter: A is (r, in), B is (out, r).
@@ -90,7 +90,7 @@ impl Default for LoraConfig {
 }
 
 /// `target_modules:` — a list of module names, or the keyword `all-linear`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum TargetModules {
     /// Module names, e.g. `[q_proj, v_proj]`.

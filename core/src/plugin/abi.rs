@@ -20,7 +20,9 @@ pub const PLUGIN_MAGIC: [u8; 8] = *b"PLUMBPLG";
 /// [`crate::plugin::CreateRequest`] (its name, the run's device, seed and directory);
 /// validate and run requests carry the recipe's reward names; pairs carry an optional
 /// reference answer; [`HostApi::score`] may be called from several threads at once.
-pub const ABI_VERSION: u32 = 5;
+/// 6: every stage, evaluator and reward describes its configuration section
+/// ([`ComponentEntry::schema`], [`RewardEntry::schema`]).
+pub const ABI_VERSION: u32 = 6;
 /// What a plugin's declaration symbol is named: this, then the plugin's name.
 pub const DECLARATION_SYMBOL_PREFIX: &str = "plumb_plugin_";
 /// The one symbol plugins built for ABI versions up to 3 exported; the host looks for it
@@ -127,6 +129,11 @@ pub type ValidateFn = extern "C" fn(request: StrRef, out: ByteSink) -> i32;
 /// Runs a stage or an evaluator. `request` is JSON: [`crate::plugin::RunRequest`];
 /// on success the sink holds a JSON [`crate::plugin::StageOutput`].
 pub type RunFn = extern "C" fn(host: *const HostApi, request: StrRef, out: ByteSink) -> i32;
+/// Describes the configuration section: on success the sink holds its JSON Schema
+/// (draft 2020-12, as `schemars` writes it: each key's doc comment as its `description`,
+/// its serde default as its `default`). What `plumb explain` shows and `plumb validate`
+/// fills in.
+pub type SchemaFn = extern "C" fn(out: ByteSink) -> i32;
 
 /// A stage or evaluator a plugin provides.
 #[repr(C)]
@@ -135,6 +142,7 @@ pub struct ComponentEntry {
     pub description: StrRef,
     pub validate: ValidateFn,
     pub run: RunFn,
+    pub schema: SchemaFn,
 }
 
 /// A text-level reward a plugin provides: created once from its config, then asked to
@@ -151,6 +159,7 @@ pub struct RewardEntry {
     /// Called for one handle at a time, but not always from the thread that created it.
     pub score: extern "C" fn(handle: *mut c_void, request: StrRef, out: ByteSink) -> i32,
     pub destroy: extern "C" fn(handle: *mut c_void),
+    pub schema: SchemaFn,
 }
 
 /// What a plugin's [`declaration_symbol`] returns. Lives for the life of the process.

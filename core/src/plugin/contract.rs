@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -100,8 +101,9 @@ pub trait Stage: Sized + 'static {
     const NAME: &'static str;
     /// One line for `plumb plugins`.
     const DESCRIPTION: &'static str;
-    /// The stage's recipe section; use `#[serde(deny_unknown_fields)]`.
-    type Config: DeserializeOwned;
+    /// The stage's recipe section; use `#[serde(deny_unknown_fields)]`, derive
+    /// [`JsonSchema`] and give every field a doc comment (`plumb explain` shows them).
+    type Config: DeserializeOwned + JsonSchema;
 
     /// Checks beyond the types (files exist, options combine) without doing any work.
     fn validate(_config: &Self::Config, _ctx: &ValidateContext) -> Result<()> {
@@ -116,7 +118,8 @@ pub trait Stage: Sized + 'static {
 pub trait Evaluator: Sized + 'static {
     const NAME: &'static str;
     const DESCRIPTION: &'static str;
-    type Config: DeserializeOwned;
+    /// The evaluator's recipe section, as for [`Stage::Config`].
+    type Config: DeserializeOwned + JsonSchema;
 
     fn validate(_config: &Self::Config, _ctx: &ValidateContext) -> Result<()> {
         Ok(())
@@ -141,8 +144,9 @@ pub trait Reward: RewardModel + Send + Sized + 'static {
     const NAME: &'static str;
     /// One line for `plumb plugins`.
     const DESCRIPTION: &'static str;
-    /// The reward's recipe section (`rewards[i].config`); use `#[serde(deny_unknown_fields)]`.
-    type Config: DeserializeOwned;
+    /// The reward's recipe section (`rewards[i].config`); use `#[serde(deny_unknown_fields)]`
+    /// and derive [`JsonSchema`], as for [`Stage::Config`].
+    type Config: DeserializeOwned + JsonSchema;
 
     /// Checks beyond the types (patterns compile, files exist) without doing any work.
     fn validate(_config: &Self::Config, _ctx: &ValidateContext) -> Result<()> {

@@ -138,6 +138,7 @@ pub fn stage_entry<S: Stage>() -> ComponentEntry {
         description: StrRef::from_static(S::DESCRIPTION),
         validate: validate_stage::<S>,
         run: run_stage::<S>,
+        schema: config_schema::<S::Config>,
     }
 }
 
@@ -147,6 +148,7 @@ pub fn evaluator_entry<E: Evaluator>() -> ComponentEntry {
         description: StrRef::from_static(E::DESCRIPTION),
         validate: validate_evaluator::<E>,
         run: run_evaluator::<E>,
+        schema: config_schema::<E::Config>,
     }
 }
 
@@ -158,6 +160,7 @@ pub fn reward_entry<R: Reward>() -> RewardEntry {
         create: create_reward::<R>,
         score: score_reward::<R>,
         destroy: destroy_reward::<R>,
+        schema: config_schema::<R::Config>,
     }
 }
 
@@ -242,6 +245,11 @@ fn checked<C: serde::de::DeserializeOwned>(
     let config: C = parse_section(yaml)?;
     validate(&config, &ValidateContext::new(rewards.to_vec()).with_input_model(has_input_model))?;
     Ok(config)
+}
+
+/// The JSON Schema of a configuration section, from its `JsonSchema` derive.
+extern "C" fn config_schema<C: schemars::JsonSchema>(out: ByteSink) -> i32 {
+    guarded(&out, || to_json(&schemars::schema_for!(C)))
 }
 
 extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
@@ -434,7 +442,7 @@ mod tests {
         }
     }
 
-    #[derive(Deserialize)]
+    #[derive(Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     struct Empty {}
 

@@ -22,12 +22,26 @@ use crate::plugin::ValidateContext;
 pub struct RewardWeights(pub Vec<WeightedReward>);
 
 /// One reward of a [`RewardWeights`]: a name from the recipe's `rewards:`, and its weight.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedReward {
+    /// A name from the recipe's `rewards:`.
     pub name: String,
+    /// What its scores are multiplied by in the total.
     #[serde(default = "one")]
     pub weight: f64,
+}
+
+/// A reward's name, or a list of `{name, weight}`.
+impl schemars::JsonSchema for RewardWeights {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RewardWeights".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let list = generator.subschema_for::<Vec<WeightedReward>>();
+        schemars::json_schema!({ "anyOf": [{ "type": "string" }, list] })
+    }
 }
 
 fn one() -> f64 {

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What the centred rewards are divided by (TRL's `scale_rewards`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
     /// The standard deviation of the completion's own group (+ 1e-4).

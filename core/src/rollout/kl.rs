@@ -5,7 +5,7 @@ use tch::Tensor;
 
 /// How the per-token KL is estimated from the sampled token's log-probs (Schulman,
 /// "Approximating KL divergence", <http://joschu.net/blog/kl-approx.html>).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KlEstimator {
     /// log π − log π_ref: unbiased, can be negative per token.

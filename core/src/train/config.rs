@@ -5,8 +5,9 @@
 //! stage's own (`data`, `model`, `template`, ...). [`TrainSection`] reads it, sending each
 //! key to the struct that declares it, so both stay `deny_unknown_fields` and a typo is
 //! answered with the nearest name from either.
+use schemars::JsonSchema;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
 use super::{require, Precision};
@@ -17,11 +18,13 @@ use crate::optim::{AdamW, AdamWConfig, Schedule};
 use crate::recipe::{located_message, parse_value};
 
 /// The fields every training stage's section has, with their defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
+    /// AdamW; no weight decay on norms, biases and embeddings.
     #[serde(default)]
     pub optimizer: OptimizerConfig,
+    /// The learning rate: linear warmup, then a decay to a floor.
     #[serde(default)]
     pub schedule: ScheduleConfig,
     /// Sequences (or examples, or packed rows) per optimizer step.
@@ -47,8 +50,10 @@ pub struct TrainingConfig {
     /// the step (no update) and go on.
     #[serde(default)]
     pub on_nonfinite: OnNonFinite,
+    /// Resumable checkpoints: how often, how many kept.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Evaluation: how often, on how much held-out data, and what samples to show.
     #[serde(default)]
     pub eval: EvalConfig,
     /// Write the `train/*` scalars every this many steps.
@@ -178,6 +183,28 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for TrainSection<T> {
     }
 }
 
+/// One mapping with the keys of both parts: what `plumb explain` lists and `plumb
+/// validate` fills in.
+impl<T: JsonSchema> JsonSchema for TrainSection<T> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        format!("TrainSection_{}", T::schema_name()).into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut section = T::json_schema(generator);
+        let shared = TrainingConfig::json_schema(generator);
+        for key in ["properties", "required"] {
+            let Some(from_shared) = shared.get(key).cloned() else { continue };
+            match (section.ensure_object().entry(key).or_insert_with(|| from_shared.clone()), from_shared) {
+                (serde_json::Value::Object(own), serde_json::Value::Object(more)) => own.extend(more),
+                (serde_json::Value::Array(own), serde_json::Value::Array(more)) => own.extend(more),
+                _ => {}
+            }
+        }
+        section
+    }
+}
+
 /// The field names of struct `T` as its `Deserialize` declares them, or `None` when `T`
 /// does not deserialize from a struct. (serde hands them to `deserialize_struct`.)
 fn struct_fields<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
@@ -220,13 +247,16 @@ fn struct_fields<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
 }
 
 /// The `optimizer:` section: AdamW with decoupled weight decay on matrices.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerConfig {
+    /// The peak learning rate.
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Adam's β1 and β2: decay rates of the gradient's running mean and of its square's.
     #[serde(default = "default_betas")]
     pub betas: [f64; 2],
+    /// Added to the denominator of Adam's update, for numerical stability.
     #[serde(default = "default_eps")]
     pub eps: f64,
     /// Decoupled weight decay on matrices (not on norms, biases or embeddings).
@@ -263,11 +293,13 @@ impl OptimizerConfig {
 }
 
 /// The `schedule:` section: linear warmup, then a decay to a floor.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleConfig {
+    /// Steps of linear warmup from 0 to the peak learning rate.
     #[serde(default)]
     pub warmup_steps: u64,
+    /// After warmup: `cosine`, `linear` or `constant` down to the floor.
     #[serde(default = "default_decay")]
     pub decay: Decay,
     /// The floor of the decay, as a fraction of the peak learning rate.
@@ -300,7 +332,7 @@ impl ScheduleConfig {
 }
 
 /// The `checkpoint:` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
     /// Save a resumable checkpoint every this many steps (and on Ctrl-C); 0 = never.
@@ -318,7 +350,7 @@ impl Default for CheckpointConfig {
 }
 
 /// The `eval:` section: when to evaluate and what to show.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// Evaluate every this many steps (and before the first and after the last).
@@ -369,7 +401,7 @@ impl EvalConfig {
 }
 
 /// What a non-finite loss or gradient does (`on_nonfinite:`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnNonFinite {
     /// Stop the run with an error naming the step.
@@ -382,10 +414,12 @@ pub enum OnNonFinite {
 /// `batch_size_warmup:`: the batch grows linearly from `start` sequences to the full
 /// batch size over the first `steps` optimizer steps, in whole micro-batches, as large
 /// LLM runs ramp their batch while the loss falls fastest.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSizeWarmup {
+    /// Sequences in the first optimizer step (a multiple of `micro_batch_size`).
     pub start: usize,
+    /// Optimizer steps over which the batch grows to `batch_size`.
     pub steps: u64,
 }
 

@@ -5,14 +5,14 @@
 //! through plumb's C++ shim (`core/csrc/shim.cpp`).
 use std::os::raw::c_int;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
 use crate::shim::{self, plumb_autocast_get, plumb_autocast_set};
 
 /// The numeric precision of the forward pass (`precision:` in a stage's recipe section).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
     /// Everything in fp32.

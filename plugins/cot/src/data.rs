@@ -53,11 +53,13 @@ pub fn strip_annotations(text: &str) -> String {
 }
 
 /// Which fields of a JSONL line hold the question and the answer.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fields {
+    /// The field holding the question.
     #[serde(default = "default_question")]
     pub question: String,
+    /// The field holding the reference answer (GSM8K's, with its `#### N` final line).
     #[serde(default = "default_answer")]
     pub answer: String,
 }

@@ -31,7 +31,7 @@ use crate::data::{Fields, Problem, Source, GSM8K_TEST_NAME};
 use crate::prompt::{self, Exemplar, Mode, Style, ANSWER_PASS};
 use crate::report::{self, Generations, Scored};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CotConfig {
     /// A JSONL file of problems, or `gsm8k:test` (the default): GSM8K's test set, built in.
@@ -75,8 +75,11 @@ pub struct CotConfig {
     /// Sampling of self_consistency (the other modes decode greedily).
     #[serde(default = "default_temperature")]
     pub temperature: f64,
+    /// Nucleus sampling of self_consistency: the smallest set of tokens whose probability
+    /// reaches this (1.0 = all).
     #[serde(default = "default_top_p")]
     pub top_p: f64,
+    /// Sampling of self_consistency from the k likeliest tokens only; 0 = no limit.
     #[serde(default)]
     pub top_k: i64,
     /// Rows (prompts × samples) per generation batch.
@@ -95,7 +98,7 @@ pub struct CotConfig {
 }
 
 /// Where few-shot exemplars come from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FewShot {
     /// `wei` (the eight exemplars of Wei et al., in order, as lm-evaluation-harness's

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Problem;
 
 /// One way of asking; a run evaluates a list of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, PartialOrd, Ord, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     Direct,
@@ -71,7 +71,7 @@ impl Mode {
 }
 
 /// How questions and answers are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Style {
     /// `Q: …\nA:` turns, answers ending "The answer is N.", zero-shot CoT opening "Let's
@@ -310,8 +310,9 @@ mod tests {
         let tokenizer = Tokenizer::from_dir(&dir).unwrap();
         let chat = build(Mode::SelfConsistency, Style::Gsm8k, "What is 2 + 3?", &ex, Some(&tokenizer)).unwrap().text;
         assert!(
-            chat.contains("<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n1 + 1 = 2.\n#### 2<|im_end|>")
-                && chat.ends_with("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"),
+            chat.contains(
+                "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n1 + 1 = 2.\n#### 2<|im_end|>"
+            ) && chat.ends_with("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"),
             "{chat}"
         );
     }

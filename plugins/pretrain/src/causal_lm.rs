@@ -20,19 +20,27 @@ use crate::stage::{Objective, Pretraining};
 pub type CausalLm = Pretraining<CausalLmObjective>;
 
 /// A Llama-style architecture; the vocabulary size comes from the tokenizer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the SwiGLU feed-forward layer.
     pub intermediate_size: usize,
+    /// Transformer blocks.
     pub num_hidden_layers: usize,
+    /// Query heads per attention layer.
     pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); default: num_attention_heads.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// Base of the rotary position embedding's frequencies.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// Added to the mean square in RMSNorm, for numerical stability.
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
+    /// Share the input embedding with the output projection.
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
     /// Default: the sequence length.
@@ -41,7 +49,7 @@ pub struct ModelConfig {
 }
 
 /// Causal LM has no settings of its own (`objective:` stays empty).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NextToken {}
 

@@ -16,7 +16,7 @@ use plumb_core::train::{nested, require, DataPosition};
 use plumb_core::{Error, Result, RunContext};
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A UTF-8 text file; documents are separated by blank lines. Or `sources`.
@@ -81,11 +81,13 @@ impl DataConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
+    /// Tokens in the vocabulary, special tokens included.
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
+    /// A pair is merged only when it occurs at least this often.
     #[serde(default = "default_min_frequency")]
     pub min_frequency: u64,
     /// Trained on at most this many training documents, from the start of the stream.

@@ -19,12 +19,16 @@ use crate::stage::{Objective, Pretraining};
 pub type MaskedLm = Pretraining<MaskedLmObjective>;
 
 /// A BERT encoder; the vocabulary comes from the tokenizer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BertArchitecture {
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Width of the feed-forward layer.
     pub intermediate_size: usize,
+    /// Encoder layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
     /// Default: the sequence length.
     #[serde(default)]

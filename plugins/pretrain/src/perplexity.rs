@@ -27,7 +27,7 @@ use serde::Deserialize;
 /// Context length when neither the recipe nor the model's `config.json` gives one.
 const FALLBACK_SEQ_LEN: usize = 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PerplexityConfig {
     /// A text file (documents separated by blank lines) or a JSONL file (`.jsonl`, one

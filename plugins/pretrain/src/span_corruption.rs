@@ -19,12 +19,16 @@ use crate::stage::{Objective, Pretraining};
 pub type SpanCorruption = Pretraining<SpanCorruptionObjective>;
 
 /// A T5 encoder-decoder; the vocabulary comes from the tokenizer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct T5Architecture {
+    /// Width of the hidden states.
     pub d_model: usize,
+    /// Width of the feed-forward layer.
     pub d_ff: usize,
+    /// Encoder layers.
     pub num_layers: usize,
+    /// Attention heads per layer.
     pub num_heads: usize,
     /// Default: d_model / num_heads.
     #[serde(default)]

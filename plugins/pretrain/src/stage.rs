@@ -35,9 +35,9 @@ pub trait Objective: Sized + 'static {
     /// The model trained.
     type Model: SaveHf;
     /// `model:`, the architecture of a fresh model (the vocabulary comes from the tokenizer).
-    type Architecture: DeserializeOwned + Debug + Clone;
+    type Architecture: DeserializeOwned + schemars::JsonSchema + Debug + Clone;
     /// `objective:`, the corruption's settings.
-    type Settings: DeserializeOwned + Debug + Clone + Default;
+    type Settings: DeserializeOwned + schemars::JsonSchema + Debug + Clone + Default;
 
     /// Checks of `objective:` and `model:` (at those keys) for rows of `seq_len` tokens.
     fn validate(settings: &Self::Settings, model: Option<&Self::Architecture>, seq_len: usize) -> Result<()>;
@@ -81,20 +81,29 @@ pub trait Objective: Sized + 'static {
 
 /// The stage's own recipe section, beside the training fields every stage shares
 /// ([`TrainingConfig`]: optimizer, schedule, batch, steps, checkpoint, eval, ...).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(bound = "A: schemars::JsonSchema, S: schemars::JsonSchema + Default")]
 pub struct PretrainConfig<A, S> {
+    /// The corpus: one text file or a weighted mixture, streamed, packed and held out.
     pub data: DataConfig,
+    /// The byte-level BPE tokenizer trained from the corpus when the stage starts from scratch.
     #[serde(default)]
     pub tokenizer: TokenizerConfig,
     /// The architecture, when the stage starts from scratch (no input model).
-    #[serde(default = "Option::default")]
+    #[serde(default = "no_model::<A>")]
     pub model: Option<A>,
+    /// The objective's own settings (masking or span corruption rates).
     #[serde(default)]
     pub objective: S,
     /// Grow the batch from `start` sequences to `batch_size` over the first `steps` steps.
     #[serde(default)]
     pub batch_size_warmup: Option<BatchSizeWarmup>,
+}
+
+/// No architecture: the default of `model:` (typed, so that schemars can write it out).
+fn no_model<A>() -> Option<A> {
+    None
 }
 
 /// A pretraining objective as a stage.

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// The names of the fields a preference line has; defaults are TRL's.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fields {
     /// The shared prompt (optional on a line).
@@ -44,6 +44,7 @@ pub struct Fields {
     pub margin: String,
     /// The role and content keys of each chat turn.
     pub role: String,
+    /// The content key of each chat turn.
     pub content: String,
 }
 
@@ -63,7 +64,7 @@ impl Default for Fields {
 
 /// The `data:` section of a stage that trains on preference pairs (the reward model,
 /// DPO).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreferenceData {
     /// A JSONL file, one preference pair per line.

@@ -13,7 +13,7 @@ use plumb_core::{Error, Result, RunContext};
 use serde::Deserialize;
 use serde_json::Value;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 /// The `data:` section of a stage that samples from prompts (PPO, GRPO).
 pub struct PromptData {
@@ -24,7 +24,7 @@ pub struct PromptData {
     pub fields: PromptFields,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 /// What a prompt longer than `max_prompt_length` does.
 pub enum LongPrompts {
@@ -35,7 +35,7 @@ pub enum LongPrompts {
     Drop,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 /// Where a sampled response ends.
 pub enum StopToken {
@@ -124,7 +124,7 @@ pub fn log_samples(ctx: &RunContext, step: u64, pairs: &[ScorePair], scores: &[f
 }
 
 /// The names of the fields a prompt line is read from.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PromptFields {
     /// A plain prompt, tokenized as it is (with the tokenizer's own special tokens).

@@ -15,7 +15,7 @@ use crate::template::Example;
 /// The target of tokens that carry no loss (`cross_entropy`'s `ignore_index`).
 pub use plumb_core::data::objectives::IGNORE_INDEX as IGNORE;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Batching {
     /// `batch_size` examples of similar length per batch.

@@ -20,7 +20,7 @@ use plumb_core::tokenizer::ChatMessage;
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     Alpaca,
@@ -29,16 +29,24 @@ pub enum Format {
 }
 
 /// The names of the fields each format reads; defaults are the formats' usual names.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fields {
+    /// alpaca: the instruction.
     pub instruction: String,
+    /// alpaca: the optional input, after the instruction and a blank line.
     pub input: String,
+    /// alpaca: the answer.
     pub output: String,
+    /// prompt_completion: the prompt.
     pub prompt: String,
+    /// prompt_completion: the answer.
     pub completion: String,
+    /// messages: the list of chat turns.
     pub messages: String,
+    /// messages: the role key of each turn.
     pub role: String,
+    /// messages: the content key of each turn.
     pub content: String,
     /// An optional system prompt field (alpaca and prompt_completion).
     pub system: String,

@@ -34,9 +34,10 @@ use crate::template::{
 
 /// The stage's own recipe section, beside the training fields every stage shares
 /// ([`TrainingConfig`]: optimizer, schedule, batch, steps or epochs, checkpoint, eval, ...).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
+    /// The examples to train on and hold out.
     pub data: DataConfig,
     /// `auto` (the model's template, else `default`), `model`, `default`, `chatml`, or a
     /// path to a Jinja file.
@@ -57,7 +58,7 @@ pub struct SftConfig {
     pub batching: Batching,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A JSONL file, one example per line.
@@ -65,9 +66,12 @@ pub struct DataConfig {
     /// A held-out JSONL file; without it, `validation_fraction` of `train` is held out.
     #[serde(default)]
     pub validation: Option<PathBuf>,
+    /// Fraction of `train` held out when there is no `validation` file.
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
+    /// `alpaca` (instruction, input, output), `prompt_completion` or `messages` (chat turns).
     pub format: Format,
+    /// The names of the fields each format reads.
     #[serde(default)]
     pub fields: Fields,
     /// `stop` at the first malformed line, or `skip` (and count) them.

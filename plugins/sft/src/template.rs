@@ -32,7 +32,7 @@ pub fn stop_tokens(tokenizer: &Tokenizer) -> Result<Vec<i64>> {
 }
 
 /// Which tokens carry the loss.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainOn {
     /// Every assistant turn (its end-of-turn marker included); prompts are context only.

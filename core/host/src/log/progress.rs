@@ -39,13 +39,7 @@ impl Progress {
     }
 
     fn new_bar(&self, update: &ProgressUpdate) -> ProgressBar {
-        let bar = ProgressBar::new(update.total);
-        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_prefix(self.label.clone());
-        bar
+        bar(&self.label, update.total)
     }
 
     pub fn update(&mut self, update: &ProgressUpdate) {
@@ -99,6 +93,70 @@ impl Progress {
                     self.print_line(&last);
                 }
             }
+        }
+    }
+}
+
+/// A bar on stderr in plumb's one style: `label [=====>    ] 3/10 message`.
+fn bar(label: &str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+/// Progress of work a command does itself (`plumb bench`): the stages' bar on stderr, only
+/// when stderr is a terminal, so stdout carries the results alone and a log or pipe gets
+/// nothing. Cleared when done.
+pub struct Counter {
+    bar: Option<ProgressBar>,
+}
+
+impl Counter {
+    /// `total` steps of work called `label`.
+    pub fn new(label: &str, total: u64) -> Self {
+        Self::with_terminal(label, total, std::io::stderr().is_terminal())
+    }
+
+    pub fn with_terminal(label: &str, total: u64, terminal: bool) -> Self {
+        Self { bar: terminal.then(|| bar(label, total)) }
+    }
+
+    /// Says what runs now (`batch 64, repeat 2/3`).
+    pub fn doing(&self, what: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(what.to_owned());
+        }
+    }
+
+    /// One step done.
+    pub fn step(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    /// Runs `f` (which prints) without tearing the bar.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        match &self.bar {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+
+    /// Steps done so far.
+    pub fn position(&self) -> Option<u64> {
+        self.bar.as_ref().map(ProgressBar::position)
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
     }
 }
@@ -180,6 +238,18 @@ mod tests {
         progress.finish(); // e.g. stopped with Ctrl-C at step 3 of 10
         assert_eq!(bar.position(), 3, "finishing must not fill the bar up");
         assert!(bar.is_finished());
+    }
+
+    #[test]
+    fn a_counter_draws_only_on_a_terminal_and_counts_steps() {
+        let counter = Counter::with_terminal("bench", 3, true);
+        counter.doing("batch 1");
+        counter.step();
+        counter.step();
+        assert_eq!(counter.position(), Some(2));
+        let quiet = Counter::with_terminal("bench", 3, false);
+        quiet.step();
+        assert_eq!(quiet.position(), None, "no bar when stderr is not a terminal");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use plumb_core::context::RunRequest;
-use plumb_core::plugin::abi::{vec_sink, ComponentEntry, RewardEntry, Status, StrRef, ValidateFn};
+use plumb_core::plugin::abi::{vec_sink, ComponentEntry, RewardEntry, SchemaFn, Status, StrRef, ValidateFn};
 use plumb_core::plugin::{CreateRequest, StageOutput, ValidateRequest};
 use plumb_core::recipe::{suggest, SectionError};
 
@@ -159,6 +159,66 @@ impl Registry {
     }
 }
 
+/// What `plumb explain` describes: a stage, evaluator or reward of a loaded plugin.
+pub struct Described<'r> {
+    pub plugin: &'r Plugin,
+    pub kind: Kind,
+    /// `<plugin>.<name>`.
+    pub uses: String,
+    /// Its one line for `plumb plugins`.
+    pub description: String,
+    schema: SchemaFn,
+}
+
+impl Described<'_> {
+    /// The JSON Schema of its configuration section.
+    pub fn schema(&self) -> Result<serde_json::Value, CallError> {
+        call_schema(self.schema)
+    }
+}
+
+impl Registry {
+    /// The stage, evaluator or reward `uses` (`<plugin>.<name>`), whichever it is; or a
+    /// message that lists every known name, with the nearest first.
+    pub fn described(&self, uses: &str) -> Result<Described<'_>, String> {
+        let (plugin_name, name) = uses.split_once('.').unwrap_or((uses, ""));
+        if let Some(plugin) = self.plugins.iter().find(|p| p.name == plugin_name) {
+            let found = [
+                (Kind::Stage, plugin.stage_entry(name).map(|e| (e.schema, &plugin.stages))),
+                (Kind::Evaluator, plugin.evaluator_entry(name).map(|e| (e.schema, &plugin.evaluators))),
+                (Kind::Reward, plugin.reward_entry(name).map(|e| (e.schema, &plugin.rewards))),
+            ];
+            for (kind, entry) in found {
+                let Some((schema, infos)) = entry else { continue };
+                let description = infos.iter().find(|c| c.name == name).map(|c| c.description.clone());
+                return Ok(Described {
+                    plugin,
+                    kind,
+                    uses: uses.to_owned(),
+                    description: description.unwrap_or_default(),
+                    schema,
+                });
+            }
+        }
+        let mut names = self.names(Kind::Stage);
+        names.extend(self.names(Kind::Evaluator));
+        names.extend(self.names(Kind::Reward));
+        let hint = suggest(uses, names.iter().map(String::as_str))
+            .map(|s| format!("did you mean `{s}`? "))
+            .unwrap_or_default();
+        let known = if names.is_empty() { "none (no plugins found)".to_owned() } else { names.join(", ") };
+        Err(format!("no stage, evaluator or reward named `{uses}`; {hint}known: {known}"))
+    }
+}
+
+/// A configuration section's JSON Schema, from a component's `schema` entry.
+fn call_schema(schema: SchemaFn) -> Result<serde_json::Value, CallError> {
+    let mut out = Vec::new();
+    let raw = schema(vec_sink(&mut out));
+    let out = outcome(raw, out)?;
+    serde_json::from_slice(&out).map_err(|e| CallError::Failed(format!("returned a malformed schema: {e}")))
+}
+
 fn outcome(raw: i32, out: Vec<u8>) -> Result<Vec<u8>, CallError> {
     let text = || String::from_utf8_lossy(&out).into_owned();
     match Status::from_raw(raw) {
@@ -207,6 +267,11 @@ impl Component<'_> {
         call_validate(self.entry.validate, config_yaml, rewards, has_input_model)
     }
 
+    /// The JSON Schema of its configuration section (its options, types, defaults, docs).
+    pub fn schema(&self) -> Result<serde_json::Value, CallError> {
+        call_schema(self.entry.schema)
+    }
+
     /// Runs the component with the host's services; blocks until it returns.
     pub fn run(&self, host: &HostServices, request: &RunRequest) -> Result<StageOutput, CallError> {
         let request = serde_json::to_string(request).map_err(|e| CallError::Failed(e.to_string()))?;
@@ -228,6 +293,11 @@ pub struct RewardComponent<'r> {
 impl RewardComponent<'_> {
     pub fn validate(&self, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
         call_validate(self.entry.validate, config_yaml, rewards, true)
+    }
+
+    /// The JSON Schema of its configuration section.
+    pub fn schema(&self) -> Result<serde_json::Value, CallError> {
+        call_schema(self.entry.schema)
     }
 
     /// Builds an instance for a run; it is destroyed when dropped.

@@ -20,6 +20,9 @@ pub struct LoadedRecipe {
     value: Value,
     locator: Locator,
     resolved: String,
+    /// The recipe as written, overrides applied, before a sweep is expanded: what
+    /// [`LoadedRecipe::resolved_yaml`] writes out.
+    written: Recipe,
     stage_configs: Vec<String>,
     /// The points of a `sweep:`, each now a stage of its own.
     sweep_points: Vec<super::sweep::SweepPoint>,
@@ -76,6 +79,7 @@ impl Recipe {
         };
         let resolved =
             header(path, locator.overrides.texts()) + &to_yaml("the resolved recipe", serde_yaml::to_string(&recipe))?;
+        let written = recipe.clone();
         let (sweep_points, stage_origin) =
             super::sweep::expand(&mut recipe).map_err(|(at, message)| locator.error(&at, message))?;
         // The points' names must not clash with the other stages'.
@@ -86,7 +90,7 @@ impl Recipe {
             .map(|stage| to_yaml("a stage's config", serde_yaml::to_string(&stage.config)))
             .collect::<Result<Vec<_>, _>>()?;
         tracing::debug!(path = %path.display(), overrides = ?locator.overrides.texts(), "recipe loaded");
-        Ok(LoadedRecipe { recipe, value, locator, resolved, stage_configs, sweep_points, stage_origin })
+        Ok(LoadedRecipe { recipe, value, locator, resolved, written, stage_configs, sweep_points, stage_origin })
     }
 }
 
@@ -114,6 +118,27 @@ impl LoadedRecipe {
     /// with a comment header naming the file and the overrides. Loads back to the same recipe.
     pub fn resolved_yaml(&self) -> String {
         self.resolved.clone()
+    }
+
+    /// [`LoadedRecipe::resolved_yaml`] with each section a plugin owns passed through
+    /// `fill` first: `fill(at, uses, config)` gets where the section is
+    /// (`stages[0].config`, `rewards[1].config`), the `uses` it belongs to and the section
+    /// (`plumb validate` fills in the defaults the plugin declares).
+    pub fn resolved_yaml_filled(
+        &self,
+        mut fill: impl FnMut(&str, &str, &mut Value) -> Result<(), RecipeError>,
+    ) -> Result<String, RecipeError> {
+        let mut recipe = self.written.clone();
+        for (i, reward) in recipe.rewards.iter_mut().enumerate() {
+            fill(&format!("rewards[{i}].config"), &reward.uses, &mut reward.config)?;
+        }
+        for (i, stage) in recipe.stages.iter_mut().enumerate() {
+            fill(&format!("stages[{i}].config"), &stage.uses, &mut stage.config)?;
+        }
+        let text = serde_yaml::to_string(&recipe).map_err(|e| {
+            self.locator.error(&KeyPath::default(), format!("cannot write the resolved recipe as YAML: {e}"))
+        })?;
+        Ok(header(&self.locator.file, self.locator.overrides.texts()) + &text)
     }
 
     /// Stage `index`'s `config` section as YAML text, what its plugin receives; `{}` for an

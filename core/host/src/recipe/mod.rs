@@ -19,12 +19,14 @@
 //! | `source.rs` | line and column of every key |
 //! | `error.rs` | [`RecipeError`] |
 //! | `sweep.rs` | `sweep:`, one stage over a grid of settings |
+//! | `options.rs` | a section's options from its JSON Schema: listed, defaults filled in |
 //!
 //! Shared with plugins, in `plumb_core::recipe`: key paths (`path.rs`), serde messages in
 //! YAML words (`explain.rs`), "did you mean" (`suggest.rs`) and plugin config sections
 //! (`section.rs`, [`parse_section`], [`SectionError`]).
 mod error;
 mod load;
+pub mod options;
 mod overrides;
 mod schema;
 mod source;

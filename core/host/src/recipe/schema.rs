@@ -52,17 +52,20 @@ pub struct Recipe {
 }
 
 /// `run:` — settings of the run as a whole.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
-    /// Loading fills in the recipe file's stem when the recipe leaves this out.
+    /// The run's name in logs; default: the recipe file's stem.
     #[serde(default)]
     pub name: String,
     /// Where checkpoints, logs and the resolved recipe go; a relative path is relative to
     /// the current directory.
     pub output_dir: PathBuf,
+    /// Seeds every random choice of the run (weights, shuffles, sampling); a seeded CPU run
+    /// repeats exactly.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `auto` (`cuda:0` when libtorch sees a GPU, else `cpu`), `cpu`, `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: Device,
 }

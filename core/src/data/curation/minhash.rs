@@ -23,7 +23,7 @@ use crate::data::seeded_rng;
 use crate::error::{Error, Result};
 
 /// What a shingle is made of.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ShingleUnit {
     /// Words: maximal runs of alphanumeric characters, lowercased (punctuation and spacing
@@ -37,7 +37,7 @@ pub enum ShingleUnit {
 /// `near_dedup:` — MinHash + LSH settings. Defaults: 5-word shingles, 128 permutations,
 /// 16 bands × 8 rows, threshold 0.8: a pair at J = 0.8 becomes a candidate with probability
 /// 0.95, at J = 0.9 with 0.9999, at J = 0.5 with 0.06.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MinHashConfig {
     /// Shingle unit; default `word`.

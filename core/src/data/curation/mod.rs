@@ -53,7 +53,7 @@ use quality::QualityFilter;
 /// What to curate, and how. Every field has a default, so `{}` is a full config: quality
 /// rules on (Gopher's thresholds), exact dedup on, near dedup on (5-word shingles, 128
 /// permutations, 16 bands × 8 rows, Jaccard ≥ 0.8), seed 0.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CurationConfig {
     /// Remove documents equal to an earlier one after [`normalize`]. Default true.

@@ -24,7 +24,7 @@ pub const STOP_WORDS: [&str; 8] = ["the", "be", "to", "of", "and", "that", "have
 const BULLETS: [char; 7] = ['•', '●', '◦', '‣', '▪', '-', '*'];
 
 /// `quality:` — every rule is on by default; `null` turns one off.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct QualityConfig {
     /// Fewest words. Default 50.

@@ -13,7 +13,7 @@ use plumb_core::RunContext;
 use serde::Deserialize;
 
 /// Which DPO loss (TRL's `loss_type`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DpoLossType {
     /// DPO's −log σ(β·h), with optional label smoothing.

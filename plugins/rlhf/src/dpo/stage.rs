@@ -34,7 +34,7 @@ use crate::preference::{Pair, PreferenceData};
 
 /// The stage's own recipe section, beside the training fields every stage shares
 /// (`plumb_core::train::TrainingConfig`). Defaults are TRL's `DPOConfig`'s.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DpoConfig {
     /// The preference pairs (TRL's formats: prompt/chosen/rejected, plain or chat).

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::prompts::{read_prompts, LongPrompts, PromptData, StopToken};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrpoConfig {
     /// The prompts (plain or chat), with reference answers for verifiable rewards.
@@ -72,7 +72,7 @@ pub struct GrpoConfig {
 /// DAPO's soft overlong punishment (<https://arxiv.org/abs/2503.14476>, TRL's
 /// `get_soft_overlong_punishment`): 0 up to `max_completion_length − cache` tokens, then
 /// falling linearly to −`weight` at `max_completion_length`.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OverlongPenalty {
     /// The tokens before max_completion_length over which the penalty grows.
@@ -97,7 +97,7 @@ impl OverlongPenalty {
 }
 
 /// DAPO's dynamic sampling.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DynamicSampling {
     /// Rounds of sampling a step may take to fill its batch with groups whose rewards differ;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::prompts::{read_prompts, LongPrompts, PromptData, StopToken};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PpoConfig {
     /// The prompts.
@@ -59,11 +59,13 @@ pub struct PpoConfig {
     /// ε of the value clip (TRL's `cliprange_value`).
     #[serde(default = "default_clip")]
     pub cliprange_value: f64,
+    /// Discount of future rewards in GAE (TRL's `gamma`).
     #[serde(default = "default_gamma")]
     pub gamma: f64,
     /// λ of GAE (TRL's `lam`).
     #[serde(default = "default_lam")]
     pub lam: f64,
+    /// Weight of the value loss beside the policy loss (TRL's `vf_coef`).
     #[serde(default = "default_vf_coef")]
     pub vf_coef: f64,
     /// Passes over each batch of episodes (TRL's `num_ppo_epochs`).
@@ -81,18 +83,19 @@ pub struct PpoConfig {
     pub samples: usize,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValueModelConfig {
     /// `policy`: the policy's transformer with a fresh scalar head; `reward_model`: the
     /// scalar-head model at `path` (a trained reward model).
     #[serde(default)]
     pub init: ValueInit,
+    /// The scalar-head model directory, for `init: reward_model`.
     #[serde(default)]
     pub path: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ValueInit {
     #[default]

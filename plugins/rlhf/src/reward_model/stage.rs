@@ -36,7 +36,7 @@ use crate::preference::{Pair, PreferenceData};
 
 /// The stage's own recipe section, beside the training fields every stage shares
 /// ([`TrainingConfig`]).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RewardModelConfig {
     /// The preference pairs.

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::finite;
 
 /// How the response's final answer is found.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Extraction {
     /// The number after the last `####` or in the last "The answer is N".
@@ -32,7 +32,7 @@ pub enum Extraction {
     Flexible,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExactAnswerConfig {
     #[serde(default)]

@@ -30,7 +30,7 @@ use serde::Deserialize;
 use crate::preference::Sequence;
 use crate::reward_model::scoring::TextScorer;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LearnedConfig {
     /// A saved scalar-head model directory with its `tokenizer.json`.

@@ -23,7 +23,7 @@ use plumb_core::{Error, Result};
 use serde::Deserialize;
 
 /// What a response's length is counted in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Unit {
     #[default]
@@ -31,7 +31,7 @@ pub enum Unit {
     Words,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LengthConfig {
     #[serde(default)]

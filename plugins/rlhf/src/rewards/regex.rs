@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::finite;
 
 /// Where the pattern must match.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Anywhere in the response.
@@ -31,10 +31,12 @@ pub enum Mode {
     Full,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegexConfig {
+    /// The regular expression (Rust's `regex` syntax) a response is tested against.
     pub pattern: String,
+    /// `search` (anywhere in the response) or `full` (the whole response).
     #[serde(default)]
     pub mode: Mode,
     /// The score of a matching response.

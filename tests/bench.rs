@@ -1,0 +1,78 @@
+//! `plumb bench` prints a table with aligned columns and units for a person, and with
+//! `--json` the same figures as one JSON object per line; dtypes and devices are spelled
+//! as everywhere else (`float32`, `cpu`).
+mod common;
+
+use common::*;
+
+const GENERATE: &[&str] = &[
+    "bench",
+    "generate",
+    "--shape",
+    "quickstart",
+    "--device",
+    "cpu",
+    "--batch",
+    "1,2",
+    "--prompt-len",
+    "4",
+    "--new-tokens",
+    "4",
+    "--repeats",
+    "1",
+];
+
+#[test]
+fn bench_prints_an_aligned_table_with_units() {
+    let out = plumb(&repo_root(), GENERATE);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and a row per batch size:\n{text}");
+    let header = lines[0];
+    for title in ["model", "device", "dtype", "batch", "time (s)", "tokens/s", "TTFT (ms)"] {
+        assert!(header.contains(title), "`{title}` missing from the header:\n{text}");
+    }
+    // Text columns start under their header, numbers end under theirs.
+    let start = |line: &str, word: &str| line.find(word).unwrap();
+    for row in &lines[1..] {
+        assert_eq!(start(row, "quickstart"), start(header, "model"), "{text}");
+        assert_eq!(start(row, "cpu"), start(header, "device"), "{text}");
+        assert_eq!(start(row, "float32"), start(header, "dtype"), "{text}");
+        let end_of = |column: &str| start(header, column) + column.len();
+        let cells: Vec<(usize, &str)> = row.match_indices(|c: char| !c.is_whitespace()).collect();
+        // The batch size (1 or 2) ends where the `batch` header ends.
+        let batch_end = end_of("batch");
+        assert!(cells.iter().any(|&(i, c)| i + 1 == batch_end && (c == "1" || c == "2")), "{text}");
+    }
+    assert!(!text.contains('{'), "no JSON without --json:\n{text}");
+}
+
+#[test]
+fn bench_json_prints_one_object_per_line_with_the_dtype_spelled_as_pytorch_does() {
+    let mut args = GENERATE.to_vec();
+    args.push("--json");
+    let out = plumb(&repo_root(), &args);
+    assert_exit(&out, 0);
+    let lines: Vec<serde_json::Value> =
+        stdout(&out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 2);
+    for (line, batch) in lines.iter().zip([1, 2]) {
+        assert_eq!(line["case"], "generate");
+        assert_eq!(line["batch"], batch);
+        assert_eq!((line["device"].as_str(), line["dtype"].as_str()), (Some("cpu"), Some("float32")));
+        assert_eq!(line["generated_tokens"], 4 * batch);
+        assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    // --dtype takes the same words, short forms too, and names them back the one way.
+    let mut args = GENERATE.to_vec();
+    args.extend(["--json", "--dtype", "bf16"]);
+    let out = stdout(&plumb(&repo_root(), &args));
+    for line in out.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(line["dtype"], "bfloat16");
+    }
+    let bad = plumb(&repo_root(), &["bench", "generate", "--dtype", "bfloat", "--device", "cpu"]);
+    assert_exit(&bad, 1);
+    assert!(stderr(&bad).contains("--dtype: unknown dtype `bfloat`; expected float32, bfloat16 or float16"));
+}
