@@ -311,3 +311,16 @@ fn the_lora_recipe_tunes_a_transformers_checkpoint_into_an_adapter_peft_loads() 
     assert!(compared["diff"].as_f64().unwrap() < 1e-4, "{compared}");
     assert!(compared["moved"].as_f64().unwrap() > 1e-3, "the adapter trained: {compared}");
 }
+
+/// DPO and GRPO do not train adapters yet: a `lora:` block is refused before any compute,
+/// not ignored.
+#[test]
+fn dpo_and_grpo_refuse_a_lora_block() {
+    for (recipe, stage, name) in [("recipes/dpo.yaml", "dpo", "DPO"), ("recipes/grpo.yaml", "grpo", "GRPO")] {
+        let set = format!("stages.{stage}.config.lora={{rank: 4}}");
+        let out = plumb(&repo_root(), &["validate", recipe, &set]);
+        assert_exit(&out, 1);
+        let err = stderr(&out);
+        assert!(err.contains(&format!("lora: {name} does not train LoRA adapters yet")), "{err}");
+    }
+}

@@ -99,6 +99,7 @@ pub fn validate(section: &TrainSection<DpoConfig>, ctx: &ValidateContext) -> Res
     }
     c.template.validate()?;
     training.validate(Length::StepsOrEpochs)?;
+    training.refuse_lora("DPO does not train LoRA adapters yet (sft, reward_model and ppo do); drop the block")?;
     c.data.validate(ctx)?;
     ctx.require_input_model("DPO starts from a policy (the SFT model), which is also its reference")
 }

@@ -155,6 +155,7 @@ pub fn micro_batch(section: &TrainSection<GrpoConfig>) -> usize {
 pub fn validate(section: &TrainSection<GrpoConfig>, ctx: &ValidateContext) -> Result<()> {
     let TrainSection { train: training, stage: c } = section;
     training.validate(Length::StepsOrEpochs)?;
+    training.refuse_lora("GRPO does not train LoRA adapters yet (sft, reward_model and ppo do); drop the block")?;
     ctx.existing_file("data.train", &c.data.train)?;
     read_prompts(&c.data.train, &c.data.fields)?;
     c.reward.validate("reward", ctx)?;
