@@ -87,7 +87,7 @@ fn typo_in_a_key_suggests_the_right_one() {
             &path,
             17,
             5,
-            "stages[1].modle: unknown key; expected one of `name`, `uses`, `model`, `config`; did you mean `model`?"
+            "stages[1].modle: unknown key; expected one of `name`, `uses`, `model`, `config`, `summary`; did you mean `model`?"
         )
     );
 }
