@@ -406,6 +406,12 @@ fn train(args: &TrainBench, json: bool) -> Result<(), Failure> {
 }
 
 fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
+    if let Some(threads) = args.threads {
+        if threads == 0 {
+            return Err(Failure::User("--threads must be positive".into()));
+        }
+        tch::set_num_threads(threads as i32);
+    }
     if let Some(python) = &args.transformers {
         return generate_beside_transformers(args, python);
     }
@@ -501,9 +507,6 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
         return Err(Failure::User(format!("{}: not found (it ships in plumb's checkout)", script.display())));
     }
     let device = resolve_device(&args.device)?;
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads as i32);
-    }
     let dir = std::env::temp_dir().join(format!("plumb-bench-generate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let checkpoint = match &args.model {
