@@ -28,8 +28,7 @@ fn the_quickstart_recipe_validates_and_prints_resolved() {
 #[test]
 fn a_typo_in_a_stage_key_names_the_place_and_the_nearest_key() {
     let dir = tempfile::tempdir().unwrap();
-    let text =
-        std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replace("max_steps: 1200", "max_step: 1200");
+    let text = std::fs::read_to_string(repo_root().join(QUICKSTART)).unwrap().replacen("max_steps:", "max_step:", 1);
     let path = dir.path().join("typo.yaml");
     std::fs::write(&path, &text).unwrap();
     let line = text.lines().position(|l| l.contains("max_step:")).unwrap() + 1;
