@@ -5,6 +5,8 @@
 //! generate` and merges (`plumb lora merge`) into a checkpoint that generates the same
 //! text; a resumed LoRA run continues the same trajectory, dropout masks included; PPO's
 //! reference is the policy with its adapters off (no model copy; KL 0 at the first step).
+//! DPO and GRPO train adapters the same way, their reference the base model under the
+//! switched-off adapters, which stays bit-identical through the run.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -315,7 +317,8 @@ fn the_lora_recipe_tunes_a_transformers_checkpoint_into_an_adapter_peft_loads() 
 /// The scores of a few token rows under `policy` (log-probs of each next token).
 fn row_log_probs(policy: &dyn plumb_core::model::Policy) -> plumb_core::tch::Tensor {
     use plumb_core::tch::Tensor;
-    let ids = Tensor::from_slice(&[5i64, 17, 33, 2, 9, 41, 60, 7, 13, 40, 100, 264, 211, 149, 13, 1, 98, 100]).view([2, 9]);
+    let ids =
+        Tensor::from_slice(&[5i64, 17, 33, 2, 9, 41, 60, 7, 13, 40, 100, 264, 211, 149, 13, 1, 98, 100]).view([2, 9]);
     plumb_core::tch::no_grad(|| policy.log_probs(&ids, None).unwrap())
 }
 
@@ -335,7 +338,11 @@ fn adapter_off_is_the_base(base: &Path, adapter: &Path) -> f64 {
     let expected = row_log_probs(plain.as_ref());
     let moved = (row_log_probs(adapted.as_ref()) - &expected).abs().max().double_value(&[]);
     let _off = lora.disabled();
-    assert!(row_log_probs(adapted.as_ref()).equal(&expected), "{}: adapters off must be the base model", adapter.display());
+    assert!(
+        row_log_probs(adapted.as_ref()).equal(&expected),
+        "{}: adapters off must be the base model",
+        adapter.display()
+    );
     moved
 }
 
@@ -504,12 +511,14 @@ stages:
 /// the first update would not be 1.
 #[test]
 fn grpo_refuses_lora_dropout_at_its_key() {
-    let out = plumb(
-        &repo_root(),
-        &["validate", "recipes/grpo.yaml", "stages.grpo.config.lora={rank: 4, dropout: 0.1}"],
-    );
+    let out =
+        plumb(&repo_root(), &["validate", "recipes/grpo.yaml", "stages.grpo.config.lora={rank: 4, dropout: 0.1}"]);
     assert_exit(&out, 1);
-    assert!(stderr(&out).contains("lora.dropout: GRPO takes its sampling log-probs without dropout"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("lora.dropout: GRPO takes its sampling log-probs without dropout"),
+        "{}",
+        stderr(&out)
+    );
     let out = plumb(&repo_root(), &["validate", "recipes/grpo.yaml", "stages.grpo.config.lora={rank: 4}"]);
     assert_exit(&out, 0);
     let out = plumb(&repo_root(), &["validate", "recipes/dpo.yaml", "stages.dpo.config.lora={rank: 4, dropout: 0.1}"]);

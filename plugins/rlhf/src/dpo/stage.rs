@@ -253,7 +253,9 @@ impl Stage for Dpo {
                         let _no_grad = tch::no_grad_guard();
                         let _adapters_off = policy.lora().map(|l| l.disabled());
                         let model = model.policy(policy.as_ref());
-                        training.precision.forward(device, || completion_log_probs(model, &chunk, pad, device, average))??
+                        training
+                            .precision
+                            .forward(device, || completion_log_probs(model, &chunk, pad, device, average))??
                     }
                     (None, None) => return Err(Error::Other("no reference log-probs and no reference model".into())),
                 };

@@ -78,8 +78,7 @@ pub fn micro_batch_loss(
         per_token_loss(&log_probs, &part.log_probs, &part.ref_log_probs, &part.advantages, mask, settings);
     let loss = aggregate(&per_token, mask, settings.loss_type, update);
     let _no_grad = tch::no_grad_guard();
-    let scalars =
-        Tensor::stack(&[loss.detach(), low, high, region, kl, masked_mean(&entropy.detach(), mask)], 0);
+    let scalars = Tensor::stack(&[loss.detach(), low, high, region, kl, masked_mean(&entropy.detach(), mask)], 0);
     let v = Vec::<f64>::try_from(scalars.to_kind(Kind::Double).to_device(tch::Device::Cpu))?; // one copy to the host
     let nan_free = |x: f64| if x.is_nan() { 0.0 } else { x }; // a micro-batch with every token masked
     let stats = GrpoLossStats {

@@ -38,9 +38,7 @@ use plumb_core::model::generate::{Finish, GenerationSettings};
 use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::{RewardSet, ScorePair};
-use plumb_core::rollout::{
-    group_advantages, policy_response_scores, sample, step_seed, Experience, UpdateSize,
-};
+use plumb_core::rollout::{group_advantages, policy_response_scores, sample, step_seed, Experience, UpdateSize};
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{DataPosition, TrainSection, Trained, Trainer};
@@ -216,7 +214,8 @@ impl Stage for Grpo {
                         c.temperature,
                         false,
                     )?;
-                    experience.ref_log_probs = scores.log_probs * &experience.response_mask; // (B, R)
+                    experience.ref_log_probs = scores.log_probs * &experience.response_mask;
+                    // (B, R)
                 }
 
                 // 3. μ passes over the completions in shuffled minibatches, each one update.
