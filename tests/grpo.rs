@@ -130,56 +130,152 @@ fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len() as f64
 }
 
-/// Ignored: since sampling moved onto the device generator (a new random stream), the
-/// tiny starting model gives no `#### N` answer within the completion length for this
-/// seed, every group's rewards are equal and GRPO has no signal; the test needs a
-/// starting model that answers some of the time (SFT first). Run with `--ignored`.
-#[test]
-#[ignore = "the starting model gives no answer to learn from under the device sampler; see the doc comment"]
-fn grpo_raises_the_exact_answer_reward_over_the_starting_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = arith_policy(dir.path(), PRETRAIN_STEPS);
-    let prompts = arith_prompts(dir.path());
-    let config = format!(
-        "      num_generations: 4\n      batch_size: 16\n      epsilon_high: 0.28\n      max_steps: {GRPO_STEPS}\n"
-    );
-    let recipe = grpo_recipe(dir.path(), "run", &model, &prompts, &config);
-    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
-    assert_exit(&out, 0);
-    let tb = dir.path().join("run/tb/grpo");
-    let events = read_tensorboard(&tb);
-    for tag in [
-        "reward",
-        "reward_std",
-        "rewards/exact/mean",
-        "rewards/exact/std",
-        "frac_reward_zero_std",
-        "completions/mean_length",
-        "completions/clipped_ratio",
-        "clip_ratio/low_mean",
-        "clip_ratio/high_mean",
-        "clip_ratio/region_mean",
-        "entropy",
-        "train/loss",
-    ] {
-        assert_eq!(events["scalars"][tag].as_array().map(Vec::len), Some(GRPO_STEPS as usize), "{tag}");
-    }
-    assert!(events["scalars"]["kl"].is_null(), "β = 0: no KL is logged (and no reference loaded)");
-    // The reward rises over the starting model's (the first steps sample from it): what
-    // rises first is giving an answer (`#### N`) within the completion budget.
-    let reward = series(&tb, "rewards/exact/mean");
-    let quarter = reward.len() / 4;
-    let (first, last) = (mean(&reward[..quarter]), mean(&reward[reward.len() - quarter..]));
-    let clipped = series(&tb, "completions/clipped_ratio");
-    println!("rewards/exact/mean {reward:?}\ncompletions/clipped_ratio {clipped:?}\nfirst quarter {first:.3}, last quarter {last:.3}");
-    assert!(last > first + 0.1, "the exact-answer reward did not rise: {reward:?}");
-    // On-policy with one pass: the update's ratio starts at 1, so no token is clipped.
-    assert!(series(&tb, "clip_ratio/region_mean").iter().all(|c| *c == 0.0));
+/// The shipped SFT turns and held-out problems (GSM8K format) that are [`easy`], in `dir`.
+fn arith_sft_and_test(dir: &Path) -> (PathBuf, PathBuf) {
+    let keep = |file: &str, question: fn(&serde_json::Value) -> &str| -> PathBuf {
+        let text = std::fs::read_to_string(repo_root().join("data/arith").join(file)).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| easy(question(&serde_json::from_str::<serde_json::Value>(line).unwrap())))
+            .collect();
+        let path = dir.join(file);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path
+    };
+    let sft = keep("sft.jsonl", |row| row["messages"][0]["content"].as_str().unwrap());
+    let test = keep("test.jsonl", |row| row["question"].as_str().unwrap());
+    (sft, test)
 }
 
-/// Pretraining steps of the starting model and GRPO steps of the direction test.
-const PRETRAIN_STEPS: u32 = 120;
-const GRPO_STEPS: u64 = 24;
+/// The held-out problems, answered greedily step by step (cot.gsm8k).
+fn held_out_eval(name: &str, test: &Path) -> String {
+    format!(
+        r#"  - name: {name}
+    uses: cot.gsm8k
+    config:
+      data: {test}
+      style: gsm8k
+      chat: true
+      modes: [zero_shot_cot]
+      max_new_tokens: 64
+      batch_size: 100
+"#,
+        test = test.display()
+    )
+}
+
+/// GRPO with a verifiable reward (the exact answer) from an SFT model: a small model
+/// pretrained here on the shipped worked problems of one kind ("… had 4 cards. He found 8
+/// more and then lost 6 …") and taught the chat format and GSM8K's `#### N` by SFT answers
+/// some of the 44 held-out problems of that kind right (greedy, step by step). GRPO on the
+/// training prompts raises its sampled exact-answer reward clearly, and its held-out
+/// accuracy must not fall. The held-out rise itself is not asserted: from the same SFT
+/// model (40.9%), three GRPO seeds gave 47.7%, 40.9% and 56.8% — on 44 problems, not yet a
+/// rise that holds for every seed.
+#[test]
+fn grpo_raises_held_out_accuracy_over_its_sft_starting_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = arith_corpus(dir.path());
+    let (sft, test) = arith_sft_and_test(dir.path());
+    let prompts = dir.path().join("grpo_prompts.jsonl");
+    let text = std::fs::read_to_string(repo_root().join("data/arith/prompts.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| easy(l)).collect();
+    std::fs::write(&prompts, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("run");
+    let recipe = dir.path().join("chain.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"run:
+  output_dir: {out}
+  seed: {seed}
+  device: cpu
+plugins:
+  - name: pretrain
+  - name: sft
+  - name: rlhf
+  - name: cot
+rewards:
+  - name: exact
+    uses: rlhf.exact_answer
+    config: {{extraction: strict, correct: 1.0, wrong: 0.0, no_answer: 0.0}}
+stages:
+  - name: pretrain
+    uses: pretrain.causal_lm
+    config:
+      data: {{train: {corpus}, validation_fraction: 0.02, seq_len: 64}}
+      tokenizer: {{vocab_size: 320}}
+      model: {{hidden_size: 96, intermediate_size: 256, num_hidden_layers: 3, num_attention_heads: 4, max_position_embeddings: 256}}
+      optimizer: {{lr: 5.0e-3, weight_decay: 0.1}}
+      schedule: {{warmup_steps: 30}}
+      batch_size: 16
+      max_steps: 1000
+      log_every: 100
+      eval: {{every: 1000, max_batches: 4}}
+  - name: sft
+    uses: sft.sft
+    config:
+      data: {{train: {sft}, format: messages, validation_fraction: 0.05}}
+      template: default
+      max_length: 160
+      batch_size: 16
+      max_steps: 120
+      optimizer: {{lr: 2.0e-3, weight_decay: 0.0}}
+      eval: {{every: 120, max_batches: 2, num_prompts: 8, response_pattern: '#### -?[0-9]+$'}}
+{before}  - name: grpo
+    uses: rlhf.grpo
+    model: {{stage: sft}}
+    config:
+      data: {{train: {prompts}}}
+      reward: exact
+      num_generations: 16
+      loss_type: grpo
+      max_prompt_length: 96
+      max_completion_length: 64
+      temperature: 1.0
+      batch_size: 128
+      max_steps: {GRPO_STEPS}
+      optimizer: {{lr: 2.0e-4, weight_decay: 0.0}}
+      schedule: {{warmup_steps: 0, decay: constant}}
+      log_every: 1
+{after}"#,
+            out = out.display(),
+            seed = 7,
+            corpus = corpus.display(),
+            sft = sft.display(),
+            prompts = prompts.display(),
+            before = held_out_eval("before", &test),
+            after = held_out_eval("after", &test),
+        ),
+    )
+    .unwrap();
+    // One intra-op thread: these models are far too small to gain from more, and on busy
+    // cores more threads wait on each other.
+    let run = plumb_with_env(dir.path(), &["run", recipe.to_str().unwrap()], &[("OMP_NUM_THREADS", "1")]);
+    assert_exit(&run, 0);
+    let accuracy = |name: &str| {
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(name).join("report.json")).unwrap()).unwrap();
+        report["metrics"]["zero_shot_cot/strict/accuracy"].as_f64().unwrap()
+    };
+    let (before, after) = (accuracy("before"), accuracy("after"));
+    let tb = out.join("tb/grpo");
+    let reward = series(&tb, "rewards/exact/mean");
+    let tenth = reward.len() / 10;
+    let (first, last) = (mean(&reward[..tenth]), mean(&reward[reward.len() - tenth..]));
+    println!(
+        "held-out accuracy (greedy, step by step): SFT {before:.4} → GRPO {after:.4}; sampled reward, first tenth {first:.3}, last tenth {last:.3}\n{}",
+        stdout(&run)
+    );
+    assert!(before > 0.1, "the SFT model answers some held-out problems: {before}");
+    assert!(last > first + 0.1, "the sampled reward rises: {reward:?}");
+    assert!(after >= before, "held-out accuracy fell: {before} → {after}");
+    assert!(series(&tb, "clip_ratio/region_mean").iter().all(|c| *c == 0.0), "on-policy, one pass: ratio 1");
+    assert!(read_tensorboard(&tb)["scalars"]["kl"].is_null(), "β = 0: no KL is logged (and no reference loaded)");
+}
+
+/// GRPO steps of the accuracy test.
+const GRPO_STEPS: u64 = 80;
 
 #[test]
 fn kl_dynamic_sampling_and_overlong_options_run_and_a_resumed_run_continues_the_same_trajectory() {

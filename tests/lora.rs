@@ -5,6 +5,8 @@
 //! generate` and merges (`plumb lora merge`) into a checkpoint that generates the same
 //! text; a resumed LoRA run continues the same trajectory, dropout masks included; PPO's
 //! reference is the policy with its adapters off (no model copy; KL 0 at the first step).
+//! DPO and GRPO train adapters the same way, their reference the base model under the
+//! switched-off adapters, which stays bit-identical through the run.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -312,15 +314,213 @@ fn the_lora_recipe_tunes_a_transformers_checkpoint_into_an_adapter_peft_loads() 
     assert!(compared["moved"].as_f64().unwrap() > 1e-3, "the adapter trained: {compared}");
 }
 
-/// DPO and GRPO do not train adapters yet: a `lora:` block is refused before any compute,
-/// not ignored.
+/// The scores of a few token rows under `policy` (log-probs of each next token).
+fn row_log_probs(policy: &dyn plumb_core::model::Policy) -> plumb_core::tch::Tensor {
+    use plumb_core::tch::Tensor;
+    let ids =
+        Tensor::from_slice(&[5i64, 17, 33, 2, 9, 41, 60, 7, 13, 40, 100, 264, 211, 149, 13, 1, 98, 100]).view([2, 9]);
+    plumb_core::tch::no_grad(|| policy.log_probs(&ids, None).unwrap())
+}
+
+/// The trained adapter in `adapter` (PEFT layout) on `base`: its variables are LoRA's A and B
+/// alone; with it on, the model moved away from the base; with it switched off
+/// (`Adapters::disabled`, the reference of DPO and GRPO), its log-probs are the base model's
+/// bit for bit. Returns how far it moved them.
+fn adapter_off_is_the_base(base: &Path, adapter: &Path) -> f64 {
+    use plumb_core::model::{self, lora::Request};
+    use plumb_core::tch::{Device, Kind};
+    let plain = model::load(base, Device::Cpu, Kind::Float).unwrap();
+    let request = Request::Saved { dir: adapter, trainable: false };
+    let adapted = model::load_with(base, Device::Cpu, Kind::Float, Some(&request)).unwrap();
+    let lora = adapted.lora().expect("loaded with its adapter");
+    let names: Vec<String> = lora.var_store().variables().into_keys().collect();
+    assert!(!names.is_empty() && names.iter().all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")), "{names:?}");
+    let expected = row_log_probs(plain.as_ref());
+    let moved = (row_log_probs(adapted.as_ref()) - &expected).abs().max().double_value(&[]);
+    let _off = lora.disabled();
+    assert!(
+        row_log_probs(adapted.as_ref()).equal(&expected),
+        "{}: adapters off must be the base model",
+        adapter.display()
+    );
+    moved
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// DPO and GRPO with a `lora:` block: only the adapters train (a fraction of the parameters
+/// and of full fine-tuning's optimizer state), the reference is the policy with its adapters
+/// off (no model copy), and the final model is an adapter in PEFT's layout. The base model
+/// stays bit-identical through the run: DPO's reference computed live under the switched-off
+/// adapters gives the losses of the reference log-probs precomputed before any update, a
+/// resumed run (which reloads the base from disk) repeats the uninterrupted one, and the
+/// trained adapters switched off give the base model's log-probs exactly.
 #[test]
-fn dpo_and_grpo_refuse_a_lora_block() {
-    for (recipe, stage, name) in [("recipes/dpo.yaml", "dpo", "DPO"), ("recipes/grpo.yaml", "grpo", "GRPO")] {
-        let set = format!("stages.{stage}.config.lora={{rank: 4}}");
-        let out = plumb(&repo_root(), &["validate", recipe, &set]);
-        assert_exit(&out, 1);
-        let err = stderr(&out);
-        assert!(err.contains(&format!("lora: {name} does not train LoRA adapters yet")), "{err}");
+fn dpo_and_grpo_train_adapters_against_the_base_model_with_its_adapters_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 200);
+    let prompts = prompt_file(dir.path());
+    let prefs = std::fs::read_to_string(repo_root().join("data/tiny_tales_prefs.jsonl")).unwrap();
+    let lines: Vec<&str> = prefs.lines().collect();
+    let (train, validation) = (dir.path().join("train.jsonl"), dir.path().join("validation.jsonl"));
+    std::fs::write(&train, lines[..48].join("\n") + "\n").unwrap();
+    std::fs::write(&validation, lines[48..64].join("\n") + "\n").unwrap();
+    let run = dir.path().join("run");
+    let base_recipe = dir.path().join("base.yaml");
+    let base_run = dir.path().join("base");
+    std::fs::write(
+        &base_recipe,
+        format!(
+            "run:\n  output_dir: {}\n  seed: 6\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{}      checkpoint: {{every: 12}}\n",
+            base_run.display(),
+            tiny_pretrain_stage("pretrain", &corpus, 24)
+        ),
+    )
+    .unwrap();
+    assert_exit(&plumb(dir.path(), &["run", base_recipe.to_str().unwrap()]), 0);
+    let base = base_run.join("pretrain/final");
+    let base_bytes = std::fs::read(base.join("model.safetensors")).unwrap();
+    let dpo = |name: &str, precompute: bool| {
+        format!(
+            r#"  - name: {name}
+    uses: rlhf.dpo
+    model: {base}
+    config:
+      data: {{train: {train}, validation: {validation}}}
+      precompute_ref_log_probs: {precompute}
+      max_prompt_length: 32
+      max_length: 64
+      batch_size: 8
+      max_steps: 6
+      log_every: 1
+      optimizer: {{lr: 1.0e-2, weight_decay: 0.0}}
+      checkpoint: {{every: 3}}
+      eval: {{every: 6}}
+      lora: {{rank: 4, alpha: 8, dropout: 0.1, target_modules: all-linear}}
+"#,
+            base = base.display(),
+            train = train.display(),
+            validation = validation.display(),
+        )
+    };
+    let recipe = dir.path().join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"run:
+  output_dir: {run}
+  seed: 6
+  device: cpu
+plugins:
+  - name: rlhf
+rewards:
+  - name: short
+    uses: rlhf.length
+    config: {{unit: chars, target: 12, over: 0.1, under: 0.1}}
+stages:
+{dpo}{dpo_pre}  - name: grpo
+    uses: rlhf.grpo
+    model: {base}
+    config:
+      data: {{train: {prompts}}}
+      reward: short
+      num_generations: 4
+      beta: 0.04
+      max_prompt_length: 16
+      max_completion_length: 12
+      batch_size: 8
+      max_steps: 4
+      log_every: 1
+      optimizer: {{lr: 1.0e-2, weight_decay: 0.0}}
+      checkpoint: {{every: 2}}
+      lora: {{rank: 4, alpha: 16, target_modules: all-linear}}
+"#,
+            run = run.display(),
+            dpo = dpo("dpo", false),
+            dpo_pre = dpo("dpo_pre", true),
+            base = base.display(),
+            prompts = prompts.display(),
+        ),
+    )
+    .unwrap();
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let log = stderr(&out);
+    assert_eq!(std::fs::read(base.join("model.safetensors")).unwrap(), base_bytes);
+
+    let full_optimizer = file_size(&base_run.join("pretrain/checkpoints/step-00000012/optimizer.safetensors"));
+    for (stage, step) in [("dpo", 3), ("dpo_pre", 3), ("grpo", 2)] {
+        // Adapters alone train: a fraction of the parameters and of the optimizer state.
+        let (trained, all) = lora_figures(&log, &format!("stage `{stage}`"));
+        assert!(trained > 0.0 && trained < 0.2 * all, "{stage}: {trained} of {all}");
+        let optimizer = file_size(&run.join(format!("{stage}/checkpoints/step-{step:08}/optimizer.safetensors")));
+        println!(
+            "{stage}: optimizer state {optimizer} bytes, full training of the same model {full_optimizer} bytes ({:.1}%)",
+            100.0 * optimizer as f64 / full_optimizer as f64
+        );
+        assert!((optimizer as f64) < 0.2 * full_optimizer as f64, "{stage}");
+        // The final model is an adapter in PEFT's layout on the base model.
+        let adapter = run.join(stage).join("final");
+        assert!(adapter.join("adapter_model.safetensors").is_file() && !adapter.join("model.safetensors").exists());
+        let config = read_json(&adapter.join("adapter_config.json"));
+        assert_eq!((&config["peft_type"], &config["task_type"]), (&"LORA".into(), &"CAUSAL_LM".into()), "{config}");
+        assert!(config["base_model_name_or_path"].as_str().unwrap().ends_with("pretrain/final"), "{config}");
+        let moved = adapter_off_is_the_base(&base, &adapter);
+        println!("{stage}: the adapter moved the base model's log-probs by up to {moved:.4}");
+        assert!(moved > 1e-4, "{stage}: the adapter trained");
     }
+    assert_eq!(log.matches("reference: the policy with its LoRA adapters off").count(), 3, "{log}");
+
+    // DPO: the reference under the switched-off adapters, computed at every step while the
+    // adapters train, gives the same losses as the base model's log-probs precomputed
+    // before any update.
+    let (live, pre) = (train_losses(&run.join("tb/dpo")), train_losses(&run.join("tb/dpo_pre")));
+    assert_eq!(live.len(), 6);
+    for (a, b) in live.iter().zip(&pre) {
+        assert!(a.0 == b.0 && (a.1 - b.1).abs() < 1e-5, "live {live:?} vs precomputed {pre:?}");
+    }
+    // GRPO: at the first step the fresh adapters (B = 0) leave the policy equal to its
+    // reference (KL 0); then the adapters move it.
+    let kl = scalars(&run.join("tb/grpo"), "kl");
+    assert_eq!(kl.len(), 4);
+    assert!(kl[0].1.abs() < 1e-6 && kl[3].1 > 0.0, "{kl:?}");
+
+    // Resumed from their checkpoints (adapter and optimizer; the base reloaded from disk),
+    // both repeat the uninterrupted runs.
+    let (dpo_losses, grpo_losses) = (live, train_losses(&run.join("tb/grpo")));
+    for stage in ["dpo", "grpo"] {
+        std::fs::remove_dir_all(run.join(stage).join("final")).unwrap();
+        std::fs::remove_file(run.join(stage).join("report.json")).unwrap();
+    }
+    let out = plumb(dir.path(), &["run", recipe.to_str().unwrap(), "--resume"]);
+    assert_exit(&out, 0);
+    let log = stderr(&out);
+    assert!(log.contains("resuming from step 3") && log.contains("resuming from step 2"), "{log}");
+    assert_eq!(train_losses(&run.join("tb/dpo")), dpo_losses, "DPO steps 4-6 after resuming differ");
+    let resumed = train_losses(&run.join("tb/grpo"));
+    assert_eq!(resumed.len(), grpo_losses.len());
+    for (a, b) in grpo_losses.iter().zip(&resumed) {
+        assert!(a.0 == b.0 && (a.1 - b.1).abs() <= 1e-6 * a.1.abs().max(1.0), "{grpo_losses:?} vs {resumed:?}");
+    }
+    assert_eq!(scalars(&run.join("tb/grpo"), "kl"), kl);
+}
+
+/// GRPO refuses LoRA dropout: its sampling log-probs are taken without it, so the ratio of
+/// the first update would not be 1.
+#[test]
+fn grpo_refuses_lora_dropout_at_its_key() {
+    let out =
+        plumb(&repo_root(), &["validate", "recipes/grpo.yaml", "stages.grpo.config.lora={rank: 4, dropout: 0.1}"]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("lora.dropout: GRPO takes its sampling log-probs without dropout"),
+        "{}",
+        stderr(&out)
+    );
+    let out = plumb(&repo_root(), &["validate", "recipes/grpo.yaml", "stages.grpo.config.lora={rank: 4}"]);
+    assert_exit(&out, 0);
+    let out = plumb(&repo_root(), &["validate", "recipes/dpo.yaml", "stages.dpo.config.lora={rank: 4, dropout: 0.1}"]);
+    assert_exit(&out, 0);
 }

@@ -13,6 +13,10 @@
 //! evaluation (the first at step 0, where the policy is the reference: every implicit
 //! reward 0, the loss log 2) the same and `eval/loss` under `eval/` on the held-out pairs. The policy is saved in HF layout with its tokenizer (and chat template).
 //!
+//! With a `lora:` block the policy trains adapters only, and the reference is the policy
+//! with its adapters switched off: no second copy of the model is loaded. The final model
+//! and the checkpoints' policy are then the adapter in PEFT's layout.
+//!
 //! Resuming: a checkpoint holds the policy, its optimizer and the batch order; the
 //! reference's log-probs are recomputed from the input model, the same numbers as before.
 use std::path::PathBuf;
@@ -99,7 +103,6 @@ pub fn validate(section: &TrainSection<DpoConfig>, ctx: &ValidateContext) -> Res
     }
     c.template.validate()?;
     training.validate(Length::StepsOrEpochs)?;
-    training.refuse_lora("DPO does not train LoRA adapters yet (sft, reward_model and ppo do); drop the block")?;
     c.data.validate(ctx)?;
     ctx.require_input_model("DPO starts from a policy (the SFT model), which is also its reference")
 }
@@ -169,21 +172,30 @@ impl Stage for Dpo {
             batches.len()
         );
 
-        // The policy and its optimizer, or both from a checkpoint; the frozen reference, or
-        // its log-probs of every pair (then the reference model is dropped).
+        // The policy (with LoRA: the input model and its adapters) and its optimizer, or both
+        // from a checkpoint; the frozen reference (with LoRA: the policy with its adapters
+        // off), or its log-probs of every pair (then a reference copy is dropped).
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
-        let policy = model::load(trainer.resume_dir().unwrap_or(&model_dir), device, Kind::Float)?;
+        let lora = training.lora.as_ref();
+        let policy = model::load_for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &model_dir)?;
         tracing::info!(
-            "policy: {} parameters on {}, from {}",
-            model::num_parameters(policy.var_store()),
+            "policy: {} trainable parameters on {}, from {}",
+            policy.num_parameters(),
             device_name(device),
             model_dir.display()
         );
-        let mut reference = Some(model::load(&model_dir, device, Kind::Float)?);
+        let mut reference = match policy.lora() {
+            Some(_) => {
+                tracing::info!("reference: the policy with its LoRA adapters off (no copy of the model loaded)");
+                Some(Reference::AdaptersOff)
+            }
+            None => Some(Reference::Copy(model::load(&model_dir, device, Kind::Float)?)),
+        };
         let micro = training.micro_batch_size();
         let reference_of = |reference: &dyn Policy, pairs: &[TokenPair]| -> Result<Vec<(f64, f64)>> {
             let _no_grad = tch::no_grad_guard();
+            let _adapters_off = policy.lora().map(|l| l.disabled());
             let mut out = Vec::with_capacity(pairs.len());
             for chunk in pairs.chunks(micro) {
                 let chunk: Vec<&TokenPair> = chunk.iter().collect();
@@ -195,18 +207,22 @@ impl Stage for Dpo {
             Ok(out)
         };
         let precomputed = match c.precompute_ref_log_probs.then(|| reference.take()).flatten() {
-            Some(model) => {
-                let train_ref = trainer.untimed(|| reference_of(model.as_ref(), &train))?;
-                let val_ref = trainer.untimed(|| reference_of(model.as_ref(), &validation))?;
-                tracing::info!(
-                    "reference log-probs of {} pairs computed; the reference model is freed",
-                    train_ref.len() + val_ref.len()
-                );
+            Some(reference) => {
+                let model = reference.policy(policy.as_ref());
+                let train_ref = trainer.untimed(|| reference_of(model, &train))?;
+                let val_ref = trainer.untimed(|| reference_of(model, &validation))?;
+                let pairs = train_ref.len() + val_ref.len();
+                match reference {
+                    Reference::Copy(_) => {
+                        tracing::info!("reference log-probs of {pairs} pairs computed; the reference model is freed")
+                    }
+                    Reference::AdaptersOff => tracing::info!("reference log-probs of {pairs} pairs computed"),
+                }
                 Some((train_ref, val_ref))
             }
             None => None,
         };
-        let mut optimizer = training.optimizer.adamw(policy.var_store());
+        let mut optimizer = training.optimizer.adamw(policy.trainable());
         let mut order = match trainer.restore(&mut [("policy", &mut optimizer)])? {
             None => fresh_order,
             Some(DataPosition::Batches(order)) => order,
@@ -235,9 +251,11 @@ impl Stage for Dpo {
                     }
                     (None, Some(model)) => {
                         let _no_grad = tch::no_grad_guard();
+                        let _adapters_off = policy.lora().map(|l| l.disabled());
+                        let model = model.policy(policy.as_ref());
                         training
                             .precision
-                            .forward(device, || completion_log_probs(model.as_ref(), &chunk, pad, device, average))??
+                            .forward(device, || completion_log_probs(model, &chunk, pad, device, average))??
                     }
                     (None, None) => return Err(Error::Other("no reference log-probs and no reference model".into())),
                 };
@@ -328,6 +346,23 @@ impl Stage for Dpo {
         ]);
         ctx.hparams(&hparams, &["eval/rewards/accuracies", "eval/loss"]);
         Ok(StageOutput { model: Some(final_dir), metrics })
+    }
+}
+
+/// The frozen reference: the policy with its LoRA adapters off, or a copy of the input model.
+enum Reference {
+    AdaptersOff,
+    Copy(Box<dyn Policy>),
+}
+
+impl Reference {
+    /// The model whose log-probs are the reference's, given the `policy` (its adapters
+    /// switched off by the caller, for [`Reference::AdaptersOff`]).
+    fn policy<'a>(&'a self, policy: &'a dyn Policy) -> &'a dyn Policy {
+        match self {
+            Reference::AdaptersOff => policy,
+            Reference::Copy(copy) => copy.as_ref(),
+        }
     }
 }
 

@@ -155,7 +155,12 @@ pub fn micro_batch(section: &TrainSection<GrpoConfig>) -> usize {
 pub fn validate(section: &TrainSection<GrpoConfig>, ctx: &ValidateContext) -> Result<()> {
     let TrainSection { train: training, stage: c } = section;
     training.validate(Length::StepsOrEpochs)?;
-    training.refuse_lora("GRPO does not train LoRA adapters yet (sft, reward_model and ppo do); drop the block")?;
+    if training.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+        return Err(Error::config(
+            "lora.dropout",
+            "GRPO takes its sampling log-probs without dropout, so the ratio of its first update must be 1: set 0",
+        ));
+    }
     ctx.existing_file("data.train", &c.data.train)?;
     read_prompts(&c.data.train, &c.data.fields)?;
     c.reward.validate("reward", ctx)?;

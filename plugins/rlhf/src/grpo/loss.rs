@@ -1,10 +1,12 @@
 //! GRPO's loss on one micro-batch of completions (TRL's `GRPOTrainer._compute_loss`):
 //! per token, the clipped surrogate with clip-higher, plus β times the k3 estimate of
 //! KL(π ‖ π_ref) when β > 0, aggregated over tokens and sequences as `loss_type` says.
+//! The policy's log-probs come through core's chunked head
+//! ([`plumb_core::rollout::policy_response_scores`]): the (B, R, V) logits never exist whole.
 use plumb_core::model::Policy;
 use plumb_core::rollout::{
-    aggregate, clipped_surrogate, entropy, kl_penalty, masked_mean, policy_response_logits, response_log_probs,
-    Experience, KlEstimator, LossAggregation, UpdateSize,
+    aggregate, clipped_surrogate, kl_penalty, masked_mean, policy_response_scores, Experience, KlEstimator,
+    LossAggregation, UpdateSize,
 };
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::Result;
@@ -68,15 +70,15 @@ pub fn micro_batch_loss(
     update: UpdateSize,
 ) -> Result<(Tensor, GrpoLossStats)> {
     let mask = &part.response_mask;
-    let logits =
-        policy_response_logits(policy, &part.sequences, &part.attention_mask, part.prompt_len, settings.temperature)?; // (B, R, V)
-    let log_probs = response_log_probs(&logits, &part.responses()); // (B, R)
+    let (sequences, attention) = (&part.sequences, &part.attention_mask);
+    let scores = policy_response_scores(policy, sequences, attention, part.prompt_len, settings.temperature, true)?;
+    let log_probs = scores.log_probs; // (B, R)
+    let entropy = scores.entropy.unwrap_or_else(|| log_probs.zeros_like()); // (B, R), no gradient
     let (per_token, [low, high, region, kl]) =
         per_token_loss(&log_probs, &part.log_probs, &part.ref_log_probs, &part.advantages, mask, settings);
     let loss = aggregate(&per_token, mask, settings.loss_type, update);
     let _no_grad = tch::no_grad_guard();
-    let scalars =
-        Tensor::stack(&[loss.detach(), low, high, region, kl, masked_mean(&entropy(&logits.detach()), mask)], 0);
+    let scalars = Tensor::stack(&[loss.detach(), low, high, region, kl, masked_mean(&entropy.detach(), mask)], 0);
     let v = Vec::<f64>::try_from(scalars.to_kind(Kind::Double).to_device(tch::Device::Cpu))?; // one copy to the host
     let nan_free = |x: f64| if x.is_nan() { 0.0 } else { x }; // a micro-batch with every token masked
     let stats = GrpoLossStats {

@@ -15,7 +15,12 @@
 //!
 //! The sampling log-probs are the "old" ones of the ratio (the policy that sampled is the
 //! one trained, so the ratio starts at 1); they are taken, as in training, at the sampling
-//! temperature.
+//! temperature. Every log-prob (the policy's and the reference's) comes through core's
+//! chunked head: no (B, R, V) logits are kept.
+//!
+//! With a `lora:` block the policy trains adapters only, and the reference (β > 0) is the
+//! policy with its adapters switched off: no second copy of the model is loaded. The final
+//! model and the checkpoints' policy are then the adapter in PEFT's layout.
 //!
 //! Resuming: a checkpoint holds the policy, its optimizer and the prompt order; each
 //! step's sampling and shuffles are seeded from the run's seed and the step number, so a
@@ -33,9 +38,7 @@ use plumb_core::model::generate::{Finish, GenerationSettings};
 use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::{RewardSet, ScorePair};
-use plumb_core::rollout::{
-    group_advantages, policy_response_logits, response_log_probs, sample, step_seed, Experience, UpdateSize,
-};
+use plumb_core::rollout::{group_advantages, policy_response_scores, sample, step_seed, Experience, UpdateSize};
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{DataPosition, TrainSection, Trained, Trainer};
@@ -96,13 +99,22 @@ impl Stage for Grpo {
             c.max_prompt_length
         );
 
-        // The policy and its optimizer, or both and the prompt order from a checkpoint; the
-        // reference only when the KL enters the loss.
+        // The policy (with LoRA: the input model and its adapters) and its optimizer, or
+        // both and the prompt order from a checkpoint. The reference only when the KL enters
+        // the loss: with LoRA the policy itself with its adapters off, else a frozen copy.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
-        let policy = model::load(trainer.resume_dir().unwrap_or(&model_dir), device, Kind::Float)?;
+        let lora = training.lora.as_ref();
+        let policy = model::load_for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &model_dir)?;
-        let reference = if c.beta > 0.0 { Some(model::load(&model_dir, device, Kind::Float)?) } else { None };
-        let mut adamw = training.optimizer.adamw(policy.var_store());
+        let reference = match (c.beta > 0.0, policy.lora()) {
+            (false, _) => Reference::None,
+            (true, Some(_)) => {
+                tracing::info!("reference: the policy with its LoRA adapters off (no copy of the model loaded)");
+                Reference::AdaptersOff
+            }
+            (true, None) => Reference::Copy(model::load(&model_dir, device, Kind::Float)?),
+        };
+        let mut adamw = training.optimizer.adamw(policy.trainable());
         let mut order = match trainer.restore(&mut [("policy", &mut adamw)])? {
             None => BatchOrder::new(encoded.len(), ctx.seed()),
             Some(DataPosition::Batches(order)) => order,
@@ -186,17 +198,24 @@ impl Stage for Grpo {
                     let finished = Tensor::from_slice(&finished).to_device(device).unsqueeze(1);
                     experience.response_mask = &experience.response_mask * finished;
                 }
-                if let Some(reference) = &reference {
+                let reference_model = match &reference {
+                    Reference::None => None,
+                    Reference::AdaptersOff => Some(policy.as_ref()),
+                    Reference::Copy(copy) => Some(copy.as_ref()),
+                };
+                if let Some(reference_model) = reference_model {
                     let _no_grad = tch::no_grad_guard();
-                    let logits = policy_response_logits(
-                        reference.as_ref(),
+                    let _adapters_off = policy.lora().map(|l| l.disabled());
+                    let scores = policy_response_scores(
+                        reference_model,
                         &experience.sequences,
                         &experience.attention_mask,
                         experience.prompt_len,
                         c.temperature,
-                    )?; // (B, R, V)
-                    experience.ref_log_probs =
-                        response_log_probs(&logits, &experience.responses()) * &experience.response_mask;
+                        false,
+                    )?;
+                    experience.ref_log_probs = scores.log_probs * &experience.response_mask;
+                    // (B, R)
                 }
 
                 // 3. μ passes over the completions in shuffled minibatches, each one update.
@@ -237,7 +256,8 @@ impl Stage for Grpo {
 
             // 4. Statistics, the trainer's step.
             let tokens = rollout.lengths.iter().sum::<usize>();
-            let stats = rollout.stats(group, rounds, updates, reference.is_some(), tokens as f64 / rollout_seconds);
+            let with_kl = !matches!(reference, Reference::None);
+            let stats = rollout.stats(group, rounds, updates, with_kl, tokens as f64 / rollout_seconds);
             let grad_norm = grad_norms.iter().sum::<f64>() / grad_norms.len().max(1) as f64;
             trainer.end_step(step_loss, grad_norm, tokens as u64, rollout.kept_rewards.len());
             if step % training.log_every == 0 || step == max_steps {
@@ -263,6 +283,16 @@ impl Stage for Grpo {
         }
         Ok(StageOutput { model: Some(final_dir), metrics })
     }
+}
+
+/// Where the reference's log-probs come from (β > 0 only).
+enum Reference {
+    /// β = 0: no reference, no model loaded.
+    None,
+    /// LoRA: the policy with its adapters switched off.
+    AdaptersOff,
+    /// A frozen copy of the input model.
+    Copy(Box<dyn model::Policy>),
 }
 
 /// The completions of one step: every one sampled (for the figures) and the kept groups
