@@ -19,7 +19,7 @@ use plumb_core::data::stream::{Mixture, SourceConfig, TokenStream};
 use plumb_core::device::{device_name, dtype_name};
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
-use plumb_core::model::Policy;
+use plumb_core::model::{recompute, Policy};
 use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
 use plumb_core::rand::Rng;
 use plumb_core::tch::{self, Device, Tensor};

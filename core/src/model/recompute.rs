@@ -351,7 +351,8 @@ mod tests {
 
     /// A loss that weighs every logit differently, so no gradient is zero by symmetry.
     fn loss_of(logits: &Tensor) -> Tensor {
-        let weights = Tensor::arange(logits.numel() as i64, (Kind::Float, Device::Cpu)).view(logits.size().as_slice()).sin();
+        let weights =
+            Tensor::arange(logits.numel() as i64, (Kind::Float, Device::Cpu)).view(logits.size().as_slice()).sin();
         (logits.log_softmax(-1, Kind::Float) * weights).sum(Kind::Float)
     }
 

@@ -179,6 +179,8 @@ pub struct Trainer<'a, 'h> {
     pub last: StepStats,
     /// The recipe's `activation_checkpointing`, on for this thread while the stage trains.
     _activation_checkpointing: recompute::Enabled,
+    /// [`recompute::recomputed_blocks`] when the stage began.
+    recomputed_before: u64,
 }
 
 impl<'a, 'h> Trainer<'a, 'h> {
@@ -237,6 +239,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
             state: TrainerState::default(),
             last: StepStats::default(),
             _activation_checkpointing: recompute::enable(config.activation_checkpointing),
+            recomputed_before: recompute::recomputed_blocks(),
         })
     }
 
@@ -485,14 +488,20 @@ impl<'a, 'h> Trainer<'a, 'h> {
         Ok(dir)
     }
 
-    /// The figures every training stage reports: the last loss, steps, tokens, seconds.
+    /// The figures every training stage reports: the last loss, steps, tokens, seconds;
+    /// with activation checkpointing, the blocks recomputed (`train/recomputed_blocks`).
     pub fn metrics(&self) -> Metrics {
-        Metrics::from([
+        let mut metrics = Metrics::from([
             ("train/loss".to_string(), self.last.loss),
             ("train/steps".to_string(), self.state.step as f64),
             ("train/tokens".to_string(), self.state.tokens as f64),
             ("time/seconds".to_string(), self.started.elapsed().as_secs_f64()),
-        ])
+        ]);
+        if self.config.activation_checkpointing {
+            let recomputed = recompute::recomputed_blocks() - self.recomputed_before;
+            metrics.insert("train/recomputed_blocks".to_string(), recomputed as f64);
+        }
+        metrics
     }
 }
 
