@@ -193,9 +193,12 @@ impl<T> std::ops::Deref for Shared<T> {
     }
 }
 
+/// A checkpointed block: its inputs to its output.
+type Block = dyn Fn(&[Tensor]) -> Result<Tensor>;
+
 /// What the shim calls back: the block and the draws of its forward pass.
 struct Context {
-    block: Box<dyn Fn(&[Tensor]) -> Result<Tensor>>,
+    block: Box<Block>,
     draws: Mutex<Vec<u64>>,
 }
 
