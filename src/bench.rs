@@ -599,6 +599,7 @@ fn train_memory(args: &TrainBench) -> Result<(), Failure> {
         let mut command = Command::new(&exe);
         command.args([
             "bench",
+            "--json",
             "train",
             "--shape",
             &args.shape,
