@@ -7,10 +7,13 @@ fn main() {
 
     // The C++ shim (csrc/), against the same libtorch headers, in libtorch's C++ ABI.
     let root = std::path::Path::new(&lib).parent().expect("libtorch's lib/ has a parent").to_path_buf();
-    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    let sources = ["csrc/shim.cpp", "csrc/checkpoint.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
     cc::Build::new()
         .cpp(true)
-        .file("csrc/shim.cpp")
+        .files(sources)
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -19,7 +19,7 @@ use plumb_core::data::stream::{Mixture, SourceConfig, TokenStream};
 use plumb_core::device::{device_name, dtype_name};
 use plumb_core::model::generate::{self as generation, GenerationSettings};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
-use plumb_core::model::Policy;
+use plumb_core::model::{recompute, Policy};
 use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
 use plumb_core::rand::Rng;
 use plumb_core::tch::{self, Device, Tensor};
@@ -145,8 +145,13 @@ pub struct TrainBench {
     /// training does) or `whole` (all logits at once, kept for backward: the way before).
     #[arg(long, default_value = "chunked")]
     pub head: String,
-    /// Run each way of computing the loss (`--head whole`, then `chunked`) in a child
-    /// process of its own and print their peak resident memory and step time side by side.
+    /// Recompute each transformer block's activations in backward (the recipes'
+    /// `activation_checkpointing: true`).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
+    /// Run the step three ways, each in a child process of its own: `--head whole`,
+    /// `chunked`, and `chunked` with `--activation-checkpointing`; print their peak resident
+    /// memory and step time, then what chunking and what checkpointing save and cost.
     #[arg(long)]
     pub memory: bool,
 }
@@ -372,6 +377,7 @@ fn train(args: &TrainBench, json: bool) -> Result<(), Failure> {
         clip_grad_norm(&optimizer.parameters(), 1.0).map_err(user)?;
         optimizer.step().map_err(user)
     };
+    let _checkpointing = recompute::enable(args.activation_checkpointing);
     let rss_before_steps = rss_bytes();
     let progress = Counter::new("bench train", (args.warmup + args.steps) as u64);
     progress.doing("warm-up");
@@ -397,7 +403,8 @@ fn train(args: &TrainBench, json: bool) -> Result<(), Failure> {
         "params": params, "batch": batch, "seq": seq, "steps": args.steps,
         "step_s": step_s, "tokens_per_s": tokens_per_s,
         "mfu": args.peak_flops.map(|peak| tokens_per_s * flops_per_token / peak),
-        "head": args.head, "rss_before_steps_bytes": rss_before_steps, "peak_rss_bytes": peak_rss_bytes(),
+        "head": args.head, "activation_checkpointing": args.activation_checkpointing,
+        "rss_before_steps_bytes": rss_before_steps, "peak_rss_bytes": peak_rss_bytes(),
     });
     let mut report = Report::new(json, TRAIN_COLUMNS);
     report.add(&line);
@@ -584,16 +591,18 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
     Ok(())
 }
 
-/// `plumb bench train --memory`: the same step with the whole logits and with the chunked
-/// head, each in a child process (so one's freed memory cannot hide in the other's peak),
-/// their lines, then one line with both peaks, what chunking saves and what it costs.
+/// `plumb bench train --memory`: the same step with the whole logits, with the chunked
+/// head, and with the chunked head and activation checkpointing, each in a child process
+/// (so one's freed memory cannot hide in the other's peak); their lines, then one line
+/// with what chunking saves and costs, and one with what checkpointing saves and costs.
 fn train_memory(args: &TrainBench) -> Result<(), Failure> {
     let exe = std::env::current_exe().map_err(|e| Failure::Internal(format!("cannot find plumb's executable: {e}")))?;
     let mut runs = Vec::new();
-    for head in ["whole", "chunked"] {
+    for (head, checkpointing) in [("whole", false), ("chunked", false), ("chunked", true)] {
         let mut command = Command::new(&exe);
         command.args([
             "bench",
+            "--json",
             "train",
             "--shape",
             &args.shape,
@@ -603,6 +612,9 @@ fn train_memory(args: &TrainBench) -> Result<(), Failure> {
             &args.precision,
         ]);
         command.args(["--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string(), "--head", head]);
+        if checkpointing {
+            command.arg("--activation-checkpointing");
+        }
         for (flag, value) in [("--batch", args.batch), ("--seq", args.seq)] {
             if let Some(value) = value {
                 command.args([flag, &value.to_string()]);
@@ -613,7 +625,8 @@ fn train_memory(args: &TrainBench) -> Result<(), Failure> {
         let line = stdout.lines().last().unwrap_or_default();
         let parsed: serde_json::Value = serde_json::from_str(line).map_err(|_| {
             Failure::Internal(format!(
-                "`plumb bench train --head {head}` printed no result: {}",
+                "`plumb bench train --head {head}{}` printed no result: {}",
+                if checkpointing { " --activation-checkpointing" } else { "" },
                 String::from_utf8_lossy(&output.stderr).trim()
             ))
         })?;
@@ -621,13 +634,21 @@ fn train_memory(args: &TrainBench) -> Result<(), Failure> {
         runs.push(parsed);
     }
     let figure = |run: &serde_json::Value, key: &str| run[key].as_f64().unwrap_or(f64::NAN);
-    let (whole, chunked) = (&runs[0], &runs[1]);
+    let (whole, chunked, checkpointed) = (&runs[0], &runs[1], &runs[2]);
     let line = serde_json::json!({
         "case": "train-memory", "model": args.shape, "batch": whole["batch"], "seq": whole["seq"],
         "peak_rss_bytes_whole": whole["peak_rss_bytes"], "peak_rss_bytes_chunked": chunked["peak_rss_bytes"],
         "saved_bytes": figure(whole, "peak_rss_bytes") - figure(chunked, "peak_rss_bytes"),
         "step_s_whole": whole["step_s"], "step_s_chunked": chunked["step_s"],
         "time_ratio": figure(chunked, "step_s") / figure(whole, "step_s"),
+    });
+    println!("{line}");
+    let line = serde_json::json!({
+        "case": "train-checkpointing", "model": args.shape, "batch": chunked["batch"], "seq": chunked["seq"],
+        "peak_rss_bytes_off": chunked["peak_rss_bytes"], "peak_rss_bytes_on": checkpointed["peak_rss_bytes"],
+        "saved_bytes": figure(chunked, "peak_rss_bytes") - figure(checkpointed, "peak_rss_bytes"),
+        "step_s_off": chunked["step_s"], "step_s_on": checkpointed["step_s"],
+        "time_ratio": figure(checkpointed, "step_s") / figure(chunked, "step_s"),
     });
     println!("{line}");
     Ok(())

@@ -76,3 +76,24 @@ fn bench_json_prints_one_object_per_line_with_the_dtype_spelled_as_pytorch_does(
     assert_exit(&bad, 1);
     assert!(stderr(&bad).contains("--dtype: unknown dtype `bfloat`; expected float32, bfloat16 or float16"));
 }
+
+#[test]
+fn bench_train_memory_runs_the_step_three_ways_and_prints_what_each_saves() {
+    let args = ["bench", "train", "--shape", "quickstart", "--device", "cpu", "--batch", "2", "--seq", "16"];
+    let out = plumb(&repo_root(), &[&args[..], &["--steps", "1", "--warmup", "0", "--memory"]].concat());
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert_eq!(lines.len(), 5, "three runs and two comparisons:\n{text}");
+    let ways: Vec<(&str, bool)> = lines[..3]
+        .iter()
+        .map(|l| (l["head"].as_str().unwrap(), l["activation_checkpointing"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(ways, [("whole", false), ("chunked", false), ("chunked", true)]);
+    assert_eq!(lines[3]["case"], "train-memory");
+    assert_eq!(lines[4]["case"], "train-checkpointing");
+    for key in ["peak_rss_bytes_off", "peak_rss_bytes_on", "saved_bytes", "step_s_off", "step_s_on", "time_ratio"] {
+        assert!(lines[4][key].is_number(), "{key}: {}", lines[4]);
+    }
+}

@@ -19,6 +19,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::family::{Architecture, Pretrained};
+use super::recompute::{self, Shared};
 use super::vars::{Embedding, Vars};
 use super::{embedding_lookup as lookup, key_or_alias, key_padding_mask};
 use crate::error::{Error, Result};
@@ -405,7 +406,8 @@ impl Layer {
 #[derive(Debug)]
 pub struct Bert {
     embeddings: Embeddings,
-    layers: Vec<Layer>,
+    /// Shared with the closures of checkpointed layers ([`recompute`]).
+    layers: Vec<Shared<Layer>>,
     transform_dense: nn::Linear,
     transform_layer_norm: nn::LayerNorm,
     /// The MLM head's per-token output bias (vocab,).
@@ -418,7 +420,8 @@ impl Bert {
     /// for a checkpoint to fill (see [`Vars`]).
     fn build(root: &Vars, config: &Config) -> Self {
         let bert = root / "bert";
-        let layers = (0..config.num_layers).map(|i| Layer::new(&bert / "encoder" / "layer" / i, config)).collect();
+        let layers =
+            (0..config.num_layers).map(|i| Shared::new(Layer::new(&bert / "encoder" / "layer" / i, config))).collect();
         let predictions = root / "cls" / "predictions";
         let (h, std) = (config.hidden_size, config.initializer_range);
         Self {
@@ -467,7 +470,13 @@ impl Bert {
         let mut x = self.embeddings.forward(input_ids, token_type_ids)?; // (B, T, C)
         let mask = attention_mask.map(|m| key_padding_mask(m, x.kind())); // (B, 1, 1, T)
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_ref())?;
+            x = if recompute::wanted() {
+                // Keep only x; the layer's activations are recomputed in backward.
+                let (layer, mask) = (layer.clone(), mask.as_ref().map(Tensor::shallow_clone));
+                recompute::checkpoint(&[&x], move |x| layer.forward(&x[0], mask.as_ref()))?
+            } else {
+                layer.forward(&x, mask.as_ref())?
+            };
         }
         Ok(x)
     }

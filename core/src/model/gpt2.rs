@@ -21,6 +21,7 @@ use tch::{Kind, Tensor};
 
 use super::cache::{self as kv_cache, KvCache};
 use super::family::{Architecture, CausalLm, Pretrained};
+use super::recompute::{self, Shared};
 use super::vars::{Embedding, Vars};
 use crate::checkpoint;
 use crate::error::{Error, Result};
@@ -398,7 +399,8 @@ impl Block {
 pub struct Gpt2 {
     wte: Embedding,
     wpe: Embedding,
-    h: Vec<Block>,
+    /// Shared with the closures of checkpointed blocks ([`recompute`]).
+    h: Vec<Shared<Block>>,
     ln_f: nn::LayerNorm,
     /// None when tied to `wte` (GPT-2's default).
     lm_head: Option<nn::Linear>,
@@ -417,7 +419,7 @@ impl Gpt2 {
         };
         let wte = embedding("wte", config.vocab_size);
         let wpe = embedding("wpe", config.max_positions);
-        let h = (0..config.num_layers).map(|i| Block::new(&transformer / "h" / i, config, i)).collect();
+        let h = (0..config.num_layers).map(|i| Shared::new(Block::new(&transformer / "h" / i, config, i))).collect();
         let ln_f = layer_norm(&transformer / "ln_f", config.hidden_size, config.layer_norm_eps);
         let lm_head = (!config.tie_word_embeddings).then(|| {
             let init = nn::Init::Randn { mean: 0.0, stdev: config.initializer_range };
@@ -472,7 +474,13 @@ impl Gpt2 {
         });
         let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions); // (B, T, C)
         for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, mask.as_ref(), cache.as_deref_mut().map(|c| (c, i)))?;
+            x = if recompute::wanted() && cache.is_none() {
+                // Keep only x; the block's activations are recomputed in backward.
+                let (block, mask) = (block.clone(), mask.as_ref().map(Tensor::shallow_clone));
+                recompute::checkpoint(&[&x], move |x| block.forward(&x[0], mask.as_ref(), None))?
+            } else {
+                block.forward(&x, mask.as_ref(), cache.as_deref_mut().map(|c| (c, i)))?
+            };
         }
         if let Some(cache) = cache {
             cache.advance(t);

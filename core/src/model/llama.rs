@@ -17,6 +17,7 @@ use tch::{Kind, Tensor};
 use super::cache::{attention_mask, KvCache};
 use super::family::{Architecture, CausalLm, Pretrained};
 use super::lora::Linear;
+use super::recompute::{self, Shared};
 use super::rope::{self, Rope, RopeScaling};
 use super::vars::{Embedding, Vars};
 use crate::error::{Error, Result};
@@ -398,7 +399,8 @@ impl Block {
 #[derive(Debug)]
 pub struct Llama {
     embed_tokens: Embedding,
-    layers: Vec<Block>,
+    /// Shared with the closures of checkpointed blocks ([`recompute`]).
+    layers: Vec<Shared<Block>>,
     norm: RmsNorm,
     /// None when tied to `embed_tokens`.
     lm_head: Option<Linear>,
@@ -415,8 +417,12 @@ impl Llama {
             ..Default::default()
         };
         let embed_tokens = (&model / "embed_tokens").embedding(config.vocab_size, config.hidden_size, embed_config);
-        let layers =
-            config.windows.iter().enumerate().map(|(i, &w)| Block::new(&model / "layers" / i, config, w)).collect();
+        let layers = config
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Shared::new(Block::new(&model / "layers" / i, config, w)))
+            .collect();
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
         let lm_head = (with_lm_head && !config.tie_word_embeddings)
             .then(|| linear(root / "lm_head", config.hidden_size, config.vocab_size, false, config.initializer_range));
@@ -469,7 +475,14 @@ impl Llama {
                 }
                 _ => full_mask.as_ref(),
             };
-            x = layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)));
+            x = if recompute::wanted() && cache.is_none() {
+                // Keep only x; the block's activations are recomputed in backward.
+                let (layer, cos, sin) = (layer.clone(), cos.shallow_clone(), sin.shallow_clone());
+                let mask = mask.map(Tensor::shallow_clone);
+                recompute::checkpoint(&[&x], move |x| Ok(layer.forward(&x[0], &cos, &sin, mask.as_ref(), None)))?
+            } else {
+                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)))
+            };
         }
         if let Some(cache) = cache {
             cache.advance(t);

@@ -33,7 +33,9 @@
 //! libtorch's global generator, so a run is reproducible and a resumed one continues the
 //! same masks (the draw count is saved beside the adapter, in [`STATE_FILE`]). It applies
 //! only in passes that record gradients for the adapters (training), never under
-//! `no_grad` (evaluation, rollouts, generation).
+//! `no_grad` (evaluation, rollouts, generation). Under activation checkpointing a block's
+//! forward pass (run without gradients) counts as training, and its recomputation gets the
+//! same masks back ([`super::recompute::draw`]).
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -45,6 +47,7 @@ use serde_json::{json, Value};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use super::recompute;
 use crate::checkpoint::{self, read_json, save_safetensors, write_json};
 use crate::error::{Error, Result};
 
@@ -189,8 +192,9 @@ impl Adapter {
     /// (α/r)·dropout(x)·Aᵀ·Bᵀ, in the adapters' dtype, cast to `kind`.
     fn delta(&self, x: &Tensor, kind: Kind) -> Tensor {
         let x = x.to_kind(self.a.kind());
-        let x = if self.dropout > 0.0 && self.a.requires_grad() && grad_enabled() {
-            let draw = self.shared.draws.fetch_add(1, Ordering::Relaxed);
+        let x = if self.dropout > 0.0 && self.a.requires_grad() && recompute::records_gradients() {
+            // Recorded for (and replayed by) the recomputation of a checkpointed block.
+            let draw = recompute::draw(|| self.shared.draws.fetch_add(1, Ordering::Relaxed));
             let keep = keep_mask(&x.size(), self.dropout, self.shared.seed, draw, x.device());
             let keep = keep.to_kind(x.kind());
             x * keep / (1.0 - self.dropout)
@@ -199,18 +203,6 @@ impl Adapter {
         };
         (x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scaling).to_kind(kind)
         // (..., in) -> (..., r) -> (..., out)
-    }
-}
-
-/// Whether libtorch records gradients now (false under `no_grad`). tch does not expose
-/// the query, so the mode is set and put back as it was.
-fn grad_enabled() -> bool {
-    // SAFETY: at_grad_set_enabled sets the thread's grad mode and returns the previous
-    // one; setting it back at once leaves it unchanged.
-    unsafe {
-        let previous = torch_sys::at_grad_set_enabled(1);
-        torch_sys::at_grad_set_enabled(previous);
-        previous != 0
     }
 }
 

@@ -10,6 +10,7 @@ pub mod gpt2;
 pub mod head;
 pub mod llama;
 pub mod lora;
+pub mod recompute;
 pub mod rope;
 pub mod scalar_head;
 pub mod t5;

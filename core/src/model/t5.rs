@@ -29,6 +29,7 @@ use tch::{Kind, Tensor};
 
 use super::bert::Activation;
 use super::family::{Architecture, Pretrained};
+use super::recompute::{self, Shared};
 use super::vars::{Embedding, Vars};
 use super::{additive_mask, embedding_lookup, key_or_alias, key_padding_mask};
 use crate::error::{Error, Result};
@@ -447,7 +448,8 @@ impl Block {
 /// The encoder or the decoder: blocks, then the final norm.
 #[derive(Debug)]
 struct Stack {
-    blocks: Vec<Block>,
+    /// Shared with the closures of checkpointed blocks ([`recompute`]).
+    blocks: Vec<Shared<Block>>,
     final_layer_norm: LayerNorm,
     decoder: bool,
 }
@@ -455,7 +457,7 @@ struct Stack {
 impl Stack {
     fn new(vars: Vars, c: &Config, decoder: bool) -> Self {
         let layers = if decoder { c.num_decoder_layers } else { c.num_encoder_layers };
-        let blocks = (0..layers).map(|i| Block::new(&vars / "block" / i, c, i == 0, decoder)).collect();
+        let blocks = (0..layers).map(|i| Shared::new(Block::new(&vars / "block" / i, c, i == 0, decoder))).collect();
         Self { blocks, final_layer_norm: LayerNorm::new(&vars / "final_layer_norm", c.d_model, c), decoder }
     }
 
@@ -479,7 +481,17 @@ impl Stack {
         };
         let mut x = x.shallow_clone();
         for block in &self.blocks {
-            x = block.forward(&x, &bias, encoder)?;
+            x = if recompute::wanted() {
+                // Keep only the inputs; the block's activations are recomputed in backward.
+                let mut inputs = vec![&x, &bias];
+                inputs.extend(encoder.map(|(memory, _)| memory));
+                let (block, mask) = (block.clone(), encoder.and_then(|(_, mask)| mask).map(Tensor::shallow_clone));
+                recompute::checkpoint(&inputs, move |t| {
+                    block.forward(&t[0], &t[1], t.get(2).map(|m| (m, mask.as_ref())))
+                })?
+            } else {
+                block.forward(&x, &bias, encoder)?
+            };
         }
         Ok(self.final_layer_norm.forward(&x))
     }

@@ -62,6 +62,9 @@ pub struct TrainingConfig {
     /// Train LoRA adapters (`{rank, alpha, dropout, target_modules}`) instead of every weight.
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Activation checkpointing: keep only each transformer block's input in the forward pass and recompute the block in the backward pass. Activation memory falls to one hidden-state tensor per block for about one more forward pass of time; the gradients are the same.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 /// How a stage's length is given.

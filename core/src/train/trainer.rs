@@ -32,7 +32,7 @@ use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write
 use crate::data::stream::StreamState;
 use crate::data::BatchOrder;
 use crate::error::{Error, Result};
-use crate::model::SaveHf;
+use crate::model::{recompute, SaveHf};
 use crate::optim::{clip_grad_norm, AdamW, Optimizer, Schedule};
 use crate::plugin::Metrics;
 use crate::tokenizer::Tokenizer;
@@ -140,8 +140,16 @@ struct RecipeRecord {
 /// checkpoints, what its evaluations show, and what a non-finite step does from now on.
 /// Every other key (model, data, sequence length, objective, optimizer, schedule, batch,
 /// precision, ...) and the seed must match the checkpoint's.
-const SAFE_TO_CHANGE: [&str; 7] =
-    ["max_steps", "epochs", "log_every", "eval", "checkpoint.every", "checkpoint.keep", "on_nonfinite"];
+const SAFE_TO_CHANGE: [&str; 8] = [
+    "max_steps",
+    "epochs",
+    "log_every",
+    "eval",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "on_nonfinite",
+    "activation_checkpointing",
+];
 
 const TRAINER_STATE: &str = "trainer_state.json";
 const OPTIMIZER_STATE: &str = "optimizer.safetensors";
@@ -169,6 +177,10 @@ pub struct Trainer<'a, 'h> {
     pub state: TrainerState,
     /// The latest applied step's statistics.
     pub last: StepStats,
+    /// The recipe's `activation_checkpointing`, on for this thread while the stage trains.
+    _activation_checkpointing: recompute::Enabled,
+    /// [`recompute::recomputed_blocks`] when the stage began.
+    recomputed_before: u64,
 }
 
 impl<'a, 'h> Trainer<'a, 'h> {
@@ -208,6 +220,9 @@ impl<'a, 'h> Trainer<'a, 'h> {
             (None, None)
         };
         let fault_nonfinite_at = std::env::var(FAULT_NONFINITE_AT_STEP).ok().and_then(|s| s.parse().ok());
+        if config.activation_checkpointing {
+            tracing::info!("activation checkpointing: each transformer block's activations are recomputed in backward");
+        }
         Ok(Self {
             ctx,
             config,
@@ -223,6 +238,8 @@ impl<'a, 'h> Trainer<'a, 'h> {
             stage_state: None,
             state: TrainerState::default(),
             last: StepStats::default(),
+            _activation_checkpointing: recompute::enable(config.activation_checkpointing),
+            recomputed_before: recompute::recomputed_blocks(),
         })
     }
 
@@ -471,14 +488,20 @@ impl<'a, 'h> Trainer<'a, 'h> {
         Ok(dir)
     }
 
-    /// The figures every training stage reports: the last loss, steps, tokens, seconds.
+    /// The figures every training stage reports: the last loss, steps, tokens, seconds;
+    /// with activation checkpointing, the blocks recomputed (`train/recomputed_blocks`).
     pub fn metrics(&self) -> Metrics {
-        Metrics::from([
+        let mut metrics = Metrics::from([
             ("train/loss".to_string(), self.last.loss),
             ("train/steps".to_string(), self.state.step as f64),
             ("train/tokens".to_string(), self.state.tokens as f64),
             ("time/seconds".to_string(), self.started.elapsed().as_secs_f64()),
-        ])
+        ]);
+        if self.config.activation_checkpointing {
+            let recomputed = recompute::recomputed_blocks() - self.recomputed_before;
+            metrics.insert("train/recomputed_blocks".to_string(), recomputed as f64);
+        }
+        metrics
     }
 }
 
