@@ -5,8 +5,13 @@ use std::net::TcpListener;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use plumb_core::dist::{DistError, ProcessGroup, ReduceOp, Rendezvous};
+use plumb_core::dist::{data_parallel, DistError, ProcessGroup, ReduceOp, Rendezvous};
+use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
+use plumb_core::model::HeadChunks;
+use plumb_core::optim::{AdamW, AdamWConfig, Optimizer};
 use plumb_core::tch::{Device, Kind, Tensor};
+use plumb_core::train::{accumulate_gradients, Precision};
+use plumb_core::Policy;
 
 /// Which scenario a child process runs.
 const SCENARIO: &str = "PLUMB_DIST_TEST_SCENARIO";
@@ -60,6 +65,14 @@ fn collectives_among_three_processes() {
     assert_all_succeed(&run_world(3, "collectives", 60.0));
 }
 
+/// Each rank's gradients of its share of a batch, averaged over the ranks, equal one
+/// process's gradients of the whole batch.
+#[test]
+fn averaged_gradients_of_the_shards_equal_the_gradients_of_the_whole_batch() {
+    assert_all_succeed(&run_world(2, "gradients", 60.0));
+    assert_all_succeed(&run_world(3, "gradients", 60.0));
+}
+
 #[test]
 fn a_dead_rank_ends_the_others_with_an_error_within_the_timeout() {
     let start = Instant::now();
@@ -83,6 +96,7 @@ fn child() {
     match scenario.as_str() {
         "collectives" => collectives(&group),
         "rank_2_dies" => rank_2_dies(&group),
+        "gradients" => gradients(&group),
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -142,6 +156,48 @@ fn collectives(group: &ProcessGroup) {
     assert!(err.contains("reduce-scatter failed: 1 input tensors"), "{err}");
 
     group.barrier().unwrap();
+}
+
+/// Ranks start from different weights (seeded by their rank); after the broadcast they hold
+/// rank 0's. Then each takes its share of 6 rows, and the averaged gradients must equal those
+/// of all 6 rows on one model, computed here on rank 0's weights.
+fn gradients(group: &ProcessGroup) {
+    let model = |seed: i64| {
+        tch::manual_seed(seed);
+        let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        LlamaForCausalLm::new(hf, Device::Cpu).unwrap()
+    };
+    let policy = model(group.rank() as i64 + 1);
+    let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
+    data_parallel::broadcast_parameters(group, &optimizer.parameters()).unwrap();
+    let reference = model(1); // rank 0's start
+    let mut whole = AdamW::new(reference.var_store(), AdamWConfig::default());
+    for (p, q) in optimizer.parameters().iter().zip(whole.parameters()) {
+        assert!(p.equal(q), "the broadcast gives rank 0's weights");
+    }
+
+    let data = Tensor::arange(6 * 9, (Kind::Int64, Device::Cpu)).remainder(37).view([6, 9]);
+    let rows: Vec<i64> = (0..6).collect();
+    whole.zero_grad();
+    let whole_loss =
+        accumulate_gradients(&reference, &data, &rows, 6, Device::Cpu, Precision::Fp32, HeadChunks::Whole).unwrap();
+
+    let share = &rows[data_parallel::shard_range(rows.len(), group.rank(), group.world_size())];
+    optimizer.zero_grad();
+    let loss = accumulate_gradients(&policy, &data, share, 6, Device::Cpu, Precision::Fp32, HeadChunks::Whole).unwrap();
+    data_parallel::average_gradients(group, &optimizer.parameters()).unwrap();
+    let mean_loss = data_parallel::average_values(group, &[loss]).unwrap()[0];
+    assert!((mean_loss - whole_loss).abs() < 1e-5, "loss {mean_loss} vs {whole_loss}");
+    for (p, q) in optimizer.parameters().iter().zip(whole.parameters()) {
+        let (g, h) = (p.grad(), q.grad());
+        let diff = (&g - &h).abs().max().double_value(&[]);
+        let scale = h.abs().max().double_value(&[]).max(1e-12);
+        assert!(diff <= 1e-5 * scale.max(1.0), "gradient differs by {diff} (largest {scale})");
+    }
 }
 
 /// Rank 2 leaves after the first barrier; the others' next collective fails (Gloo sees the

@@ -2,6 +2,7 @@
 //! Gloo process groups (`core/csrc/dist.cpp`), launched the way `torchrun` launches
 //! PyTorch scripts (the `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`
 //! environment variables; [`Rendezvous::from_env`]).
+pub mod data_parallel;
 mod group;
 
 use std::time::Duration;
