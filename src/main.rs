@@ -14,6 +14,7 @@ mod device;
 mod eval;
 mod explain;
 mod generate;
+mod launch;
 mod lora_cmd;
 mod new_cmd;
 mod output_dir;
@@ -39,7 +40,11 @@ use clap::{Parser, Subcommand};
                             (`plumb=debug,info`)\n  \
         NO_COLOR            set (to anything) for logs without colour; logs are plain whenever \
                             stderr is not a terminal\n  \
-        PLUMB_PLUGIN_PATH   directories searched for plugins, `:`-separated, before the one holding plumb"
+        PLUMB_PLUGIN_PATH   directories searched for plugins, `:`-separated, before the one holding plumb\n  \
+        RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT\n                      \
+                            a data-parallel run's launch, as torchrun sets it (or `plumb run --nproc N`)\n  \
+        PLUMB_DIST_TIMEOUT  seconds a rank waits for the others, at the start and in each collective \
+                            (default 1800)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,6 +67,14 @@ enum Command {
         /// it (or --resume), a run into a directory that holds an earlier run is refused.
         #[arg(long)]
         overwrite: bool,
+        /// Run data-parallel in N processes on this machine (as `torchrun --nproc-per-node N`):
+        /// starts N ranks of this command, stops them all when one fails, and exits with its
+        /// code. Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) leave it out.
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
+        /// The port rank 0's store listens on with --nproc (default: a free one).
+        #[arg(long, value_name = "PORT", requires = "nproc")]
+        master_port: Option<u16>,
     },
     /// Check a recipe (and its plugins' sections) and print it fully resolved: overrides
     /// applied, every default of every section filled in.
@@ -153,7 +166,14 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Run { recipe, overrides, resume, overwrite } => {
+        Command::Run { nproc: Some(nproc), master_port, .. } => {
+            return launch::run(nproc, master_port).unwrap_or_else(|failure| {
+                let (Failure::User(m) | Failure::Internal(m) | Failure::Cancelled(m)) = &failure;
+                eprintln!("error: {m}");
+                ExitCode::from(failure.exit_code())
+            })
+        }
+        Command::Run { recipe, overrides, resume, overwrite, nproc: None, master_port: _ } => {
             let mode = match (resume, overwrite) {
                 (true, _) => run::Mode::Resume,
                 (false, true) => run::Mode::Overwrite,

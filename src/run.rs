@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use plumb_core::checkpoint::write_file_atomically;
 use plumb_core::context::RunRequest;
+use plumb_core::dist::{ProcessGroup, Rendezvous};
 use plumb_core::plugin::CreateRequest;
 use plumb_host::log::progress::Progress;
 use plumb_host::log::TbWriter;
@@ -208,6 +209,23 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         return Ok(());
     }
 
+    // A distributed run (torchrun's variables, or `plumb run --nproc N`): every rank runs
+    // every stage; rank 0 serves the run's store, claims the output directory, logs and writes
+    // the reports, and the ranks meet after each stage, so the next one finds what rank 0 wrote.
+    let dist = Rendezvous::from_env().map_err(|e| Failure::User(e.to_string()))?;
+    let group = match &dist {
+        Some(rendezvous) => Some(ProcessGroup::join(rendezvous).map_err(|e| Failure::User(e.to_string()))?),
+        None => None,
+    };
+    let main = dist.as_ref().is_none_or(|r| r.rank == 0);
+    let meet = |after: &str| match &group {
+        Some(group) => group.barrier().map_err(|e| Failure::User(format!("after {after}: {e}"))),
+        None => Ok(()),
+    };
+    if let Some(r) = &dist {
+        tracing::info!("rank {} of {} (local rank {}), store at {}", r.rank, r.world_size, r.local_rank, r.address());
+    }
+
     // 2. The run directory, this run's alone, with the fully resolved recipe beside the
     // results.
     let output_dir = spec.run.output_dir.clone();
@@ -216,12 +234,15 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         Mode::Overwrite => Earlier::Clear,
         Mode::Run | Mode::Validate => Earlier::Refuse,
     };
-    let _owned = output_dir::claim(&output_dir, earlier, choices)?;
+    let _owned = if main { Some(output_dir::claim(&output_dir, earlier, choices)?) } else { None };
     let recipe_file = output_dir.join("recipe.yaml");
     // A resume that a stage refuses (its checkpoint was made under another recipe) keeps
     // the recipe the run was made under.
-    let earlier_recipe = if mode == Mode::Resume { std::fs::read(&recipe_file).ok() } else { None };
-    write_file_atomically(&recipe_file, resolved.as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+    let earlier_recipe = if mode == Mode::Resume && main { std::fs::read(&recipe_file).ok() } else { None };
+    if main {
+        write_file_atomically(&recipe_file, resolved.as_bytes()).map_err(|e| Failure::User(e.to_string()))?;
+    }
+    meet("claiming the output directory")?;
     // The first Ctrl-C (or SIGTERM) asks the running stage to finish its step and save; a
     // second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -292,17 +313,22 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             }
         }
         std::fs::create_dir_all(&stage_dir).map_err(|e| Failure::User(format!("{}: {e}", stage_dir.display())))?;
-        // A report marks a finished stage (see --resume); a stage run again must not keep it.
-        let _ = std::fs::remove_file(stage_dir.join("report.json"));
-        let tb_dir = output_dir.join("tb").join(&stage.name);
-        let tensorboard = TbWriter::create(&tb_dir).map_err(|e| Failure::User(e.to_string()))?;
-        if mode != Mode::Resume {
-            // Starting over: TensorBoard drops what earlier runs wrote here.
-            tensorboard.restart_at(0);
-        }
+        let tensorboard = if main {
+            // A report marks a finished stage (see --resume); a stage run again must not keep it.
+            let _ = std::fs::remove_file(stage_dir.join("report.json"));
+            let tb_dir = output_dir.join("tb").join(&stage.name);
+            let tensorboard = TbWriter::create(&tb_dir).map_err(|e| Failure::User(e.to_string()))?;
+            if mode != Mode::Resume {
+                // Starting over: TensorBoard drops what earlier runs wrote here.
+                tensorboard.restart_at(0);
+            }
+            Some(tensorboard)
+        } else {
+            None
+        };
         let host = HostServices {
             plugin: component.plugin.name.clone(),
-            tensorboard: &tensorboard,
+            tensorboard: tensorboard.as_ref(),
             progress: Mutex::new(Progress::new(&stage.name)),
             stop: Arc::clone(&stop),
             rewards: &live_rewards,
@@ -323,6 +349,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             seed: spec.run.seed,
             resume: mode == Mode::Resume,
             rewards: reward_names.clone(),
+            dist: dist.clone(),
         };
         tracing::info!("{what}: starting");
         let started = Instant::now();
@@ -330,15 +357,17 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         if let Ok(mut progress) = host.progress.lock() {
             progress.finish();
         }
-        if let (true, Ok(output)) = (evaluator, &result) {
-            // An evaluator's results: one scalar per metric, at step 0.
-            for (tag, value) in &output.metrics {
-                tensorboard.scalar(tag, 0, *value);
+        if let Some(tensorboard) = tensorboard {
+            if let (true, Ok(output)) = (evaluator, &result) {
+                // An evaluator's results: one scalar per metric, at step 0.
+                for (tag, value) in &output.metrics {
+                    tensorboard.scalar(tag, 0, *value);
+                }
             }
+            tensorboard
+                .close()
+                .map_err(|e| Failure::Internal(format!("TensorBoard events of stage `{}`: {e}", stage.name)))?;
         }
-        tensorboard
-            .close()
-            .map_err(|e| Failure::Internal(format!("TensorBoard events of stage `{}`: {e}", stage.name)))?;
         if let (Err(CallError::Failed(_) | CallError::InvalidConfig(_)), Some(earlier)) = (&result, &earlier_recipe) {
             write_file_atomically(&recipe_file, earlier).map_err(|e| Failure::User(e.to_string()))?;
         }
@@ -352,6 +381,17 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             Err(CallError::Cancelled) => return Err(Failure::Cancelled(format!("{what} stopped on request"))),
         };
         let seconds = started.elapsed().as_secs_f64();
+        meet(&format!("stage `{}`", stage.name))?;
+        if !main {
+            input_model = output.model.clone().or(input_model);
+            if let Some(made) = output.model {
+                outputs.insert(stage.name.clone(), made);
+            }
+            if stop.load(Ordering::SeqCst) && i + 1 < spec.stages.len() {
+                return Err(Failure::Cancelled(format!("stopped on request after stage `{}`", stage.name)));
+            }
+            continue;
+        }
         if evaluator {
             let results = serde_json::json!({
                 "name": stage.name,
@@ -407,6 +447,9 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
                 stage.name
             )));
         }
+    }
+    if !main {
+        return Ok(());
     }
     summary.seconds = run_started.elapsed().as_secs_f64();
     summary.write(&output_dir)?;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dist::{ProcessGroup, Rendezvous, Store};
 use crate::error::{Error, Result};
 use crate::plugin::abi::{self, HostApi, ProgressUpdate, Status, StrRef};
 use crate::reward::{RewardModel, ScorePair};
@@ -32,6 +33,10 @@ pub struct RunRequest {
     /// The names of the recipe's `rewards:`, in recipe order.
     #[serde(default)]
     pub rewards: Vec<String>,
+    /// This process's place in a distributed run (torchrun's variables or `plumb run
+    /// --nproc N`); `None` for a single-process run.
+    #[serde(default)]
+    pub dist: Option<Rendezvous>,
 }
 
 /// The safe face of the host for one stage or evaluator run.
@@ -39,6 +44,8 @@ pub struct RunContext<'h> {
     host: &'h HostApi,
     request: RunRequest,
     device: tch::Device,
+    /// Process groups made so far by this stage: each gets a store prefix of its own.
+    groups_made: std::cell::Cell<usize>,
 }
 
 impl<'h> RunContext<'h> {
@@ -47,7 +54,7 @@ impl<'h> RunContext<'h> {
     /// lifetime `'h` (the host guarantees this for the duration of a run call).
     pub(crate) unsafe fn new(host: &'h HostApi, request: RunRequest) -> Result<Self> {
         let device = parse_device(&request.device)?;
-        Ok(Self { host, request, device })
+        Ok(Self { host, request, device, groups_made: std::cell::Cell::new(0) })
     }
 
     pub fn stage_name(&self) -> &str {
@@ -69,6 +76,35 @@ impl<'h> RunContext<'h> {
     pub fn config_yaml(&self) -> &str {
         &self.request.config_yaml
     }
+    /// This process's rank in a distributed run (0 in a single-process run).
+    pub fn rank(&self) -> usize {
+        self.request.dist.as_ref().map_or(0, |d| d.rank)
+    }
+    /// The number of processes of the run (1 in a single-process run).
+    pub fn world_size(&self) -> usize {
+        self.request.dist.as_ref().map_or(1, |d| d.world_size)
+    }
+    /// True on the rank that logs and writes checkpoints (rank 0; the only one when not
+    /// distributed).
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+    /// Where and as whom this process meets the others, in a distributed run.
+    pub fn rendezvous(&self) -> Option<&Rendezvous> {
+        self.request.dist.as_ref()
+    }
+
+    /// A Gloo process group of the run's ranks, for this stage; `None` in a single-process
+    /// run. It meets through the store the host's rank 0 serves for the whole run, under a
+    /// prefix of this stage's own (every rank must make its groups in the same order).
+    pub fn process_group(&self) -> Result<Option<ProcessGroup>> {
+        let Some(rendezvous) = &self.request.dist else { return Ok(None) };
+        let n = self.groups_made.get();
+        self.groups_made.set(n + 1);
+        let store = Store::connect(rendezvous)?;
+        Ok(Some(ProcessGroup::gloo(&store, &format!("stage/{}/{n}", self.request.stage), rendezvous)?))
+    }
+
     /// True when the user asked to continue from the stage's latest checkpoint.
     pub fn resume(&self) -> bool {
         self.request.resume

@@ -19,6 +19,10 @@ pub enum Error {
     #[error("libtorch: {}", without_backtrace(&.0.to_string()))]
     Torch(#[from] tch::TchError),
 
+    /// A distributed launch or collective failed (names the rank and the address).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
+
     #[error("plugin `{plugin}`: {message}")]
     Plugin { plugin: String, message: String },
 

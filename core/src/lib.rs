@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod context;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod optim;

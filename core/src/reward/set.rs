@@ -350,6 +350,7 @@ mod tests {
             seed: 0,
             resume: false,
             rewards: vec!["len".into(), "words".into()],
+            dist: None,
         };
         // SAFETY: the host's functions ignore their state and outlive the context.
         unsafe { RunContext::new(host, request) }.unwrap()

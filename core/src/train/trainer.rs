@@ -20,6 +20,14 @@
 //! }
 //! trainer.save_final(&model, &tokenizer, max_len)?;
 //! ```
+//!
+//! In a distributed run (`plumb run --nproc N`, torchrun) the same loop is data-parallel:
+//! [`Trainer::restore`] gives every rank rank 0's parameters, each rank computes the
+//! gradients of its share of the global batch ([`Trainer::shard`]), [`Trainer::finish_step`]
+//! and [`Trainer::update`] average them over the ranks in buckets before clipping (so every
+//! rank takes the same step) and report the global loss, tokens and batch, the ranks agree
+//! on stopping, and rank 0 alone writes checkpoints and the final model (the host makes the
+//! ranks meet at the end of the stage, and only rank 0 logs).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,6 +39,7 @@ use crate::checkpoint::training::{load_tensors, remove_leftovers_of, Checkpoints
 use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
 use crate::data::stream::StreamState;
 use crate::data::BatchOrder;
+use crate::dist::{data_parallel, ProcessGroup};
 use crate::error::{Error, Result};
 use crate::model::{recompute, SaveHf};
 use crate::optim::{clip_grad_norm, AdamW, Optimizer, Schedule};
@@ -181,6 +190,8 @@ pub struct Trainer<'a, 'h> {
     _activation_checkpointing: recompute::Enabled,
     /// [`recompute::recomputed_blocks`] when the stage began.
     recomputed_before: u64,
+    /// The stage's process group in a distributed run.
+    group: Option<ProcessGroup>,
 }
 
 impl<'a, 'h> Trainer<'a, 'h> {
@@ -192,10 +203,14 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// is removed.
     pub fn new(ctx: &'a RunContext<'h>, config: &'a TrainingConfig, max_steps: u64) -> Result<Self> {
         let checkpoints = Checkpoints::new(ctx.stage_dir(), config.checkpoint.keep);
-        let final_leftovers = remove_leftovers_of(ctx.stage_dir(), "final")?;
-        for leftover in checkpoints.remove_leftovers()?.into_iter().chain(final_leftovers) {
-            tracing::warn!("removed {}, left by a save that did not finish", leftover.display());
+        // Rank 0 alone changes the stage's directory.
+        if ctx.is_main() {
+            let final_leftovers = remove_leftovers_of(ctx.stage_dir(), "final")?;
+            for leftover in checkpoints.remove_leftovers()?.into_iter().chain(final_leftovers) {
+                tracing::warn!("removed {}, left by a save that did not finish", leftover.display());
+            }
         }
+        let group = ctx.process_group()?;
         let recipe = RecipeRecord {
             config: ctx.config_yaml().to_owned(),
             seed: ctx.seed(),
@@ -211,7 +226,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
                 None => (None, None),
             }
         } else {
-            if !checkpoints.steps()?.is_empty() {
+            if ctx.is_main() && !checkpoints.steps()?.is_empty() {
                 tracing::warn!(
                     "starting over: removing the checkpoints of an earlier run (use --resume to continue one)"
                 );
@@ -240,7 +255,38 @@ impl<'a, 'h> Trainer<'a, 'h> {
             last: StepStats::default(),
             _activation_checkpointing: recompute::enable(config.activation_checkpointing),
             recomputed_before: recompute::recomputed_blocks(),
+            group,
         })
+    }
+
+    /// This rank's share of a global batch of `len` items, in a distributed run (all of it
+    /// otherwise): every rank draws the same global batch and keeps its slice.
+    pub fn shard(&self, len: usize) -> std::ops::Range<usize> {
+        data_parallel::shard_range(len, self.ctx.rank(), self.ctx.world_size())
+    }
+
+    /// Every rank starts from rank 0's parameters.
+    fn sync_parameters(&self, optimizers: &[&AdamW]) -> Result<()> {
+        let Some(group) = &self.group else { return Ok(()) };
+        let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
+        Ok(data_parallel::broadcast_parameters(group, &parameters)?)
+    }
+
+    /// Averages the gradients of `optimizers`' parameters over the ranks, and the step's
+    /// `loss`; sums `tokens` and `batch_size`. Unchanged when not distributed.
+    fn reduce_step(
+        &self,
+        optimizers: &[&mut AdamW],
+        loss: f64,
+        tokens: u64,
+        batch_size: usize,
+    ) -> Result<(f64, u64, usize)> {
+        let Some(group) = &self.group else { return Ok((loss, tokens, batch_size)) };
+        let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
+        data_parallel::average_gradients(group, &parameters)?;
+        let world = group.world_size() as f64;
+        let mean = data_parallel::average_values(group, &[loss, tokens as f64, batch_size as f64])?;
+        Ok((mean[0], (mean[1] * world).round() as u64, (mean[2] * world).round() as usize))
     }
 
     /// The checkpoint this run continues from, if it resumes: load the models from here.
@@ -263,6 +309,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// trainer state, tells TensorBoard where the run continues, and returns the data
     /// position to continue from. `None` for a fresh run.
     pub fn restore(&mut self, optimizers: &mut [(&str, &mut AdamW)]) -> Result<Option<DataPosition>> {
+        self.sync_parameters(&optimizers.iter().map(|(_, o)| &**o).collect::<Vec<_>>())?;
         let (Some(dir), Some(saved)) = (self.resume_dir.clone(), self.resumed.take()) else {
             return Ok(None);
         };
@@ -305,8 +352,17 @@ impl<'a, 'h> Trainer<'a, 'h> {
 
     /// True once the user asked the run to stop (Ctrl-C): save a checkpoint and return
     /// [`Trainer::stop`]'s error.
+    /// In a distributed run the ranks agree: true on all when asked on any.
     pub fn stop_requested(&self) -> bool {
-        self.ctx.should_stop()
+        let asked = self.ctx.should_stop();
+        match &self.group {
+            None => asked,
+            Some(group) => data_parallel::any(group, asked).unwrap_or_else(|e| {
+                // A peer is gone: stop here; the stage's next collective reports it.
+                tracing::error!("{e}");
+                true
+            }),
+        }
     }
 
     /// The error that ends a run stopped on request, after its checkpoint in `saved`.
@@ -341,6 +397,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
         if self.fault_nonfinite_at == Some(self.state.step + 1) {
             loss = f64::NAN;
         }
+        let (loss, tokens, batch_size) = self.reduce_step(optimizers, loss, tokens, batch_size)?;
         let mut squares = 0.0;
         for optimizer in optimizers.iter() {
             let norm = clip_grad_norm(&optimizer.parameters(), self.config.grad_clip)?;
@@ -369,6 +426,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
         if self.fault_nonfinite_at == Some(self.state.step + 1) {
             loss = f64::NAN;
         }
+        let (loss, _, _) = self.reduce_step(optimizers, loss, 0, 0)?;
         let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
         let grad_norm = clip_grad_norm(&parameters, self.config.grad_clip)?;
         if !self.guard(loss, grad_norm)? {
@@ -467,6 +525,9 @@ impl<'a, 'h> Trainer<'a, 'h> {
         data: DataPosition,
         stage_state: Option<serde_json::Value>,
     ) -> Result<PathBuf> {
+        if !self.ctx.is_main() {
+            return Ok(self.checkpoints.dir_of(self.state.step));
+        }
         self.checkpoints.save(self.state.step, |dir| {
             for (index, part) in models.iter().enumerate() {
                 let part_dir = part_dir(dir, index, part.name);
@@ -483,6 +544,9 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// The trained model in HF layout at `<stage_dir>/final/`, written atomically.
     pub fn save_final(&self, model: &dyn SaveHf, tokenizer: &Tokenizer, max_length: usize) -> Result<PathBuf> {
         let dir = self.ctx.stage_dir().join("final");
+        if !self.ctx.is_main() {
+            return Ok(dir);
+        }
         save_model(&dir, model, tokenizer, max_length)?;
         tracing::info!("saved {}", dir.display());
         Ok(dir)
@@ -728,6 +792,7 @@ mod tests {
             seed: 0,
             resume,
             rewards: Vec::new(),
+            dist: None,
         };
         // SAFETY: the host's functions ignore their state and outlive the context.
         unsafe { RunContext::new(host, request) }.unwrap()

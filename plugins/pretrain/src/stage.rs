@@ -220,6 +220,8 @@ impl<O: Objective> Stage for Pretraining<O> {
                 None => training.batch_size,
             };
             let rows = stream.next_rows(&tokenizer, batch_size)?;
+            // This rank's share of the global batch (all of it in a single-process run).
+            let rows = &rows[trainer.shard(rows.len())];
             let mut rng = seeded_rng(ctx.seed() ^ (step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut sums = Vec::new();
             let mut targets = 0;
@@ -234,8 +236,9 @@ impl<O: Objective> Stage for Pretraining<O> {
                 (&sum / targets as f64).backward();
                 loss += sum.double_value(&[]) / targets as f64;
             }
-            let step_tokens = (batch_size * seq_len) as u64; // model input tokens, as hf_baseline.py counts them
-            if !trainer.finish_step(&mut [&mut optimizer], loss, step_tokens, batch_size)? {
+            // Model input tokens, as hf_baseline.py counts them (the trainer sums the ranks').
+            let step_tokens = (rows.len() * seq_len) as u64;
+            if !trainer.finish_step(&mut [&mut optimizer], loss, step_tokens, rows.len())? {
                 continue;
             }
             let step = trainer.state.step;

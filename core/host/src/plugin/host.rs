@@ -18,7 +18,9 @@ use plumb_core::plugin::abi::{self, ByteSink, HostApi, ProgressUpdate, Status, S
 pub struct HostServices<'a> {
     /// The plugin's name, for its log lines.
     pub plugin: String,
-    pub tensorboard: &'a TbWriter,
+    /// `None` on the ranks of a distributed run other than 0: only rank 0 logs, and their
+    /// progress and info lines are dropped too (warnings and errors still show).
+    pub tensorboard: Option<&'a TbWriter>,
     pub progress: Mutex<Progress>,
     pub stop: Arc<AtomicBool>,
     /// Rewards named in the recipe, live inside their plugins.
@@ -70,15 +72,24 @@ fn text(s: StrRef) -> String {
 }
 
 extern "C" fn log_scalar(state: *mut c_void, tag: StrRef, step: i64, value: f64) {
-    with_state(state, (), |s| s.tensorboard.scalar(&text(tag), step, value));
+    with_state(state, (), |s| {
+        if let Some(tb) = s.tensorboard {
+            tb.scalar(&text(tag), step, value)
+        }
+    });
 }
 
 extern "C" fn log_text(state: *mut c_void, tag: StrRef, step: i64, body: StrRef) {
-    with_state(state, (), |s| s.tensorboard.text(&text(tag), step, &text(body)));
+    with_state(state, (), |s| {
+        if let Some(tb) = s.tensorboard {
+            tb.text(&text(tag), step, &text(body))
+        }
+    });
 }
 
 extern "C" fn log_hparams(state: *mut c_void, json: StrRef) {
     with_state(state, (), |s| {
+        let Some(tensorboard) = s.tensorboard else { return };
         #[derive(serde::Deserialize)]
         struct Request {
             hparams: serde_json::Map<String, serde_json::Value>,
@@ -99,7 +110,7 @@ extern "C" fn log_hparams(state: *mut c_void, json: StrRef) {
                         (k, value)
                     })
                     .collect();
-                s.tensorboard.hparams(&hparams, &request.metrics);
+                tensorboard.hparams(&hparams, &request.metrics);
             }
             Err(e) => tracing::warn!("plugin `{}` sent malformed hparams: {e}", s.plugin),
         }
@@ -108,6 +119,9 @@ extern "C" fn log_hparams(state: *mut c_void, json: StrRef) {
 
 extern "C" fn progress(state: *mut c_void, update: *const ProgressUpdate) {
     with_state(state, (), |s| {
+        if s.tensorboard.is_none() {
+            return;
+        }
         // SAFETY: the plugin passes a valid pointer for the duration of the call.
         if let (Some(update), Ok(mut bar)) = (unsafe { update.as_ref() }, s.progress.lock()) {
             bar.update(update);
@@ -117,6 +131,9 @@ extern "C" fn progress(state: *mut c_void, update: *const ProgressUpdate) {
 
 extern "C" fn log(state: *mut c_void, level: u32, message: StrRef) {
     with_state(state, (), |s| {
+        if s.tensorboard.is_none() && level > abi::LOG_WARN {
+            return;
+        }
         let message = text(message);
         let plugin = &s.plugin;
         let bar = s.progress.lock().ok();
@@ -135,7 +152,11 @@ extern "C" fn log(state: *mut c_void, level: u32, message: StrRef) {
 }
 
 extern "C" fn restart_at(state: *mut c_void, step: i64) {
-    with_state(state, (), |s| s.tensorboard.restart_at(step));
+    with_state(state, (), |s| {
+        if let Some(tb) = s.tensorboard {
+            tb.restart_at(step)
+        }
+    });
 }
 
 extern "C" fn should_stop(state: *mut c_void) -> u8 {

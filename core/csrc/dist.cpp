@@ -1,0 +1,195 @@
+// PyTorch's distributed engine (c10d) as a small C API: TCPStore rendezvous, a Gloo process
+// group and its collectives on the at::Tensor objects tch's Tensors wrap. Only pointers to gloo
+// types cross (gloo's headers come from Debian's libgloo-dev; its code is libtorch's own).
+//
+// As in shim.cpp, every function catches C++ exceptions (c10d's timeouts and network errors,
+// gloo's I/O errors) and reports them as a non-zero return with the message in a thread-local
+// buffer (plumb_dist_last_error), so no exception ever reaches Rust.
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+thread_local std::string last_error;
+
+template <typename F>
+int guarded(F f) {
+  try {
+    f();
+    return 0;
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception";
+  }
+  return 1;
+}
+
+// What Rust holds: the store (kept alive as long as the group) and the group.
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  int rank;
+  int size;
+};
+
+at::Tensor& tensor(void* raw) { return *static_cast<at::Tensor*>(raw); }
+
+std::vector<at::Tensor> tensors(void* const* raw, int n) {
+  std::vector<at::Tensor> list;
+  list.reserve(n);
+  for (int i = 0; i < n; ++i) list.push_back(tensor(raw[i]));
+  return list;
+}
+
+// plumb's reduction codes: 0 sum, 1 average (a sum divided by the world size: Gloo has no
+// AVG), 2 max, 3 min.
+c10d::ReduceOp reduce_op(int code) {
+  switch (code) {
+    case 0: case 1: return c10d::ReduceOp::SUM;
+    case 2: return c10d::ReduceOp::MAX;
+    case 3: return c10d::ReduceOp::MIN;
+    default: TORCH_CHECK(false, "unknown reduction code ", code);
+  }
+}
+
+void finish(const c10::intrusive_ptr<c10d::Work>& work) {
+  // Gloo's own timeout (the group's option) bounds the wait: a peer that never arrives
+  // makes it throw.
+  work->wait();
+}
+
+// The network device Gloo binds: the interface GLOO_SOCKET_IFNAME names (as in PyTorch);
+// else the loopback address when the master is on this machine's loopback (one-machine runs
+// need no resolvable host name); else the address this host's name resolves to.
+std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string& master) {
+  if (const char* name = std::getenv("GLOO_SOCKET_IFNAME"); name != nullptr && *name != '\0') {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(name);
+  }
+  if (master == "localhost" || master.rfind("127.", 0) == 0) {
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+}  // namespace
+
+extern "C" {
+
+// The message of the last failed call on this thread (valid until the next call).
+const char* plumb_dist_last_error() { return last_error.c_str(); }
+
+// Opens the run's TCPStore at host:port. The server (`serve`, rank 0) waits until `workers`
+// stores in all have connected (its own included); a client (`workers` 0) connects, retrying
+// until `timeout_ms`. Free with plumb_dist_store_free.
+int plumb_dist_store_new(const char* host, int port, bool serve, int workers, int64_t timeout_ms, void** out) {
+  return guarded([&] {
+    TORCH_CHECK(port > 0 && port < 65536, "port ", port, " is outside 1..65535");
+    c10d::TCPStoreOptions options;
+    options.port = static_cast<std::uint16_t>(port);
+    options.isServer = serve;
+    if (workers > 0) options.numWorkers = workers;
+    options.waitWorkers = workers > 0;
+    options.timeout = std::chrono::milliseconds(timeout_ms);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(host, options);
+    *out = new c10::intrusive_ptr<c10d::Store>(std::move(store));
+  });
+}
+
+void plumb_dist_store_free(void* store) { delete static_cast<c10::intrusive_ptr<c10d::Store>*>(store); }
+
+// A Gloo process group of `size` ranks, this one `rank`, meeting through `store` under the
+// key prefix `prefix` (each group of a run its own, as torch.distributed's PrefixStore). Its
+// rendezvous, and every collective after, fail after `timeout_ms` when a peer does not take
+// part. `master` is the store's host (it picks Gloo's network device). The group keeps the
+// store alive.
+int plumb_dist_gloo_new(void* store, const char* prefix, const char* master, int rank, int size,
+                        int64_t timeout_ms, void** out) {
+  return guarded([&] {
+    TORCH_CHECK(size > 0 && rank >= 0 && rank < size, "rank ", rank, " is outside a world of ", size);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(
+        prefix, *static_cast<c10::intrusive_ptr<c10d::Store>*>(store));
+    auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
+    options->devices.push_back(gloo_device(master));
+    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+    *out = new Group{prefixed, backend, rank, size};
+  });
+}
+
+void plumb_dist_free(void* group) { delete static_cast<Group*>(group); }
+
+// Reduces each of the `n` tensors in place across ranks (reduction codes above).
+int plumb_dist_all_reduce(void* group, void* const* raw, int n, int op) {
+  return guarded([&] {
+    auto& g = *static_cast<Group*>(group);
+    c10d::AllreduceOptions options;
+    options.reduceOp = reduce_op(op);
+    // One call per tensor: c10d reads a list as copies of one tensor (one per local device)
+    // and reduces them together. Callers flatten many small tensors into one bucket first.
+    for (auto& t : tensors(raw, n)) {
+      std::vector<at::Tensor> one{t};
+      finish(g.backend->allreduce(one, options));
+      if (op == 1) t.div_(g.size);
+    }
+  });
+}
+
+// Overwrites each of the `n` tensors with rank `root`'s.
+int plumb_dist_broadcast(void* group, void* const* raw, int n, int root) {
+  return guarded([&] {
+    auto& g = *static_cast<Group*>(group);
+    TORCH_CHECK(root >= 0 && root < g.size, "broadcast root ", root, " is outside a world of ", g.size);
+    auto list = tensors(raw, n);
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    // One call per tensor, as in all-reduce.
+    for (auto& t : list) {
+      std::vector<at::Tensor> one{t};
+      finish(g.backend->broadcast(one, options));
+    }
+  });
+}
+
+// outputs[r] (world-size tensors shaped like `input`) receives rank r's `input`.
+int plumb_dist_all_gather(void* group, void* const* outputs, void* input) {
+  return guarded([&] {
+    auto& g = *static_cast<Group*>(group);
+    std::vector<std::vector<at::Tensor>> out{tensors(outputs, g.size)};
+    std::vector<at::Tensor> in{tensor(input)};
+    finish(g.backend->allgather(out, in));
+  });
+}
+
+// `output` receives the reduction over ranks of each rank's inputs[my rank] (world-size
+// tensors shaped like `output`).
+int plumb_dist_reduce_scatter(void* group, void* output, void* const* inputs, int op) {
+  return guarded([&] {
+    auto& g = *static_cast<Group*>(group);
+    std::vector<at::Tensor> out{tensor(output)};
+    std::vector<std::vector<at::Tensor>> in{tensors(inputs, g.size)};
+    c10d::ReduceScatterOptions options;
+    options.reduceOp = reduce_op(op);
+    finish(g.backend->reduce_scatter(out, in, options));
+    if (op == 1) out[0].div_(g.size);
+  });
+}
+
+// Returns once every rank has called it.
+int plumb_dist_barrier(void* group) {
+  return guarded([&] {
+    auto& g = *static_cast<Group*>(group);
+    finish(g.backend->barrier());
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,284 @@
+//! The run's TCPStore and Gloo process groups over it (`core/csrc/dist.cpp`): c10d's own
+//! collectives on `tch` tensors, each a blocking call that returns once this rank's part is
+//! done, or an error (a peer missing past the timeout, a closed connection, a bad tensor).
+use std::ffi::{CStr, CString};
+use std::os::raw::{c_char, c_int, c_void};
+use std::time::Duration;
+
+use tch::Tensor;
+
+use super::{DistError, Rendezvous};
+
+extern "C" {
+    fn plumb_dist_last_error() -> *const c_char;
+    fn plumb_dist_store_new(
+        host: *const c_char,
+        port: c_int,
+        serve: bool,
+        workers: c_int,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn plumb_dist_store_free(store: *mut c_void);
+    fn plumb_dist_gloo_new(
+        store: *mut c_void,
+        prefix: *const c_char,
+        master: *const c_char,
+        rank: c_int,
+        size: c_int,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn plumb_dist_free(group: *mut c_void);
+    fn plumb_dist_all_reduce(group: *mut c_void, tensors: *const *mut c_void, n: c_int, op: c_int) -> c_int;
+    fn plumb_dist_broadcast(group: *mut c_void, tensors: *const *mut c_void, n: c_int, root: c_int) -> c_int;
+    fn plumb_dist_all_gather(group: *mut c_void, outputs: *const *mut c_void, input: *mut c_void) -> c_int;
+    fn plumb_dist_reduce_scatter(
+        group: *mut c_void,
+        output: *mut c_void,
+        inputs: *const *mut c_void,
+        op: c_int,
+    ) -> c_int;
+    fn plumb_dist_barrier(group: *mut c_void) -> c_int;
+}
+
+/// The C++ message of the last failed `plumb_dist_*` call on this thread.
+fn last_error() -> String {
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
+    unsafe { CStr::from_ptr(plumb_dist_last_error()) }.to_string_lossy().into_owned()
+}
+
+fn c_string(text: &str, what: &str) -> Result<CString, DistError> {
+    CString::new(text).map_err(|_| DistError::Invalid(format!("{what} {text:?} contains a NUL byte")))
+}
+
+fn millis(timeout: Duration) -> i64 {
+    i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// How a collective combines the ranks' tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// The sum divided by the world size (Gloo has no average of its own).
+    Avg,
+    Max,
+    Min,
+}
+
+impl ReduceOp {
+    fn code(self) -> c_int {
+        match self {
+            Self::Sum => 0,
+            Self::Avg => 1,
+            Self::Max => 2,
+            Self::Min => 3,
+        }
+    }
+}
+
+/// A connection to the run's TCPStore, the key-value server on rank 0 that ranks meet through.
+pub struct Store {
+    raw: *mut c_void,
+    address: String,
+}
+
+// SAFETY: c10d's TCPStore is used from several threads by PyTorch itself; the handle is
+// freed once, by Drop.
+unsafe impl Send for Store {}
+
+impl Store {
+    /// Rank 0 serves the store at the rendezvous address and waits until all ranks have
+    /// connected; the others connect to it. Either fails after the rendezvous timeout.
+    pub fn rendezvous(rendezvous: &Rendezvous) -> Result<Self, DistError> {
+        let serve = rendezvous.rank == 0;
+        Self::open(rendezvous, serve, rendezvous.world_size)
+    }
+
+    /// Connects to a store another part of this run already serves (no waiting for the others).
+    pub fn connect(rendezvous: &Rendezvous) -> Result<Self, DistError> {
+        Self::open(rendezvous, false, 0)
+    }
+
+    fn open(rendezvous: &Rendezvous, serve: bool, workers: usize) -> Result<Self, DistError> {
+        let host = c_string(&rendezvous.master_addr, "MASTER_ADDR")?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `host` is NUL-terminated and outlives the call; `raw` receives a new handle.
+        let code = unsafe {
+            plumb_dist_store_new(
+                host.as_ptr(),
+                c_int::from(rendezvous.master_port),
+                serve,
+                workers as c_int,
+                millis(rendezvous.timeout),
+                &mut raw,
+            )
+        };
+        if code != 0 {
+            return Err(DistError::Join {
+                rank: rendezvous.rank,
+                world_size: rendezvous.world_size,
+                address: rendezvous.address(),
+                timeout: rendezvous.timeout,
+                message: last_error(),
+            });
+        }
+        Ok(Self { raw, address: rendezvous.address() })
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from plumb_dist_store_new and is freed once.
+        unsafe { plumb_dist_store_free(self.raw) }
+    }
+}
+
+/// A Gloo process group: the ranks of a run, and the collectives among them. Every rank
+/// must call the same collectives in the same order with tensors of the same shapes and
+/// dtypes; tensors must be dense and contiguous.
+pub struct ProcessGroup {
+    raw: *mut c_void,
+    rank: usize,
+    world_size: usize,
+}
+
+// SAFETY: c10d's process groups are thread-safe (PyTorch calls them from any thread); the
+// handle is freed once, by Drop. Not Sync: collectives issued from two threads at once could
+// reach the ranks in different orders.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Joins the group the rendezvous describes: its store (rank 0 serves it) and a Gloo
+    /// group over it. What a process that owns the whole run calls once.
+    pub fn join(rendezvous: &Rendezvous) -> Result<Self, DistError> {
+        let store = Store::rendezvous(rendezvous)?;
+        Self::gloo(&store, "default", rendezvous)
+    }
+
+    /// A Gloo group of the rendezvous's ranks over `store`, its keys under `prefix`: every
+    /// rank passes the same prefix, and each group of a run has a prefix of its own.
+    pub fn gloo(store: &Store, prefix: &str, rendezvous: &Rendezvous) -> Result<Self, DistError> {
+        let prefix = c_string(&format!("{prefix}/"), "group prefix")?;
+        let master = c_string(&rendezvous.master_addr, "MASTER_ADDR")?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the strings outlive the call; `store.raw` is a live store (the group takes
+        // its own reference); `raw` receives a new handle.
+        let code = unsafe {
+            plumb_dist_gloo_new(
+                store.raw,
+                prefix.as_ptr(),
+                master.as_ptr(),
+                rendezvous.rank as c_int,
+                rendezvous.world_size as c_int,
+                millis(rendezvous.timeout),
+                &mut raw,
+            )
+        };
+        if code != 0 {
+            return Err(DistError::Join {
+                rank: rendezvous.rank,
+                world_size: rendezvous.world_size,
+                address: store.address.clone(),
+                timeout: rendezvous.timeout,
+                message: last_error(),
+            });
+        }
+        Ok(Self { raw, rank: rendezvous.rank, world_size: rendezvous.world_size })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn check(&self, code: c_int, op: &'static str) -> Result<(), DistError> {
+        if code == 0 {
+            return Ok(());
+        }
+        Err(DistError::Collective { rank: self.rank, world_size: self.world_size, op, message: last_error() })
+    }
+
+    fn expect_world(&self, op: &'static str, count: usize, what: &str) -> Result<(), DistError> {
+        if count == self.world_size {
+            return Ok(());
+        }
+        Err(DistError::Collective {
+            rank: self.rank,
+            world_size: self.world_size,
+            op,
+            message: format!("{count} {what} for a world of {}", self.world_size),
+        })
+    }
+
+    /// Reduces each tensor in place across the ranks: afterwards every rank holds the result.
+    pub fn all_reduce(&self, tensors: &[Tensor], op: ReduceOp) -> Result<(), DistError> {
+        let raw = pointers(tensors);
+        // SAFETY: `raw` points at live tensors for the duration of the call.
+        self.check(
+            unsafe { plumb_dist_all_reduce(self.raw, raw.as_ptr(), raw.len() as c_int, op.code()) },
+            "all-reduce",
+        )
+    }
+
+    /// Overwrites each tensor with rank `root`'s.
+    pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<(), DistError> {
+        let raw = pointers(tensors);
+        // SAFETY: `raw` points at live tensors for the duration of the call.
+        self.check(
+            unsafe { plumb_dist_broadcast(self.raw, raw.as_ptr(), raw.len() as c_int, root as c_int) },
+            "broadcast",
+        )
+    }
+
+    /// `outputs[r]` receives rank r's `input`: one tensor per rank, shaped like `input`.
+    pub fn all_gather_into(&self, outputs: &[Tensor], input: &Tensor) -> Result<(), DistError> {
+        self.expect_world("all-gather", outputs.len(), "output tensors")?;
+        let raw = pointers(outputs);
+        // SAFETY: the tensors are live for the duration of the call; there are world-size outputs.
+        self.check(
+            unsafe { plumb_dist_all_gather(self.raw, raw.as_ptr(), input.as_ptr() as *mut c_void) },
+            "all-gather",
+        )
+    }
+
+    /// Every rank's `input`, in rank order.
+    pub fn all_gather(&self, input: &Tensor) -> Result<Vec<Tensor>, DistError> {
+        let outputs: Vec<Tensor> = (0..self.world_size).map(|_| input.empty_like()).collect();
+        self.all_gather_into(&outputs, input)?;
+        Ok(outputs)
+    }
+
+    /// `output` receives the reduction over the ranks of each rank's `inputs[my rank]`:
+    /// `inputs` has one tensor per rank, each shaped like `output`.
+    pub fn reduce_scatter(&self, output: &Tensor, inputs: &[Tensor], op: ReduceOp) -> Result<(), DistError> {
+        self.expect_world("reduce-scatter", inputs.len(), "input tensors")?;
+        let raw = pointers(inputs);
+        // SAFETY: the tensors are live for the duration of the call; there are world-size inputs.
+        self.check(
+            unsafe { plumb_dist_reduce_scatter(self.raw, output.as_ptr() as *mut c_void, raw.as_ptr(), op.code()) },
+            "reduce-scatter",
+        )
+    }
+
+    /// Returns once every rank has reached it.
+    pub fn barrier(&self) -> Result<(), DistError> {
+        // SAFETY: `raw` is a live group.
+        self.check(unsafe { plumb_dist_barrier(self.raw) }, "barrier")
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from plumb_dist_gloo_new and is freed once.
+        unsafe { plumb_dist_free(self.raw) }
+    }
+}
+
+/// The `at::Tensor` objects behind tch's tensors, as the shim takes them.
+fn pointers(tensors: &[Tensor]) -> Vec<*mut c_void> {
+    tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+}
