@@ -5,8 +5,7 @@
 //! prompt, and each completion is what the whole conversation renders past the prompt
 //! (its end-of-turn marks its end).
 use plumb_core::data::BatchOrder;
-use plumb_core::model::Policy;
-use plumb_core::rollout::response_log_probs;
+use plumb_core::model::{Policy, ScoreOptions};
 use plumb_core::tch::{Device, Kind, Tensor};
 use plumb_core::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use plumb_core::{Error, Result};
@@ -118,9 +117,10 @@ pub fn completion_log_probs(
         targets[offset + start..offset + start + length].fill(1.0);
     }
     let targets = Tensor::from_slice(&targets).view([rows.len() as i64, width]).to_device(device);
-    let logits = model.logits(&ids, Some(&attention))?; // (2N, T, V)
-                                                        // Position t predicts token t + 1.
-    let log_probs = response_log_probs(&logits.narrow(1, 0, width - 1), &ids.narrow(1, 1, width - 1)); // (2N, T − 1)
+    // Position t predicts token t + 1, through the head a chunk of positions at a time: the
+    // (2N, T, V) logits never exist whole.
+    let next = ids.narrow(1, 1, width - 1);
+    let log_probs = model.token_scores(&ids, None, Some(&attention), &next, 0, &ScoreOptions::default())?.log_probs; // (2N, T − 1)
     let mask = targets.narrow(1, 1, width - 1);
     let mut summed = (log_probs * &mask).sum_dim_intlist([1].as_slice(), false, Kind::Float); // (2N,)
     if average {
