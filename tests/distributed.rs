@@ -109,3 +109,67 @@ fn two_ranks_train_as_one_on_the_same_global_batch() {
     }
     assert!(dir.path().join("two/pretrain/final/model.safetensors").is_file());
 }
+
+/// Data-parallel SFT: from one pretrained model, 2 ranks, each on its share of every global
+/// batch of 5 examples (3 and 2, so their target counts differ), follow the 1-rank run's
+/// losses step by step (to fp32 tolerance), count the same tokens and batch, and report
+/// the same held-out losses (each rank scores its share of the held-out examples).
+#[test]
+fn two_ranks_fine_tune_as_one_on_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let corpus = small_corpus(dir.path(), 100);
+    let base = write(
+        "base.yaml",
+        format!(
+            "run:\n  output_dir: {out}\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}",
+            out = dir.path().join("base").display(),
+            stages = tiny_pretrain_stage("pretrain", &corpus, 2),
+        ),
+    );
+    assert_exit(&plumb(dir.path(), &["run", base.to_str().unwrap()]), 0);
+    let shipped = std::fs::read_to_string(repo_root().join("data/tiny_tales_sft.jsonl")).unwrap();
+    let data = write("instructions.jsonl", shipped.lines().take(60).collect::<Vec<_>>().join("\n") + "\n");
+    let recipe = write(
+        "sft.yaml",
+        format!(
+            "run:\n  output_dir: one\n  seed: 5\n  device: cpu\nplugins:\n  - name: sft\nstages:\n  - name: sft\n    uses: sft.sft\n    model: {model}\n    config:\n      data: {{train: {data}, format: alpaca, validation_fraction: 0.2}}\n      max_length: 64\n      batch_size: 5\n      max_steps: 5\n      log_every: 1\n      optimizer: {{lr: 1.0e-3}}\n      eval: {{every: 5, num_prompts: 0, max_batches: 3}}\n",
+            model = dir.path().join("base/pretrain/final").display(),
+            data = data.display(),
+        ),
+    );
+    let run = |nproc: &str, out: &str| {
+        let output_dir = format!("run.output_dir={out}");
+        let mut args = vec!["run", recipe.to_str().unwrap(), &output_dir];
+        if nproc != "1" {
+            args.extend(["--nproc", nproc]);
+        }
+        let output = plumb_with_env(dir.path(), &args, &[("PLUMB_DIST_TIMEOUT", "60")]);
+        assert_exit(&output, 0);
+        let run = dir.path().join(out);
+        let events = read_tensorboard(&run.join("tb/sft"));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("sft/report.json")).unwrap()).unwrap();
+        (train_losses(&run.join("tb/sft")), events, report["metrics"].clone())
+    };
+    let (single, single_events, single_metrics) = run("1", "one");
+    let (double, double_events, double_metrics) = run("2", "two");
+    assert_eq!(single.len(), 5, "{single:?}");
+    assert_eq!(single.iter().map(|s| s.0).collect::<Vec<_>>(), double.iter().map(|s| s.0).collect::<Vec<_>>());
+    for ((step, a), (_, b)) in single.iter().zip(&double) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "step {step}: 1 rank {a}, 2 ranks {b}");
+    }
+    // The global batch and its tokens, summed over the ranks.
+    assert_eq!(double_events["scalars"]["train/batch_size"], single_events["scalars"]["train/batch_size"]);
+    assert_eq!(double_events["scalars"]["train/batch_size"][0][1], 5.0);
+    assert_eq!(double_metrics["train/tokens"], single_metrics["train/tokens"]);
+    for key in ["eval/initial_loss", "eval/loss"] {
+        let (a, b) = (single_metrics[key].as_f64().unwrap(), double_metrics[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{key}: 1 rank {a}, 2 ranks {b}");
+    }
+    assert!(dir.path().join("two/sft/final/model.safetensors").is_file());
+}
