@@ -8,6 +8,7 @@
 //!
 //! Each prints a table when it is done (progress on stderr meanwhile, at a terminal), or,
 //! with `--json`, one JSON object per line as each figure is measured ([`table`]).
+mod allreduce;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,9 @@ pub enum Bench {
     /// Trainable parameters, optimizer state and step time of LoRA against full
     /// fine-tuning on one shape.
     Lora(crate::bench_lora::LoraBench),
+    /// All-reduce time and bandwidth (algorithm and bus, as nccl-tests) of c10d's Gloo on
+    /// the CPU, for tensors of 1 MiB to 256 MiB, among --nproc ranks it starts itself.
+    Allreduce(allreduce::AllreduceBench),
 }
 
 #[derive(clap::Args)]
@@ -247,6 +251,16 @@ pub fn run(bench: &BenchArgs) -> Result<(), Failure> {
         Bench::Pack(args) => pack(args, json),
         Bench::Ppo(args) => ppo(args, json),
         Bench::Lora(args) => crate::bench_lora::run(args),
+        Bench::Allreduce(args) => allreduce::run(args, json),
+    }
+}
+
+/// The ranks to start on this machine and the store's port, when this command launches
+/// ranks of itself (as `plumb run --nproc`); `None` when it runs in this process.
+pub fn ranks_to_launch(bench: &BenchArgs) -> Result<Option<(usize, Option<u16>)>, Failure> {
+    match &bench.case {
+        Bench::Allreduce(args) => allreduce::launch(args),
+        _ => Ok(None),
     }
 }
 

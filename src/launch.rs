@@ -1,8 +1,9 @@
-//! `plumb run --nproc N`: the one-machine launcher, as `torchrun --nproc-per-node N`. It
-//! starts N copies of this very command (without `--nproc`) with torchrun's variables
-//! (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`),
-//! waits for them, and when one fails stops the others (SIGTERM, then SIGKILL after
-//! [`GRACE`]) and exits with the failed rank's code.
+//! `plumb run --nproc N` (and `plumb bench allreduce`): the one-machine launcher, as
+//! `torchrun --nproc-per-node N`. It starts N copies of this very command (without
+//! `--nproc`) with torchrun's variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`,
+//! `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), waits for them, and when one fails
+//! stops the others (SIGTERM, then SIGKILL after [`GRACE`]) and exits with the failed
+//! rank's code.
 use std::ffi::OsString;
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,7 +56,7 @@ pub fn run(nproc: usize, master_port: Option<u16>) -> Result<ExitCode, Failure> 
     if let Some(var) = ["RANK", "WORLD_SIZE"].into_iter().find(|v| std::env::var_os(v).is_some()) {
         return Err(Failure::User(format!(
             "--nproc starts the ranks itself, but {var} is already set: under torchrun (or with the variables \
-             set by hand) run `plumb run` without --nproc"
+             set by hand) run the command without --nproc"
         )));
     }
     let port = match master_port {

@@ -185,13 +185,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Run { nproc: Some(nproc), master_port, .. } => {
-            return launch::run(nproc, master_port).unwrap_or_else(|failure| {
-                let (Failure::User(m) | Failure::Internal(m) | Failure::Cancelled(m)) = &failure;
-                eprintln!("error: {m}");
-                ExitCode::from(failure.exit_code())
-            })
-        }
+        Command::Run { nproc: Some(nproc), master_port, .. } => return launched(launch::run(nproc, master_port)),
         Command::Run { recipe, overrides, resume, overwrite, nproc: None, master_port: _ } => {
             let mode = match (resume, overwrite) {
                 (true, _) => run::Mode::Resume,
@@ -205,7 +199,11 @@ fn main() -> ExitCode {
         Command::Plugins => plugins::list(),
         Command::Explain(args) => explain::run(&args),
         Command::Generate(args) => generate::run(&args),
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => match bench::ranks_to_launch(&args) {
+            Ok(Some((nproc, master_port))) => return launched(launch::run(nproc, master_port)),
+            Ok(None) => bench::run(&args),
+            Err(failure) => Err(failure),
+        },
         Command::Data(data) => data_cmd::run(&data),
         Command::Lora(lora) => lora_cmd::run(&lora),
         Command::New(new) => new_cmd::run(&new),
@@ -221,6 +219,15 @@ fn main() -> ExitCode {
             ExitCode::from(failure.exit_code())
         }
     }
+}
+
+/// The exit code of a launcher of ranks (`launch::run`), its own error printed.
+fn launched(result: Result<ExitCode, Failure>) -> ExitCode {
+    result.unwrap_or_else(|failure| {
+        let (Failure::User(m) | Failure::Internal(m) | Failure::Cancelled(m)) = &failure;
+        eprintln!("error: {m}");
+        ExitCode::from(failure.exit_code())
+    })
 }
 
 #[cfg(test)]

@@ -97,3 +97,40 @@ fn bench_train_memory_runs_the_step_three_ways_and_prints_what_each_saves() {
         assert!(lines[4][key].is_number(), "{key}: {}", lines[4]);
     }
 }
+
+/// `plumb bench allreduce` starts its ranks itself (as `plumb run --nproc`); rank 0 alone
+/// prints, a line per size, and the bus bandwidth is the algorithm bandwidth × 2(n−1)/n.
+#[test]
+fn bench_allreduce_launches_its_ranks_and_prints_the_bandwidth_of_each_size() {
+    for nproc in ["2", "3"] {
+        let args = ["bench", "allreduce", "--nproc", nproc, "--max-mib", "2", "--repeats", "2", "--json"];
+        let out = plumb_with_env(&repo_root(), &args, &[("PLUMB_DIST_TIMEOUT", "30")]);
+        assert_exit(&out, 0);
+        let text = stdout(&out);
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+        assert_eq!(lines.len(), 3, "the setup and 1 and 2 MiB, from rank 0 alone:\n{text}");
+        let n: f64 = nproc.parse().unwrap();
+        assert_eq!((lines[0]["case"].as_str(), lines[0]["world_size"].as_f64()), (Some("allreduce-setup"), Some(n)));
+        for (line, mib) in lines[1..].iter().zip([1u64, 2]) {
+            assert_eq!(line["case"], "allreduce");
+            assert_eq!(line["bytes"].as_u64(), Some(mib << 20), "{line}");
+            assert_eq!(line["world_size"].as_f64(), Some(n), "{line}");
+            let figure = |key: &str| line[key].as_f64().unwrap_or_else(|| panic!("{key}: {line}"));
+            for key in ["time_ms", "algbw_gb_s", "busbw_gb_s"] {
+                assert!(figure(key) > 0.0 && figure(key).is_finite(), "{key}: {line}");
+            }
+            let algbw = (mib << 20) as f64 / (figure("time_ms") / 1e3) / 1e9;
+            assert!((figure("algbw_gb_s") - algbw).abs() <= 1e-9 * algbw, "{line}");
+            assert!((figure("busbw_gb_s") - algbw * 2.0 * (n - 1.0) / n).abs() <= 1e-9 * algbw, "{line}");
+        }
+    }
+    // The table, for a person; sizes that make no range are the user's error.
+    let out = plumb(&repo_root(), &["bench", "allreduce", "--max-mib", "1", "--repeats", "1"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("size (MiB)") && text.contains("busbw (GB/s)"), "{text}");
+    let bad = plumb(&repo_root(), &["bench", "allreduce", "--min-mib", "4", "--max-mib", "2"]);
+    assert_exit(&bad, 1);
+    assert!(stderr(&bad).contains("expected 1 <= min <= max"), "{}", stderr(&bad));
+}

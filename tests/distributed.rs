@@ -109,3 +109,210 @@ fn two_ranks_train_as_one_on_the_same_global_batch() {
     }
     assert!(dir.path().join("two/pretrain/final/model.safetensors").is_file());
 }
+
+/// A model pretrained in `dir/base` (one process, 2 steps), for the fine-tuning stages to start from.
+fn pretrained_base(dir: &std::path::Path) -> std::path::PathBuf {
+    let corpus = small_corpus(dir, 100);
+    let recipe = dir.join("base.yaml");
+    let stages = tiny_pretrain_stage("pretrain", &corpus, 2);
+    let text = format!(
+        "run:\n  output_dir: {out}\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}",
+        out = dir.join("base").display(),
+    );
+    std::fs::write(&recipe, text).unwrap();
+    assert_exit(&plumb(dir, &["run", recipe.to_str().unwrap()]), 0);
+    dir.join("base/pretrain/final")
+}
+
+/// The first `n` lines of a shipped JSONL file, written into `dir`.
+fn shipped_lines(dir: &std::path::Path, file: &str, n: usize) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("data").join(file)).unwrap();
+    let path = dir.join(file);
+    std::fs::write(&path, text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    path
+}
+
+/// What one run of stage `stage` of `recipe` on `nproc` ranks into `dir/out` leaves:
+/// TensorBoard's events and the report's metrics.
+fn run_ranks(dir: &std::path::Path, recipe: &std::path::Path, stage: &str, nproc: usize, out: &str) -> Ranked {
+    let output_dir = format!("run.output_dir={out}");
+    let nproc = nproc.to_string();
+    let mut args = vec!["run", recipe.to_str().unwrap(), &output_dir];
+    if nproc != "1" {
+        args.extend(["--nproc", &nproc]);
+    }
+    let output = plumb_with_env(dir, &args, &[("PLUMB_DIST_TIMEOUT", "60")]);
+    assert_exit(&output, 0);
+    let run = dir.join(out);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join(stage).join("report.json")).unwrap()).unwrap();
+    Ranked { events: read_tensorboard(&run.join("tb").join(stage)), metrics: report["metrics"].clone() }
+}
+
+struct Ranked {
+    events: serde_json::Value,
+    metrics: serde_json::Value,
+}
+
+impl Ranked {
+    /// The (step, value) points of scalar `tag`.
+    fn scalars(&self, tag: &str) -> Vec<(i64, f64)> {
+        let points = self.events["scalars"][tag].as_array().unwrap_or_else(|| panic!("no {tag}"));
+        points.iter().map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap())).collect()
+    }
+}
+
+/// `tag`'s points of the two runs are at the same steps and equal to `tolerance` (relative).
+fn assert_same_curve(one: &Ranked, two: &Ranked, tag: &str, tolerance: f64) {
+    let (a, b) = (one.scalars(tag), two.scalars(tag));
+    assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), b.iter().map(|p| p.0).collect::<Vec<_>>(), "{tag}");
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= tolerance * x.abs().max(1e-3), "{tag} at step {step}: 1 rank {x}, 2 ranks {y}");
+    }
+}
+
+/// Report metric `key` of the two runs, equal to `tolerance` (relative).
+fn assert_same_metric(one: &Ranked, two: &Ranked, key: &str, tolerance: f64) {
+    let value = |r: &Ranked| r.metrics[key].as_f64().unwrap_or_else(|| panic!("no {key}: {}", r.metrics));
+    let (x, y) = (value(one), value(two));
+    assert!((x - y).abs() <= tolerance * x.abs().max(1e-3), "{key}: 1 rank {x}, 2 ranks {y}");
+}
+
+/// Data-parallel SFT: from one pretrained model, 2 ranks, each on its share of every global
+/// batch of 5 examples (3 and 2, so their target counts differ), follow the 1-rank run's
+/// losses step by step (to fp32 tolerance), count the same tokens and batch, and report
+/// the same held-out losses (each rank scores its share of the held-out examples).
+#[test]
+fn two_ranks_fine_tune_as_one_on_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pretrained_base(dir.path());
+    let data = shipped_lines(dir.path(), "tiny_tales_sft.jsonl", 60);
+    let recipe = dir.path().join("sft.yaml");
+    let text = format!(
+        "run:\n  output_dir: one\n  seed: 5\n  device: cpu\nplugins:\n  - name: sft\nstages:\n  - name: sft\n    uses: sft.sft\n    model: {model}\n    config:\n      data: {{train: {data}, format: alpaca, validation_fraction: 0.2}}\n      max_length: 64\n      batch_size: 5\n      max_steps: 5\n      log_every: 1\n      optimizer: {{lr: 1.0e-3}}\n      eval: {{every: 5, num_prompts: 0, max_batches: 3}}\n",
+        model = model.display(),
+        data = data.display(),
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let one = run_ranks(dir.path(), &recipe, "sft", 1, "one");
+    let two = run_ranks(dir.path(), &recipe, "sft", 2, "two");
+    assert_eq!(one.scalars("train/loss").len(), 5);
+    assert_same_curve(&one, &two, "train/loss", 1e-4);
+    // The global batch and its tokens, summed over the ranks.
+    assert_eq!(two.scalars("train/batch_size"), one.scalars("train/batch_size"));
+    assert_eq!(two.scalars("train/batch_size")[0].1, 5.0);
+    assert_eq!(two.metrics["train/tokens"], one.metrics["train/tokens"]);
+    for key in ["eval/initial_loss", "eval/loss"] {
+        assert_same_metric(&one, &two, key, 1e-5);
+    }
+    assert!(dir.path().join("two/sft/final/model.safetensors").is_file());
+}
+
+/// Data-parallel reward modelling: 2 ranks, each on its share of every global batch of 5
+/// pairs, follow the 1-rank run's loss and train figures (accuracy, margin, rewards: over
+/// the global batch), and report the same held-out figures.
+#[test]
+fn two_ranks_train_a_reward_model_as_one_on_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pretrained_base(dir.path());
+    let data = shipped_lines(dir.path(), "tiny_tales_prefs.jsonl", 40);
+    let recipe = dir.path().join("rm.yaml");
+    let text = format!(
+        "run:\n  output_dir: one\n  seed: 5\n  device: cpu\nplugins:\n  - name: rlhf\nstages:\n  - name: reward_model\n    uses: rlhf.reward_model\n    model: {model}\n    config:\n      data: {{train: {data}, validation_fraction: 0.25}}\n      max_length: 48\n      batch_size: 5\n      max_steps: 4\n      log_every: 1\n      optimizer: {{lr: 1.0e-3}}\n      eval: {{every: 4}}\n",
+        model = model.display(),
+        data = data.display(),
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let one = run_ranks(dir.path(), &recipe, "reward_model", 1, "one");
+    let two = run_ranks(dir.path(), &recipe, "reward_model", 2, "two");
+    assert_eq!(one.scalars("train/loss").len(), 4);
+    for tag in ["train/loss", "train/margin", "train/mean_reward", "train/min_reward", "train/max_reward"] {
+        assert_same_curve(&one, &two, tag, 1e-4);
+    }
+    assert_eq!(two.scalars("train/accuracy"), one.scalars("train/accuracy"));
+    assert_eq!(two.metrics["train/tokens"], one.metrics["train/tokens"]);
+    for key in ["eval/initial_loss", "eval/loss", "eval/margin", "eval/min_reward", "eval/max_reward"] {
+        assert_same_metric(&one, &two, key, 1e-5);
+    }
+    assert_eq!(two.metrics["eval/accuracy"], one.metrics["eval/accuracy"]);
+}
+
+/// The pid of the rank `rank` that the launcher `launcher` started (its child with that
+/// `RANK` in its environment), once it runs.
+fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+    let wanted = format!("RANK={rank}");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // pid (comm) state ppid ...: the fields after the command's closing parenthesis.
+        let parent = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1));
+        if parent != Some(&launcher.to_string()) {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if environ.split(|&b| b == 0).any(|var| var == wanted.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// A rank killed (SIGKILL) in the middle of data-parallel training: the others do not hang;
+/// the run ends well within the timeout, with the killed rank's code (128 + 9), and the
+/// launcher names the rank that died.
+#[test]
+fn a_killed_rank_ends_the_run_within_the_timeout_naming_the_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 200);
+    let stages = tiny_pretrain_stage("pretrain", &corpus, 100_000);
+    let recipe = dir.path().join("recipe.yaml");
+    let text =
+        format!("run:\n  output_dir: run\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}");
+    std::fs::write(&recipe, text).unwrap();
+    let log = dir.path().join("stderr.txt");
+    let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .args(["run", recipe.to_str().unwrap(), "--nproc", "3"])
+        .current_dir(dir.path())
+        .env_remove("PLUMB_PLUGIN_PATH")
+        .env("PLUMB_LOG", "info")
+        .env("PLUMB_DIST_TIMEOUT", "20")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Training has begun once rank 0 logged its first steps.
+    let started = Instant::now();
+    let events = dir.path().join("run/tb/pretrain");
+    while !std::fs::read_dir(&events).is_ok_and(|mut d| d.next().is_some())
+        || started.elapsed() < Duration::from_secs(3)
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "training did not start:\n{}", read(&log));
+        assert!(launcher.try_wait().unwrap().is_none(), "the run ended early:\n{}", read(&log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = rank_pid(launcher.id(), 2).expect("rank 2 runs");
+    let killed = std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(status) = launcher.try_wait().unwrap() {
+            break status;
+        }
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let _ = launcher.kill();
+            panic!("the run hangs 60 s after rank 2 was killed:\n{}", read(&log));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = killed_at.elapsed();
+    let text = read(&log);
+    // The timeout (20 s) bounds the others' wait; the launcher's grace (10 s) its stop.
+    assert!(took < Duration::from_secs(30), "took {took:?}:\n{text}");
+    assert_eq!(status.code(), Some(137), "{text}");
+    assert!(text.contains("plumb run --nproc: rank 2 exited with code 137; stopping the other ranks"), "{text}");
+}
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

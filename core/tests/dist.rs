@@ -154,6 +154,13 @@ fn collectives(group: &ProcessGroup) {
     let err = group.reduce_scatter(&output, &inputs[..1], ReduceOp::Sum).unwrap_err().to_string();
     assert!(err.contains("reduce-scatter failed: 1 input tensors"), "{err}");
 
+    // A metric's figures over the ranks, in f64: sums and extremes; as they are without a group.
+    let sums = data_parallel::reduce_values(Some(group), &[f64::from(rank), 0.25], ReduceOp::Sum).unwrap();
+    assert_eq!(sums, [f64::from(rank_sum), 0.25 * f64::from(world)]);
+    let extremes = data_parallel::reduce_values(Some(group), &[-f64::from(rank), 7.0], ReduceOp::Max).unwrap();
+    assert_eq!(extremes, [0.0, 7.0]);
+    assert_eq!(data_parallel::reduce_values(None, &[1.5], ReduceOp::Sum).unwrap(), [1.5]);
+
     group.barrier().unwrap();
 }
 

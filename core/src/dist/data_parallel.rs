@@ -96,6 +96,16 @@ pub fn average_values(group: &ProcessGroup, values: &[f64]) -> Result<Vec<f64>, 
     Ok(Vec::<f64>::try_from(&t).unwrap_or_else(|_| values.to_vec()))
 }
 
+/// Each of `values` combined over the ranks by `op` (the sums, counts or extremes behind a
+/// metric of the global batch), in f64; the values as they are without a group (a
+/// single-process run).
+pub fn reduce_values(group: Option<&ProcessGroup>, values: &[f64], op: ReduceOp) -> Result<Vec<f64>, DistError> {
+    let Some(group) = group else { return Ok(values.to_vec()) };
+    let t = Tensor::from_slice(values).to_kind(Kind::Double);
+    group.all_reduce(std::slice::from_ref(&t), op)?;
+    Vec::<f64>::try_from(&t).map_err(|e| DistError::Invalid(format!("reading the reduced values back: {e}")))
+}
+
 /// True on every rank when `flag` is true on any (an agreement, e.g. to stop together).
 pub fn any(group: &ProcessGroup, flag: bool) -> Result<bool, DistError> {
     let t = Tensor::from_slice(&[i64::from(flag)]);

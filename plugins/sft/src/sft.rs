@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use plumb_core::data::BatchOrder;
 use plumb_core::device::device_name;
+use plumb_core::dist::{data_parallel, ProcessGroup, ReduceOp};
 use plumb_core::model::{self, GenerationSettings, HeadChunks, Policy};
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
@@ -203,6 +204,8 @@ impl Stage for Sft {
 
         // Model, optimizer and data order; or all of them from the latest checkpoint.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
+        // In a distributed run, the group the held-out figures are summed over.
+        let group = ctx.process_group()?;
         let load_from = trainer.resume_dir().unwrap_or(&model_dir).to_path_buf();
         let lora = training.lora.as_ref();
         let policy = model::load_for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
@@ -236,7 +239,11 @@ impl Stage for Sft {
             .transpose()
             .map_err(|e| Error::Other(e.to_string()))?;
         let evaluate = |step: u64| -> Result<Evaluation> {
-            let loss = validation_loss(policy.as_ref(), &validation, &training, device)?;
+            let loss = validation_loss(policy.as_ref(), &validation, &training, device, group.as_ref())?;
+            // Rank 0 alone answers: it alone logs and reports.
+            if !ctx.is_main() {
+                return Ok(Evaluation { loss, compliance: None });
+            }
             let answers = answer(policy.as_ref(), &tokenizer, template, &held_out, &training.eval, &c, &stops)?;
             let compliance = pattern
                 .as_ref()
@@ -247,7 +254,10 @@ impl Stage for Sft {
         let initial = if is_resumed { None } else { Some(trainer.untimed(|| evaluate(0))?) };
 
         // Train: each step is one planned batch, its micro-batches' gradients accumulated,
-        // the loss a mean over the step's target tokens.
+        // the loss a mean over the step's target tokens. In a distributed run each rank
+        // takes its share of the batch's rows and divides its summed loss by the batch's
+        // targets over the world size: the trainer's average over the ranks is then the
+        // mean over the whole batch, as in one process.
         let micro = training.micro_batch_size();
         let mut latest = initial;
         while trainer.running() {
@@ -257,15 +267,16 @@ impl Stage for Sft {
             trainer.start_step(&mut [&mut optimizer]);
             let batch = &plan.batches[order.next_batch(1)[0] as usize];
             let rows: Vec<&[usize]> = batch.iter().map(|&r| plan.rows[r].as_slice()).collect();
-            let targets = count_targets(&train, &rows);
+            let per_rank_targets = count_targets(&train, &rows) as f64 / ctx.world_size() as f64;
+            let rows = &rows[trainer.shard(rows.len())];
             let mut loss = 0.0;
             for chunk in rows.chunks(micro) {
                 let batch = collate(&train, chunk, device);
                 let sum = training.precision.forward(device, || target_loss_sum(policy.as_ref(), &batch))??;
-                (&sum / targets as f64).backward();
-                loss += sum.double_value(&[]) / targets as f64;
+                (&sum / per_rank_targets).backward();
+                loss += sum.double_value(&[]) / per_rank_targets;
             }
-            if !trainer.finish_step(&mut [&mut optimizer], loss, tokens_of(&rows) as u64, rows.len())? {
+            if !trainer.finish_step(&mut [&mut optimizer], loss, tokens_of(rows) as u64, rows.len())? {
                 continue;
             }
             let step = trainer.state.step;
@@ -324,25 +335,32 @@ fn target_loss_sum(policy: &dyn Policy, batch: &Batch) -> Result<Tensor> {
     summed_token_loss(policy, inputs, positions, mask, &batch.targets, HeadChunks::Auto)
 }
 
-/// Mean loss per target token over the validation examples.
+/// Mean loss per target token over the validation examples (shortest first, at most
+/// `eval.max_batches` micro-batches of them). In a distributed run each rank scores its
+/// share of them and the sums are added over the ranks.
 fn validation_loss(
     policy: &dyn Policy,
     validation: &[Example],
     training: &TrainingConfig,
     device: tch::Device,
+    group: Option<&ProcessGroup>,
 ) -> Result<f64> {
     let _no_grad = tch::no_grad_guard();
+    let micro = training.micro_batch_size();
     let mut order: Vec<usize> = (0..validation.len()).collect();
     order.sort_by_key(|&i| validation[i].len());
-    let rows: Vec<&[usize]> = order.chunks(1).collect();
-    let batches = rows.chunks(training.micro_batch_size());
+    order.truncate(training.eval.batch_limit().saturating_mul(micro));
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let mine = &order[data_parallel::shard_range(order.len(), rank, world)];
+    let rows: Vec<&[usize]> = mine.chunks(1).collect();
     let (mut total, mut count) = (0.0, 0usize);
-    for chunk in batches.take(training.eval.batch_limit()) {
+    for chunk in rows.chunks(micro) {
         let batch = collate(validation, chunk, device);
         total += training.precision.forward(device, || target_loss_sum(policy, &batch))??.double_value(&[]);
         count += batch.target_count;
     }
-    Ok(total / count.max(1) as f64)
+    let sums = data_parallel::reduce_values(group, &[total, count as f64], ReduceOp::Sum)?;
+    Ok(sums[0] / sums[1].max(1.0))
 }
 
 /// A prompt and the model's greedy answer (and the reference one, when held out).

@@ -4,6 +4,7 @@
 //! Loss per pair (Bradley–Terry, with Llama 2's margin): −log σ(r_c − r_r − margin), plus,
 //! when `center_rewards_coef` is set, coef · (r_c + r_r)² (TRL's centering term, averaged
 //! over the pairs like the loss; it keeps rewards near zero, as PPO prefers).
+use plumb_core::dist::{data_parallel, DistError, ProcessGroup, ReduceOp};
 use plumb_core::tch::{Kind, Tensor};
 use plumb_core::RunContext;
 
@@ -68,6 +69,23 @@ impl RewardStats {
         self.min_reward = self.min_reward.min(other.min_reward);
         self.max_reward = self.max_reward.max(other.max_reward);
         self.loss_sum += other.loss_sum;
+    }
+
+    /// These figures over every rank's pairs (counts and sums added, the extremes of all):
+    /// one rank's share of a batch made whole. As they are without a group.
+    pub fn over_ranks(&self, group: Option<&ProcessGroup>) -> Result<Self, DistError> {
+        let counts = [self.pairs as f64, self.correct as f64, self.margin_sum, self.reward_sum, self.loss_sum];
+        let sums = data_parallel::reduce_values(group, &counts, ReduceOp::Sum)?;
+        let extremes = data_parallel::reduce_values(group, &[-self.min_reward, self.max_reward], ReduceOp::Max)?;
+        Ok(Self {
+            pairs: sums[0] as usize,
+            correct: sums[1] as usize,
+            margin_sum: sums[2],
+            reward_sum: sums[3],
+            loss_sum: sums[4],
+            min_reward: -extremes[0],
+            max_reward: extremes[1],
+        })
     }
 
     /// Share of pairs ranked right.

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use plumb_core::data::template::{use_template, TemplateChoice};
 use plumb_core::data::{seeded_rng, BatchOrder};
 use plumb_core::device::device_name;
+use plumb_core::dist::{data_parallel, ProcessGroup};
 use plumb_core::model::scalar_head::{Merged, ScalarHeadModel};
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
@@ -151,6 +152,8 @@ impl Stage for RewardModelStage {
 
         // Model, optimizer and data order; or all of them from the latest checkpoint.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
+        // In a distributed run, the group the train and held-out figures are combined over.
+        let group = ctx.process_group()?;
         let lora = training.lora.as_ref();
         let model =
             ScalarHeadModel::for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
@@ -190,14 +193,17 @@ impl Stage for RewardModelStage {
             trainer.save_checkpoint(&models, &tokenizer, c.max_length, DataPosition::Batches(order.clone()))
         };
         let evaluate = |step: u64| -> Result<RewardStats> {
-            let stats = held_out(&model, &validation, &training, pad, device, c.center_rewards_coef)?;
+            let stats = held_out(&model, &validation, &training, pad, device, c.center_rewards_coef, group.as_ref())?;
             stats.log(ctx, "eval/", step);
             Ok(stats)
         };
         let initial = if is_resumed { None } else { Some(trainer.untimed(|| evaluate(0))?) };
 
         // Train: each step is one batch of pairs, its micro-batches' gradients accumulated,
-        // the loss a mean over the step's pairs.
+        // the loss a mean over the step's pairs. In a distributed run each rank takes its
+        // share of the batch's pairs and divides its summed loss by the batch's pairs over
+        // the world size: the trainer's average over the ranks is then the mean over the
+        // whole batch, as in one process.
         let micro = training.micro_batch_size();
         let mut window = RewardStats::default();
         let mut latest = initial;
@@ -207,6 +213,8 @@ impl Stage for RewardModelStage {
             }
             trainer.start_step(&mut [&mut optimizer]);
             let batch = batches[order.next_batch(1)[0] as usize];
+            let per_rank_pairs = batch.len() as f64 / ctx.world_size() as f64;
+            let batch = &batch[trainer.shard(batch.len())];
             let (mut loss, mut tokens) = (0.0, 0);
             let mut step_stats = RewardStats::default();
             for chunk in batch.chunks(micro) {
@@ -216,9 +224,9 @@ impl Stage for RewardModelStage {
                     let sum = pairwise_loss_sum(&chosen, &rejected, &margin, c.center_rewards_coef);
                     Ok::<_, Error>((sum, chosen, rejected))
                 })??;
-                (&sum / batch.len() as f64).backward();
+                (&sum / per_rank_pairs).backward();
                 let sum = sum.double_value(&[]);
-                loss += sum / batch.len() as f64;
+                loss += sum / per_rank_pairs;
                 step_stats.add(&to_vec(&chosen)?, &to_vec(&rejected)?, sum);
                 tokens += pairs.iter().map(|p| p.tokens()).sum::<usize>();
             }
@@ -228,7 +236,7 @@ impl Stage for RewardModelStage {
             window.merge(&step_stats);
             let step = trainer.state.step;
             if step % training.log_every == 0 || step == max_steps {
-                window.log(ctx, "train/", step);
+                window.over_ranks(group.as_ref())?.log(ctx, "train/", step);
                 ctx.scalar("train/epoch", step as i64, step as f64 / batches.len() as f64);
                 window = RewardStats::default();
             }
@@ -290,7 +298,8 @@ fn score_pairs(
     Ok((scores.narrow(0, 0, n), scores.narrow(0, n, n), Tensor::from_slice(&margins).to_device(device)))
 }
 
-/// Figures over the held-out pairs (at most `eval.max_batches` micro-batches of them).
+/// Figures over the held-out pairs (at most `eval.max_batches` micro-batches of them). In
+/// a distributed run each rank scores its share of them and the figures are combined.
 fn held_out(
     model: &ScalarHeadModel,
     validation: &[TokenPair],
@@ -298,17 +307,22 @@ fn held_out(
     pad: i64,
     device: Device,
     center: Option<f64>,
+    group: Option<&ProcessGroup>,
 ) -> Result<RewardStats> {
     let _no_grad = tch::no_grad_guard();
+    let micro = training.micro_batch_size();
     let mut stats = RewardStats::default();
-    let all: Vec<&TokenPair> = validation.iter().collect();
-    for chunk in all.chunks(training.micro_batch_size()).take(training.eval.batch_limit()) {
+    let mut all: Vec<&TokenPair> = validation.iter().collect();
+    all.truncate(training.eval.batch_limit().saturating_mul(micro));
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let mine = &all[data_parallel::shard_range(all.len(), rank, world)];
+    for chunk in mine.chunks(micro) {
         let (chosen, rejected, margin) =
             training.precision.forward(device, || score_pairs(model, chunk, pad, device))??;
         let sum = pairwise_loss_sum(&chosen, &rejected, &margin, center).double_value(&[]);
         stats.add(&to_vec(&chosen)?, &to_vec(&rejected)?, sum);
     }
-    Ok(stats)
+    Ok(stats.over_ranks(group)?)
 }
 
 fn to_vec(scores: &Tensor) -> Result<Vec<f64>> {
