@@ -1,6 +1,9 @@
 //! Problems to evaluate on: GSM8K's JSONL (`question`, `answer` whose solution ends with
 //! `#### N`) or a user's own JSONL with the two fields named in the recipe, where the
 //! answer is either a solution ending in `#### N` / "The answer is N" or just a number.
+//! The question may also be a chat conversation (a list of `{role, content}` turns, as RL
+//! prompt files hold them): its last user turn is the question, so a PPO or GRPO stage's
+//! own prompts (`fields: {question: messages, answer: reference}`) can be evaluated.
 //!
 //! GSM8K's test set (`data/gsm8k/test.jsonl`, MIT license, see `data/gsm8k/SOURCE.md`)
 //! is built into the plugin, so `plumb eval --evaluator cot.gsm8k` needs no data path.
@@ -113,6 +116,14 @@ impl Source {
     }
 }
 
+/// The content of the last `user` turn of a chat conversation.
+fn last_user_turn(turns: &[serde_json::Value]) -> Option<String> {
+    turns.iter().rev().find_map(|turn| {
+        let turn = turn.as_object()?;
+        (turn.get("role")?.as_str()? == "user").then(|| turn.get("content")?.as_str().map(str::to_string))?
+    })
+}
+
 /// Problems of JSONL `text` (read from `path`, named in errors with the line): blank lines
 /// are skipped; a line that is not a JSON object, lacks a field, or whose answer holds no
 /// final number is an error.
@@ -134,7 +145,15 @@ pub fn parse_problems(text: &str, path: &Path, fields: &Fields) -> Result<Vec<Pr
                 None => Err(at(format!("missing field `{name}`"))),
             }
         };
-        let question = field(&fields.question)?;
+        let question = match object.get(&fields.question) {
+            Some(serde_json::Value::Array(turns)) => last_user_turn(turns).ok_or_else(|| {
+                at(format!(
+                    "field `{}`: a conversation needs a turn {{\"role\": \"user\", \"content\": \"...\"}}",
+                    fields.question
+                ))
+            })?,
+            _ => field(&fields.question)?,
+        };
         let solution = field(&fields.answer)?;
         let target = final_number(&solution).ok_or_else(|| {
             at(format!(
@@ -187,6 +206,18 @@ mod tests {
         let text = "{\"q\": \"2+2?\", \"a\": 4}\n\n{\"q\": \"half of 3?\", \"a\": \"1.50\"}\n";
         let problems = parse_problems(text, Path::new("own.jsonl"), &fields).unwrap();
         assert_eq!(problems.iter().map(|p| p.target.as_str()).collect::<Vec<_>>(), ["4", "1.5"]);
+    }
+
+    #[test]
+    fn a_conversation_asks_its_last_user_turn() {
+        // An RL prompt line: chat turns and a reference number.
+        let fields = Fields { question: "messages".into(), answer: "reference".into() };
+        let text = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2?"}], "reference": "4"}"#;
+        let problems = parse_problems(text, Path::new("prompts.jsonl"), &fields).unwrap();
+        assert_eq!((problems[0].question.as_str(), problems[0].target.as_str()), ("2+2?", "4"));
+        let no_user = r#"{"messages": [{"role": "system", "content": "x"}], "reference": "4"}"#;
+        let err = parse_problems(no_user, Path::new("prompts.jsonl"), &fields).unwrap_err().to_string();
+        assert!(err.starts_with("prompts.jsonl: line 1: field `messages`: a conversation needs a turn"), "{err}");
     }
 
     #[test]
