@@ -143,6 +143,9 @@ fn two_ranks_with_sharded_optimizer_state_train_as_without() {
         }
         let output = plumb_with_env(dir.path(), &args, &[("PLUMB_DIST_TIMEOUT", "60")]);
         assert_exit(&output, 0);
+        if resume {
+            assert!(stderr(&output).contains("resuming from step 3"), "{}", stderr(&output));
+        }
         let run = dir.path().join(out);
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(run.join("pretrain/report.json")).unwrap()).unwrap();
@@ -162,6 +165,8 @@ fn two_ranks_with_sharded_optimizer_state_train_as_without() {
     let step_6 = dir.path().join("sharded/pretrain/checkpoints/step-00000006");
     assert!(!step_6.exists(), "only step 3 is checkpointed");
     assert!(dir.path().join("sharded/pretrain/checkpoints/step-00000003/optimizer.safetensors").is_file());
+    // (Without its report, the stage counts as unfinished and --resume runs it again.)
+    std::fs::remove_file(dir.path().join("sharded/pretrain/report.json")).unwrap();
     let resumed = run("1", "sharded", "0", true);
     let tail = |r: &Ranked| r.scalars("train/loss").into_iter().filter(|p| p.0 > 3).collect::<Vec<_>>();
     let (a, b) = (tail(&plain), tail(&resumed));
