@@ -563,6 +563,15 @@ mod tests {
     }
 
     #[test]
+    fn zero_stage_is_0_or_1() {
+        let train = |yaml: &str| parse_section::<TrainSection<Own>>(&format!("data: a\n{yaml}")).unwrap().train;
+        assert_eq!(train("max_steps: 3").optimizer.zero_stage, 0);
+        assert!(train("max_steps: 3\noptimizer: {zero_stage: 1}").validate(Length::Steps).is_ok());
+        let e = train("max_steps: 3\noptimizer: {zero_stage: 2}").validate(Length::Steps).unwrap_err().to_string();
+        assert!(e.contains("optimizer.zero_stage") && e.contains("expected 0 (no sharding) or 1"), "{e}");
+    }
+
+    #[test]
     fn the_batch_grows_linearly_in_whole_micro_batches() {
         let warmup = BatchSizeWarmup { start: 4, steps: 10 };
         let sizes: Vec<usize> = (0..12).map(|s| warmup.batch_size(s, 32, 4)).collect();
