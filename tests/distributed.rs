@@ -110,6 +110,73 @@ fn two_ranks_train_as_one_on_the_same_global_batch() {
     assert!(dir.path().join("two/pretrain/final/model.safetensors").is_file());
 }
 
+/// ZeRO-1 end to end: 2 ranks with `optimizer.zero_stage: 1` follow the plain 2-rank run's
+/// losses, each holding less optimizer state, and their checkpoint holds the whole state:
+/// one plain process resumes it at step 3 and follows the plain run's losses to the end.
+#[test]
+fn two_ranks_with_sharded_optimizer_state_train_as_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 200);
+    let stages = tiny_pretrain_stage("pretrain", &corpus, 6);
+    let text = format!(
+        "run:\n  output_dir: {out}\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}",
+        out = dir.path().join("run").display()
+    );
+    let path = dir.path().join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    let run = |nproc: &str, out: &str, zero: &str, resume: bool| {
+        let output_dir = format!("run.output_dir={out}");
+        let zero = format!("stages.pretrain.config.optimizer.zero_stage={zero}");
+        let mut args = vec![
+            "run",
+            path.to_str().unwrap(),
+            &output_dir,
+            &zero,
+            "stages.pretrain.config.log_every=1",
+            "stages.pretrain.config.checkpoint.every=3",
+        ];
+        if nproc != "1" {
+            args.extend(["--nproc", nproc]);
+        }
+        if resume {
+            args.push("--resume");
+        }
+        let output = plumb_with_env(dir.path(), &args, &[("PLUMB_DIST_TIMEOUT", "60")]);
+        assert_exit(&output, 0);
+        if resume {
+            assert!(stderr(&output).contains("resuming from step 3"), "{}", stderr(&output));
+        }
+        let run = dir.path().join(out);
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("pretrain/report.json")).unwrap()).unwrap();
+        Ranked { events: read_tensorboard(&run.join("tb/pretrain")), metrics: report["metrics"].clone() }
+    };
+    let plain = run("2", "plain", "0", false);
+    let sharded = run("2", "sharded", "1", false);
+    assert_same_curve(&plain, &sharded, "train/loss", 1e-5);
+    assert_same_metric(&plain, &sharded, "train/loss", 1e-5);
+    let bytes = |r: &Ranked| r.metrics["train/optimizer_state_bytes"].as_f64().expect("optimizer state bytes");
+    let (full, shard) = (bytes(&plain), bytes(&sharded));
+    eprintln!("optimizer state per rank: {full} bytes plain, {shard} bytes ZeRO-1 (2 ranks)");
+    assert!(shard < 0.6 * full && shard > 0.4 * full, "{shard} of {full}");
+
+    // Resume the sharded run's step-3 checkpoint in one process, unsharded (TensorBoard
+    // drops the first run's points past step 3, where the resumed run restarts).
+    let step_6 = dir.path().join("sharded/pretrain/checkpoints/step-00000006");
+    assert!(!step_6.exists(), "only step 3 is checkpointed");
+    assert!(dir.path().join("sharded/pretrain/checkpoints/step-00000003/optimizer.safetensors").is_file());
+    // (Without its report, the stage counts as unfinished and --resume runs it again.)
+    std::fs::remove_file(dir.path().join("sharded/pretrain/report.json")).unwrap();
+    let resumed = run("1", "sharded", "0", true);
+    let tail = |r: &Ranked| r.scalars("train/loss").into_iter().filter(|p| p.0 > 3).collect::<Vec<_>>();
+    let (a, b) = (tail(&plain), tail(&resumed));
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), b.iter().map(|p| p.0).collect::<Vec<_>>());
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "step {step}: plain {x}, resumed from ZeRO-1 {y}");
+    }
+}
+
 /// A model pretrained in `dir/base` (one process, 2 steps), for the fine-tuning stages to start from.
 fn pretrained_base(dir: &std::path::Path) -> std::path::PathBuf {
     let corpus = small_corpus(dir, 100);

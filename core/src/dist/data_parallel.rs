@@ -70,6 +70,20 @@ pub fn broadcast_parameters(group: &ProcessGroup, parameters: &[&Tensor]) -> Res
     bucketed(parameters, BUCKET_BYTES, |flat| group.broadcast(std::slice::from_ref(flat), 0))
 }
 
+/// Overwrites each of `tensors` with its owner's (`owners[i]`, a rank), in buckets of
+/// [`BUCKET_BYTES`] of one owner: how a sharded (ZeRO-1) optimizer shares the parameters
+/// each rank updated. Every rank passes the same owners.
+pub fn broadcast_from_owners(group: &ProcessGroup, tensors: &[&Tensor], owners: &[usize]) -> Result<(), DistError> {
+    if tensors.len() != owners.len() {
+        return Err(DistError::Invalid(format!("{} tensors but {} owners", tensors.len(), owners.len())));
+    }
+    for root in 0..group.world_size() {
+        let own: Vec<&Tensor> = tensors.iter().zip(owners).filter(|(_, &o)| o == root).map(|(&t, _)| t).collect();
+        bucketed(&own, BUCKET_BYTES, |flat| group.broadcast(std::slice::from_ref(flat), root))?;
+    }
+    Ok(())
+}
+
 /// Replaces each parameter's gradient with its mean over the ranks, in buckets of
 /// [`BUCKET_BYTES`]. A parameter with no gradient on this rank takes part with zeros (so
 /// every rank reduces the same buckets) and keeps no gradient.

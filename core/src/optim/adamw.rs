@@ -2,11 +2,19 @@
 //! `torch.optim.AdamW(fused=True)` computes it — one fused libtorch kernel per parameter
 //! group, through plumb's C++ shim — with two groups: weight decay on matrices, none on
 //! norms, biases and embeddings.
+//!
+//! Sharded (ZeRO stage 1, Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
+//! Training Trillion Parameter Models"; what `torch.distributed.optim.ZeroRedundantOptimizer`
+//! does): in a data-parallel run each rank keeps the moments of, and steps, only the
+//! parameters it owns ([`partition`]); the owners then broadcast the updated parameters.
+//! The update of every parameter is the same kernel on the same averaged gradient, so the
+//! parameters equal those of the unsharded optimizer.
 use std::os::raw::c_void;
 
 use tch::{nn, Kind, Tensor};
 
 use super::Optimizer;
+use crate::dist::{data_parallel, ProcessGroup};
 use crate::error::Result;
 use crate::shim;
 
@@ -32,12 +40,38 @@ struct Param {
     exp_avg_sq: Tensor,
     /// The step number as a float scalar on the parameter's device, as the fused kernel reads it.
     step: Tensor,
+    /// The rank that keeps this parameter's moments and updates it (0 when not sharded).
+    owner: usize,
 }
 
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<Param>,
     step: u64,
+    /// This rank, whose parameters [`Optimizer::step`] updates (0 when not sharded).
+    rank: usize,
+    sharded: bool,
+}
+
+/// The owners of tensors of `sizes` elements among `world` ranks, for ZeRO-1: whole
+/// tensors, the largest first (ties in order), each to the rank with the fewest elements
+/// so far (ties: the lower rank). Deterministic, so every rank computes the same owners.
+pub fn partition(sizes: &[usize], world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
+    let mut load = vec![0usize; world];
+    let mut owners = vec![0; sizes.len()];
+    for i in order {
+        let rank = (0..world).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+        owners[i] = rank;
+        load[rank] += sizes[i];
+    }
+    owners
+}
+
+fn bytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
 }
 
 /// Whether a variable gets weight decay: matrices yes; norms, biases and embeddings no.
@@ -58,11 +92,78 @@ impl AdamW {
                 exp_avg: tensor.zeros_like(),
                 exp_avg_sq: tensor.zeros_like(),
                 step: Tensor::zeros([], (Kind::Float, tensor.device())),
+                owner: 0,
                 name,
                 tensor,
             })
             .collect();
-        Self { config, params, step: 0 }
+        Self { config, params, step: 0, rank: 0, sharded: false }
+    }
+
+    /// Shards the state for ZeRO-1 as rank `rank` of `world`: keeps the moments of the
+    /// parameters [`partition`] gives this rank and frees the others'. From now on
+    /// [`Optimizer::step`] updates only those; follow it with
+    /// [`broadcast_updated`](Self::broadcast_updated).
+    pub fn shard(&mut self, rank: usize, world: usize) {
+        let sizes: Vec<usize> = self.params.iter().map(|p| p.tensor.numel()).collect();
+        for (p, owner) in self.params.iter_mut().zip(partition(&sizes, world)) {
+            p.owner = owner;
+            if owner != rank {
+                p.exp_avg = Tensor::empty([0], (p.tensor.kind(), p.tensor.device()));
+                p.exp_avg_sq = Tensor::empty([0], (p.tensor.kind(), p.tensor.device()));
+            }
+        }
+        self.rank = rank;
+        self.sharded = true;
+    }
+
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// The rank that owns each parameter, in [`Optimizer::parameters`] order.
+    pub fn owners(&self) -> Vec<usize> {
+        self.params.iter().map(|p| p.owner).collect()
+    }
+
+    /// Bytes of optimizer state this rank holds (moments and step counters).
+    pub fn state_bytes(&self) -> usize {
+        self.params.iter().map(|p| bytes(&p.exp_avg) + bytes(&p.exp_avg_sq) + bytes(&p.step)).sum()
+    }
+
+    /// Bytes of the whole, unsharded state: what each rank would hold without ZeRO.
+    pub fn full_state_bytes(&self) -> usize {
+        self.params.iter().map(|p| 2 * bytes(&p.tensor) + bytes(&p.step)).sum()
+    }
+
+    /// After a sharded [`Optimizer::step`]: every rank takes each parameter from its owner
+    /// (in buckets, one broadcast per owner and bucket). Nothing to do when not sharded.
+    pub fn broadcast_updated(&self, group: &ProcessGroup) -> Result<()> {
+        if !self.sharded {
+            return Ok(());
+        }
+        let tensors: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
+        Ok(data_parallel::broadcast_from_owners(group, &tensors, &self.owners())?)
+    }
+
+    /// The whole state, as [`Optimizer::state`] gives it unsharded, on every rank: each
+    /// owner broadcasts its moments. A collective: every rank calls it. The state as it is
+    /// when not sharded.
+    pub fn gather_state(&self, group: Option<&ProcessGroup>) -> Result<Vec<(String, Tensor)>> {
+        let Some(group) = group.filter(|_| self.sharded) else { return Ok(self.state()) };
+        let full = |p: &Param, t: &Tensor| if p.owner == self.rank { t.copy() } else { p.tensor.zeros_like() };
+        let mut moments = Vec::new();
+        let mut owners = Vec::new();
+        for p in &self.params {
+            moments.push((format!("{}.exp_avg", p.name), full(p, &p.exp_avg)));
+            moments.push((format!("{}.exp_avg_sq", p.name), full(p, &p.exp_avg_sq)));
+            owners.extend([p.owner, p.owner]);
+        }
+        let refs: Vec<&Tensor> = moments.iter().map(|(_, t)| t).collect();
+        data_parallel::broadcast_from_owners(group, &refs, &owners)?;
+        let mut state = vec![("step".to_string(), Tensor::from(self.step as i64))];
+        state.extend(moments);
+        Ok(state)
     }
 
     /// (decayed, not decayed) parameter counts, for the log.
@@ -81,14 +182,16 @@ impl AdamW {
         self.step
     }
 
-    /// Restores what [`Optimizer::state`] returned (e.g. from a checkpoint); every
-    /// parameter's moments must be there with its shape.
+    /// Restores what [`Optimizer::state`] (or [`gather_state`](Self::gather_state))
+    /// returned, e.g. from a checkpoint; every parameter's moments must be there with its
+    /// shape. Sharded, it keeps only its own parameters' moments: a whole state resumes
+    /// on any number of ranks.
     pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
         let find = |name: &str| state.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         let missing = |name: &str| crate::Error::Other(format!("optimizer state has no `{name}`"));
         let step = find("step").ok_or_else(|| missing("step"))?;
         let _no_grad = tch::no_grad_guard();
-        for p in &mut self.params {
+        for p in self.params.iter_mut().filter(|p| p.owner == self.rank) {
             for (suffix, target) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
                 let name = format!("{}.{suffix}", p.name);
                 let source = find(&name).ok_or_else(|| missing(&name))?;
@@ -116,7 +219,7 @@ impl Optimizer for AdamW {
             let mut group: Vec<(&mut Param, Tensor)> = self
                 .params
                 .iter_mut()
-                .filter(|p| p.decay == decay)
+                .filter(|p| p.decay == decay && p.owner == self.rank)
                 .map(|p| {
                     let grad = p.tensor.grad();
                     (p, grad)
@@ -182,9 +285,10 @@ impl Optimizer for AdamW {
         self.params.iter().map(|p| &p.tensor).collect()
     }
 
+    /// Sharded, only this rank's parameters' moments (see [`AdamW::gather_state`]).
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut state = vec![("step".to_string(), Tensor::from(self.step as i64))];
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| p.owner == self.rank) {
             state.push((format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()));
             state.push((format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone()));
         }
@@ -195,6 +299,16 @@ impl Optimizer for AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_balances_whole_tensors_by_size() {
+        // 10 to rank 0, 8 to rank 1, 3 to rank 1 (11), 2 to rank 0 (12), 1 to rank 1.
+        assert_eq!(partition(&[2, 10, 3, 8, 1], 2), [0, 0, 1, 1, 1]);
+        assert_eq!(partition(&[5, 5, 5], 3), [0, 1, 2]);
+        assert_eq!(partition(&[4, 4], 1), [0, 0]);
+        // More ranks than tensors: the extra ranks own nothing.
+        assert_eq!(partition(&[7], 3), [0]);
+    }
 
     /// Two steps on f(w) = sum(w * c), checked against the AdamW formula by hand.
     #[test]

@@ -265,11 +265,23 @@ pub struct OptimizerConfig {
     /// Decoupled weight decay on matrices (not on norms, biases or embeddings).
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
+    /// 1: ZeRO stage 1 — in a distributed run each rank keeps and updates the AdamW state
+    /// of its share of the parameters only, and the owners broadcast the updated
+    /// parameters (same parameters, about 1/world of the state per rank). 0 (the
+    /// default): every rank holds the whole state. No effect in a single-process run.
+    #[serde(default)]
+    pub zero_stage: u8,
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        Self { lr: default_lr(), betas: default_betas(), eps: default_eps(), weight_decay: default_weight_decay() }
+        Self {
+            lr: default_lr(),
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: default_weight_decay(),
+            zero_stage: 0,
+        }
     }
 }
 
@@ -279,7 +291,12 @@ impl OptimizerConfig {
         require(self.lr > 0.0 && self.lr.is_finite(), "optimizer.lr", "expected a positive learning rate")?;
         require(self.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "expected two values in [0, 1)")?;
         require(self.eps > 0.0, "optimizer.eps", "expected a positive value")?;
-        require(self.weight_decay >= 0.0, "optimizer.weight_decay", "expected a non-negative value")
+        require(self.weight_decay >= 0.0, "optimizer.weight_decay", "expected a non-negative value")?;
+        require(
+            self.zero_stage <= 1,
+            "optimizer.zero_stage",
+            "expected 0 (no sharding) or 1 (shard the optimizer state)",
+        )
     }
 
     pub fn adamw(&self, vs: &tch::nn::VarStore) -> AdamW {
@@ -543,6 +560,15 @@ mod tests {
         assert_eq!(train("epochs: 1.5").total_steps(10), 15);
         let e = train("max_steps: 4\nmicro_batch_size: 3").validate(Length::Steps).unwrap_err().to_string();
         assert!(e.contains("micro_batch_size"), "{e}");
+    }
+
+    #[test]
+    fn zero_stage_is_0_or_1() {
+        let train = |yaml: &str| parse_section::<TrainSection<Own>>(&format!("data: a\n{yaml}")).unwrap().train;
+        assert_eq!(train("max_steps: 3").optimizer.zero_stage, 0);
+        assert!(train("max_steps: 3\noptimizer: {zero_stage: 1}").validate(Length::Steps).is_ok());
+        let e = train("max_steps: 3\noptimizer: {zero_stage: 2}").validate(Length::Steps).unwrap_err().to_string();
+        assert!(e.contains("optimizer.zero_stage") && e.contains("expected 0 (no sharding) or 1"), "{e}");
     }
 
     #[test]

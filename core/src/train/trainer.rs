@@ -149,7 +149,7 @@ struct RecipeRecord {
 /// checkpoints, what its evaluations show, and what a non-finite step does from now on.
 /// Every other key (model, data, sequence length, objective, optimizer, schedule, batch,
 /// precision, ...) and the seed must match the checkpoint's.
-const SAFE_TO_CHANGE: [&str; 8] = [
+const SAFE_TO_CHANGE: [&str; 9] = [
     "max_steps",
     "epochs",
     "log_every",
@@ -158,6 +158,8 @@ const SAFE_TO_CHANGE: [&str; 8] = [
     "checkpoint.keep",
     "on_nonfinite",
     "activation_checkpointing",
+    // A sharded run saves the whole optimizer state, and takes the same steps.
+    "optimizer.zero_stage",
 ];
 
 const TRAINER_STATE: &str = "trainer_state.json";
@@ -192,6 +194,8 @@ pub struct Trainer<'a, 'h> {
     recomputed_before: u64,
     /// The stage's process group in a distributed run.
     group: Option<ProcessGroup>,
+    /// Bytes of optimizer state this rank holds, once [`Trainer::restore`] saw the optimizers.
+    optimizer_state_bytes: Option<usize>,
 }
 
 impl<'a, 'h> Trainer<'a, 'h> {
@@ -256,6 +260,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
             _activation_checkpointing: recompute::enable(config.activation_checkpointing),
             recomputed_before: recompute::recomputed_blocks(),
             group,
+            optimizer_state_bytes: None,
         })
     }
 
@@ -270,6 +275,36 @@ impl<'a, 'h> Trainer<'a, 'h> {
         let Some(group) = &self.group else { return Ok(()) };
         let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
         Ok(data_parallel::broadcast_parameters(group, &parameters)?)
+    }
+
+    /// Shards `optimizers` when the recipe asks for ZeRO-1 and the run is distributed, and
+    /// logs the optimizer state each rank holds.
+    fn shard_optimizers(&mut self, optimizers: &mut [(&str, &mut AdamW)]) {
+        let zero = self.config.optimizer.zero_stage == 1;
+        match &self.group {
+            Some(group) if zero => {
+                for (_, optimizer) in optimizers.iter_mut() {
+                    optimizer.shard(group.rank(), group.world_size());
+                }
+            }
+            None if zero => tracing::warn!("optimizer.zero_stage: 1 has no effect in a single-process run"),
+            _ => {}
+        }
+        let held: usize = optimizers.iter().map(|(_, o)| o.state_bytes()).sum();
+        let full: usize = optimizers.iter().map(|(_, o)| o.full_state_bytes()).sum();
+        tracing::info!("optimizer state on this rank: {held} bytes (unsharded: {full})");
+        self.optimizer_state_bytes = Some(held);
+    }
+
+    /// Steps `optimizers`; sharded ones then share the parameters their ranks updated.
+    fn step_optimizers(&self, optimizers: &mut [&mut AdamW]) -> Result<()> {
+        for optimizer in optimizers.iter_mut() {
+            optimizer.step()?;
+            if let Some(group) = &self.group {
+                optimizer.broadcast_updated(group)?;
+            }
+        }
+        Ok(())
     }
 
     /// Averages the gradients of `optimizers`' parameters over the ranks, and the step's
@@ -308,8 +343,11 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// When resuming: restores the optimizers (in the order they were saved) and the
     /// trainer state, tells TensorBoard where the run continues, and returns the data
     /// position to continue from. `None` for a fresh run.
+    /// With `optimizer.zero_stage: 1` in a distributed run, it first shards the optimizers
+    /// (each rank keeps its share of the state; see [`AdamW::shard`]).
     pub fn restore(&mut self, optimizers: &mut [(&str, &mut AdamW)]) -> Result<Option<DataPosition>> {
         self.sync_parameters(&optimizers.iter().map(|(_, o)| &**o).collect::<Vec<_>>())?;
+        self.shard_optimizers(optimizers);
         let (Some(dir), Some(saved)) = (self.resume_dir.clone(), self.resumed.take()) else {
             return Ok(None);
         };
@@ -410,9 +448,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
         if !self.guard(loss, grad_norm)? {
             return Ok(false);
         }
-        for optimizer in optimizers.iter_mut() {
-            optimizer.step()?;
-        }
+        self.step_optimizers(optimizers)?;
         self.record(StepStats { loss, grad_norm, learning_rate, tokens_per_second: 0.0, batch_size });
         Ok(true)
     }
@@ -432,9 +468,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
         if !self.guard(loss, grad_norm)? {
             return Ok(None);
         }
-        for optimizer in optimizers.iter_mut() {
-            optimizer.step()?;
-        }
+        self.step_optimizers(optimizers)?;
         Ok(Some(grad_norm))
     }
 
@@ -525,6 +559,10 @@ impl<'a, 'h> Trainer<'a, 'h> {
         data: DataPosition,
         stage_state: Option<serde_json::Value>,
     ) -> Result<PathBuf> {
+        // Sharded optimizers gather their whole state (every rank takes part), so the
+        // checkpoint resumes on any number of ranks, sharded or not.
+        let optimizer_states =
+            models.iter().map(|part| part.optimizer.gather_state(self.group.as_ref())).collect::<Result<Vec<_>>>()?;
         if !self.ctx.is_main() {
             return Ok(self.checkpoints.dir_of(self.state.step));
         }
@@ -533,7 +571,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
                 let part_dir = part_dir(dir, index, part.name);
                 std::fs::create_dir_all(&part_dir).map_err(|e| Error::file(&part_dir, e.to_string()))?;
                 write_model(&part_dir, part.model, tokenizer, max_length)?;
-                save_safetensors(&part_dir.join(OPTIMIZER_STATE), &part.optimizer.state())?;
+                save_safetensors(&part_dir.join(OPTIMIZER_STATE), &optimizer_states[index])?;
             }
             let saved = Saved { state: self.state.clone(), data, recipe: Some(self.recipe.clone()), stage_state };
             let json = serde_json::to_value(saved).map_err(|e| Error::Other(e.to_string()))?;
@@ -561,6 +599,9 @@ impl<'a, 'h> Trainer<'a, 'h> {
             ("train/tokens".to_string(), self.state.tokens as f64),
             ("time/seconds".to_string(), self.started.elapsed().as_secs_f64()),
         ]);
+        if let Some(bytes) = self.optimizer_state_bytes {
+            metrics.insert("train/optimizer_state_bytes".to_string(), bytes as f64);
+        }
         if self.config.activation_checkpointing {
             let recomputed = recompute::recomputed_blocks() - self.recomputed_before;
             metrics.insert("train/recomputed_blocks".to_string(), recomputed as f64);
