@@ -177,19 +177,10 @@ fn collectives(group: &ProcessGroup) {
 /// rank 0's. Then each takes its share of 6 rows, and the averaged gradients must equal those
 /// of all 6 rows on one model, computed here on rank 0's weights.
 fn gradients(group: &ProcessGroup) {
-    let model = |seed: i64| {
-        tch::manual_seed(seed);
-        let hf: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 16
-        }))
-        .unwrap();
-        LlamaForCausalLm::new(hf, Device::Cpu).unwrap()
-    };
-    let policy = model(group.rank() as i64 + 1);
+    let policy = tiny_model(group.rank() as i64 + 1);
     let mut optimizer = AdamW::new(policy.var_store(), AdamWConfig::default());
     data_parallel::broadcast_parameters(group, &optimizer.parameters()).unwrap();
-    let reference = model(1); // rank 0's start
+    let reference = tiny_model(1); // rank 0's start
     let mut whole = AdamW::new(reference.var_store(), AdamWConfig::default());
     for (p, q) in optimizer.parameters().iter().zip(whole.parameters()) {
         assert!(p.equal(q), "the broadcast gives rank 0's weights");

@@ -115,15 +115,20 @@ impl Store {
             )
         };
         if code != 0 {
-            return Err(DistError::Join {
-                rank: rendezvous.rank,
-                world_size: rendezvous.world_size,
-                address: rendezvous.address(),
-                timeout: rendezvous.timeout,
-                message: last_error(),
-            });
+            return Err(join_error(rendezvous, rendezvous.address()));
         }
         Ok(Self { raw, address: rendezvous.address() })
+    }
+}
+
+/// The error of a failed join of `rendezvous` at `address`, with the shim's message.
+fn join_error(rendezvous: &Rendezvous, address: String) -> DistError {
+    DistError::Join {
+        rank: rendezvous.rank,
+        world_size: rendezvous.world_size,
+        address,
+        timeout: rendezvous.timeout,
+        message: last_error(),
     }
 }
 
@@ -176,13 +181,7 @@ impl ProcessGroup {
             )
         };
         if code != 0 {
-            return Err(DistError::Join {
-                rank: rendezvous.rank,
-                world_size: rendezvous.world_size,
-                address: store.address.clone(),
-                timeout: rendezvous.timeout,
-                message: last_error(),
-            });
+            return Err(join_error(rendezvous, store.address.clone()));
         }
         Ok(Self { raw, rank: rendezvous.rank, world_size: rendezvous.world_size })
     }
