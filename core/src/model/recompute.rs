@@ -470,20 +470,23 @@ mod tests {
         let config =
             LoraConfig { rank: 4, alpha: 8.0, dropout: 0.3, target_modules: TargetModules::Keyword(ALL_LINEAR.into()) };
         let load = || {
-            tch::manual_seed(1);
             let request = Request::New { config: &config, seed: 7 };
-            let policy = model::load_with(dir.path(), Device::Cpu, Kind::Float, Some(&request)).unwrap();
-            let _no_grad = tch::no_grad_guard();
-            let mut variables: Vec<(String, Tensor)> = policy.trainable().variables().into_iter().collect();
-            variables.sort_by(|a, b| a.0.cmp(&b.0)); // the same draws for the same variables
-            for (name, mut var) in variables {
-                if name.ends_with("lora_B.weight") {
-                    var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.5));
-                }
-            }
-            policy
+            model::load_with(dir.path(), Device::Cpu, Kind::Float, Some(&request)).unwrap()
         };
         let (plain, checkpointed) = (load(), load());
+        // The same adapters in both, copied rather than drawn twice from libtorch's global
+        // generator (tests in other threads draw from it too); B nonzero so A gets gradients.
+        tch::no_grad(|| {
+            let copies = checkpointed.trainable().variables();
+            for (name, mut var) in plain.trainable().variables() {
+                if name.ends_with("lora_B.weight") {
+                    let n = var.numel() as i64;
+                    let values = Tensor::arange(n, (Kind::Float, Device::Cpu)).sin().view(var.size().as_slice()) * 0.5;
+                    var.copy_(&values);
+                }
+                copies[&name].shallow_clone().copy_(&var);
+            }
+        });
         let (ids, mask) = batch();
         for _ in 0..2 {
             let off = pass(plain.trainable(), false, 0, || plain.logits(&ids, Some(&mask)).unwrap());
