@@ -33,8 +33,8 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
         "stages.cot_sft.config.max_questions=100".into(),
         "stages.reward_model.config.max_steps=200".into(),
         "stages.reward_model.config.eval.every=200".into(),
-        "stages.ppo.config.max_steps=10".into(),
-        "stages.ppo.config.checkpoint.every=10".into(),
+        "stages.ppo.config.max_steps=40".into(),
+        "stages.ppo.config.checkpoint.every=40".into(),
         "stages.cot.config.max_questions=100".into(),
         "stages.cot.config.samples=4".into(),
     ];
@@ -52,9 +52,13 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
     // The reward model learns to prefer the correct solution over the slip.
     let rm = stage("reward_model");
     assert!(metric(&rm, "eval/accuracy") > metric(&rm, "eval/initial_accuracy"), "{rm}");
-    // PPO: the reward rises at a bounded KL to the SFT model.
+    // PPO raises the greedy step-by-step accuracy on the prompts it practised on, at a
+    // bounded KL to the SFT model.
     let ppo = stage("ppo");
     assert!(metric(&ppo, "objective/kl").abs() < 5.0, "{ppo}");
+    let practised = |name: &str| metric(&stage(name), "zero_shot_cot/strict/accuracy");
+    let (before, after) = (practised("cot_sft_prompts"), practised("cot_ppo_prompts"));
+    assert!(after > before + 0.02, "PPO's prompts: SFT {before}, PPO {after}");
     // Step by step beats answering at once.
     let cot = stage("cot");
     let direct = metric(&cot, "direct/strict/accuracy");
@@ -68,7 +72,7 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
     let summary = json(&out.join("summary.json"));
     let stages: Vec<&str> =
         summary["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
-    assert_eq!(stages, ["pretrain", "sft", "cot_sft", "reward_model", "ppo", "cot"]);
+    assert_eq!(stages, ["pretrain", "sft", "cot_sft", "cot_sft_prompts", "reward_model", "ppo", "cot_ppo_prompts", "cot"]);
     for s in summary["stages"].as_array().unwrap() {
         assert!(s["seconds"].as_f64().unwrap() > 0.0, "{s}");
     }
