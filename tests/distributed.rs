@@ -304,6 +304,152 @@ fn two_ranks_train_a_reward_model_as_one_on_the_same_global_batch() {
     assert_eq!(two.metrics["eval/accuracy"], one.metrics["eval/accuracy"]);
 }
 
+/// Data-parallel DPO: 2 ranks, each on its share of every global batch of 5 pairs, follow
+/// the 1-rank run's loss and figures (implicit rewards, log-probs, accuracy: over the
+/// global batch), and report the same held-out figures.
+#[test]
+fn two_ranks_run_dpo_as_one_on_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pretrained_base(dir.path());
+    let data = shipped_lines(dir.path(), "tiny_tales_prefs.jsonl", 40);
+    let recipe = dir.path().join("dpo.yaml");
+    let text = format!(
+        "run:\n  output_dir: one\n  seed: 5\n  device: cpu\nplugins:\n  - name: rlhf\nstages:\n  - name: dpo\n    uses: rlhf.dpo\n    model: {model}\n    config:\n      data: {{train: {data}, validation_fraction: 0.25}}\n      max_prompt_length: 24\n      max_length: 48\n      batch_size: 5\n      max_steps: 3\n      log_every: 1\n      optimizer: {{lr: 1.0e-3}}\n      eval: {{every: 3}}\n",
+        model = model.display(),
+        data = data.display(),
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let one = run_ranks(dir.path(), &recipe, "dpo", 1, "one");
+    let two = run_ranks(dir.path(), &recipe, "dpo", 2, "two");
+    assert_eq!(one.scalars("train/loss").len(), 3);
+    for tag in ["train/loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        assert_same_curve(&one, &two, tag, 1e-4);
+    }
+    assert_eq!(two.scalars("rewards/accuracies"), one.scalars("rewards/accuracies"));
+    assert_eq!(two.metrics["train/tokens"], one.metrics["train/tokens"]);
+    for key in ["eval/loss", "eval/rewards/margins", "eval/logps/chosen"] {
+        assert_same_metric(&one, &two, key, 1e-4);
+    }
+    assert_eq!(two.metrics["eval/rewards/accuracies"], one.metrics["eval/rewards/accuracies"]);
+}
+
+/// Story openings as PPO and GRPO prompts, one a line.
+fn story_prompts(dir: &std::path::Path) -> std::path::PathBuf {
+    let starts = ["One day, Lily", "Tom and his dog", "The sun was", "Once upon a time", "Mia found a", "The bird"];
+    let lines: Vec<String> = starts.iter().cycle().take(24).map(|s| format!("{{\"prompt\": \"{s}\"}}")).collect();
+    let path = dir.join("prompts.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// A recipe of one RL stage `stage` (`uses` and its config lines) from `model`, rewarded
+/// for responses of five characters (0.1 off for each one more).
+fn rl_recipe(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    stage: &str,
+    uses: &str,
+    config: &str,
+) -> std::path::PathBuf {
+    let text = format!(
+        "run:\n  output_dir: run\n  seed: 3\n  device: cpu\nplugins:\n  - name: rlhf\nrewards:\n  - name: short\n    uses: rlhf.length\n    config: {{unit: chars, target: 5, over: 0.1}}\nstages:\n  - name: {stage}\n    uses: {uses}\n    model: {model}\n    config:\n      data: {{train: {prompts}}}\n      reward: short\n      max_prompt_length: 16\n      temperature: 1.0\n      log_every: 1\n      optimizer: {{lr: 1.0e-3}}\n{config}",
+        model = model.display(),
+        prompts = story_prompts(dir).display(),
+    );
+    let path = dir.join(format!("{stage}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `plumb run` of `recipe` into `dir/out` on `nproc` ranks, with `extra` arguments; its output.
+fn run_in(
+    dir: &std::path::Path,
+    recipe: &std::path::Path,
+    out: &str,
+    nproc: usize,
+    extra: &[&str],
+) -> std::process::Output {
+    let output_dir = format!("run.output_dir={out}");
+    let nproc = nproc.to_string();
+    let mut args = vec!["run", recipe.to_str().unwrap(), &output_dir];
+    if nproc != "1" {
+        args.extend(["--nproc", &nproc]);
+    }
+    args.extend(extra);
+    plumb_with_env(dir, &args, &[("PLUMB_DIST_TIMEOUT", "60")])
+}
+
+/// Data-parallel PPO: 2 ranks each roll out half of every global batch of 6 episodes; the
+/// figures are of the global batch (its size, the first minibatch's ratio 1: every rank's
+/// rollout log-probs agree with training's), rank 0 alone writes, and the 2-rank step-2
+/// checkpoint resumes on 1 rank and on 3. A batch that does not split over the ranks is
+/// refused naming the key.
+#[test]
+fn ppo_runs_data_parallel_and_its_checkpoint_resumes_on_other_world_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pretrained_base(dir.path());
+    let config = "      max_new_tokens: 8\n      batch_size: 6\n      num_minibatches: 1\n      ppo_epochs: 2\n      max_steps: 3\n      checkpoint: {every: 2, keep: 5}\n";
+    let recipe = rl_recipe(dir.path(), &model, "ppo", "rlhf.ppo", config);
+    let out = run_in(dir.path(), &recipe, "two", 2, &[]);
+    assert_exit(&out, 0);
+    let run = dir.path().join("two");
+    let two = Ranked { events: read_tensorboard(&run.join("tb/ppo")), metrics: serde_json::Value::Null };
+    assert_eq!(two.scalars("train/batch_size").iter().map(|p| p.1).collect::<Vec<_>>(), [6.0; 3]);
+    for (step, ratio) in two.scalars("val/ratio_first_minibatch") {
+        assert!((ratio - 1.0).abs() < 1e-4, "step {step}: first minibatch's ratio {ratio}");
+    }
+    assert_eq!(two.scalars("objective/scores").len(), 3);
+    assert!(run.join("ppo/checkpoints/step-00000002/value/model.safetensors").is_file());
+    assert!(run.join("ppo/final/model.safetensors").is_file());
+
+    // The step-2 checkpoint, resumed on 1 rank and on 3 (2 episodes each).
+    for (nproc, copy) in [(1, "on1"), (3, "on3")] {
+        let status = std::process::Command::new("cp").arg("-r").arg(&run).arg(dir.path().join(copy)).status().unwrap();
+        assert!(status.success());
+        std::fs::remove_file(dir.path().join(copy).join("ppo/report.json")).unwrap();
+        let out = run_in(dir.path(), &recipe, copy, nproc, &["--resume"]);
+        assert_exit(&out, 0);
+        assert!(stderr(&out).contains("resuming from step 2"), "{}", stderr(&out));
+        let events = read_tensorboard(&dir.path().join(copy).join("tb/ppo"));
+        let steps: Vec<i64> =
+            events["scalars"]["train/batch_size"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
+        assert_eq!(steps, [1, 2, 3], "{nproc} rank(s)");
+    }
+
+    let out = run_in(dir.path(), &recipe, "four", 4, &[]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("batch_size: 6 episodes do not split into 4 ranks × 1 minibatches of equal size"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Data-parallel GRPO on 3 ranks with dynamic sampling: the 4 prompts of a step are shared
+/// 2, 1, 1; the ranks agree on the groups kept (the batch trained on is every rank's kept
+/// completions: `train/batch_size` is 2 × `sampling/groups`), and the run ends with one
+/// final model.
+#[test]
+fn grpo_runs_data_parallel_over_unequal_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pretrained_base(dir.path());
+    let config = "      num_generations: 2\n      max_completion_length: 8\n      batch_size: 8\n      num_minibatches: 2\n      dynamic_sampling: {max_rounds: 3}\n      max_steps: 3\n";
+    let recipe = rl_recipe(dir.path(), &model, "grpo", "rlhf.grpo", config);
+    let out = run_in(dir.path(), &recipe, "three", 3, &[]);
+    assert_exit(&out, 0);
+    let run = dir.path().join("three");
+    let events = Ranked { events: read_tensorboard(&run.join("tb/grpo")), metrics: serde_json::Value::Null };
+    let groups = events.scalars("sampling/groups");
+    let batch = events.scalars("train/batch_size");
+    assert_eq!(groups.len(), 3);
+    for ((step, g), (_, b)) in groups.iter().zip(&batch) {
+        assert!(*g >= 1.0 && *g <= 4.0, "step {step}: {g} groups");
+        assert_eq!(*b, 2.0 * g, "step {step}");
+    }
+    assert!(events.scalars("completions/mean_length").iter().all(|p| p.1 > 0.0));
+    assert!(run.join("grpo/final/model.safetensors").is_file());
+}
+
 /// The pid of the rank `rank` that the launcher `launcher` started (its child with that
 /// `RANK` in its environment), once it runs.
 fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {

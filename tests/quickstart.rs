@@ -72,7 +72,10 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
     let summary = json(&out.join("summary.json"));
     let stages: Vec<&str> =
         summary["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
-    assert_eq!(stages, ["pretrain", "sft", "cot_sft", "cot_sft_prompts", "reward_model", "ppo", "cot_ppo_prompts", "cot"]);
+    assert_eq!(
+        stages,
+        ["pretrain", "sft", "cot_sft", "cot_sft_prompts", "reward_model", "ppo", "cot_ppo_prompts", "cot"]
+    );
     for s in summary["stages"].as_array().unwrap() {
         assert!(s["seconds"].as_f64().unwrap() > 0.0, "{s}");
     }

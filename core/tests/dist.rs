@@ -9,6 +9,7 @@ use plumb_core::dist::{data_parallel, DistError, ProcessGroup, ReduceOp, Rendezv
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::HeadChunks;
 use plumb_core::optim::{AdamW, AdamWConfig, Optimizer};
+use plumb_core::rollout::{whiten, whiten_over_ranks};
 use plumb_core::tch::{Device, Kind, Tensor};
 use plumb_core::train::{accumulate_gradients, Precision};
 
@@ -72,6 +73,15 @@ fn averaged_gradients_of_the_shards_equal_the_gradients_of_the_whole_batch() {
     assert_all_succeed(&run_world(3, "gradients", 60.0));
 }
 
+/// PPO's whitening over the global batch: each rank whitens its rows with the mean and
+/// variance of every rank's tokens, as one process whitens the whole batch; and lists of
+/// different lengths gathered from the ranks arrive whole, in rank order.
+#[test]
+fn whitening_over_the_ranks_equals_whitening_the_whole_batch() {
+    assert_all_succeed(&run_world(2, "whitening", 60.0));
+    assert_all_succeed(&run_world(3, "whitening", 60.0));
+}
+
 /// ZeRO-1: an optimizer sharded over the ranks gives the parameters of plain AdamW after
 /// several steps, while each rank holds only its share of the state.
 #[test]
@@ -105,6 +115,7 @@ fn child() {
         "rank_2_dies" => rank_2_dies(&group),
         "gradients" => gradients(&group),
         "zero1" => zero1(&group),
+        "whitening" => whitening(&group),
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -326,4 +337,34 @@ fn a_rank_alone_times_out_naming_its_rank_and_the_address() {
     let err = ProcessGroup::join(&client).err().expect("no rank 0 serves").to_string();
     eprintln!("{err}");
     assert!(err.starts_with(&format!("rank 1 of 2 could not join the group at 127.0.0.1:{port}")), "{err}");
+}
+
+fn whitening(group: &ProcessGroup) {
+    let (rank, world) = (group.rank(), group.world_size());
+    // Six episodes of up to 5 tokens, of lengths 5, 4, 2, 5, 1, 3 (junk past each end).
+    let values = (Tensor::arange(30, (Kind::Float, Device::Cpu)) * 0.37).sin().view([6, 5]) * 3.0 + 0.5;
+    let lengths = Tensor::from_slice(&[5i64, 4, 2, 5, 1, 3]).unsqueeze(1);
+    let mask = Tensor::arange(5, (Kind::Int64, Device::Cpu)).unsqueeze(0).lt_tensor(&lengths).to_kind(Kind::Float);
+    let rows = data_parallel::shard_range(6, rank, world);
+    let (start, len) = (rows.start as i64, rows.len() as i64);
+    for shift_mean in [true, false] {
+        let mine =
+            whiten_over_ranks(&values.narrow(0, start, len), &mask.narrow(0, start, len), shift_mean, Some(group))
+                .unwrap();
+        let whole = whiten(&values, &mask, shift_mean).narrow(0, start, len);
+        let diff = (&mine - &whole).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "rank {rank}, shift_mean {shift_mean}: {mine} != {whole}");
+    }
+    // Without a group it is plain whitening.
+    let alone = whiten_over_ranks(&values, &mask, true, None).unwrap();
+    assert_tensor_eq(&alone, &whiten(&values, &mask, true), "whitening without a group");
+
+    // Rank r gives r + 1 values (10r, 10r + 1, ...); rank 1 of 3 gives none.
+    let mine: Vec<f64> =
+        if rank == 1 && world == 3 { Vec::new() } else { (0..=rank).map(|i| (10 * rank + i) as f64).collect() };
+    let gathered = data_parallel::gather_values(Some(group), &mine).unwrap();
+    let expected: Vec<Vec<f64>> = (0..world)
+        .map(|r| if r == 1 && world == 3 { Vec::new() } else { (0..=r).map(|i| (10 * r + i) as f64).collect() })
+        .collect();
+    assert_eq!(gathered, expected);
 }

@@ -120,6 +120,27 @@ pub fn reduce_values(group: Option<&ProcessGroup>, values: &[f64], op: ReduceOp)
     Vec::<f64>::try_from(&t).map_err(|e| DistError::Invalid(format!("reading the reduced values back: {e}")))
 }
 
+/// Every rank's `values`, lists of any length, in rank order (each rank's list as it is);
+/// just `values` without a group (a single-process run).
+pub fn gather_values(group: Option<&ProcessGroup>, values: &[f64]) -> Result<Vec<Vec<f64>>, DistError> {
+    let Some(group) = group else { return Ok(vec![values.to_vec()]) };
+    // One row per rank: its length, then its values, padded to the longest list.
+    let longest = reduce_values(Some(group), &[values.len() as f64], ReduceOp::Max)?[0] as usize;
+    let mut row = Vec::with_capacity(longest + 1);
+    row.push(values.len() as f64);
+    row.extend_from_slice(values);
+    row.resize(longest + 1, 0.0);
+    let rows = group.all_gather(&Tensor::from_slice(&row))?;
+    rows.iter()
+        .map(|t| {
+            let row = Vec::<f64>::try_from(t)
+                .map_err(|e| DistError::Invalid(format!("reading the gathered values back: {e}")))?;
+            let len = (row[0] as usize).min(longest);
+            Ok(row[1..=len].to_vec())
+        })
+        .collect()
+}
+
 /// True on every rank when `flag` is true on any (an agreement, e.g. to stop together).
 pub fn any(group: &ProcessGroup, flag: bool) -> Result<bool, DistError> {
     let t = Tensor::from_slice(&[i64::from(flag)]);

@@ -1,7 +1,8 @@
 //! Generalised advantage estimation and whitening over response tokens.
 use tch::{Kind, Tensor};
 
-use super::masked::{masked_mean, masked_var};
+use super::masked::{masked_mean, masked_sum, masked_var};
+use crate::dist::{data_parallel, DistError, ProcessGroup, ReduceOp};
 
 /// GAE(γ, λ) (Schulman et al. 2016, <https://arxiv.org/abs/1506.02438>) over each row's
 /// response tokens, backwards from its end; returns (advantages, returns), both (B, R).
@@ -39,6 +40,33 @@ pub fn whiten(values: &Tensor, mask: &Tensor, shift_mean: bool) -> Tensor {
         whitened += &mean;
     }
     (whitened * mask).to_kind(Kind::Float)
+}
+
+/// [`whiten`] over the global batch of a data-parallel run: the mean and variance are of
+/// the real tokens of every rank's `values` (sums and counts reduced over `group`), and
+/// each rank whitens its own rows with them. [`whiten`] itself without a group.
+pub fn whiten_over_ranks(
+    values: &Tensor,
+    mask: &Tensor,
+    shift_mean: bool,
+    group: Option<&ProcessGroup>,
+) -> Result<Tensor, DistError> {
+    let Some(group) = group else { return Ok(whiten(values, mask, shift_mean)) };
+    let _no_grad = tch::no_grad_guard();
+    let scalar = |t: Tensor| t.to_kind(Kind::Double).double_value(&[]);
+    let local = [scalar(masked_sum(values, mask, None)), scalar(mask.sum(Kind::Float))];
+    let global = data_parallel::reduce_values(Some(group), &local, ReduceOp::Sum)?;
+    let (sum, count) = (global[0], global[1]);
+    let mean = sum / count;
+    let centred = values.to_kind(Kind::Double) - mean;
+    let squares = scalar(masked_sum(&centred.square(), mask, None));
+    let squares = data_parallel::reduce_values(Some(group), &[squares], ReduceOp::Sum)?[0];
+    let variance = squares / (count - 1.0);
+    let mut whitened = centred / (variance + 1e-8).sqrt();
+    if !shift_mean {
+        whitened += mean;
+    }
+    Ok((whitened * mask).to_kind(Kind::Float))
 }
 
 #[cfg(test)]

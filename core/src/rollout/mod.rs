@@ -18,7 +18,7 @@ mod masked;
 mod ppo;
 mod sample;
 
-pub use advantage::{gae, whiten};
+pub use advantage::{gae, whiten, whiten_over_ranks};
 pub use aggregate::{aggregate, LossAggregation, UpdateSize};
 pub use experience::Experience;
 pub use group::{group_advantages, GroupAdvantages, ScaleRewards};
@@ -27,4 +27,6 @@ pub use log_probs::{entropy, response_log_probs, response_logits};
 pub use losses::{approx_kl, clipped_surrogate, policy_loss, value_loss, ClippedSurrogate, PolicyLoss, ValueLoss};
 pub use masked::{masked_mean, masked_sum, masked_var};
 pub use ppo::{minibatch_loss, shaped_rewards, MinibatchStats, PpoLossSettings};
-pub use sample::{policy_response_logits, policy_response_scores, response_values, sample, step_seed, Sampled};
+pub use sample::{
+    policy_response_logits, policy_response_scores, rank_seed, response_values, sample, step_seed, Sampled,
+};

@@ -112,3 +112,13 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// The seed rank `rank` of a data-parallel run samples its share of a step with, from the
+/// step's seed: rank 0 (and so a single-process run) keeps the step's own seed, the others
+/// each draw from a stream of their own.
+pub fn rank_seed(step_seed: u64, rank: usize) -> u64 {
+    match rank {
+        0 => step_seed,
+        rank => self::step_seed(step_seed, (1 << 32) | rank as u64),
+    }
+}

@@ -270,6 +270,12 @@ impl<'a, 'h> Trainer<'a, 'h> {
         data_parallel::shard_range(len, self.ctx.rank(), self.ctx.world_size())
     }
 
+    /// The stage's process group in a distributed run (None in a single-process run): for
+    /// the figures and statistics a stage combines over the global batch.
+    pub fn group(&self) -> Option<&ProcessGroup> {
+        self.group.as_ref()
+    }
+
     /// Every rank starts from rank 0's parameters.
     fn sync_parameters(&self, optimizers: &[&AdamW]) -> Result<()> {
         let Some(group) = &self.group else { return Ok(()) };

@@ -8,6 +8,7 @@
 //!   log-probs averaged over each completion's tokens (as TRL does for IPO).
 //!
 //! The implicit rewards are β·(log π − log π_ref) of each side.
+use plumb_core::dist::{data_parallel, DistError, ProcessGroup, ReduceOp};
 use plumb_core::tch::Tensor;
 use plumb_core::RunContext;
 use serde::Deserialize;
@@ -107,6 +108,30 @@ impl DpoStats {
         self.correct += other.correct;
         self.chosen_logp_sum += other.chosen_logp_sum;
         self.rejected_logp_sum += other.rejected_logp_sum;
+    }
+
+    /// These figures over every rank's pairs (the sums added): one rank's share of a batch
+    /// made whole. As they are without a group.
+    pub fn over_ranks(&self, group: Option<&ProcessGroup>) -> Result<Self, DistError> {
+        let sums = [
+            self.pairs as f64,
+            self.loss_sum,
+            self.chosen_reward_sum,
+            self.rejected_reward_sum,
+            self.correct as f64,
+            self.chosen_logp_sum,
+            self.rejected_logp_sum,
+        ];
+        let sums = data_parallel::reduce_values(group, &sums, ReduceOp::Sum)?;
+        Ok(Self {
+            pairs: sums[0] as usize,
+            loss_sum: sums[1],
+            chosen_reward_sum: sums[2],
+            rejected_reward_sum: sums[3],
+            correct: sums[4] as usize,
+            chosen_logp_sum: sums[5],
+            rejected_logp_sum: sums[6],
+        })
     }
 
     /// One figure by its name without a prefix (`loss`, `rewards/accuracies`, ...).

@@ -17,12 +17,17 @@
 //! with its adapters switched off: no second copy of the model is loaded. The final model
 //! and the checkpoints' policy are then the adapter in PEFT's layout.
 //!
+//! Data-parallel (`plumb run --nproc N`, torchrun): each rank takes its share of every
+//! batch of pairs and of the held-out pairs; gradients are averaged over the ranks and
+//! every figure is of the whole batch, so the run follows the single-process one.
+//!
 //! Resuming: a checkpoint holds the policy, its optimizer and the batch order; the
 //! reference's log-probs are recomputed from the input model, the same numbers as before.
 use std::path::PathBuf;
 
 use plumb_core::data::template::{use_template, TemplateChoice};
 use plumb_core::device::device_name;
+use plumb_core::dist::data_parallel;
 use plumb_core::model::{self, Policy};
 use plumb_core::optim::AdamW;
 use plumb_core::plugin::ValidateContext;
@@ -176,6 +181,8 @@ impl Stage for Dpo {
         // from a checkpoint; the frozen reference (with LoRA: the policy with its adapters
         // off), or its log-probs of every pair (then a reference copy is dropped).
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
+        // In a distributed run, the group the train and held-out figures are combined over.
+        let group = ctx.process_group()?;
         let lora = training.lora.as_ref();
         let policy = model::load_for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &model_dir)?;
@@ -271,13 +278,17 @@ impl Stage for Dpo {
                 Ok((out.losses.sum(Kind::Float), stats))
             };
         let held_out_ref = precomputed.as_ref().map(|(_, v)| v.as_slice());
+        // The held-out figures: each rank scores its share of the pairs evaluated.
         let evaluate = |step: u64| -> Result<DpoStats> {
             let _no_grad = tch::no_grad_guard();
             let mut stats = DpoStats::default();
-            let indices: Vec<usize> = (0..validation.len()).collect();
-            for chunk in indices.chunks(micro).take(training.eval.batch_limit()) {
+            let evaluated = validation.len().min(training.eval.batch_limit().saturating_mul(micro));
+            let (rank, world) = (ctx.rank(), ctx.world_size());
+            let mine: Vec<usize> = data_parallel::shard_range(evaluated, rank, world).collect();
+            for chunk in mine.chunks(micro) {
                 stats.merge(&pairs_loss(&validation, chunk, held_out_ref)?.1);
             }
+            let stats = stats.over_ranks(group.as_ref())?;
             stats.log(ctx, "eval/", step);
             Ok(stats)
         };
@@ -286,7 +297,9 @@ impl Stage for Dpo {
         }
 
         // Train: each step one batch of pairs, its micro-batches' gradients accumulated, the
-        // loss a mean over the step's pairs.
+        // loss a mean over the step's pairs. In a distributed run each rank takes its share
+        // of the pairs and divides its summed loss by the batch's pairs over the world size:
+        // the trainer's average over the ranks is then the mean over the whole batch.
         let train_ref = precomputed.as_ref().map(|(t, _)| t.as_slice());
         let mut window = DpoStats::default();
         let mut latest = None;
@@ -296,12 +309,14 @@ impl Stage for Dpo {
             }
             trainer.start_step(&mut [&mut optimizer]);
             let batch = &batches[order.next_batch(1)[0] as usize];
+            let per_rank_pairs = batch.len() as f64 / ctx.world_size() as f64;
+            let batch = &batch[trainer.shard(batch.len())];
             let (mut loss, mut tokens) = (0.0, 0);
             let mut step_stats = DpoStats::default();
             for chunk in batch.chunks(micro) {
                 let (sum, stats) = pairs_loss(&train, chunk, train_ref)?;
-                (&sum / batch.len() as f64).backward();
-                loss += stats.loss_sum / batch.len() as f64;
+                (&sum / per_rank_pairs).backward();
+                loss += stats.loss_sum / per_rank_pairs;
                 step_stats.merge(&stats);
                 tokens += chunk.iter().map(|&i| train[i].tokens()).sum::<usize>();
             }
@@ -311,7 +326,7 @@ impl Stage for Dpo {
             window.merge(&step_stats);
             let step = trainer.state.step;
             if step % training.log_every == 0 || step == max_steps {
-                window.log(ctx, "", step);
+                window.over_ranks(group.as_ref())?.log(ctx, "", step);
                 ctx.scalar("train/epoch", step as i64, step as f64 / batches.len() as f64);
                 window = DpoStats::default();
             }

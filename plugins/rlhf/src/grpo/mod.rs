@@ -22,6 +22,13 @@
 //! policy with its adapters switched off: no second copy of the model is loaded. The final
 //! model and the checkpoints' policy are then the adapter in PEFT's layout.
 //!
+//! Data-parallel (`plumb run --nproc N`, torchrun): every rank draws the same prompts and
+//! samples the groups of its share of them (from a stream of its own); the ranks agree on
+//! how many groups were kept (dynamic sampling's rounds), and the advantages, each
+//! update's minibatch and its loss normaliser (sequences, tokens) and every figure are of
+//! the global batch: a rank trains on its own rows of each global minibatch, and the
+//! gradients are averaged over the ranks.
+//!
 //! Resuming: a checkpoint holds the policy, its optimizer and the prompt order; each
 //! step's sampling and shuffles are seeded from the run's seed and the step number, so a
 //! resumed run repeats the uninterrupted one.
@@ -33,12 +40,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use plumb_core::data::{seeded_rng, BatchOrder};
+use plumb_core::dist::{data_parallel, ProcessGroup, ReduceOp};
 use plumb_core::model;
 use plumb_core::model::generate::{Finish, GenerationSettings};
 use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::{RewardSet, ScorePair};
-use plumb_core::rollout::{group_advantages, policy_response_scores, sample, step_seed, Experience, UpdateSize};
+use plumb_core::rollout::{
+    group_advantages, policy_response_scores, rank_seed, sample, step_seed, Experience, UpdateSize,
+};
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
 use plumb_core::train::{DataPosition, TrainSection, Trained, Trainer};
@@ -82,6 +92,16 @@ impl Stage for Grpo {
         };
         let group = c.num_generations;
         let prompts_per_step = training.batch_size / group;
+        let world = ctx.world_size();
+        if prompts_per_step < world {
+            return Err(Error::config(
+                "batch_size",
+                format!(
+                    "{} completions are {prompts_per_step} prompts × {group}: fewer prompts than the {world} ranks (each rank samples at least one group)",
+                    training.batch_size
+                ),
+            ));
+        }
 
         // Prompts that fit, as tokens; the stop tokens; the step count.
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
@@ -103,6 +123,9 @@ impl Stage for Grpo {
         // both and the prompt order from a checkpoint. The reference only when the KL enters
         // the loss: with LoRA the policy itself with its adapters off, else a frozen copy.
         let mut trainer = Trainer::new(ctx, &training, max_steps)?;
+        // In a distributed run, the ranks the rollout's counts and figures are combined over.
+        let ranks = ctx.process_group()?;
+        let ranks = ranks.as_ref();
         let lora = training.lora.as_ref();
         let policy = model::load_for_training(&model_dir, trainer.resume_dir(), device, Kind::Float, lora, ctx.seed())?;
         tokenizer.check_fits_embedding(policy.vocab_size() as usize, &model_dir)?;
@@ -146,51 +169,58 @@ impl Stage for Grpo {
             let seed = step_seed(ctx.seed(), step);
             let rollout_started = Instant::now();
 
-            // 1. Sample G completions of each prompt and score them; with dynamic sampling,
-            //    keep only groups whose rewards differ, drawing more prompts until the batch
-            //    is full or the rounds are spent.
+            // 1. Sample G completions of each prompt (this rank's share of them) and score
+            //    them; with dynamic sampling, keep only groups whose rewards differ, drawing
+            //    more prompts until the global batch is full or the rounds are spent.
             let mut rollout = Rollout::default();
-            let mut rounds = 0;
-            while rollout.groups < prompts_per_step && rounds < max_rounds {
-                let rows = order.next_batch(prompts_per_step - rollout.groups);
-                let batch: Vec<&Prompt> =
-                    rows.iter().flat_map(|&i| std::iter::repeat_n(&prompts[i as usize], group)).collect();
-                let tokens: Vec<Vec<i64>> =
-                    rows.iter().flat_map(|&i| std::iter::repeat_n(encoded[i as usize].clone(), group)).collect();
-                let generation = GenerationSettings {
-                    max_new_tokens: c.max_completion_length,
-                    temperature: c.temperature,
-                    stop_tokens: stops.clone(),
-                    seed: Some(step_seed(seed, rounds as u64)),
-                    pad_token: pad,
-                    context: Some(length),
-                    ..Default::default()
-                };
-                let sampled = sample(policy.as_ref(), &tokens, &generation, pad)?;
-                let pairs = score_pairs(&batch, &sampled, &tokenizer)?;
-                let scored = reward_set.score(&pairs)?;
-                let lengths: Vec<usize> = sampled.responses.iter().map(Vec::len).collect();
-                let mut rewards = scored.total.clone();
-                if let Some(penalty) = &c.overlong_penalty {
-                    for (reward, &length) in rewards.iter_mut().zip(&lengths) {
-                        *reward += penalty.of(length, c.max_completion_length);
+            let (mut rounds, mut kept_groups) = (0, 0);
+            while kept_groups < prompts_per_step && rounds < max_rounds {
+                let rows = order.next_batch(prompts_per_step - kept_groups);
+                let rows = &rows[trainer.shard(rows.len())];
+                if !rows.is_empty() {
+                    let batch: Vec<&Prompt> =
+                        rows.iter().flat_map(|&i| std::iter::repeat_n(&prompts[i as usize], group)).collect();
+                    let tokens: Vec<Vec<i64>> =
+                        rows.iter().flat_map(|&i| std::iter::repeat_n(encoded[i as usize].clone(), group)).collect();
+                    let generation = GenerationSettings {
+                        max_new_tokens: c.max_completion_length,
+                        temperature: c.temperature,
+                        stop_tokens: stops.clone(),
+                        seed: Some(rank_seed(step_seed(seed, rounds as u64), ctx.rank())),
+                        pad_token: pad,
+                        context: Some(length),
+                        ..Default::default()
+                    };
+                    let sampled = sample(policy.as_ref(), &tokens, &generation, pad)?;
+                    let pairs = score_pairs(&batch, &sampled, &tokenizer)?;
+                    let scored = reward_set.score(&pairs)?;
+                    let lengths: Vec<usize> = sampled.responses.iter().map(Vec::len).collect();
+                    let mut rewards = scored.total.clone();
+                    if let Some(penalty) = &c.overlong_penalty {
+                        for (reward, &length) in rewards.iter_mut().zip(&lengths) {
+                            *reward += penalty.of(length, c.max_completion_length);
+                        }
                     }
+                    let keep: Vec<bool> =
+                        rewards.chunks(group).map(|g| c.dynamic_sampling.is_none() || mean_std(g).1 > 1e-8).collect();
+                    rollout.add(&sampled, &pairs, &scored.parts, &rewards, &keep, group)?;
                 }
-                let keep: Vec<bool> =
-                    rewards.chunks(group).map(|g| c.dynamic_sampling.is_none() || mean_std(g).1 > 1e-8).collect();
-                rollout.add(&sampled, &pairs, &scored.parts, &rewards, &keep, group)?;
                 rounds += 1;
+                kept_groups = data_parallel::reduce_values(ranks, &[rollout.groups as f64], ReduceOp::Sum)?[0] as usize;
             }
             let rollout_seconds = rollout_started.elapsed().as_secs_f64();
 
-            // 2. Group-relative advantages of the kept completions, the reference's
-            //    log-probs, the overlong filter.
-            let mut grad_norms = Vec::new();
-            let mut updates = Vec::new();
-            let (mut step_loss, mut update_count) = (0.0, 0);
-            if let Some(mut experience) = rollout.experience()? {
-                let advantages = group_advantages(&rollout.kept_rewards, group, c.scale_rewards).advantages;
-                let advantages: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
+            // 2. Group-relative advantages of the kept completions (of every rank's: this
+            //    rank's rows are `mine` of the global batch), the reference's log-probs, the
+            //    overlong filter.
+            let kept = data_parallel::gather_values(ranks, &rollout.kept_rewards)?;
+            let offset: usize = kept[..ctx.rank()].iter().map(Vec::len).sum();
+            let mine = offset..offset + rollout.kept_rewards.len();
+            let kept: Vec<f64> = kept.concat();
+            let mut experience = rollout.experience()?;
+            if let Some(experience) = &mut experience {
+                let advantages = group_advantages(&kept, group, c.scale_rewards).advantages;
+                let advantages: Vec<f32> = advantages[mine.clone()].iter().map(|&a| a as f32).collect();
                 let advantages = Tensor::from_slice(&advantages).to_device(device).unsqueeze(1); // (B, 1)
                 experience.advantages = &experience.response_mask * advantages; // (B, R)
                 if c.mask_truncated_completions {
@@ -217,49 +247,70 @@ impl Stage for Grpo {
                     experience.ref_log_probs = scores.log_probs * &experience.response_mask;
                     // (B, R)
                 }
+            }
+            // Each kept completion's real tokens, of the global batch (the loss normaliser).
+            let row_tokens = match &experience {
+                Some(e) => Vec::<f64>::try_from(
+                    e.response_mask.sum_dim_intlist([1].as_slice(), false, Kind::Double).to_device(tch::Device::Cpu),
+                )?,
+                None => Vec::new(),
+            };
+            let row_tokens: Vec<f64> = data_parallel::gather_values(ranks, &row_tokens)?.concat();
 
-                // 3. μ passes over the completions in shuffled minibatches, each one update.
-                let mut shuffle = seeded_rng(seed ^ 0x5eed);
-                for _pass in 0..c.num_iterations {
-                    let mut permutation: Vec<i64> = (0..experience.len()).collect();
-                    permutation.shuffle(&mut shuffle);
-                    for indices in permutation.chunks(minibatch_size) {
-                        let minibatch = experience.index_select(&Tensor::from_slice(indices));
-                        let update = UpdateSize {
-                            sequences: minibatch.len() as usize,
-                            tokens: minibatch.response_tokens() as f64,
-                            max_completion_length: c.max_completion_length,
-                        };
-                        adamw.zero_grad();
-                        let mut loss = 0.0;
-                        for part in minibatch.split(micro as i64) {
-                            let (part_loss, part_stats) = training
-                                .precision
-                                .forward(device, || micro_batch_loss(policy.as_ref(), &part, &settings, update))??;
-                            part_loss.backward();
-                            loss += part_stats.loss;
-                            updates.push(part_stats);
-                        }
-                        step_loss += loss;
-                        update_count += 1;
-                        if let Some(norm) = trainer.update(&mut [&mut adamw], loss)? {
-                            grad_norms.push(norm);
-                        }
-                    }
-                }
-                step_loss /= f64::from(update_count.max(1));
-            } else {
+            // 3. μ passes over the global batch in shuffled minibatches, each one update: a
+            //    rank computes the loss of its rows of the minibatch, normalised by the whole
+            //    minibatch's size, × the world size (the trainer averages over the ranks).
+            let mut grad_norms = Vec::new();
+            let mut updates = Vec::new();
+            let (mut step_loss, mut update_count) = (0.0, 0);
+            let world = world as f64;
+            if kept.is_empty() {
                 tracing::warn!(
                     "step {step}: every group of {rounds} sampling round(s) had equal rewards; no update this step"
                 );
             }
+            let passes = if kept.is_empty() { 0 } else { c.num_iterations };
+            let mut shuffle = seeded_rng(seed ^ 0x5eed);
+            for _pass in 0..passes {
+                let mut permutation: Vec<i64> = (0..kept.len() as i64).collect();
+                permutation.shuffle(&mut shuffle);
+                for indices in permutation.chunks(minibatch_size) {
+                    let update = UpdateSize {
+                        sequences: indices.len(),
+                        tokens: indices.iter().map(|&i| row_tokens[i as usize]).sum(),
+                        max_completion_length: c.max_completion_length,
+                    };
+                    let rows: Vec<i64> =
+                        indices.iter().filter(|&&i| mine.contains(&(i as usize))).map(|&i| i - offset as i64).collect();
+                    adamw.zero_grad();
+                    let mut loss = 0.0;
+                    if let Some(experience) = experience.as_ref().filter(|_| !rows.is_empty()) {
+                        let minibatch = experience.index_select(&Tensor::from_slice(&rows));
+                        for part in minibatch.split(micro as i64) {
+                            let (part_loss, part_stats) = training
+                                .precision
+                                .forward(device, || micro_batch_loss(policy.as_ref(), &part, &settings, update))??;
+                            (part_loss * world).backward();
+                            loss += part_stats.loss * world;
+                            updates.push(part_stats);
+                        }
+                    }
+                    step_loss += loss;
+                    update_count += 1;
+                    if let Some(norm) = trainer.update(&mut [&mut adamw], loss)? {
+                        grad_norms.push(norm);
+                    }
+                }
+            }
+            step_loss = data_parallel::reduce_values(ranks, &[step_loss], ReduceOp::Sum)?[0]
+                / world
+                / f64::from(update_count.max(1));
 
-            // 4. Statistics, the trainer's step.
-            let tokens = rollout.lengths.iter().sum::<usize>();
+            // 4. Statistics of the global batch, the trainer's step.
             let with_kl = !matches!(reference, Reference::None);
-            let stats = rollout.stats(group, rounds, updates, with_kl, tokens as f64 / rollout_seconds);
+            let stats = rollout.stats(group, rounds, kept_groups, &updates, with_kl, rollout_seconds, ranks)?;
             let grad_norm = grad_norms.iter().sum::<f64>() / grad_norms.len().max(1) as f64;
-            trainer.end_step(step_loss, grad_norm, tokens as u64, rollout.kept_rewards.len());
+            trainer.end_step(step_loss, grad_norm, stats.tokens as u64, kept.len());
             if step % training.log_every == 0 || step == max_steps {
                 stats.log(ctx, step);
                 log_samples(ctx, step, &rollout.pairs, &rollout.rewards, c.samples);
@@ -372,33 +423,49 @@ impl Rollout {
         Experience::cat(&self.kept).map(Some)
     }
 
-    /// The step's figures over every completion sampled.
+    /// The step's figures over every completion sampled, by every rank (each rank's lists
+    /// gathered in rank order: its groups stay whole), with `kept_groups` groups trained on.
+    #[allow(clippy::too_many_arguments)]
     fn stats(
         &self,
         group: usize,
         rounds: usize,
-        updates: Vec<loss::GrpoLossStats>,
+        kept_groups: usize,
+        updates: &[loss::GrpoLossStats],
         with_kl: bool,
-        rollout_tokens_per_s: f64,
-    ) -> GrpoStats {
-        let stds: Vec<f64> = self.rewards.chunks(group).map(|g| mean_std(g).1).collect();
-        let n = self.lengths.len().max(1) as f64;
-        GrpoStats {
-            reward: mean_std(&self.rewards).0,
+        rollout_seconds: f64,
+        ranks: Option<&ProcessGroup>,
+    ) -> Result<GrpoStats> {
+        let gather = |values: &[f64]| -> Result<Vec<f64>> { Ok(data_parallel::gather_values(ranks, values)?.concat()) };
+        let rewards = gather(&self.rewards)?;
+        let lengths = gather(&self.lengths.iter().map(|&l| l as f64).collect::<Vec<_>>())?;
+        let unfinished = gather(&self.finished.iter().map(|&f| f64::from(u8::from(!f))).collect::<Vec<_>>())?;
+        let mut parts = Vec::with_capacity(self.parts.len());
+        for (name, scores) in &self.parts {
+            let (mean, std) = mean_std(&gather(scores)?);
+            parts.push((name.clone(), mean, std));
+        }
+        let stds: Vec<f64> = rewards.chunks(group).map(|g| mean_std(g).1).collect();
+        let n = lengths.len().max(1) as f64;
+        let tokens = lengths.iter().sum::<f64>();
+        let (updates, clip_low_min, clip_high_max) = stats::over_ranks(updates, ranks)?;
+        Ok(GrpoStats {
+            reward: mean_std(&rewards).0,
             reward_std: stds.iter().sum::<f64>() / stds.len().max(1) as f64,
-            reward_parts: self.parts.iter().map(|(name, s)| (name.clone(), mean_std(s).0, mean_std(s).1)).collect(),
+            reward_parts: parts,
             frac_reward_zero_std: stds.iter().filter(|s| **s <= 1e-8).count() as f64 / stds.len().max(1) as f64,
-            mean_length: self.lengths.iter().sum::<usize>() as f64 / n,
-            min_length: self.lengths.iter().copied().min().unwrap_or(0) as f64,
-            max_length: self.lengths.iter().copied().max().unwrap_or(0) as f64,
-            clipped_ratio: self.finished.iter().filter(|f| !**f).count() as f64 / n,
-            clip_low_min: updates.iter().map(|u| u.clip_low).reduce(f64::min).unwrap_or(0.0),
-            clip_high_max: updates.iter().map(|u| u.clip_high).reduce(f64::max).unwrap_or(0.0),
-            updates: stats::mean(&updates),
-            groups: self.groups,
+            mean_length: tokens / n,
+            min_length: lengths.iter().copied().reduce(f64::min).unwrap_or(0.0),
+            max_length: lengths.iter().copied().reduce(f64::max).unwrap_or(0.0),
+            clipped_ratio: unfinished.iter().sum::<f64>() / n,
+            clip_low_min,
+            clip_high_max,
+            updates,
+            groups: kept_groups,
             rounds,
             with_kl,
-            rollout_tokens_per_s,
-        }
+            tokens: tokens as usize,
+            rollout_tokens_per_s: tokens / rollout_seconds,
+        })
     }
 }

@@ -2,6 +2,7 @@
 //! names (`reward`, `reward_std`, `rewards/<name>/mean`, `frac_reward_zero_std`,
 //! `completions/*`, `clip_ratio/*`, `entropy`, `kl`), so a plumb run and a TRL run
 //! compare tag for tag.
+use plumb_core::dist::{data_parallel, DistError, ProcessGroup, ReduceOp};
 use plumb_core::RunContext;
 
 use super::loss::GrpoLossStats;
@@ -33,6 +34,8 @@ pub struct GrpoStats {
     pub rounds: usize,
     /// Whether the KL enters the loss (β > 0): `kl` is logged only then, as TRL does.
     pub with_kl: bool,
+    /// Completion tokens sampled (every rank's).
+    pub tokens: usize,
     pub rollout_tokens_per_s: f64,
 }
 
@@ -71,18 +74,35 @@ impl GrpoStats {
     }
 }
 
-/// The mean of each field over `all`.
-pub fn mean(all: &[GrpoLossStats]) -> GrpoLossStats {
-    let n = all.len().max(1) as f64;
-    let sum = |f: fn(&GrpoLossStats) -> f64| all.iter().map(f).sum::<f64>() / n;
-    GrpoLossStats {
-        loss: sum(|s| s.loss),
-        clip_low: sum(|s| s.clip_low),
-        clip_high: sum(|s| s.clip_high),
-        clip_region: sum(|s| s.clip_region),
-        kl: sum(|s| s.kl),
-        entropy: sum(|s| s.entropy),
-    }
+/// The mean of each field over every micro-batch of every rank (`all`: this rank's), and
+/// the least `clip_low` and the most `clip_high` of any (0 when there were none).
+pub fn over_ranks(all: &[GrpoLossStats], ranks: Option<&ProcessGroup>) -> Result<(GrpoLossStats, f64, f64), DistError> {
+    let sum = |f: fn(&GrpoLossStats) -> f64| all.iter().map(f).sum::<f64>();
+    let sums = [
+        all.len() as f64,
+        sum(|s| s.loss),
+        sum(|s| s.clip_low),
+        sum(|s| s.clip_high),
+        sum(|s| s.clip_region),
+        sum(|s| s.kl),
+        sum(|s| s.entropy),
+    ];
+    let sums = data_parallel::reduce_values(ranks, &sums, ReduceOp::Sum)?;
+    let n = sums[0].max(1.0);
+    let mean = GrpoLossStats {
+        loss: sums[1] / n,
+        clip_low: sums[2] / n,
+        clip_high: sums[3] / n,
+        clip_region: sums[4] / n,
+        kl: sums[5] / n,
+        entropy: sums[6] / n,
+    };
+    // The extremes as maxima: −least clip_low, most clip_high (−∞ for a rank with none).
+    let low = all.iter().map(|u| u.clip_low).reduce(f64::min).map_or(f64::NEG_INFINITY, |l| -l);
+    let high = all.iter().map(|u| u.clip_high).reduce(f64::max).unwrap_or(f64::NEG_INFINITY);
+    let extremes = data_parallel::reduce_values(ranks, &[low, high], ReduceOp::Max)?;
+    let finite_or_zero = |v: f64| if v.is_finite() { v } else { 0.0 };
+    Ok((mean, finite_or_zero(-extremes[0]), finite_or_zero(extremes[1])))
 }
 
 /// Mean and standard deviation (with Bessel's correction, as `torch.std`).

@@ -23,6 +23,13 @@
 //! is trained whole either way. The final model and the checkpoints' policy are then the
 //! adapter in PEFT's layout (a next stage, `plumb generate` or `plumb eval` load it merged).
 //!
+//! Data-parallel (`plumb run --nproc N`, torchrun): every rank draws the same global batch
+//! of prompts and rolls out its own share of it (sampling from a stream of its own); the
+//! advantages are whitened with the global batch's mean and variance, each update's
+//! gradients are averaged over the ranks, and every figure is of the global batch. The
+//! batch must split into equal minibatches on every rank (`batch_size` a multiple of
+//! ranks × `num_minibatches`).
+//!
 //! Resuming: a checkpoint holds the policy (at its top, HF layout), the value model (in
 //! `value/`), both optimizers, the prompt order (a seeded permutation and its cursor)
 //! and the KL controller; each step's sampling and minibatch shuffles are seeded from
@@ -34,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use plumb_core::data::{seeded_rng, BatchOrder};
+use plumb_core::dist::{data_parallel, ReduceOp};
 use plumb_core::model::generate::{Finish, GenerationSettings};
 use plumb_core::model::scalar_head::ScalarHeadModel;
 use plumb_core::model::{self, SaveHf};
@@ -41,8 +49,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::RewardSet;
 use plumb_core::rollout::{
-    gae, minibatch_loss, policy_response_scores, response_values, sample, shaped_rewards, step_seed, whiten,
-    Experience, KlController, PpoLossSettings,
+    gae, minibatch_loss, policy_response_scores, rank_seed, response_values, sample, shaped_rewards, step_seed,
+    whiten_over_ranks, Experience, KlController, PpoLossSettings,
 };
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -112,6 +120,17 @@ impl Stage for Ppo {
         };
         let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
         let batch_size = training.batch_size;
+        let world = ctx.world_size();
+        if batch_size % (world * c.num_minibatches) != 0 {
+            return Err(Error::config(
+                "batch_size",
+                format!(
+                    "{batch_size} episodes do not split into {world} ranks × {} minibatches of equal size: use a multiple of {}",
+                    c.num_minibatches,
+                    world * c.num_minibatches
+                ),
+            ));
+        }
         let max_steps = training.total_steps((encoded.len() / batch_size).max(1));
         tracing::info!(
             "ppo: {} prompts ({dropped_prompts} dropped as longer than max_prompt_length {}), {batch_size} episodes a step in {} minibatches × {} epochs; {max_steps} steps",
@@ -192,15 +211,16 @@ impl Stage for Ppo {
             let step_seed = step_seed(ctx.seed(), step);
             let rollout_started = Instant::now();
 
-            // 1. Rollout: one sampled response per prompt.
+            // 1. Rollout: one sampled response per prompt of this rank's share of the batch.
             let rows = order.next_batch(batch_size);
+            let rows = &rows[trainer.shard(rows.len())];
             let batch: Vec<&Prompt> = rows.iter().map(|&i| &prompts[i as usize]).collect();
             let batch_tokens: Vec<Vec<i64>> = rows.iter().map(|&i| encoded[i as usize].clone()).collect();
             let generation = GenerationSettings {
                 max_new_tokens: c.max_new_tokens,
                 temperature: c.temperature,
                 stop_tokens: stops.clone(),
-                seed: Some(step_seed),
+                seed: Some(rank_seed(step_seed, ctx.rank())),
                 pad_token: pad,
                 context: Some(c.max_prompt_length + c.max_new_tokens),
                 ..Default::default()
@@ -255,25 +275,26 @@ impl Stage for Ppo {
                 returns: mask.zeros_like(),
             };
 
-            // 4. Per-token rewards, GAE, whitened advantages.
+            // 4. Per-token rewards, GAE, advantages whitened over the global batch.
             let (mut rewards, token_kl) = shaped_rewards(&experience, kl.coef, c.kl_estimator);
             if c.whiten_rewards {
-                rewards = whiten(&rewards, &mask, false);
+                rewards = whiten_over_ranks(&rewards, &mask, false, trainer.group())?;
             }
             let (advantages, returns) = gae(&rewards, &experience.values, &mask, c.gamma, c.lam);
-            experience.advantages = whiten(&advantages, &mask, true);
+            experience.advantages = whiten_over_ranks(&advantages, &mask, true, trainer.group())?;
             experience.returns = returns;
             experience.rewards = rewards;
             let rollout_seconds = rollout_started.elapsed().as_secs_f64();
 
-            // 5. PPO epochs over shuffled minibatches, each one update of both models.
+            // 5. PPO epochs over shuffled minibatches, each one update of both models (on
+            //    each rank its share of the minibatch).
             let train_started = Instant::now();
             let mut shuffle = seeded_rng(step_seed ^ 0x5eed);
             let (mut updates, mut grad_norms) = (Vec::new(), Vec::new());
             for _epoch in 0..c.ppo_epochs {
-                let mut permutation: Vec<i64> = (0..batch_size as i64).collect();
+                let mut permutation: Vec<i64> = (0..rows.len() as i64).collect();
                 permutation.shuffle(&mut shuffle);
-                for indices in permutation.chunks(minibatch_size) {
+                for indices in permutation.chunks(minibatch_size / world) {
                     let minibatch = experience.index_select(&Tensor::from_slice(indices));
                     policy_adamw.zero_grad();
                     value_adamw.zero_grad();
@@ -294,34 +315,44 @@ impl Stage for Ppo {
             }
             let train_seconds = train_started.elapsed().as_secs_f64();
 
-            // 6. Statistics, the KL controller, the trainer's step.
+            // 6. Statistics of the global batch (each rank's sums, added over the ranks), the
+            //    KL controller, the trainer's step.
             let episodes = batch_size as f64;
-            let per_episode = |t: &Tensor| t.sum(Kind::Double).double_value(&[]) / episodes;
-            let mean_kl = per_episode(&token_kl);
-            let tokens = experience.response_tokens() as u64;
-            let sequence_tokens = experience.attention_mask.sum(Kind::Int64).int64_value(&[]) as f64;
+            let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
+            let mut sums = vec![
+                sum(&token_kl),
+                sum(&(-&experience.log_probs * &mask)),
+                scores.iter().sum::<f64>(),
+                sampled.finishes.iter().filter(|f| **f == Finish::StopToken).count() as f64,
+                experience.response_tokens() as f64,
+                experience.attention_mask.sum(Kind::Int64).int64_value(&[]) as f64,
+            ];
+            sums.extend(scored.parts.iter().map(|(_, s)| s.iter().sum::<f64>()));
+            let sums = data_parallel::reduce_values(trainer.group(), &sums, ReduceOp::Sum)?;
+            let (mean_kl, tokens, sequence_tokens) = (sums[0] / episodes, sums[4], sums[5]);
             let stats = PpoStats {
                 kl: mean_kl,
-                entropy: per_episode(&(-&experience.log_probs * &mask)),
+                entropy: sums[1] / episodes,
                 non_score_reward: -kl.coef * mean_kl,
-                scores: scores.iter().sum::<f64>() / episodes,
+                scores: sums[2] / episodes,
                 score_parts: scored
                     .parts
                     .iter()
-                    .map(|(name, s)| (name.clone(), s.iter().sum::<f64>() / episodes))
+                    .zip(&sums[6..])
+                    .map(|((name, _), s)| (name.clone(), s / episodes))
                     .collect(),
-                num_eos_tokens: sampled.finishes.iter().filter(|f| **f == Finish::StopToken).count(),
-                response_length: tokens as f64 / episodes,
+                num_eos_tokens: sums[3] as usize,
+                response_length: tokens / episodes,
                 kl_coef: kl.coef,
-                updates: stats::mean(&updates),
-                first: updates.first().copied().unwrap_or_default(),
-                rollout_tokens_per_s: tokens as f64 / rollout_seconds,
+                updates: stats::mean_over_ranks(&updates, trainer.group())?,
+                first: stats::mean_over_ranks(&updates[..updates.len().min(1)], trainer.group())?,
+                rollout_tokens_per_s: tokens / rollout_seconds,
                 train_tokens_per_s: sequence_tokens * c.ppo_epochs as f64 / train_seconds,
                 dropped_prompts,
             };
             kl.update(mean_kl, batch_size);
             let grad_norm = grad_norms.iter().sum::<f64>() / grad_norms.len().max(1) as f64;
-            trainer.end_step(stats.updates.loss, grad_norm, tokens, batch_size);
+            trainer.end_step(stats.updates.loss, grad_norm, tokens as u64, batch_size);
             if step % training.log_every == 0 || step == max_steps {
                 stats.log(ctx, step);
                 log_samples(ctx, step, &pairs, &scores, c.samples);

@@ -1,5 +1,6 @@
 //! What one PPO iteration reports, and the one place it becomes TensorBoard tags —
 //! TRL's names, so a plumb run and a TRL run can be compared tag for tag.
+use plumb_core::dist::{data_parallel, DistError, ProcessGroup};
 use plumb_core::rollout::MinibatchStats;
 use plumb_core::RunContext;
 
@@ -80,4 +81,16 @@ pub fn mean(all: &[MinibatchStats]) -> MinibatchStats {
         entropy: sum(|s| s.entropy),
         ratio: sum(|s| s.ratio),
     }
+}
+
+/// [`mean`] of this rank's `all`, then averaged over the ranks of `group` (every rank
+/// makes as many updates of equal minibatches, so this is the mean over the global batch).
+pub fn mean_over_ranks(all: &[MinibatchStats], group: Option<&ProcessGroup>) -> Result<MinibatchStats, DistError> {
+    let m = mean(all);
+    let fields = [m.loss, m.policy_loss, m.value_loss, m.approx_kl, m.clipfrac, m.value_clipfrac, m.entropy, m.ratio];
+    let Some(group) = group else { return Ok(m) };
+    let [loss, policy_loss, value_loss, approx_kl, clipfrac, value_clipfrac, entropy, ratio] =
+        <[f64; 8]>::try_from(data_parallel::average_values(group, &fields)?)
+            .map_err(|v| DistError::Invalid(format!("{} statistics came back of 8 averaged", v.len())))?;
+    Ok(MinibatchStats { loss, policy_loss, value_loss, approx_kl, clipfrac, value_clipfrac, entropy, ratio })
 }
