@@ -199,17 +199,28 @@ fn shipped_lines(dir: &std::path::Path, file: &str, n: usize) -> std::path::Path
     path
 }
 
-/// What one run of stage `stage` of `recipe` on `nproc` ranks into `dir/out` leaves:
-/// TensorBoard's events and the report's metrics.
-fn run_ranks(dir: &std::path::Path, recipe: &std::path::Path, stage: &str, nproc: usize, out: &str) -> Ranked {
+/// `plumb run` of `recipe` into `dir/out` on `nproc` ranks, with `extra` arguments; its output.
+fn run_in(
+    dir: &std::path::Path,
+    recipe: &std::path::Path,
+    out: &str,
+    nproc: usize,
+    extra: &[&str],
+) -> std::process::Output {
     let output_dir = format!("run.output_dir={out}");
     let nproc = nproc.to_string();
     let mut args = vec!["run", recipe.to_str().unwrap(), &output_dir];
     if nproc != "1" {
         args.extend(["--nproc", &nproc]);
     }
-    let output = plumb_with_env(dir, &args, &[("PLUMB_DIST_TIMEOUT", "60")]);
-    assert_exit(&output, 0);
+    args.extend(extra);
+    plumb_with_env(dir, &args, &[("PLUMB_DIST_TIMEOUT", "60")])
+}
+
+/// What one run of stage `stage` of `recipe` on `nproc` ranks into `dir/out` leaves:
+/// TensorBoard's events and the report's metrics.
+fn run_ranks(dir: &std::path::Path, recipe: &std::path::Path, stage: &str, nproc: usize, out: &str) -> Ranked {
+    assert_exit(&run_in(dir, recipe, out, nproc, &[]), 0);
     let run = dir.join(out);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join(stage).join("report.json")).unwrap()).unwrap();
@@ -359,24 +370,6 @@ fn rl_recipe(
     let path = dir.join(format!("{stage}.yaml"));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-/// `plumb run` of `recipe` into `dir/out` on `nproc` ranks, with `extra` arguments; its output.
-fn run_in(
-    dir: &std::path::Path,
-    recipe: &std::path::Path,
-    out: &str,
-    nproc: usize,
-    extra: &[&str],
-) -> std::process::Output {
-    let output_dir = format!("run.output_dir={out}");
-    let nproc = nproc.to_string();
-    let mut args = vec!["run", recipe.to_str().unwrap(), &output_dir];
-    if nproc != "1" {
-        args.extend(["--nproc", &nproc]);
-    }
-    args.extend(extra);
-    plumb_with_env(dir, &args, &[("PLUMB_DIST_TIMEOUT", "60")])
 }
 
 /// Data-parallel PPO: 2 ranks each roll out half of every global batch of 6 episodes; the
