@@ -522,3 +522,90 @@ fn a_killed_rank_ends_the_run_within_the_timeout_naming_the_rank() {
 fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Ranks started by hand with torchrun's variables (as on several nodes, no launcher to
+/// watch them): when rank 2 is killed in the middle of training, the others end within the
+/// timeout, each with an error that names rank 2 (its heartbeat stopped).
+#[test]
+fn ranks_without_a_launcher_name_the_rank_that_was_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 200);
+    let stages = tiny_pretrain_stage("pretrain", &corpus, 100_000);
+    let recipe = dir.path().join("recipe.yaml");
+    let text =
+        format!("run:\n  output_dir: run\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}");
+    std::fs::write(&recipe, text).unwrap();
+    let port = free_port().to_string();
+    let logs: Vec<_> = (0..3).map(|rank| dir.path().join(format!("rank{rank}.txt"))).collect();
+    let mut ranks: Vec<std::process::Child> = (0..3)
+        .map(|rank| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_plumb"))
+                .args(["run", recipe.to_str().unwrap()])
+                .current_dir(dir.path())
+                .env_remove("PLUMB_PLUGIN_PATH")
+                .envs([("RANK", rank.to_string()), ("LOCAL_RANK", rank.to_string())])
+                .envs([("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+                .env("PLUMB_DIST_TIMEOUT", "20")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&logs[rank]).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    let events = dir.path().join("run/tb/pretrain");
+    while !std::fs::read_dir(&events).is_ok_and(|mut d| d.next().is_some())
+        || started.elapsed() < Duration::from_secs(3)
+    {
+        if started.elapsed() > Duration::from_secs(60) || ranks.iter_mut().any(|r| r.try_wait().unwrap().is_some()) {
+            ranks.iter_mut().for_each(|r| drop(r.kill()));
+            panic!("training did not start, or a rank ended early:\n{}", read(&logs[0]));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    ranks[2].kill().unwrap();
+    let killed_at = Instant::now();
+    for rank in 0..2 {
+        let status = loop {
+            if let Some(status) = ranks[rank].try_wait().unwrap() {
+                break status;
+            }
+            if killed_at.elapsed() > Duration::from_secs(60) {
+                ranks.iter_mut().for_each(|r| drop(r.kill()));
+                panic!("rank {rank} hangs 60 s after rank 2 was killed:\n{}", read(&logs[rank]));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text = read(&logs[rank]);
+        assert!(killed_at.elapsed() < Duration::from_secs(30), "took {:?}:\n{text}", killed_at.elapsed());
+        assert_eq!(status.code(), Some(1), "{text}");
+        assert!(text.contains("failed: ") && text.contains("rank 2 stopped answering (no heartbeat for "), "{text}");
+    }
+    let _ = ranks[2].wait();
+}
+
+/// Under torchrun (the real one, from the test Python's torch) the ranks use the store
+/// torchrun's agent serves: rank 0 does not try to serve one of its own on MASTER_PORT, and
+/// the stages' groups form and reduce.
+#[test]
+fn runs_under_torchrun_with_its_agent_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = recipe(dir.path(), "  - name: first\n    uses: probe.collective\n");
+    let out = std::process::Command::new(python())
+        .args(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python"])
+        .args(["--master-addr", "127.0.0.1", "--master-port", &free_port().to_string()])
+        .args([env!("CARGO_BIN_EXE_plumb"), "run", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env_remove("PLUMB_PLUGIN_PATH")
+        .env("PLUMB_DIST_TIMEOUT", "30")
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(report(dir.path(), "first")["metrics"], serde_json::json!({"rank": 0.0, "world_size": 2.0, "sum": 3.0}));
+    assert!(!stderr(&out).contains("failed to bind"), "rank 0 tried to serve a store:\n{}", stderr(&out));
+}

@@ -108,6 +108,23 @@ int plumb_dist_store_new(const char* host, int port, bool serve, int workers, in
 
 void plumb_dist_store_free(void* store) { delete static_cast<c10::intrusive_ptr<c10d::Store>*>(store); }
 
+// Adds `delta` to the counter at `key` (created at 0) and writes its new value to `out`: a
+// heartbeat with 1, a read with 0.
+int plumb_dist_store_add(void* store, const char* key, int64_t delta, int64_t* out) {
+  return guarded([&] { *out = (*static_cast<c10::intrusive_ptr<c10d::Store>*>(store))->add(key, delta); });
+}
+
+// Reads the `n` counters at `keys` (each made by plumb_dist_store_add) in one round trip.
+int plumb_dist_store_counters(void* store, const char* const* keys, int n, int64_t* out) {
+  return guarded([&] {
+    std::vector<std::string> names(keys, keys + n);
+    auto values = (*static_cast<c10::intrusive_ptr<c10d::Store>*>(store))->multiGet(names);
+    for (int i = 0; i < n; ++i) {
+      out[i] = std::stoll(std::string(values[i].begin(), values[i].end()));
+    }
+  });
+}
+
 // A Gloo process group of `size` ranks, this one `rank`, meeting through `store` under the
 // key prefix `prefix` (each group of a run its own, as torch.distributed's PrefixStore). Its
 // rendezvous, and every collective after, fail after `timeout_ms` when a peer does not take

@@ -300,7 +300,8 @@ fn zero1(group: &ProcessGroup) {
 }
 
 /// Rank 2 leaves after the first barrier; the others' next collective fails (Gloo sees the
-/// connection close) with an error naming the operation and their rank, and they exit cleanly.
+/// connection close) with an error naming the operation, their rank, and rank 2 (its
+/// heartbeat stopped), and they exit cleanly.
 fn rank_2_dies(group: &ProcessGroup) {
     group.barrier().unwrap();
     if group.rank() == 2 {
@@ -312,6 +313,8 @@ fn rank_2_dies(group: &ProcessGroup) {
     eprintln!("rank {} saw: {err}", group.rank());
     assert!(matches!(err, DistError::Collective { op: "all-reduce", .. }), "{err}");
     assert!(err.to_string().starts_with(&format!("rank {} of 3: all-reduce failed", group.rank())), "{err}");
+    assert!(err.to_string().contains("; rank 2 stopped answering (no heartbeat for "), "{err}");
+    assert!(!err.to_string().contains("rank 1 stopped") && !err.to_string().contains("rank 0 stopped"), "{err}");
 }
 
 #[test]
@@ -324,6 +327,7 @@ fn a_rank_alone_times_out_naming_its_rank_and_the_address() {
         master_addr: "127.0.0.1".into(),
         master_port: port,
         timeout: Duration::from_secs(2),
+        agent_store: None,
     };
     let start = Instant::now();
     let err = ProcessGroup::join(&rendezvous).err().expect("rank 1 never comes").to_string();

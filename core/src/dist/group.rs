@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tch::Tensor;
 
+use super::heartbeat::Heartbeat;
 use super::{DistError, Rendezvous};
 
 extern "C" {
@@ -20,6 +21,8 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> c_int;
     fn plumb_dist_store_free(store: *mut c_void);
+    fn plumb_dist_store_add(store: *mut c_void, key: *const c_char, delta: i64, out: *mut i64) -> c_int;
+    fn plumb_dist_store_counters(store: *mut c_void, keys: *const *const c_char, n: c_int, out: *mut i64) -> c_int;
     fn plumb_dist_gloo_new(
         store: *mut c_void,
         prefix: *const c_char,
@@ -90,8 +93,9 @@ unsafe impl Send for Store {}
 impl Store {
     /// Rank 0 serves the store at the rendezvous address and waits until all ranks have
     /// connected; the others connect to it. Either fails after the rendezvous timeout.
+    /// Under torchrun's agent store every rank connects to the store torchrun serves.
     pub fn rendezvous(rendezvous: &Rendezvous) -> Result<Self, DistError> {
-        let serve = rendezvous.rank == 0;
+        let serve = rendezvous.rank == 0 && rendezvous.agent_store.is_none();
         Self::open(rendezvous, serve, rendezvous.world_size)
     }
 
@@ -121,6 +125,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Adds `delta` to the counter at `key` (created at 0); its new value.
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64, DistError> {
+        let name = c_string(key, "store key")?;
+        let mut value = 0;
+        // SAFETY: `raw` is a live store; `name` outlives the call; `value` receives the count.
+        let code = unsafe { plumb_dist_store_add(self.raw, name.as_ptr(), delta, &mut value) };
+        self.result(code, value)
+    }
+
+    /// The counters at `keys` (each made by [`add`](Self::add)), in one round trip.
+    pub fn counters(&self, keys: &[String]) -> Result<Vec<i64>, DistError> {
+        let names = keys.iter().map(|k| c_string(k, "store key")).collect::<Result<Vec<_>, _>>()?;
+        let pointers: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+        let mut values = vec![0i64; keys.len()];
+        // SAFETY: `raw` is a live store; the names outlive the call; `values` has a slot per key.
+        let code =
+            unsafe { plumb_dist_store_counters(self.raw, pointers.as_ptr(), keys.len() as c_int, values.as_mut_ptr()) };
+        self.result(code, values)
+    }
+
+    fn result<T>(&self, code: c_int, value: T) -> Result<T, DistError> {
+        if code == 0 {
+            return Ok(value);
+        }
+        Err(DistError::Invalid(format!("the store at {}: {}", self.address, last_error())))
+    }
+}
+
 /// The error of a failed join of `rendezvous` at `address`, with the shim's message.
 fn join_error(rendezvous: &Rendezvous, address: String) -> DistError {
     DistError::Join {
@@ -146,6 +179,8 @@ pub struct ProcessGroup {
     raw: *mut c_void,
     rank: usize,
     world_size: usize,
+    /// Names the rank that stopped when a collective fails (none in a world of one).
+    heartbeat: Option<Heartbeat>,
 }
 
 // SAFETY: c10d's process groups are thread-safe (PyTorch calls them from any thread); the
@@ -162,9 +197,19 @@ impl ProcessGroup {
     }
 
     /// A Gloo group of the rendezvous's ranks over `store`, its keys under `prefix`: every
-    /// rank passes the same prefix, and each group of a run has a prefix of its own.
+    /// rank passes the same prefix, and each group of a run has a prefix of its own. Each
+    /// rank's heartbeat ([`Heartbeat`]) runs over a connection of its own.
     pub fn gloo(store: &Store, prefix: &str, rendezvous: &Rendezvous) -> Result<Self, DistError> {
-        let prefix = c_string(&format!("{prefix}/"), "group prefix")?;
+        let (rank, world_size) = (rendezvous.rank, rendezvous.world_size);
+        let keys = format!("{}{prefix}/", rendezvous.key_prefix());
+        let beating = if world_size > 1 {
+            let connection = Store::connect(rendezvous)?;
+            Heartbeat::first_beat(&connection, &keys, rank)?;
+            Some(connection)
+        } else {
+            None
+        };
+        let prefix = c_string(&keys, "group prefix")?;
         let master = c_string(&rendezvous.master_addr, "MASTER_ADDR")?;
         let mut raw = std::ptr::null_mut();
         // SAFETY: the strings outlive the call; `store.raw` is a live store (the group takes
@@ -174,8 +219,8 @@ impl ProcessGroup {
                 store.raw,
                 prefix.as_ptr(),
                 master.as_ptr(),
-                rendezvous.rank as c_int,
-                rendezvous.world_size as c_int,
+                rank as c_int,
+                world_size as c_int,
                 millis(rendezvous.timeout),
                 &mut raw,
             )
@@ -183,7 +228,10 @@ impl ProcessGroup {
         if code != 0 {
             return Err(join_error(rendezvous, store.address.clone()));
         }
-        Ok(Self { raw, rank: rendezvous.rank, world_size: rendezvous.world_size })
+        // Every rank has beaten once: the group's rendezvous needed them all.
+        let store_owner = if rendezvous.agent_store.is_some() { "torchrun's agent" } else { "rank 0" };
+        let heartbeat = beating.map(|c| Heartbeat::watch(c, &keys, rank, world_size, store_owner));
+        Ok(Self { raw, rank, world_size, heartbeat })
     }
 
     pub fn rank(&self) -> usize {
@@ -198,7 +246,11 @@ impl ProcessGroup {
         if code == 0 {
             return Ok(());
         }
-        Err(DistError::Collective { rank: self.rank, world_size: self.world_size, op, message: last_error() })
+        let mut message = last_error();
+        if let Some(heartbeat) = &self.heartbeat {
+            message.push_str(&heartbeat.diagnosis());
+        }
+        Err(DistError::Collective { rank: self.rank, world_size: self.world_size, op, message })
     }
 
     fn expect_world(&self, op: &'static str, count: usize, what: &str) -> Result<(), DistError> {
@@ -272,6 +324,7 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
+        self.heartbeat = None;
         // SAFETY: `raw` came from plumb_dist_gloo_new and is freed once.
         unsafe { plumb_dist_free(self.raw) }
     }

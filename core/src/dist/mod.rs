@@ -4,6 +4,7 @@
 //! environment variables; [`Rendezvous::from_env`]).
 pub mod data_parallel;
 mod group;
+mod heartbeat;
 
 use std::time::Duration;
 
@@ -46,6 +47,11 @@ pub struct Rendezvous {
     pub master_port: u16,
     /// How long a rank waits for the others, at the rendezvous and in every collective.
     pub timeout: Duration,
+    /// Under torchrun, its agent serves the store (`TORCHELASTIC_USE_AGENT_STORE`): every
+    /// rank connects to it, and keeps its keys under this restart attempt's prefix
+    /// (`TORCHELASTIC_RESTART_COUNT`), as `torch.distributed` does.
+    #[serde(default)]
+    pub agent_store: Option<u32>,
 }
 
 impl Rendezvous {
@@ -119,6 +125,19 @@ impl Rendezvous {
                     expected: "a positive number of seconds".into(),
                 })?,
         };
+        let agent_store = match var("TORCHELASTIC_USE_AGENT_STORE") {
+            Some(flag) if flag.trim().eq_ignore_ascii_case("true") || flag.trim() == "1" => {
+                Some(match var("TORCHELASTIC_RESTART_COUNT") {
+                    None => 0,
+                    Some(value) => value.trim().parse::<u32>().map_err(|_| DistError::Env {
+                        var: "TORCHELASTIC_RESTART_COUNT",
+                        value,
+                        expected: "a whole number".into(),
+                    })?,
+                })
+            }
+            _ => None,
+        };
         Ok(Some(Self {
             rank,
             world_size,
@@ -126,12 +145,20 @@ impl Rendezvous {
             master_addr: master_addr.trim().to_owned(),
             master_port,
             timeout,
+            agent_store,
         }))
     }
 
     /// `host:port` of the store.
     pub fn address(&self) -> String {
         format!("{}:{}", self.master_addr, self.master_port)
+    }
+
+    /// What this run's keys in the store start with: nothing in a store of its own; under
+    /// torchrun's agent store, the restart attempt's `/worker/attempt_N/` (as
+    /// `torch.distributed` keeps them), so a restarted attempt never reads the last one's.
+    pub fn key_prefix(&self) -> String {
+        self.agent_store.map(|attempt| format!("/worker/attempt_{attempt}/")).unwrap_or_default()
     }
 }
 
@@ -165,6 +192,23 @@ mod tests {
         assert_eq!((r.rank, r.world_size, r.local_rank, r.master_port), (3, 8, 1, 29500));
         assert_eq!(r.address(), "10.0.0.2:29500");
         assert_eq!(r.timeout, Duration::from_millis(2500));
+        assert_eq!((r.agent_store, r.key_prefix()), (None, String::new()));
+    }
+
+    #[test]
+    fn under_torchrun_the_agent_serves_the_store() {
+        let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "29500")];
+        let with = |extra: &[(&str, &str)]| {
+            let pairs: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+            Rendezvous::from_vars(vars(&pairs))
+        };
+        let r =
+            with(&[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "2")]).unwrap().unwrap();
+        assert_eq!((r.agent_store, r.key_prefix().as_str()), (Some(2), "/worker/attempt_2/"));
+        let r = with(&[("TORCHELASTIC_USE_AGENT_STORE", "False")]).unwrap().unwrap();
+        assert_eq!(r.agent_store, None);
+        let err = with(&[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "x")]).unwrap_err();
+        assert!(err.to_string().starts_with("TORCHELASTIC_RESTART_COUNT=\"x\""), "{err}");
     }
 
     #[test]

@@ -196,6 +196,9 @@ pub struct Trainer<'a, 'h> {
     group: Option<ProcessGroup>,
     /// Bytes of optimizer state this rank holds, once [`Trainer::restore`] saw the optimizers.
     optimizer_state_bytes: Option<usize>,
+    /// The error of the ranks' stop agreement when a peer failed: the run stops (saving
+    /// its checkpoint) and [`Trainer::stop`] returns it instead of a stop on request.
+    peer_failure: std::cell::RefCell<Option<crate::dist::DistError>>,
 }
 
 impl<'a, 'h> Trainer<'a, 'h> {
@@ -261,6 +264,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
             recomputed_before: recompute::recomputed_blocks(),
             group,
             optimizer_state_bytes: None,
+            peer_failure: Default::default(),
         })
     }
 
@@ -402,16 +406,22 @@ impl<'a, 'h> Trainer<'a, 'h> {
         match &self.group {
             None => asked,
             Some(group) => data_parallel::any(group, asked).unwrap_or_else(|e| {
-                // A peer is gone: stop here; the stage's next collective reports it.
-                tracing::error!("{e}");
+                // A peer is gone: stop here, and let `stop` report why.
+                *self.peer_failure.borrow_mut() = Some(e);
                 true
             }),
         }
     }
 
-    /// The error that ends a run stopped on request, after its checkpoint in `saved`.
+    /// The error that ends a run stopped on request (or by a failed peer), after its
+    /// checkpoint in `saved`.
     pub fn stop(&self, saved: PathBuf) -> Error {
-        tracing::warn!("stopped at step {} on request; resume from {} with --resume", self.state.step, saved.display());
+        let resume = format!("resume from {} with --resume", saved.display());
+        if let Some(failure) = self.peer_failure.borrow_mut().take() {
+            tracing::warn!("stopped at step {} as a peer failed; {resume}", self.state.step);
+            return Error::Dist(failure);
+        }
+        tracing::warn!("stopped at step {} on request; {resume}", self.state.step);
         Error::Cancelled
     }
 
