@@ -10,11 +10,15 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -206,6 +210,174 @@ int plumb_dist_barrier(void* group) {
   return guarded([&] {
     auto& g = *static_cast<Group*>(group);
     finish(g.backend->barrier());
+  });
+}
+
+// Gradient averaging overlapped with backward, as DistributedDataParallel does it: the
+// parameters are split into buckets in reverse order (the order backward reaches them),
+// and once every parameter of a bucket has its gradient accumulated (a post-accumulate-grad
+// hook on each), the bucket is flattened and its all-reduce starts on Gloo's threads while
+// backward goes on. Buckets start strictly in order, so every rank issues the same
+// collectives in the same order. Only an armed backward (the last of a step's accumulation)
+// starts them; `finish` starts what backward did not reach (parameters without a
+// gradient take part with zeros), waits, and writes the averages back into the gradients.
+}  // extern "C"
+
+namespace {
+struct GradSync {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  int size;
+  std::vector<at::Tensor> params;
+  std::vector<std::vector<int>> buckets;  // indices into params, in launch order
+  std::vector<int> bucket_of;             // param -> bucket
+  std::vector<int> waiting;               // per bucket: parameters still without a gradient
+  std::vector<bool> counted;              // per parameter: its gradient arrived in this backward
+  bool twice = false;                     // a gradient arrived twice: the early starts are void
+  std::vector<at::Tensor> flat;           // per bucket, once started
+  std::vector<c10::intrusive_ptr<c10d::Work>> work;
+  size_t next = 0;  // the next bucket to start
+  bool armed = false;
+  std::string error;
+  std::mutex mutex;
+
+  void start(size_t b) {
+    std::vector<at::Tensor> parts;
+    for (int i : buckets[b]) {
+      const auto& g = params[i].grad();
+      parts.push_back(g.defined() ? g.reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+    }
+    flat[b] = at::cat(parts);
+    std::vector<at::Tensor> one{flat[b]};
+    work[b] = backend->allreduce(one, c10d::AllreduceOptions{});
+  }
+
+  // Starts the buckets, in order, whose parameters are all ready.
+  void start_ready() {
+    while (next < buckets.size() && waiting[next] == 0) start(next++);
+  }
+
+  void ready(int index) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!armed) return;
+    if (counted[index]) {
+      // Accumulated twice in one backward (a parameter shared across checkpointed
+      // blocks, say): a bucket may have started with a partial gradient. `finish` redoes all.
+      twice = true;
+      return;
+    }
+    counted[index] = true;
+    try {
+      if (--waiting[bucket_of[index]] == 0 && !twice) start_ready();
+    } catch (const std::exception& e) {
+      if (error.empty()) error = e.what();
+    }
+  }
+};
+
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  GradSync* sync;
+  int index;
+  ReadyHook(GradSync* sync, int index) : sync(sync), index(index) {}
+  void operator()(const torch::autograd::Variable&) override { sync->ready(index); }
+};
+}  // namespace
+
+extern "C" {
+
+// A GradSync over the `n` parameters (leaf tensors that require grad), in buckets of at
+// most `bucket_bytes` (a larger tensor is a bucket of its own; one dtype per bucket).
+int plumb_dist_grad_sync_new(void* group, void* const* raw, int n, int64_t bucket_bytes, void** out) {
+  return guarded([&] {
+    auto& g = *static_cast<Group*>(group);
+    auto sync = std::make_unique<GradSync>();
+    sync->backend = g.backend;
+    sync->size = g.size;
+    sync->params = tensors(raw, n);
+    sync->bucket_of.assign(n, 0);
+    int64_t bytes = 0;
+    for (int i = n - 1; i >= 0; --i) {
+      const auto& p = sync->params[i];
+      TORCH_CHECK(p.is_leaf() && p.requires_grad(), "parameter ", i, " is not a leaf that requires grad");
+      int64_t size = p.numel() * static_cast<int64_t>(p.element_size());
+      bool fits = !sync->buckets.empty() && bytes + size <= bucket_bytes &&
+                  sync->params[sync->buckets.back().front()].scalar_type() == p.scalar_type();
+      if (!fits) {
+        sync->buckets.emplace_back();
+        bytes = 0;
+      }
+      sync->buckets.back().push_back(i);
+      sync->bucket_of[i] = static_cast<int>(sync->buckets.size()) - 1;
+      bytes += size;
+    }
+    sync->flat.resize(sync->buckets.size());
+    sync->work.resize(sync->buckets.size());
+    sync->waiting.assign(sync->buckets.size(), 0);
+    for (int i = 0; i < n; ++i) {
+      torch::autograd::impl::set_post_acc_grad_hooks(sync->params[i], std::make_unique<ReadyHook>(sync.get(), i));
+    }
+    *out = sync.release();
+  });
+}
+
+// Removes the hooks and frees the GradSync.
+void plumb_dist_grad_sync_free(void* raw) {
+  auto* sync = static_cast<GradSync*>(raw);
+  for (auto& p : sync->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  delete sync;
+}
+
+// Arms the next backward: its accumulated gradients are all-reduced as they are ready.
+int plumb_dist_grad_sync_arm(void* raw) {
+  return guarded([&] {
+    auto& sync = *static_cast<GradSync*>(raw);
+    std::lock_guard<std::mutex> lock(sync.mutex);
+    TORCH_CHECK(!sync.armed, "gradient sync armed twice without finishing");
+    for (size_t b = 0; b < sync.buckets.size(); ++b) {
+      sync.waiting[b] = static_cast<int>(sync.buckets[b].size());
+      sync.flat[b] = at::Tensor();
+      sync.work[b].reset();
+    }
+    sync.counted.assign(sync.params.size(), false);
+    sync.twice = false;
+    sync.next = 0;
+    sync.error.clear();
+    sync.armed = true;
+  });
+}
+
+// After the armed backward: starts the buckets it did not reach, waits for all, and
+// replaces each gradient with its average over the ranks (a parameter without a gradient
+// on this rank keeps none). `overlapped` receives how many buckets started during backward.
+int plumb_dist_grad_sync_finish(void* raw, int* overlapped) {
+  return guarded([&] {
+    auto& sync = *static_cast<GradSync*>(raw);
+    std::lock_guard<std::mutex> lock(sync.mutex);
+    TORCH_CHECK(sync.armed, "gradient sync finished without being armed");
+    sync.armed = false;
+    TORCH_CHECK(sync.error.empty(), sync.error);
+    *overlapped = static_cast<int>(sync.next);
+    if (sync.twice) {
+      // Let the early starts complete (every rank issued them), then start again from the
+      // whole gradients.
+      for (size_t b = 0; b < sync.next; ++b) finish(sync.work[b]);
+      sync.next = 0;
+      *overlapped = 0;
+    }
+    while (sync.next < sync.buckets.size()) sync.start(sync.next++);
+    at::NoGradGuard no_grad;
+    for (size_t b = 0; b < sync.buckets.size(); ++b) {
+      finish(sync.work[b]);
+      sync.flat[b].div_(sync.size);
+      int64_t offset = 0;
+      for (int i : sync.buckets[b]) {
+        auto& p = sync.params[i];
+        auto g = p.mutable_grad();
+        if (g.defined()) g.copy_(sync.flat[b].narrow(0, offset, p.numel()).view_as(g));
+        offset += p.numel();
+      }
+      sync.flat[b] = at::Tensor();
+      sync.work[b].reset();
+    }
   });
 }
 

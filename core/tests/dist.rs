@@ -215,6 +215,38 @@ fn gradients(group: &ProcessGroup) {
         let scale = h.abs().max().double_value(&[]).max(1e-12);
         assert!(diff <= 1e-5 * scale.max(1.0), "gradient differs by {diff} (largest {scale})");
     }
+
+    // Overlapped with backward: buckets of 1 KiB start their all-reduce as backward
+    // accumulates their gradients. Two micro-batches, the first only accumulating, the
+    // second armed, give the gradients that averaging after backward gives.
+    let (first, second) = share.split_at(share.len() / 2);
+    let accumulate = |rows: &[i64]| {
+        accumulate_gradients(&policy, &data, rows, 6, Device::Cpu, Precision::Fp32, HeadChunks::Whole).unwrap()
+    };
+    let mut sync = group.gradient_sync(&optimizer.parameters(), 1024).unwrap();
+    optimizer.zero_grad();
+    accumulate(first);
+    accumulate(second);
+    data_parallel::average_gradients(group, &optimizer.parameters()).unwrap();
+    let after: Vec<Tensor> = optimizer.parameters().iter().map(|p| p.grad().copy()).collect();
+    optimizer.zero_grad();
+    accumulate(first);
+    sync.arm().unwrap();
+    accumulate(second);
+    let overlapped = sync.finish(group).unwrap();
+    assert!(sync.buckets() >= 4, "{} buckets", sync.buckets());
+    assert!(overlapped == sync.buckets(), "{overlapped} of {} buckets started during backward", sync.buckets());
+    for (p, expected) in optimizer.parameters().iter().zip(&after) {
+        let diff = (p.grad() - expected).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "overlapped gradient differs by {diff}");
+    }
+    // Unarmed (a rank with nothing to back-propagate), every bucket starts in `finish`.
+    optimizer.zero_grad();
+    if group.rank() != 0 {
+        accumulate(share);
+        sync.arm().unwrap();
+    }
+    sync.finish(group).unwrap();
 }
 
 fn tiny_model(seed: i64) -> LlamaForCausalLm {

@@ -43,6 +43,11 @@ fn buckets<'t>(tensors: &[&'t Tensor], bucket_bytes: usize) -> Vec<Vec<&'t Tenso
     out
 }
 
+/// How many buckets [`buckets`] makes of `tensors`.
+pub(super) fn bucket_count(tensors: &[&Tensor], bucket_bytes: usize) -> usize {
+    buckets(tensors, bucket_bytes).len()
+}
+
 /// Runs `collective` on each bucket of `tensors` flattened into one contiguous tensor, then
 /// copies the results back into the tensors.
 fn bucketed(

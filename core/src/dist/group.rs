@@ -43,6 +43,16 @@ extern "C" {
         op: c_int,
     ) -> c_int;
     fn plumb_dist_barrier(group: *mut c_void) -> c_int;
+    fn plumb_dist_grad_sync_new(
+        group: *mut c_void,
+        parameters: *const *mut c_void,
+        n: c_int,
+        bucket_bytes: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn plumb_dist_grad_sync_free(sync: *mut c_void);
+    fn plumb_dist_grad_sync_arm(sync: *mut c_void) -> c_int;
+    fn plumb_dist_grad_sync_finish(sync: *mut c_void, overlapped: *mut c_int) -> c_int;
 }
 
 /// The C++ message of the last failed `plumb_dist_*` call on this thread.
@@ -319,6 +329,84 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<(), DistError> {
         // SAFETY: `raw` is a live group.
         self.check(unsafe { plumb_dist_barrier(self.raw) }, "barrier")
+    }
+}
+
+/// Gradients averaged over the ranks while backward runs (as DistributedDataParallel does):
+/// hooks on the parameters start each bucket's all-reduce as soon as backward has
+/// accumulated all of its gradients, so communication overlaps the rest of backward. Buckets
+/// are formed in reverse parameter order (the order backward reaches them) and start
+/// strictly in order, so every rank issues the same collectives.
+///
+/// [`arm`](Self::arm) before the backward that ends the accumulation (the earlier ones only
+/// accumulate), then [`finish`](Self::finish) after it: it starts what backward did not
+/// reach (parameters without a gradient take part with zeros and keep none), waits, and
+/// leaves each gradient its mean over the ranks.
+pub struct GradientSync {
+    raw: *mut c_void,
+    armed: bool,
+    buckets: usize,
+}
+
+// SAFETY: the C++ object guards its state with a mutex (its hooks run on autograd's thread);
+// the handle is freed once, by Drop.
+unsafe impl Send for GradientSync {}
+
+impl ProcessGroup {
+    /// A [`GradientSync`] over `parameters` (leaves that require grad) in buckets of at most
+    /// `bucket_bytes`. The parameters keep its hooks until it is dropped.
+    pub fn gradient_sync(&self, parameters: &[&Tensor], bucket_bytes: usize) -> Result<GradientSync, DistError> {
+        let raw = parameters.iter().map(|t| t.as_ptr() as *mut c_void).collect::<Vec<_>>();
+        let bytes = i64::try_from(bucket_bytes).unwrap_or(i64::MAX);
+        let mut sync = std::ptr::null_mut();
+        // SAFETY: `raw` points at live tensors for the call (the C++ side keeps its own
+        // references); `sync` receives a new handle.
+        let code = unsafe { plumb_dist_grad_sync_new(self.raw, raw.as_ptr(), raw.len() as c_int, bytes, &mut sync) };
+        self.check(code, "gradient sync")?;
+        let mut sizes: Vec<&Tensor> = parameters.to_vec();
+        sizes.reverse();
+        let buckets = super::data_parallel::bucket_count(&sizes, bucket_bytes);
+        Ok(GradientSync { raw: sync, armed: false, buckets })
+    }
+}
+
+impl GradientSync {
+    /// The next backward's gradients start their all-reduce as backward accumulates them.
+    pub fn arm(&mut self) -> Result<(), DistError> {
+        if self.armed {
+            return Ok(());
+        }
+        // SAFETY: `raw` is a live GradientSync.
+        if unsafe { plumb_dist_grad_sync_arm(self.raw) } != 0 {
+            return Err(DistError::Invalid(format!("arming the gradient all-reduce: {}", last_error())));
+        }
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Ends the armed backward's all-reduce (arming first if nothing did: then every bucket
+    /// starts here) and averages the gradients. Returns how many of the buckets started
+    /// during backward.
+    pub fn finish(&mut self, group: &ProcessGroup) -> Result<usize, DistError> {
+        self.arm()?;
+        self.armed = false;
+        let mut overlapped: c_int = 0;
+        // SAFETY: `raw` is a live, armed GradientSync; `overlapped` receives a count.
+        let code = unsafe { plumb_dist_grad_sync_finish(self.raw, &mut overlapped) };
+        group.check(code, "all-reduce")?;
+        Ok(overlapped.max(0) as usize)
+    }
+
+    /// How many buckets the gradients are reduced in.
+    pub fn buckets(&self) -> usize {
+        self.buckets
+    }
+}
+
+impl Drop for GradientSync {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from plumb_dist_grad_sync_new and is freed once (it removes its hooks).
+        unsafe { plumb_dist_grad_sync_free(self.raw) }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use group::{ProcessGroup, ReduceOp, Store};
+pub use group::{GradientSync, ProcessGroup, ReduceOp, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {

@@ -11,7 +11,9 @@
 //!         return Err(trainer.stop(trainer.save_checkpoint(&parts, &tokenizer, max_len, data)?));
 //!     }
 //!     trainer.start_step(&mut [&mut optimizer]);               // learning rate, zero_grad
-//!     let loss = /* forward and backward over the micro-batches */;
+//!     for (i, micro_batch) in micro_batches.iter().enumerate() {
+//!         trainer.backward(&micro_loss(micro_batch), i + 1 == micro_batches.len())?;
+//!     }
 //!     if !trainer.finish_step(&mut [&mut optimizer], loss, tokens, batch_size)? {
 //!         continue;                                            // skipped: non-finite
 //!     }
@@ -23,11 +25,13 @@
 //!
 //! In a distributed run (`plumb run --nproc N`, torchrun) the same loop is data-parallel:
 //! [`Trainer::restore`] gives every rank rank 0's parameters, each rank computes the
-//! gradients of its share of the global batch ([`Trainer::shard`]), [`Trainer::finish_step`]
-//! and [`Trainer::update`] average them over the ranks in buckets before clipping (so every
-//! rank takes the same step) and report the global loss, tokens and batch, the ranks agree
-//! on stopping, and rank 0 alone writes checkpoints and the final model (the host makes the
-//! ranks meet at the end of the stage, and only rank 0 logs).
+//! gradients of its share of the global batch ([`Trainer::shard`]), the gradients are averaged
+//! over the ranks in buckets before clipping (so every rank takes the same step), each
+//! bucket's all-reduce starting during the backward [`Trainer::backward`] marks the last and
+//! ending in [`Trainer::finish_step`] or [`Trainer::update`], which also report the global
+//! loss, tokens and batch; the ranks agree on stopping, and rank 0 alone writes checkpoints
+//! and the final model (the host makes the ranks meet at the end of the stage, and only
+//! rank 0 logs).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -39,7 +43,7 @@ use crate::checkpoint::training::{load_tensors, remove_leftovers_of, Checkpoints
 use crate::checkpoint::{read_json, save_safetensors, write_dir_atomically, write_json};
 use crate::data::stream::StreamState;
 use crate::data::BatchOrder;
-use crate::dist::{data_parallel, ProcessGroup};
+use crate::dist::{data_parallel, GradientSync, ProcessGroup};
 use crate::error::{Error, Result};
 use crate::model::{recompute, SaveHf};
 use crate::optim::{clip_grad_norm, AdamW, Optimizer, Schedule};
@@ -199,6 +203,9 @@ pub struct Trainer<'a, 'h> {
     /// The error of the ranks' stop agreement when a peer failed: the run stops (saving
     /// its checkpoint) and [`Trainer::stop`] returns it instead of a stop on request.
     peer_failure: std::cell::RefCell<Option<crate::dist::DistError>>,
+    /// In a distributed run, once [`Trainer::restore`] saw the optimizers: the gradients'
+    /// all-reduce, overlapped with the backward that [`Trainer::backward`] marks the last.
+    gradient_sync: Option<GradientSync>,
 }
 
 impl<'a, 'h> Trainer<'a, 'h> {
@@ -265,6 +272,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
             group,
             optimizer_state_bytes: None,
             peer_failure: Default::default(),
+            gradient_sync: None,
         })
     }
 
@@ -281,10 +289,27 @@ impl<'a, 'h> Trainer<'a, 'h> {
     }
 
     /// Every rank starts from rank 0's parameters.
-    fn sync_parameters(&self, optimizers: &[&AdamW]) -> Result<()> {
+    /// Gives every rank rank 0's parameters, and hooks the gradients' all-reduce onto them.
+    fn sync_parameters(&mut self, optimizers: &[&AdamW]) -> Result<()> {
         let Some(group) = &self.group else { return Ok(()) };
         let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
-        Ok(data_parallel::broadcast_parameters(group, &parameters)?)
+        data_parallel::broadcast_parameters(group, &parameters)?;
+        let trained: Vec<&tch::Tensor> = parameters.into_iter().filter(|p| p.requires_grad()).collect();
+        self.gradient_sync = None; // its hooks first, before new ones
+        self.gradient_sync = Some(group.gradient_sync(&trained, data_parallel::BUCKET_BYTES)?);
+        Ok(())
+    }
+
+    /// Back-propagates `loss`, accumulating into the gradients. `last`: no backward follows
+    /// before the gradients are used (by [`Trainer::finish_step`] or [`Trainer::update`]); in
+    /// a distributed run its gradients then start their all-reduce as backward reaches them,
+    /// overlapping communication with the rest of backward. (A plain `loss.backward()` is
+    /// correct too; its gradients are reduced after backward.)
+    pub fn backward(&mut self, loss: &tch::Tensor, last: bool) -> Result<()> {
+        if let Some(sync) = self.gradient_sync.as_mut().filter(|_| last) {
+            sync.arm()?;
+        }
+        Ok(loss.f_backward()?)
     }
 
     /// Shards `optimizers` when the recipe asks for ZeRO-1 and the run is distributed, and
@@ -320,15 +345,22 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// Averages the gradients of `optimizers`' parameters over the ranks, and the step's
     /// `loss`; sums `tokens` and `batch_size`. Unchanged when not distributed.
     fn reduce_step(
-        &self,
+        &mut self,
         optimizers: &[&mut AdamW],
         loss: f64,
         tokens: u64,
         batch_size: usize,
     ) -> Result<(f64, u64, usize)> {
         let Some(group) = &self.group else { return Ok((loss, tokens, batch_size)) };
-        let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
-        data_parallel::average_gradients(group, &parameters)?;
+        match &mut self.gradient_sync {
+            Some(sync) => {
+                sync.finish(group)?;
+            }
+            None => {
+                let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
+                data_parallel::average_gradients(group, &parameters)?;
+            }
+        }
         let world = group.world_size() as f64;
         let mean = data_parallel::average_values(group, &[loss, tokens as f64, batch_size as f64])?;
         Ok((mean[0], (mean[1] * world).round() as u64, (mean[2] * world).round() as usize))

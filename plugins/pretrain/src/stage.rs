@@ -232,8 +232,9 @@ impl<O: Objective> Stage for Pretraining<O> {
                 targets += n;
             }
             let mut loss = 0.0;
-            for sum in sums {
-                (&sum / targets as f64).backward();
+            let last = sums.len().saturating_sub(1);
+            for (i, sum) in sums.into_iter().enumerate() {
+                trainer.backward(&(&sum / targets as f64), i == last)?;
                 loss += sum.double_value(&[]) / targets as f64;
             }
             // Model input tokens, as hf_baseline.py counts them (the trainer sums the ranks').

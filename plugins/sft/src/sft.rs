@@ -270,10 +270,11 @@ impl Stage for Sft {
             let per_rank_targets = count_targets(&train, &rows) as f64 / ctx.world_size() as f64;
             let rows = &rows[trainer.shard(rows.len())];
             let mut loss = 0.0;
-            for chunk in rows.chunks(micro) {
+            let chunks = rows.len().div_ceil(micro);
+            for (i, chunk) in rows.chunks(micro).enumerate() {
                 let batch = collate(&train, chunk, device);
                 let sum = training.precision.forward(device, || target_loss_sum(policy.as_ref(), &batch))??;
-                (&sum / per_rank_targets).backward();
+                trainer.backward(&(&sum / per_rank_targets), i + 1 == chunks)?;
                 loss += sum.double_value(&[]) / per_rank_targets;
             }
             if !trainer.finish_step(&mut [&mut optimizer], loss, tokens_of(rows) as u64, rows.len())? {

@@ -313,9 +313,10 @@ impl Stage for Dpo {
             let batch = &batch[trainer.shard(batch.len())];
             let (mut loss, mut tokens) = (0.0, 0);
             let mut step_stats = DpoStats::default();
-            for chunk in batch.chunks(micro) {
+            let chunks = batch.len().div_ceil(micro);
+            for (i, chunk) in batch.chunks(micro).enumerate() {
                 let (sum, stats) = pairs_loss(&train, chunk, train_ref)?;
-                (&sum / per_rank_pairs).backward();
+                trainer.backward(&(&sum / per_rank_pairs), i + 1 == chunks)?;
                 loss += stats.loss_sum / per_rank_pairs;
                 step_stats.merge(&stats);
                 tokens += chunk.iter().map(|&i| train[i].tokens()).sum::<usize>();

@@ -286,11 +286,13 @@ impl Stage for Grpo {
                     let mut loss = 0.0;
                     if let Some(experience) = experience.as_ref().filter(|_| !rows.is_empty()) {
                         let minibatch = experience.index_select(&Tensor::from_slice(&rows));
-                        for part in minibatch.split(micro as i64) {
+                        let parts = minibatch.split(micro as i64);
+                        let last = parts.len().saturating_sub(1);
+                        for (i, part) in parts.into_iter().enumerate() {
                             let (part_loss, part_stats) = training
                                 .precision
                                 .forward(device, || micro_batch_loss(policy.as_ref(), &part, &settings, update))??;
-                            (part_loss * world).backward();
+                            trainer.backward(&(part_loss * world), i == last)?;
                             loss += part_stats.loss * world;
                             updates.push(part_stats);
                         }

@@ -299,12 +299,14 @@ impl Stage for Ppo {
                     policy_adamw.zero_grad();
                     value_adamw.zero_grad();
                     let mut loss = 0.0;
-                    for part in minibatch.split(micro as i64) {
+                    let parts = minibatch.split(micro as i64);
+                    let last = parts.len().saturating_sub(1);
+                    for (i, part) in parts.into_iter().enumerate() {
                         let share = part.len() as f64 / minibatch.len() as f64;
                         let (part_loss, part_stats) = training
                             .precision
                             .forward(device, || minibatch_loss(policy.as_ref(), &value_model, &part, &settings))??;
-                        (part_loss * share).backward();
+                        trainer.backward(&(part_loss * share), i == last)?;
                         loss += part_stats.loss * share;
                         updates.push(part_stats);
                     }

@@ -217,14 +217,15 @@ impl Stage for RewardModelStage {
             let batch = &batch[trainer.shard(batch.len())];
             let (mut loss, mut tokens) = (0.0, 0);
             let mut step_stats = RewardStats::default();
-            for chunk in batch.chunks(micro) {
+            let chunks = batch.len().div_ceil(micro);
+            for (n, chunk) in batch.chunks(micro).enumerate() {
                 let pairs: Vec<&TokenPair> = chunk.iter().map(|&i| &train[i]).collect();
                 let (sum, chosen, rejected) = training.precision.forward(device, || {
                     let (chosen, rejected, margin) = score_pairs(&model, &pairs, pad, device)?;
                     let sum = pairwise_loss_sum(&chosen, &rejected, &margin, c.center_rewards_coef);
                     Ok::<_, Error>((sum, chosen, rejected))
                 })??;
-                (&sum / per_rank_pairs).backward();
+                trainer.backward(&(&sum / per_rank_pairs), n + 1 == chunks)?;
                 let sum = sum.double_value(&[]);
                 loss += sum / per_rank_pairs;
                 step_stats.add(&to_vec(&chosen)?, &to_vec(&rejected)?, sum);
