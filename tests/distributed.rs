@@ -469,12 +469,7 @@ fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
 #[test]
 fn a_killed_rank_ends_the_run_within_the_timeout_naming_the_rank() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = small_corpus(dir.path(), 200);
-    let stages = tiny_pretrain_stage("pretrain", &corpus, 100_000);
-    let recipe = dir.path().join("recipe.yaml");
-    let text =
-        format!("run:\n  output_dir: run\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}");
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = endless_pretraining(dir.path());
     let log = dir.path().join("stderr.txt");
     let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_plumb"))
         .args(["run", recipe.to_str().unwrap(), "--nproc", "3"])
@@ -486,17 +481,7 @@ fn a_killed_rank_ends_the_run_within_the_timeout_naming_the_rank() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    // Training has begun once rank 0 logged its first steps.
-    let started = Instant::now();
-    let events = dir.path().join("run/tb/pretrain");
-    while !std::fs::read_dir(&events).is_ok_and(|mut d| d.next().is_some())
-        || started.elapsed() < Duration::from_secs(3)
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "training did not start:\n{}", read(&log));
-        assert!(launcher.try_wait().unwrap().is_none(), "the run ended early:\n{}", read(&log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for_training(dir.path(), &mut [&mut launcher], &log);
     let victim = rank_pid(launcher.id(), 2).expect("rank 2 runs");
     let killed = std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap();
     assert!(killed.success());
@@ -519,6 +504,36 @@ fn a_killed_rank_ends_the_run_within_the_timeout_naming_the_rank() {
     assert!(text.contains("plumb run --nproc: rank 2 exited with code 137; stopping the other ranks"), "{text}");
 }
 
+/// A data-parallel pretraining recipe (in `dir`, writing to `dir/run`) that trains far
+/// longer than a test waits.
+fn endless_pretraining(dir: &std::path::Path) -> std::path::PathBuf {
+    let corpus = small_corpus(dir, 200);
+    let stages = tiny_pretrain_stage("pretrain", &corpus, 100_000);
+    let recipe = dir.join("recipe.yaml");
+    let text =
+        format!("run:\n  output_dir: run\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}");
+    std::fs::write(&recipe, text).unwrap();
+    recipe
+}
+
+/// Returns 2 s after the run in `dir` started training (rank 0 wrote its first events);
+/// kills `processes` and panics with `log` when it does not within 60 s or one ends first.
+fn wait_for_training(dir: &std::path::Path, processes: &mut [&mut std::process::Child], log: &std::path::Path) {
+    let started = Instant::now();
+    let events = dir.join("run/tb/pretrain");
+    while !std::fs::read_dir(&events).is_ok_and(|mut d| d.next().is_some())
+        || started.elapsed() < Duration::from_secs(3)
+    {
+        if started.elapsed() > Duration::from_secs(60) || processes.iter_mut().any(|p| p.try_wait().unwrap().is_some())
+        {
+            processes.iter_mut().for_each(|p| drop(p.kill()));
+            panic!("training did not start, or a process ended early:\n{}", read(log));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+}
+
 fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -533,12 +548,7 @@ fn free_port() -> u16 {
 #[test]
 fn ranks_without_a_launcher_name_the_rank_that_was_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = small_corpus(dir.path(), 200);
-    let stages = tiny_pretrain_stage("pretrain", &corpus, 100_000);
-    let recipe = dir.path().join("recipe.yaml");
-    let text =
-        format!("run:\n  output_dir: run\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}");
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = endless_pretraining(dir.path());
     let port = free_port().to_string();
     let logs: Vec<_> = (0..3).map(|rank| dir.path().join(format!("rank{rank}.txt"))).collect();
     let mut ranks: Vec<std::process::Child> = (0..3)
@@ -556,18 +566,7 @@ fn ranks_without_a_launcher_name_the_rank_that_was_killed() {
                 .unwrap()
         })
         .collect();
-    let started = Instant::now();
-    let events = dir.path().join("run/tb/pretrain");
-    while !std::fs::read_dir(&events).is_ok_and(|mut d| d.next().is_some())
-        || started.elapsed() < Duration::from_secs(3)
-    {
-        if started.elapsed() > Duration::from_secs(60) || ranks.iter_mut().any(|r| r.try_wait().unwrap().is_some()) {
-            ranks.iter_mut().for_each(|r| drop(r.kill()));
-            panic!("training did not start, or a rank ended early:\n{}", read(&logs[0]));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for_training(dir.path(), &mut ranks.iter_mut().collect::<Vec<_>>(), &logs[0]);
     ranks[2].kill().unwrap();
     let killed_at = Instant::now();
     for rank in 0..2 {

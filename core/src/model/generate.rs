@@ -349,7 +349,7 @@ pub fn sample_with_draws(
         let log_probs = logits.log_softmax(-1, Kind::Float).gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
         return Ok((next, log_probs));
     }
-    let logits = logits / settings.temperature;
+    let logits = if settings.temperature == 1.0 { logits } else { logits / settings.temperature };
     let log_probs_all = logits.log_softmax(-1, Kind::Float);
     let mut filtered = logits.shallow_clone();
     let vocab = logits.size()[1];

@@ -280,10 +280,12 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        let x = x.to_kind(Kind::Float);
-        let variance = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        // (No casts when x is fp32 already: a decoding step is launch-bound.)
+        let upcast = kind != Kind::Float;
+        let x = if upcast { x.to_kind(Kind::Float) } else { x.shallow_clone() };
+        let variance = x.square().mean_dim(-1, true, Kind::Float);
         let normed = &x * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(kind)
+        &self.weight * if upcast { normed.to_kind(kind) } else { normed }
     }
 }
 
@@ -335,7 +337,10 @@ impl Attention {
             None => (k, v),
         };
         let gqa = self.num_kv_heads != self.num_heads;
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa); // (B, nh, T, hd)
+        // Without a mask: causal over the new positions, or, for one new position after
+        // the cache (a decoding step without padding), every key.
+        let causal = mask.is_none() && t > 1;
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, gqa); // (B, nh, T, hd)
         let y = y.transpose(1, 2).contiguous().view([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(&y)
     }
@@ -404,6 +409,8 @@ pub struct Llama {
     norm: RmsNorm,
     /// None when tied to `embed_tokens`.
     lm_head: Option<Linear>,
+    /// The rotary inverse frequencies, when they do not depend on the positions.
+    inv_freq: Option<Tensor>,
     config: Config,
 }
 
@@ -426,7 +433,8 @@ impl Llama {
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
         let lm_head = (with_lm_head && !config.tie_word_embeddings)
             .then(|| linear(root / "lm_head", config.hidden_size, config.vocab_size, false, config.initializer_range));
-        Self { embed_tokens, layers, norm, lm_head, config: config.clone() }
+        let inv_freq = config.rope.fixed_inv_freq(embed_tokens.ws.device());
+        Self { embed_tokens, layers, norm, lm_head, inv_freq, config: config.clone() }
     }
 
     pub fn config(&self) -> &Config {
@@ -454,10 +462,12 @@ impl Llama {
                 )));
             }
         }
-        let (cos, sin) = self.config.rope.cos_sin(positions, self.embed_tokens.ws.kind());
-        // One mask per window size; None = plain causal (the fast path of SDPA).
-        let needs_mask =
-            attention_mask.is_some() || past > 0 || self.config.windows.iter().any(|w| w.is_some_and(|w| w < past + t));
+        let (cos, sin) = self.config.rope.cos_sin(positions, self.embed_tokens.ws.kind(), self.inv_freq.as_ref());
+        // One mask per window size; None = plain causal (the fast path of SDPA), which is
+        // also all a decoding step without padding needs (one query sees every key).
+        let needs_mask = attention_mask.is_some()
+            || (past > 0 && t > 1)
+            || self.config.windows.iter().any(|w| w.is_some_and(|w| w < past + t));
         let key_mask = match attention_mask {
             Some(m) => m.shallow_clone(),
             None => Tensor::ones([b, past + t], (Kind::Int64, input_ids.device())),

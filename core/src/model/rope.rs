@@ -135,17 +135,30 @@ impl Rope {
         }
     }
 
+    /// The inverse frequencies, (1, head_dim / 2) on `device`, when they do not depend on the
+    /// positions (every scaling but `dynamic`): computed once by a model, so that each
+    /// decoding step does not (a step is launch-bound).
+    pub fn fixed_inv_freq(&self, device: tch::Device) -> Option<Tensor> {
+        let positions = Tensor::zeros([1, 1], (Kind::Int64, device));
+        (!matches!(self.scaling, RopeScaling::Dynamic { .. })).then(|| self.inv_freq(&positions))
+    }
+
     /// cos and signed sin for `positions` (B, T), each (B, 1, T, head_dim) (a head axis to
     /// broadcast over), for [`apply`]: cos is HF's "rotate half" layout, `cat(θ, θ).cos()`;
     /// the sin carries the rotation's sign, `cat(-θ.sin(), θ.sin())`. Computed in fp32,
-    /// returned in `kind` (the activations' dtype).
-    pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let inv_freq = self.inv_freq(positions); // (B or 1, hd/2)
+    /// returned in `kind` (the activations' dtype). `inv_freq`: [`Rope::fixed_inv_freq`],
+    /// when the caller keeps it.
+    pub fn cos_sin(&self, positions: &Tensor, kind: Kind, inv_freq: Option<&Tensor>) -> (Tensor, Tensor) {
+        let inv_freq = inv_freq.map_or_else(|| self.inv_freq(positions), Tensor::shallow_clone); // (B or 1, hd/2)
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.unsqueeze(1); // (B, T, hd/2)
         let cos = Tensor::cat(&[&freqs, &freqs], -1).cos(); // (B, T, hd)
         let sin = freqs.sin();
         let signed_sin = Tensor::cat(&[&sin.neg(), &sin], -1);
-        (cos.unsqueeze(1).to_kind(kind), signed_sin.unsqueeze(1).to_kind(kind))
+        let (cos, signed_sin) = (cos.unsqueeze(1), signed_sin.unsqueeze(1));
+        if kind == Kind::Float {
+            return (cos, signed_sin);
+        }
+        (cos.to_kind(kind), signed_sin.to_kind(kind))
     }
 }
 

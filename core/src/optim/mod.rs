@@ -32,16 +32,14 @@ pub fn clip_grad_norm(parameters: &[&Tensor], max_norm: f64) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
-    let squares: Vec<Tensor> =
-        grads.iter().map(|g| g.to_kind(tch::Kind::Float).square().sum(tch::Kind::Float)).collect();
-    let total = Tensor::stack(&squares, 0).sum(tch::Kind::Float).sqrt();
-    let norm = total.f_double_value(&[])?;
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for mut g in grads {
-            let _ = g.f_mul_scalar_(scale)?;
-        }
-    }
+    let pointers: Vec<*mut std::ffi::c_void> = grads.iter().map(|g| g.as_ptr() as *mut std::ffi::c_void).collect();
+    let mut norm = 0.0;
+    // SAFETY: `pointers` point at the live gradients for the duration of the call; `norm`
+    // receives the total.
+    let code = unsafe {
+        crate::shim::plumb_clip_grad_norm(pointers.as_ptr(), pointers.len() as std::os::raw::c_int, max_norm, &mut norm)
+    };
+    crate::shim::check(code, "clipping the gradients")?;
     Ok(norm)
 }
 
