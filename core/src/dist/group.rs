@@ -133,9 +133,7 @@ impl Store {
         }
         Ok(Self { raw, address: rendezvous.address() })
     }
-}
 
-impl Store {
     /// Adds `delta` to the counter at `key` (created at 0); its new value.
     pub fn add(&self, key: &str, delta: i64) -> Result<i64, DistError> {
         let name = c_string(key, "store key")?;

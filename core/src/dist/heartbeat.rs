@@ -83,9 +83,10 @@ impl Heartbeat {
     }
 
     /// Why a collective failed, as far as the heartbeats tell: the ranks that stopped beating
-    /// (" rank 2 stopped answering: no heartbeat for 2.4 s"), or that the store stopped
-    /// answering; empty when every rank still beats. Waits up to [`SILENCE`] and a beat for
-    /// a rank that died just now to fall silent.
+    /// ("; rank 2 stopped answering (no heartbeat for 2.4 s)"), or that the store stopped
+    /// answering; empty when every rank still beats (a rank that hangs but lives, or a
+    /// failure of this rank's own). Waits up to [`SILENCE`] and two beats for a rank that
+    /// died just now to fall silent.
     pub(super) fn diagnosis(&self) -> String {
         let deadline = Instant::now() + SILENCE + 2 * BEAT;
         loop {
