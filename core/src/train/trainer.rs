@@ -288,7 +288,6 @@ impl<'a, 'h> Trainer<'a, 'h> {
         self.group.as_ref()
     }
 
-    /// Every rank starts from rank 0's parameters.
     /// Gives every rank rank 0's parameters, and hooks the gradients' all-reduce onto them.
     fn sync_parameters(&mut self, optimizers: &[&AdamW]) -> Result<()> {
         let Some(group) = &self.group else { return Ok(()) };
