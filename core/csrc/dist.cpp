@@ -284,30 +284,23 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
 
 extern "C" {
 
-// A GradSync over the `n` parameters (leaf tensors that require grad), in buckets of at
-// most `bucket_bytes` (a larger tensor is a bucket of its own; one dtype per bucket).
-int plumb_dist_grad_sync_new(void* group, void* const* raw, int n, int64_t bucket_bytes, void** out) {
+// A GradSync over the `n` parameters (leaf tensors that require grad): parameter i goes
+// into bucket bucket_of[i] (of `buckets`), buckets filled in reverse parameter order (the
+// order backward reaches them). The buckets are plumb_core::dist::data_parallel's.
+int plumb_dist_grad_sync_new(void* group, void* const* raw, int n, const int* bucket_of, int buckets, void** out) {
   return guarded([&] {
     auto& g = *static_cast<Group*>(group);
     auto sync = std::make_unique<GradSync>();
     sync->backend = g.backend;
     sync->size = g.size;
     sync->params = tensors(raw, n);
-    sync->bucket_of.assign(n, 0);
-    int64_t bytes = 0;
+    sync->bucket_of.assign(bucket_of, bucket_of + n);
+    sync->buckets.resize(buckets);
     for (int i = n - 1; i >= 0; --i) {
       const auto& p = sync->params[i];
       TORCH_CHECK(p.is_leaf() && p.requires_grad(), "parameter ", i, " is not a leaf that requires grad");
-      int64_t size = p.numel() * static_cast<int64_t>(p.element_size());
-      bool fits = !sync->buckets.empty() && bytes + size <= bucket_bytes &&
-                  sync->params[sync->buckets.back().front()].scalar_type() == p.scalar_type();
-      if (!fits) {
-        sync->buckets.emplace_back();
-        bytes = 0;
-      }
-      sync->buckets.back().push_back(i);
-      sync->bucket_of[i] = static_cast<int>(sync->buckets.size()) - 1;
-      bytes += size;
+      TORCH_CHECK(bucket_of[i] >= 0 && bucket_of[i] < buckets, "parameter ", i, " has no bucket");
+      sync->buckets[bucket_of[i]].push_back(i);
     }
     sync->flat.resize(sync->buckets.size());
     sync->work.resize(sync->buckets.size());

@@ -23,7 +23,7 @@ pub fn shard_range(len: usize, rank: usize, world: usize) -> Range<usize> {
 
 /// Groups `tensors` into runs of one dtype and device of at most `bucket_bytes` each (a
 /// tensor larger than that is a bucket by itself), in order.
-fn buckets<'t>(tensors: &[&'t Tensor], bucket_bytes: usize) -> Vec<Vec<&'t Tensor>> {
+pub(super) fn buckets<'t>(tensors: &[&'t Tensor], bucket_bytes: usize) -> Vec<Vec<&'t Tensor>> {
     let mut out: Vec<Vec<&Tensor>> = Vec::new();
     let mut bytes = 0;
     for &t in tensors {
@@ -41,11 +41,6 @@ fn buckets<'t>(tensors: &[&'t Tensor], bucket_bytes: usize) -> Vec<Vec<&'t Tenso
         }
     }
     out
-}
-
-/// How many buckets [`buckets`] makes of `tensors`.
-pub(super) fn bucket_count(tensors: &[&Tensor], bucket_bytes: usize) -> usize {
-    buckets(tensors, bucket_bytes).len()
 }
 
 /// Runs `collective` on each bucket of `tensors` flattened into one contiguous tensor, then

@@ -47,7 +47,8 @@ extern "C" {
         group: *mut c_void,
         parameters: *const *mut c_void,
         n: c_int,
-        bucket_bytes: i64,
+        bucket_of: *const c_int,
+        buckets: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
     fn plumb_dist_grad_sync_free(sync: *mut c_void);
@@ -351,20 +352,33 @@ pub struct GradientSync {
 unsafe impl Send for GradientSync {}
 
 impl ProcessGroup {
-    /// A [`GradientSync`] over `parameters` (leaves that require grad) in buckets of at most
-    /// `bucket_bytes`. The parameters keep its hooks until it is dropped.
+    /// A [`GradientSync`] over `parameters` (leaves that require grad) in the buckets
+    /// [`data_parallel`](super::data_parallel) makes of them in reverse order, of at most
+    /// `bucket_bytes` each. The parameters keep its hooks until it is dropped.
     pub fn gradient_sync(&self, parameters: &[&Tensor], bucket_bytes: usize) -> Result<GradientSync, DistError> {
+        let reversed: Vec<&Tensor> = parameters.iter().rev().copied().collect();
+        let sizes: Vec<usize> = super::data_parallel::buckets(&reversed, bucket_bytes).iter().map(Vec::len).collect();
+        // Parameter i is the (n - 1 - i)-th of the reversed order.
+        let mut bucket_of: Vec<c_int> =
+            sizes.iter().enumerate().flat_map(|(b, &len)| std::iter::repeat_n(b as c_int, len)).collect();
+        bucket_of.reverse();
         let raw = parameters.iter().map(|t| t.as_ptr() as *mut c_void).collect::<Vec<_>>();
-        let bytes = i64::try_from(bucket_bytes).unwrap_or(i64::MAX);
         let mut sync = std::ptr::null_mut();
         // SAFETY: `raw` points at live tensors for the call (the C++ side keeps its own
-        // references); `sync` receives a new handle.
-        let code = unsafe { plumb_dist_grad_sync_new(self.raw, raw.as_ptr(), raw.len() as c_int, bytes, &mut sync) };
+        // references), `bucket_of` holds a bucket below `sizes.len()` for each; `sync`
+        // receives a new handle.
+        let code = unsafe {
+            plumb_dist_grad_sync_new(
+                self.raw,
+                raw.as_ptr(),
+                raw.len() as c_int,
+                bucket_of.as_ptr(),
+                sizes.len() as c_int,
+                &mut sync,
+            )
+        };
         self.check(code, "gradient sync")?;
-        let mut sizes: Vec<&Tensor> = parameters.to_vec();
-        sizes.reverse();
-        let buckets = super::data_parallel::bucket_count(&sizes, bucket_bytes);
-        Ok(GradientSync { raw: sync, armed: false, buckets })
+        Ok(GradientSync { raw: sync, armed: false, buckets: sizes.len() })
     }
 }
 
