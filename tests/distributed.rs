@@ -286,6 +286,27 @@ fn two_ranks_fine_tune_as_one_on_the_same_global_batch() {
     assert!(dir.path().join("two/sft/final/model.safetensors").is_file());
 }
 
+/// A recipe (`dir/{stage}.yaml`, writing to `dir/one`) of the one `rlhf` stage `stage`
+/// (`uses`) from `model`, trained on 40 shipped preference pairs (a quarter held out), with
+/// the further `config` lines.
+fn pairs_recipe(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    stage: &str,
+    uses: &str,
+    config: &str,
+) -> std::path::PathBuf {
+    let data = shipped_lines(dir, "tiny_tales_prefs.jsonl", 40);
+    let recipe = dir.join(format!("{stage}.yaml"));
+    let text = format!(
+        "run:\n  output_dir: one\n  seed: 5\n  device: cpu\nplugins:\n  - name: rlhf\nstages:\n  - name: {stage}\n    uses: {uses}\n    model: {model}\n    config:\n      data: {{train: {data}, validation_fraction: 0.25}}\n{config}",
+        model = model.display(),
+        data = data.display(),
+    );
+    std::fs::write(&recipe, text).unwrap();
+    recipe
+}
+
 /// Data-parallel reward modelling: 2 ranks, each on its share of every global batch of 5
 /// pairs, follow the 1-rank run's loss and train figures (accuracy, margin, rewards: over
 /// the global batch), and report the same held-out figures.
@@ -293,14 +314,8 @@ fn two_ranks_fine_tune_as_one_on_the_same_global_batch() {
 fn two_ranks_train_a_reward_model_as_one_on_the_same_global_batch() {
     let dir = tempfile::tempdir().unwrap();
     let model = pretrained_base(dir.path());
-    let data = shipped_lines(dir.path(), "tiny_tales_prefs.jsonl", 40);
-    let recipe = dir.path().join("rm.yaml");
-    let text = format!(
-        "run:\n  output_dir: one\n  seed: 5\n  device: cpu\nplugins:\n  - name: rlhf\nstages:\n  - name: reward_model\n    uses: rlhf.reward_model\n    model: {model}\n    config:\n      data: {{train: {data}, validation_fraction: 0.25}}\n      max_length: 48\n      batch_size: 5\n      max_steps: 4\n      log_every: 1\n      optimizer: {{lr: 1.0e-3}}\n      eval: {{every: 4}}\n",
-        model = model.display(),
-        data = data.display(),
-    );
-    std::fs::write(&recipe, text).unwrap();
+    let config = "      max_length: 48\n      batch_size: 5\n      max_steps: 4\n      log_every: 1\n      optimizer: {lr: 1.0e-3}\n      eval: {every: 4}\n";
+    let recipe = pairs_recipe(dir.path(), &model, "reward_model", "rlhf.reward_model", config);
     let one = run_ranks(dir.path(), &recipe, "reward_model", 1, "one");
     let two = run_ranks(dir.path(), &recipe, "reward_model", 2, "two");
     assert_eq!(one.scalars("train/loss").len(), 4);
@@ -322,14 +337,8 @@ fn two_ranks_train_a_reward_model_as_one_on_the_same_global_batch() {
 fn two_ranks_run_dpo_as_one_on_the_same_global_batch() {
     let dir = tempfile::tempdir().unwrap();
     let model = pretrained_base(dir.path());
-    let data = shipped_lines(dir.path(), "tiny_tales_prefs.jsonl", 40);
-    let recipe = dir.path().join("dpo.yaml");
-    let text = format!(
-        "run:\n  output_dir: one\n  seed: 5\n  device: cpu\nplugins:\n  - name: rlhf\nstages:\n  - name: dpo\n    uses: rlhf.dpo\n    model: {model}\n    config:\n      data: {{train: {data}, validation_fraction: 0.25}}\n      max_prompt_length: 24\n      max_length: 48\n      batch_size: 5\n      max_steps: 3\n      log_every: 1\n      optimizer: {{lr: 1.0e-3}}\n      eval: {{every: 3}}\n",
-        model = model.display(),
-        data = data.display(),
-    );
-    std::fs::write(&recipe, text).unwrap();
+    let config = "      max_prompt_length: 24\n      max_length: 48\n      batch_size: 5\n      max_steps: 3\n      log_every: 1\n      optimizer: {lr: 1.0e-3}\n      eval: {every: 3}\n";
+    let recipe = pairs_recipe(dir.path(), &model, "dpo", "rlhf.dpo", config);
     let one = run_ranks(dir.path(), &recipe, "dpo", 1, "one");
     let two = run_ranks(dir.path(), &recipe, "dpo", 2, "two");
     assert_eq!(one.scalars("train/loss").len(), 3);
