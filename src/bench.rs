@@ -879,8 +879,8 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
     use plumb_core::model::scalar_head::ScalarHeadModel;
     use plumb_core::rand::seq::SliceRandom;
     use plumb_core::rollout::{
-        gae, minibatch_loss, policy_response_scores, response_values, sample, shaped_rewards, whiten, Experience,
-        KlEstimator, PpoLossSettings,
+        gae, minibatch_backward_side_by_side, minibatch_loss, policy_response_scores, response_values, sample,
+        shaped_rewards, whiten, Experience, KlEstimator, PpoLossSettings,
     };
 
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
@@ -971,8 +971,14 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
                 let minibatch = experience.index_select(&Tensor::from_slice(indices));
                 policy_adamw.zero_grad();
                 value_adamw.zero_grad();
-                let (loss, _stats) = minibatch_loss(&policy, &value_model, &minibatch, &settings).map_err(user)?;
-                loss.backward();
+                // As the stage trains a single-process run: on a CPU the two models side by side.
+                if device == Device::Cpu {
+                    minibatch_backward_side_by_side(&policy, &value_model, &minibatch, &settings, Precision::Fp32, 1.0)
+                        .map_err(user)?;
+                } else {
+                    let (loss, _stats) = minibatch_loss(&policy, &value_model, &minibatch, &settings).map_err(user)?;
+                    loss.backward();
+                }
                 let mut parameters = policy_adamw.parameters();
                 parameters.extend(value_adamw.parameters());
                 clip_grad_norm(&parameters, 1.0).map_err(user)?;

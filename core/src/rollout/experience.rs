@@ -88,6 +88,11 @@ impl Experience {
         }
     }
 
+    /// The same episodes, sharing their tensors.
+    pub fn shallow_clone(&self) -> Self {
+        Self::from_rows(self.prompt_len, self.rows().iter().map(|t| t.shallow_clone()).collect())
+    }
+
     /// The episodes at `indices` (an Int64 tensor), in that order: a shuffled minibatch.
     pub fn index_select(&self, indices: &Tensor) -> Self {
         let indices = indices.to_device(self.sequences.device());

@@ -1,17 +1,18 @@
 //! The PPO parts that are more than one formula: rewards shaped by the KL penalty with
 //! the score at each response's last token, and the loss of one minibatch with the
-//! statistics TRL reports for it. A stage's loop calls them in order; the `plumb bench
-//! ppo` loop calls the same ones.
+//! statistics TRL reports for it (whole, or with the two models side by side). A stage's
+//! loop calls them in order; the `plumb bench ppo` loop calls the same ones.
 use tch::{Kind, Tensor};
 
 use super::experience::Experience;
 use super::kl::{kl_penalty, KlEstimator};
-use super::losses::{policy_loss, value_loss};
+use super::losses::{policy_loss, value_loss, PolicyLoss, ValueLoss};
 use super::masked::masked_mean;
 use super::sample::{policy_response_scores, response_values};
 use crate::error::Result;
 use crate::model::scalar_head::ScalarHeadModel;
 use crate::model::Policy;
+use crate::train::{side_by_side, Precision};
 
 /// Per-token rewards (B, R) of `experience`: −β·KL at every response token, and each
 /// episode's score added at its last response token. Returns (rewards, kl (B, R)).
@@ -59,50 +60,205 @@ pub fn minibatch_loss(
     minibatch: &Experience,
     settings: &PpoLossSettings,
 ) -> Result<(Tensor, MinibatchStats)> {
-    let mask = &minibatch.response_mask;
+    let policy_part = policy_half(policy, minibatch, settings)?;
+    let value_part = value_half(value_model, minibatch, settings)?;
+    let loss = &policy_part.loss.loss + &value_part.loss * settings.vf_coef;
+    let stats = statistics(&policy_part, &value_part, &minibatch.response_mask, settings)?;
+    Ok((loss, stats))
+}
+
+/// [`minibatch_loss`]'s forward and backward, its loss scaled by `scale` (a micro-batch's
+/// share of an update), with the two models [`side_by_side`]: the value model's half on a
+/// second thread. The same gradients and statistics. For a backward that nothing else
+/// watches (see [`crate::train::Trainer::halves_side_by_side`]); each half's forward runs
+/// in `precision`.
+pub fn minibatch_backward_side_by_side(
+    policy: &dyn Policy,
+    value_model: &ScalarHeadModel,
+    minibatch: &Experience,
+    settings: &PpoLossSettings,
+    precision: Precision,
+    scale: f64,
+) -> Result<MinibatchStats> {
+    let device = minibatch.sequences.device();
+    let (lent, episodes) = (LentValueModel(value_model), minibatch.shallow_clone());
+    let settings = *settings;
+    let (policy_part, value_part) = side_by_side(
+        || -> Result<PolicyHalf> {
+            let part = precision.forward(device, || policy_half(policy, minibatch, &settings))??;
+            (&part.loss.loss * scale).f_backward()?;
+            Ok(part)
+        },
+        move || -> Result<ValueLoss> {
+            let lent = lent;
+            let part = precision.forward(device, || value_half(lent.0, &episodes, &settings))??;
+            (&part.loss * (settings.vf_coef * scale)).f_backward()?;
+            Ok(part)
+        },
+    );
+    statistics(&policy_part?, &value_part?, &minibatch.response_mask, &settings)
+}
+
+/// The value model, lent to the thread that runs its half of a minibatch.
+struct LentValueModel<'a>(&'a ScalarHeadModel);
+
+// SAFETY: libtorch's tensors may be used from any thread. While the value half runs, only
+// its thread touches the value model (its weights, their gradients, its blocks' shared
+// handles); the policy's thread touches the policy, and both only read the minibatch.
+unsafe impl Send for LentValueModel<'_> {}
+
+/// The policy's half of a minibatch: its clipped loss and the entropy at each token.
+struct PolicyHalf {
+    loss: PolicyLoss,
+    entropy: Tensor,
+}
+
+fn policy_half(policy: &dyn Policy, minibatch: &Experience, settings: &PpoLossSettings) -> Result<PolicyHalf> {
     let (sequences, attention) = (&minibatch.sequences, &minibatch.attention_mask);
     let scores =
         policy_response_scores(policy, sequences, attention, minibatch.prompt_len, settings.temperature, true)?;
     let log_probs = scores.log_probs; // (B, R)
     let entropy = scores.entropy.unwrap_or_else(|| log_probs.zeros_like());
+    let loss =
+        policy_loss(&log_probs, &minibatch.log_probs, &minibatch.advantages, &minibatch.response_mask, settings.clip);
+    Ok(PolicyHalf { loss, entropy })
+}
+
+fn value_half(value_model: &ScalarHeadModel, minibatch: &Experience, settings: &PpoLossSettings) -> Result<ValueLoss> {
     let values = response_values(value_model, &minibatch.sequences, &minibatch.attention_mask, minibatch.prompt_len)?;
-    let policy_part = policy_loss(&log_probs, &minibatch.log_probs, &minibatch.advantages, mask, settings.clip);
-    let value_part = value_loss(&values, &minibatch.values, &minibatch.returns, mask, settings.clip_value);
-    let loss = &policy_part.loss + &value_part.loss * settings.vf_coef;
-    let stats = {
-        let _no_grad = tch::no_grad_guard();
-        let scalars = Tensor::stack(
-            &[
-                loss.detach(),
-                policy_part.loss.detach(),
-                value_part.loss.detach(),
-                policy_part.approx_kl,
-                policy_part.clipfrac,
-                value_part.clipfrac,
-                masked_mean(&entropy, mask),
-                policy_part.ratio,
-            ],
-            0,
-        );
-        // One device-to-host copy for all eight.
-        let v = Vec::<f64>::try_from(scalars.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
-        MinibatchStats {
-            loss: v[0],
-            policy_loss: v[1],
-            value_loss: v[2],
-            approx_kl: v[3],
-            clipfrac: v[4],
-            value_clipfrac: v[5],
-            entropy: v[6],
-            ratio: v[7],
-        }
-    };
-    Ok((loss, stats))
+    Ok(value_loss(&values, &minibatch.values, &minibatch.returns, &minibatch.response_mask, settings.clip_value))
+}
+
+/// The numbers of a minibatch's update, in one device-to-host copy.
+fn statistics(
+    policy_part: &PolicyHalf,
+    value_part: &ValueLoss,
+    mask: &Tensor,
+    settings: &PpoLossSettings,
+) -> Result<MinibatchStats> {
+    let _no_grad = tch::no_grad_guard();
+    let (policy_loss, value_loss) = (policy_part.loss.loss.detach(), value_part.loss.detach());
+    let scalars = Tensor::stack(
+        &[
+            &policy_loss + &value_loss * settings.vf_coef,
+            policy_loss,
+            value_loss,
+            policy_part.loss.approx_kl.shallow_clone(),
+            policy_part.loss.clipfrac.shallow_clone(),
+            value_part.clipfrac.shallow_clone(),
+            masked_mean(&policy_part.entropy, mask),
+            policy_part.loss.ratio.shallow_clone(),
+        ],
+        0,
+    );
+    let v = Vec::<f64>::try_from(scalars.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+    Ok(MinibatchStats {
+        loss: v[0],
+        policy_loss: v[1],
+        value_loss: v[2],
+        approx_kl: v[3],
+        clipfrac: v[4],
+        value_clipfrac: v[5],
+        entropy: v[6],
+        ratio: v[7],
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::llama::LlamaForCausalLm;
+    use tch::nn;
+
+    /// A minibatch of 3 episodes (prompt 2, response 4, the last one ending early) whose
+    /// advantages and old log-probs move the ratio off 1, so that both losses clip.
+    fn minibatch(policy: &dyn Policy) -> Experience {
+        let sequences = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3]).view([3, 6]);
+        let attention_mask = sequences.ones_like();
+        let response_mask = Tensor::from_slice(&[1f32, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.]).view([3, 4]);
+        let log_probs = {
+            let _no_grad = tch::no_grad_guard();
+            let scores = policy_response_scores(policy, &sequences, &attention_mask, 2, 1.0, false).unwrap();
+            scores.log_probs + Tensor::from_slice(&[0.3f32, -0.3, 0.0, 0.1]).view([1, 4])
+        };
+        let row = |v: &[f32]| Tensor::from_slice(v).view([3, 4]);
+        Experience {
+            sequences,
+            attention_mask,
+            prompt_len: 2,
+            response_mask: response_mask.shallow_clone(),
+            log_probs: &log_probs * &response_mask,
+            ref_log_probs: log_probs.zeros_like(),
+            values: row(&[0.5, -0.5, 0.2, 0.0, 1.0, 0.3, -0.2, 0.1, 0.0, 0.4, 0.0, 0.0]),
+            scores: Tensor::from_slice(&[1f32, 0.0, -1.0]),
+            rewards: log_probs.zeros_like(),
+            advantages: row(&[1.0, -1.0, 0.5, 2.0, -0.5, 0.3, 1.2, -2.0, 0.7, -0.1, 0.0, 0.0]),
+            returns: row(&[2.0, -1.0, 0.6, 0.1, 0.9, 0.3, 0.8, -1.5, 0.2, 0.4, 0.0, 0.0]),
+        }
+    }
+
+    fn gradients(models: &[&nn::VarStore]) -> Vec<(String, Tensor)> {
+        let mut all = Vec::new();
+        for (i, vs) in models.iter().enumerate() {
+            for (name, t) in vs.variables() {
+                all.push((format!("{i}.{name}"), t.grad().copy()));
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    #[test]
+    fn side_by_side_halves_give_the_gradients_and_statistics_of_the_whole_loss() {
+        tch::manual_seed(0);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 12, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let policy = LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
+        policy.save(dir.path()).unwrap();
+        let value_model = ScalarHeadModel::from_causal_lm(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
+        let settings = PpoLossSettings { clip: 0.2, clip_value: 0.2, vf_coef: 0.1, temperature: 1.0 };
+        let episodes = minibatch(&policy);
+        let models = [policy.var_store(), value_model.var_store()];
+        let zero = || {
+            models.iter().flat_map(|vs| vs.trainable_variables()).for_each(|t| {
+                let _ = t.grad().zero_();
+            })
+        };
+
+        let (loss, whole) = minibatch_loss(&policy, &value_model, &episodes, &settings).unwrap();
+        (loss * 0.5).backward();
+        let expected = gradients(&models);
+        zero();
+        let halves =
+            minibatch_backward_side_by_side(&policy, &value_model, &episodes, &settings, Precision::Fp32, 0.5).unwrap();
+        let got = gradients(&models);
+
+        assert!(whole.clipfrac > 0.0 && whole.value_clipfrac > 0.0, "{whole:?}");
+        let pairs = [
+            (whole.loss, halves.loss),
+            (whole.policy_loss, halves.policy_loss),
+            (whole.value_loss, halves.value_loss),
+            (whole.approx_kl, halves.approx_kl),
+            (whole.clipfrac, halves.clipfrac),
+            (whole.value_clipfrac, halves.value_clipfrac),
+            (whole.entropy, halves.entropy),
+            (whole.ratio, halves.ratio),
+        ];
+        for (a, b) in pairs {
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{whole:?}\n{halves:?}");
+        }
+        assert_eq!(expected.len(), got.len());
+        for ((name, want), (_, have)) in expected.iter().zip(&got) {
+            let scale = want.abs().max().double_value(&[]).max(1e-6);
+            let diff = (want - have).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * scale, "{name}: gradients differ by {diff} (largest {scale})");
+            assert!(scale > 1e-6, "{name} has no gradient");
+        }
+    }
 
     #[test]
     fn the_score_lands_on_the_last_response_token_beside_the_kl_penalty() {

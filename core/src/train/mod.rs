@@ -6,6 +6,7 @@
 mod config;
 mod loss;
 pub mod precision;
+mod side_by_side;
 mod trainer;
 
 pub use config::{
@@ -14,6 +15,7 @@ pub use config::{
 };
 pub use loss::{accumulate_gradients, next_token_loss, summed_cross_entropy, summed_token_loss};
 pub use precision::Precision;
+pub use side_by_side::side_by_side;
 pub use trainer::{
     save_model, write_model, DataPosition, StepStats, Trained, Trainer, TrainerState, FAULT_NONFINITE_AT_STEP,
 };

@@ -288,6 +288,14 @@ impl<'a, 'h> Trainer<'a, 'h> {
         self.group.as_ref()
     }
 
+    /// Whether two halves of a step that share no parameter may each run forward and
+    /// backward on a thread of their own ([`side_by_side`](super::side_by_side)): on a
+    /// CPU, in a single-process run (a distributed run's overlapped all-reduce hooks one
+    /// backward at a time).
+    pub fn halves_side_by_side(&self) -> bool {
+        self.ctx.device() == tch::Device::Cpu && self.group.is_none()
+    }
+
     /// Gives every rank rank 0's parameters, and hooks the gradients' all-reduce onto them.
     fn sync_parameters(&mut self, optimizers: &[&AdamW]) -> Result<()> {
         let Some(group) = &self.group else { return Ok(()) };

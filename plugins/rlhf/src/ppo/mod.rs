@@ -49,8 +49,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::RewardSet;
 use plumb_core::rollout::{
-    gae, minibatch_loss, policy_response_scores, rank_seed, response_values, sample, shaped_rewards, step_seed,
-    whiten_over_ranks, Experience, KlController, PpoLossSettings,
+    gae, minibatch_backward_side_by_side, minibatch_loss, policy_response_scores, rank_seed, response_values, sample,
+    shaped_rewards, step_seed, whiten_over_ranks, Experience, KlController, PpoLossSettings,
 };
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -289,6 +289,7 @@ impl Stage for Ppo {
             // 5. PPO epochs over shuffled minibatches, each one update of both models (on
             //    each rank its share of the minibatch).
             let train_started = Instant::now();
+            let side_by_side = trainer.halves_side_by_side();
             let mut shuffle = seeded_rng(step_seed ^ 0x5eed);
             let (mut updates, mut grad_norms) = (Vec::new(), Vec::new());
             for _epoch in 0..c.ppo_epochs {
@@ -303,10 +304,22 @@ impl Stage for Ppo {
                     let last = parts.len().saturating_sub(1);
                     for (i, part) in parts.into_iter().enumerate() {
                         let share = part.len() as f64 / minibatch.len() as f64;
-                        let (part_loss, part_stats) = training
-                            .precision
-                            .forward(device, || minibatch_loss(policy.as_ref(), &value_model, &part, &settings))??;
-                        trainer.backward(&(part_loss * share), i == last)?;
+                        let part_stats = if side_by_side {
+                            minibatch_backward_side_by_side(
+                                policy.as_ref(),
+                                &value_model,
+                                &part,
+                                &settings,
+                                training.precision,
+                                share,
+                            )?
+                        } else {
+                            let (part_loss, part_stats) = training.precision.forward(device, || {
+                                minibatch_loss(policy.as_ref(), &value_model, &part, &settings)
+                            })??;
+                            trainer.backward(&(part_loss * share), i == last)?;
+                            part_stats
+                        };
                         loss += part_stats.loss * share;
                         updates.push(part_stats);
                     }
