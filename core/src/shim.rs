@@ -36,6 +36,12 @@ extern "C" {
         nll: *mut *mut c_void,
         entropy: *mut *mut c_void,
     ) -> c_int;
+    pub(crate) fn plumb_rows_linear(
+        x: *mut c_void,
+        weight: *mut c_void,
+        bias: *mut c_void,
+        out: *mut *mut c_void,
+    ) -> c_int;
     pub(crate) fn plumb_inference_mode_enter() -> *mut c_void;
     pub(crate) fn plumb_inference_mode_exit(guard: *mut c_void);
     pub(crate) fn plumb_generator_new(device: c_int, index: c_int, seed: u64, out: *mut *mut c_void) -> c_int;

@@ -508,7 +508,7 @@ impl Llama {
     pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(&self.embed_tokens.ws.tr()),
+            None => super::lora::linear(hidden, &self.embed_tokens.ws, None),
         }
     }
 

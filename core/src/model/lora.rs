@@ -38,6 +38,7 @@
 //! same masks back ([`super::recompute::draw`]).
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::os::raw::c_void;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,6 +51,7 @@ use tch::{Device, Kind, Tensor};
 use super::recompute;
 use crate::checkpoint::{self, read_json, save_safetensors, write_json};
 use crate::error::{Error, Result};
+use crate::shim;
 
 /// PEFT's adapter configuration file.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -207,7 +209,7 @@ impl Adapter {
 }
 
 /// A linear layer, y = x·Wᵀ + b, that may carry a LoRA adapter. Without one (or with the
-/// model's adapters switched off) it computes exactly what `nn::Linear` computes.
+/// model's adapters switched off) it computes what `nn::Linear` computes ([`linear`]).
 #[derive(Debug)]
 pub struct Linear {
     /// (out, in)
@@ -227,7 +229,7 @@ impl Linear {
 impl Module for Linear {
     /// (..., in) -> (..., out)
     fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.ws, self.bs.as_ref());
+        let y = linear(x, &self.ws, self.bs.as_ref());
         match &self.adapter {
             Some(adapter) if adapter.shared.enabled.load(Ordering::Relaxed) => {
                 let delta = adapter.delta(x, y.kind());
@@ -236,6 +238,30 @@ impl Module for Linear {
             _ => y,
         }
     }
+}
+
+/// y = x·Wᵀ + b for `x` (..., in), `weight` (out, in), `bias` (out), as `Tensor::linear`
+/// computes it. A decoding step's few rows (at most 4) in fp32 on a CPU, when no gradient
+/// is wanted, take the shim's row-dot-product kernel instead (`core/csrc/rows.cpp`): MKL's
+/// matrix-vector product there is several times slower. Its sums run in another order, so
+/// the results agree with `Tensor::linear` to fp32 rounding, not bit for bit.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    rows_linear(x, weight, bias).unwrap_or_else(|| x.linear(weight, bias))
+}
+
+/// The shim's few-rows product, or `None` where it does not take the case (see [`linear`]).
+fn rows_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
+    if x.device() != Device::Cpu || x.kind() != Kind::Float {
+        return None;
+    }
+    let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
+    let mut out = std::ptr::null_mut();
+    // SAFETY: the tensors are alive for the call; on 1 the shim hands back a new at::Tensor
+    // that the Tensor below owns (and frees), otherwise it allocated nothing.
+    let code =
+        unsafe { shim::plumb_rows_linear(raw(x), raw(weight), bias.map_or(std::ptr::null_mut(), raw), &mut out) };
+    // SAFETY: just allocated by the shim for us.
+    (code == 1).then(|| unsafe { Tensor::from_ptr(out as _) })
 }
 
 /// Uniform keep mask of `shape` (true with probability 1 - p) from a counter-based hash of
@@ -679,6 +705,46 @@ fn merge_tensors(base: &nn::VarStore, tensors: &[(String, Tensor)], scaling: f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn few_rows_agree_with_tensor_linear_and_the_rest_is_left_to_it() {
+        let simd = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        tch::manual_seed(0);
+        let _no_grad = tch::no_grad_guard();
+        // 637 weight rows (not a multiple of the kernel's block of 4), 130 inputs (not a
+        // multiple of 8), one to four rows, with and without a bias, 2-D and 3-D.
+        let weight = Tensor::randn([637, 130], (Kind::Float, Device::Cpu));
+        let bias = Tensor::randn([637], (Kind::Float, Device::Cpu));
+        for shape in [vec![1, 130], vec![3, 130], vec![4, 1, 130], vec![2, 2, 130]] {
+            let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+            for b in [None, Some(&bias)] {
+                let got = rows_linear(&x, &weight, b);
+                assert_eq!(got.is_some(), simd, "{shape:?}: taken where the CPU has AVX2 and FMA");
+                let Some(got) = got else { continue };
+                let want = x.linear(&weight, b);
+                assert_eq!(got.size(), want.size());
+                let diff = (&got - &want).abs().max().double_value(&[]);
+                assert!(diff <= 1e-4, "{shape:?}: differs from Tensor::linear by {diff}");
+            }
+        }
+        // Five rows, a non-contiguous input, and fp64 are left to Tensor::linear.
+        let five = Tensor::randn([5, 130], (Kind::Float, Device::Cpu));
+        assert!(rows_linear(&five, &weight, None).is_none());
+        let strided = Tensor::randn([130, 2], (Kind::Float, Device::Cpu)).tr();
+        assert!(rows_linear(&strided, &weight, None).is_none());
+        let double = Tensor::randn([1, 130], (Kind::Double, Device::Cpu));
+        assert!(rows_linear(&double, &weight.to_kind(Kind::Double), None).is_none());
+    }
+
+    #[test]
+    fn few_rows_that_want_gradients_get_them_from_tensor_linear() {
+        let weight = Tensor::randn([8, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([1, 16], (Kind::Float, Device::Cpu));
+        assert!(rows_linear(&x, &weight, None).is_none());
+        linear(&x, &weight, None).sum(Kind::Float).backward();
+        let expected = x.expand([8, 16], false);
+        assert!(weight.grad().allclose(&expected, 1e-6, 1e-6, false));
+    }
 
     #[test]
     fn targets_match_as_peft_matches_them() {
