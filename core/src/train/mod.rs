@@ -15,7 +15,7 @@ pub use config::{
 };
 pub use loss::{accumulate_gradients, next_token_loss, summed_cross_entropy, summed_token_loss};
 pub use precision::Precision;
-pub use side_by_side::side_by_side;
+pub use side_by_side::{side_by_side, OneIntraOpThread};
 pub use trainer::{
     save_model, write_model, DataPosition, StepStats, Trained, Trainer, TrainerState, FAULT_NONFINITE_AT_STEP,
 };

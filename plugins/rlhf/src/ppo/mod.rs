@@ -54,7 +54,7 @@ use plumb_core::rollout::{
 };
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::{DataPosition, TrainSection, Trained, Trainer};
+use plumb_core::train::{DataPosition, OneIntraOpThread, TrainSection, Trained, Trainer};
 use plumb_core::Optimizer;
 use plumb_core::{checkpoint, Error, Result, RunContext, Stage, StageOutput};
 use serde::{Deserialize, Serialize};
@@ -289,7 +289,10 @@ impl Stage for Ppo {
             // 5. PPO epochs over shuffled minibatches, each one update of both models (on
             //    each rank its share of the minibatch).
             let train_started = Instant::now();
+            // On a CPU the two models' halves of each minibatch run side by side, and the
+            // updates between them on one thread (see `OneIntraOpThread`).
             let side_by_side = trainer.halves_side_by_side();
+            let one_thread = side_by_side.then(OneIntraOpThread::enter);
             let mut shuffle = seeded_rng(step_seed ^ 0x5eed);
             let (mut updates, mut grad_norms) = (Vec::new(), Vec::new());
             for _epoch in 0..c.ppo_epochs {
@@ -328,6 +331,7 @@ impl Stage for Ppo {
                     }
                 }
             }
+            drop(one_thread);
             let train_seconds = train_started.elapsed().as_secs_f64();
 
             // 6. Statistics of the global batch (each rank's sums, added over the ranks), the
