@@ -10,9 +10,15 @@ JSON list of token-id lists), so both sides sample from the same model and promp
 are left-padded with an attention mask; sampling at temperature 1 with top-k and top-p off,
 exactly --new-tokens new tokens (min_new_tokens, no early stop). The figure is the median of
 --repeats runs after one warm-up. Prints one JSON line in `plumb bench generate`'s form.
+
+With --paced the runs are paced by the caller, so that each of its own runs and one of these
+land in the same few hundred milliseconds (a shared machine's speed drifts between seconds):
+after the warm-up the script prints {"ready": true}, then for each line read from stdin runs
+once and prints {"seconds": S}; at the end of stdin it prints the summary line over those runs.
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -37,6 +43,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--paced", action="store_true", help="one run per line read from stdin (see above)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -75,12 +82,21 @@ def main():
         return time.perf_counter() - t
 
     run(min(32, a.new_tokens))  # warm-up
-    runs = [run(a.new_tokens) for _ in range(a.repeats)]
+    if a.paced:
+        print(json.dumps(dict(ready=True)), flush=True)
+        runs = []
+        for _ in sys.stdin:
+            runs.append(run(a.new_tokens))
+            print(json.dumps(dict(seconds=runs[-1])), flush=True)
+        if not runs:
+            sys.exit("hf_generate.py --paced: stdin ended before the first run")
+    else:
+        runs = [run(a.new_tokens) for _ in range(a.repeats)]
     seconds = sorted(runs)[len(runs) // 2]
     tokens = len(prompts) * a.new_tokens
     print(json.dumps(dict(case="generate", impl="transformers", model=a.model or a.shape, device=a.device,
                           batch=len(prompts), prompt_min=min(len(q) for q in prompts), prompt_max=longest,
-                          new_tokens=a.new_tokens, repeats=a.repeats, seconds=seconds, tokens_per_s=tokens / seconds,
+                          new_tokens=a.new_tokens, repeats=len(runs), seconds=seconds, tokens_per_s=tokens / seconds,
                           runs_s=runs, threads=torch.get_num_threads())), flush=True)
 
 

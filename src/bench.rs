@@ -25,7 +25,7 @@ use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
 use plumb_core::rand::Rng;
 use plumb_core::tch::{self, Device, Tensor};
 use plumb_core::tokenizer::Tokenizer;
-use plumb_core::train::{accumulate_gradients, Precision};
+use plumb_core::train::{accumulate_gradients, OneIntraOpThread, Precision};
 
 use plumb_host::log::progress::Counter;
 
@@ -570,24 +570,25 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
             Ok(start.elapsed().as_secs_f64())
         };
         timed(32.min(args.new_tokens))?; // warm-up
-        let plumb_s = median((0..args.repeats).map(|_| timed(args.new_tokens)).collect::<Result<_, _>>()?);
-
         let mut command = Command::new(python);
         command.arg(&script).arg("--model").arg(&checkpoint).arg("--prompts").arg(&prompts_file);
-        command.args(["--new-tokens", &args.new_tokens.to_string(), "--repeats", &args.repeats.to_string()]);
+        command.args(["--new-tokens", &args.new_tokens.to_string(), "--paced"]);
         command.args(["--device", &device_name(device)]);
         command.args(["--threads", &tch::get_num_threads().to_string()]);
-        let output = command.output().map_err(|e| Failure::User(format!("cannot run {}: {e}", python.display())))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let theirs: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap_or_default()).map_err(|_| {
-                Failure::User(format!(
-                    "{} {} printed no result: {}",
-                    python.display(),
-                    script.display(),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ))
-            })?;
+        let mut theirs = Paced::start(command, &dir.join(format!("transformers-{batch}.log")))?;
+        // Each of plumb's runs, then one of transformers', in turn: the pairs share the
+        // machine's speed of the moment. A pause before each run lets the other side's idle
+        // OpenMP threads stop spinning (libgomp spins for milliseconds after a parallel region).
+        let pause = || std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut plumb_runs = Vec::new();
+        for _ in 0..args.repeats {
+            pause();
+            plumb_runs.push(timed(args.new_tokens)?);
+            pause();
+            theirs.run_once()?;
+        }
+        let plumb_s = median(plumb_runs);
+        let theirs = theirs.finish()?;
         let hf_s = theirs["seconds"].as_f64().unwrap_or(f64::NAN);
         let tokens = (batch * args.new_tokens) as f64;
         let line = serde_json::json!({
@@ -603,6 +604,78 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `bench/hf_generate.py --paced` running beside this process: one timed run of
+/// `transformers.generate` per [`Paced::run_once`], then its summary line.
+struct Paced {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    what: String,
+    log: PathBuf,
+}
+
+impl Paced {
+    /// Starts `command` (its stderr to `log`) and waits for its warm-up to end.
+    fn start(mut command: Command, log: &Path) -> Result<Self, Failure> {
+        use std::process::Stdio;
+        let what = format!("{command:?}");
+        let stderr = std::fs::File::create(log).map_err(io(log))?;
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
+        let mut child = command.spawn().map_err(|e| Failure::User(format!("cannot run {what}: {e}")))?;
+        let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+        let stdout = std::io::BufReader::new(stdout.ok_or_else(|| Failure::Internal("no stdout pipe".into()))?);
+        let mut paced = Self { child, stdin, stdout, what, log: log.to_path_buf() };
+        let ready = paced.line()?;
+        if ready["ready"] != true {
+            return Err(paced.failed(&format!("printed {ready} where {{\"ready\": true}} was expected")));
+        }
+        Ok(paced)
+    }
+
+    /// One timed run.
+    fn run_once(&mut self) -> Result<(), Failure> {
+        use std::io::Write;
+        let sent = self.stdin.as_mut().map(|stdin| writeln!(stdin, "go").and_then(|_| stdin.flush()));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(self.failed("stopped reading its input"));
+        }
+        let ran = self.line()?;
+        if !ran["seconds"].is_number() {
+            return Err(self.failed(&format!("printed {ran} where {{\"seconds\": S}} was expected")));
+        }
+        Ok(())
+    }
+
+    /// Ends its input and returns its summary line.
+    fn finish(mut self) -> Result<serde_json::Value, Failure> {
+        drop(self.stdin.take());
+        let summary = self.line()?;
+        let _ = self.child.wait();
+        Ok(summary)
+    }
+
+    /// Its next line of output, as JSON.
+    fn line(&mut self) -> Result<serde_json::Value, Failure> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) | Err(_) => Err(self.failed("ended without a result")),
+            Ok(_) => serde_json::from_str(line.trim())
+                .map_err(|_| self.failed(&format!("printed `{}`, not a JSON line", line.trim()))),
+        }
+    }
+
+    /// An error naming the command, what went wrong, and the end of its stderr.
+    fn failed(&mut self, what: &str) -> Failure {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail = if tail.is_empty() { "(nothing on stderr)".to_string() } else { tail.join("\n") };
+        Failure::User(format!("{} {what}; its stderr: {tail}", self.what))
+    }
 }
 
 /// `plumb bench train --memory`: the same step with the whole logits, with the chunked
@@ -965,14 +1038,17 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
 
         let started = Instant::now();
         let mut order: Vec<i64> = (0..PPO_BATCH as i64).collect();
+        // As the stage trains a single-process run: on a CPU the two models side by side
+        // (and the updates between them on one thread).
+        let side_by_side = device == Device::Cpu;
+        let _one_thread = side_by_side.then(OneIntraOpThread::enter);
         for _ in 0..PPO_EPOCHS {
             order.shuffle(&mut rng);
             for indices in order.chunks(PPO_MINIBATCH) {
                 let minibatch = experience.index_select(&Tensor::from_slice(indices));
                 policy_adamw.zero_grad();
                 value_adamw.zero_grad();
-                // As the stage trains a single-process run: on a CPU the two models side by side.
-                if device == Device::Cpu {
+                if side_by_side {
                     minibatch_backward_side_by_side(&policy, &value_model, &minibatch, &settings, Precision::Fp32, 1.0)
                         .map_err(user)?;
                 } else {

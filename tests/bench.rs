@@ -134,3 +134,36 @@ fn bench_allreduce_launches_its_ranks_and_prints_the_bandwidth_of_each_size() {
     assert_exit(&bad, 1);
     assert!(stderr(&bad).contains("expected 1 <= min <= max"), "{}", stderr(&bad));
 }
+
+#[test]
+fn generate_beside_transformers_paces_both_sides_and_names_a_python_that_fails() {
+    let args = |python: &str| -> Vec<String> {
+        let mut args: Vec<String> = GENERATE.iter().map(|s| s.to_string()).collect();
+        let repeats = args.iter().position(|a| a == "--repeats").unwrap() + 1;
+        args[repeats] = "3".into();
+        args.extend(["--transformers", python].map(String::from));
+        args
+    };
+    let python = python();
+    let out = plumb(&repo_root(), &args(&python.display().to_string()).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_exit(&out, 0);
+    let lines: Vec<serde_json::Value> =
+        stdout(&out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&out));
+    for (line, batch) in lines.iter().zip([1, 2]) {
+        assert_eq!(line["case"], "generate-vs-transformers");
+        assert_eq!((line["batch"].as_i64(), line["repeats"].as_i64()), (Some(batch), Some(3)), "{line}");
+        let (plumb_s, hf_s) = (line["plumb_s"].as_f64().unwrap(), line["transformers_s"].as_f64().unwrap());
+        assert!(plumb_s > 0.0 && hf_s > 0.0, "{line}");
+        assert!((line["speedup"].as_f64().unwrap() - hf_s / plumb_s).abs() < 1e-9, "{line}");
+    }
+
+    // A "Python" that exits at once: the error names the command and says what it did.
+    let out = plumb(&repo_root(), &args("false").iter().map(String::as_str).collect::<Vec<_>>());
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"false\"") && err.contains("hf_generate.py") && err.contains("ended without a result"),
+        "{err}"
+    );
+}
