@@ -202,8 +202,8 @@ pub struct GenerateBench {
     /// with both figures and their ratio.
     #[arg(long, value_name = "PYTHON")]
     pub transformers: Option<PathBuf>,
-    /// With --transformers: prompts get lengths spread over --prompt-min..=--prompt-len
-    /// (left-padded), as in a real batch. Default: all --prompt-len.
+    /// Prompts get lengths spread over --prompt-min..=--prompt-len (left-padded), as in
+    /// a real batch. Default: all --prompt-len.
     #[arg(long, allow_negative_numbers = true)]
     pub prompt_min: Option<usize>,
     /// Threads of libtorch's CPU ops (and of torch on the transformers side); default:
@@ -433,13 +433,18 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
         }
         tch::set_num_threads(threads as i32);
     }
+    let min_len = args.prompt_min.unwrap_or(args.prompt_len);
+    if args.repeats == 0 || args.new_tokens == 0 || min_len == 0 || min_len > args.prompt_len || args.batch.contains(&0)
+    {
+        return Err(Failure::User(
+            "--repeats, --new-tokens, --prompt-len and --batch must be positive, and --prompt-min at most --prompt-len"
+                .into(),
+        ));
+    }
     if let Some(python) = &args.transformers {
         return generate_beside_transformers(args, python);
     }
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
-    if args.repeats == 0 || args.new_tokens == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
-        return Err(Failure::User("--repeats, --new-tokens, --prompt-len and --batch must be positive".into()));
-    }
     let device = resolve_device(&args.device)?;
     let kind = parse_dtype(args.dtype.as_deref(), device)?;
     tch::manual_seed(0);
@@ -457,8 +462,7 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
     let runs = args.batch.len() * (1 + args.repeats);
     measured("bench generate", runs, Report::new(json, GENERATE_COLUMNS), |progress, report| {
         for &batch in &args.batch {
-            let prompts: Vec<Vec<i64>> =
-                (0..batch).map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab) as i64).collect()).collect();
+            let prompts = random_prompts(&mut rng, batch, min_len..=args.prompt_len, vocab);
             let settings = |new: usize| GenerationSettings {
                 max_new_tokens: new,
                 temperature: 1.0,
@@ -494,7 +498,7 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
             let seconds = median(full);
             let line = serde_json::json!({
                 "case": "generate", "model": name, "device": device_name(device), "dtype": dtype_name(kind),
-                "batch": batch, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                "batch": batch, "prompt": args.prompt_len, "prompt_min": min_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "tokens_per_s": drawn as f64 / seconds,
                 "generated_tokens": drawn,
                 "compact": !args.no_compact, "spread": args.spread,
@@ -507,6 +511,21 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
     })
 }
 
+/// `batch` prompts of random ids below `vocab`, each of a length drawn from `lengths`.
+fn random_prompts(
+    rng: &mut impl Rng,
+    batch: usize,
+    lengths: std::ops::RangeInclusive<usize>,
+    vocab: u64,
+) -> Vec<Vec<i64>> {
+    (0..batch)
+        .map(|_| {
+            let len = rng.random_range(lengths.clone());
+            (0..len).map(|_| rng.random_range(0..vocab) as i64).collect()
+        })
+        .collect()
+}
+
 /// `plumb bench generate --transformers PYTHON`: for each batch, plumb's generation and
 /// `bench/hf_generate.py`'s `transformers.generate` on one checkpoint (the shape's random
 /// weights, saved once; or --model) and the same prompts (lengths spread over
@@ -516,13 +535,6 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
 fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(), Failure> {
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     let min_len = args.prompt_min.unwrap_or(args.prompt_len);
-    if args.repeats == 0 || args.new_tokens == 0 || min_len == 0 || min_len > args.prompt_len || args.batch.contains(&0)
-    {
-        return Err(Failure::User(
-            "--repeats, --new-tokens, --prompt-len and --batch must be positive, and --prompt-min at most --prompt-len"
-                .into(),
-        ));
-    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/hf_generate.py");
     if !script.is_file() {
         return Err(Failure::User(format!("{}: not found (it ships in plumb's checkout)", script.display())));
@@ -543,12 +555,7 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
     let vocab = model.vocab_size() as u64;
     let mut rng = seeded_rng(1);
     for &batch in &args.batch {
-        let prompts: Vec<Vec<i64>> = (0..batch)
-            .map(|_| {
-                let len = rng.random_range(min_len..=args.prompt_len);
-                (0..len).map(|_| rng.random_range(0..vocab) as i64).collect()
-            })
-            .collect();
+        let prompts = random_prompts(&mut rng, batch, min_len..=args.prompt_len, vocab);
         let prompts_file = dir.join(format!("prompts-{batch}.json"));
         std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap_or_default())
             .map_err(io(&prompts_file))?;
