@@ -9,16 +9,19 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
-#include <immintrin.h>
 
 #include <exception>
-#include <string>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 constexpr int64_t kMaxRows = 4;
 // Weight rows per block: each block's rows are read once, while every input row passes
 // over them from L1.
 constexpr int64_t kBlock = 4;
+
+#if defined(__x86_64__)
 
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -77,6 +80,11 @@ bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
+#else
+// Other CPUs leave every case to at::linear.
+bool cpu_has_avx2_fma() { return false; }
+void rows_times_weight(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t) {}
+#endif
 
 bool takes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias) {
   if (!cpu_has_avx2_fma() || at::autocast::is_autocast_enabled(at::kCPU)) return false;
