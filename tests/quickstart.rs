@@ -1,7 +1,25 @@
-//! The quickstart recipe as shipped, shortened (fewer steps and questions) and run end to
-//! end on the shipped arithmetic task: each alignment step moves its figure the way the
-//! README says, and the run ends with its summary table, `summary.json` and the table as
-//! TensorBoard text.
+//! The quickstart recipe as shipped, shortened (fewer pretraining, reward-model and PPO
+//! steps, fewer questions) and run end to end on the shipped arithmetic task: each stage
+//! does its job (pretraining lowers the loss, SFT teaches the answer format, the reward
+//! model learns its preference, PPO moves the policy at a bounded KL, reasoning step by
+//! step beats answering at once), and the run ends with its summary table, `summary.json`
+//! and the table as TensorBoard text.
+//!
+//! One setting differs from the recipe's, and one figure is printed rather than asserted,
+//! for reasons measured on a 2-vCPU AMD EPYC machine:
+//! - After the test's 800 pretraining steps, the recipe's brief SFT (80 steps) leaves a
+//!   model that has learned to read the chat turn's numbers and copy its last result into
+//!   the `#### N` line, or has not: the seed and the machine's floating-point sums decide.
+//!   Over five runs (seeds 1–4 on one thread, 1234 on two) its held-out step-by-step
+//!   accuracy was 40.5%, 7.0%, 19.5%, 3.0% and 5.0%; the misses compute with other numbers
+//!   than the question's, or compute right and write another number after `####`.
+//!   After 160 SFT steps the same five gave 51.5%, 38.5%, 59.5%, 66.0% and 70.0%, against
+//!   at most 10.5% answering at once. So the test trains SFT 160 steps.
+//! - PPO's effect on accuracy: 40 steps of 32 episodes took the practised prompts' greedy
+//!   accuracy from 49.0% to 50.6% (sampled pass@1 38.2% → 43.4%; exact-answer reward only)
+//!   from one of those SFT models, and from 76.0% to 73.6% (pass@1 67.5% → 67.1%) from
+//!   another. That PPO raises a reward it can reach is tests/ppo.rs's assertion; that an RL
+//!   stage raises held-out accuracy is tests/grpo.rs's.
 mod common;
 
 use std::path::Path;
@@ -18,7 +36,7 @@ fn metric(report: &serde_json::Value, name: &str) -> f64 {
 }
 
 #[test]
-fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
+fn every_quickstart_stage_does_its_job_and_the_run_ends_with_its_summary() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let recipe = repo_root().join("recipes/quickstart.yaml");
@@ -28,8 +46,8 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
         format!("rewards.judge.config.model={}", out.join("reward_model/final").display()),
         "stages.pretrain.config.max_steps=800".into(),
         "stages.pretrain.config.eval.every=800".into(),
-        "stages.sft.config.max_steps=80".into(),
-        "stages.sft.config.eval.every=80".into(),
+        "stages.sft.config.max_steps=160".into(),
+        "stages.sft.config.eval.every=160".into(),
         "stages.cot_sft.config.max_questions=100".into(),
         "stages.reward_model.config.max_steps=200".into(),
         "stages.reward_model.config.eval.every=200".into(),
@@ -45,6 +63,9 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
     assert_exit(&run, 0);
     let stage = |name: &str| json(&out.join(name).join("report.json"));
 
+    // Pretraining lowers the held-out loss far below a uniform guess's.
+    let pretrain = stage("pretrain");
+    assert!(metric(&pretrain, "eval/loss") < 0.2 * metric(&pretrain, "eval/initial_loss"), "{pretrain}");
     // SFT teaches the answer format the pretraining corpus never shows.
     let sft = stage("sft");
     assert_eq!(metric(&sft, "eval/initial_format_compliance"), 0.0, "{sft}");
@@ -52,13 +73,17 @@ fn the_quickstart_pipeline_moves_each_figure_the_right_way() {
     // The reward model learns to prefer the correct solution over the slip.
     let rm = stage("reward_model");
     assert!(metric(&rm, "eval/accuracy") > metric(&rm, "eval/initial_accuracy"), "{rm}");
-    // PPO raises the greedy step-by-step accuracy on the prompts it practised on, at a
-    // bounded KL to the SFT model.
+    // PPO moves the policy away from the SFT model, at a bounded KL to it. (Its accuracy on
+    // the prompts it practised on is printed: see the module's documentation.)
     let ppo = stage("ppo");
-    assert!(metric(&ppo, "objective/kl").abs() < 5.0, "{ppo}");
+    let kl = metric(&ppo, "objective/kl");
+    assert!(kl > 0.01 && kl < 5.0, "{ppo}");
     let practised = |name: &str| metric(&stage(name), "zero_shot_cot/strict/accuracy");
-    let (before, after) = (practised("cot_sft_prompts"), practised("cot_ppo_prompts"));
-    assert!(after > before + 0.02, "PPO's prompts: SFT {before}, PPO {after}");
+    println!(
+        "PPO's prompts, greedy step by step: SFT {:.4}, PPO {:.4}",
+        practised("cot_sft_prompts"),
+        practised("cot_ppo_prompts")
+    );
     // Step by step beats answering at once.
     let cot = stage("cot");
     let direct = metric(&cot, "direct/strict/accuracy");
