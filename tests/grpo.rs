@@ -176,9 +176,9 @@ fn held_out_eval(name: &str, test: &Path) -> String {
 /// saw it raises the accuracy of chains sampled as GRPO samples them (temperature 1; pass@1
 /// over 32 chains per problem, 1,408 chains). Greedy accuracy on 44 problems is printed, not
 /// asserted: a single chain per problem moves by several problems with the machine's
-/// floating-point sums: on one machine greedy went 36.4% → 29.5% (one thread) and 36.4% →
-/// 27.3% (two) while pass@1 of 32 chains went 22.4% → 28.2% and 22.4% → 26.9%; on another, three GRPO seeds took greedy from 40.9% to 47.7%, 40.9%
-/// and 56.8%.
+/// floating-point sums. On one machine greedy went 36.4% → 29.5% (one thread) and 36.4% →
+/// 27.3% (two) while pass@1 of 32 chains went 22.4% → 28.2% and 22.4% → 26.9%; on another,
+/// three GRPO seeds took greedy from 40.9% to 47.7%, 40.9% and 56.8%.
 #[test]
 fn grpo_raises_held_out_accuracy_over_its_sft_starting_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,15 +261,14 @@ stages:
     // one thread (GRPO's batches of 128 completions gain from the second).
     let run = plumb_with_env(dir.path(), &["run", recipe.to_str().unwrap()], &[("OMP_NUM_THREADS", "2")]);
     assert_exit(&run, 0);
-    let metric = |name: &str, metric: &str| {
+    // Each evaluator's greedy accuracy and pass@1 of sampled chains.
+    let accuracies = |name: &str| {
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join(name).join("report.json")).unwrap()).unwrap();
-        report["metrics"][metric].as_f64().unwrap()
+        let metric = |key: &str| report["metrics"][key].as_f64().unwrap();
+        (metric("zero_shot_cot/strict/accuracy"), metric("self_consistency/strict/pass@1"))
     };
-    let (before, after) =
-        (metric("before", "zero_shot_cot/strict/accuracy"), metric("after", "zero_shot_cot/strict/accuracy"));
-    let sampled = |name: &str| metric(name, "self_consistency/strict/pass@1");
-    let (sampled_before, sampled_after) = (sampled("before"), sampled("after"));
+    let ((before, sampled_before), (after, sampled_after)) = (accuracies("before"), accuracies("after"));
     let tb = out.join("tb/grpo");
     let reward = series(&tb, "rewards/exact/mean");
     let tenth = reward.len() / 10;
