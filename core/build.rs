@@ -15,6 +15,18 @@ fn main() {
     if let Some(gloo) = gloo_include() {
         build.include(gloo);
     }
+    // The CUDA half (CUDA graphs, memory statistics, NCCL): compiled wherever CUDA's headers
+    // are, GPU or not, and used where libtorch sees a device.
+    if let Some(cuda) = cuda_headers(&root) {
+        for dir in &cuda.include {
+            build.include(dir);
+        }
+        build.define("PLUMB_CUDA", None).define("USE_CUDA", None).define("USE_C10D_NCCL", None);
+        println!("cargo:rustc-link-search=native={lib}");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-link-search=native={}", cuda.cudart.display());
+        println!("cargo:rustc-link-lib=dylib=cudart");
+    }
     build
         .cpp(true)
         .files(sources)
@@ -26,6 +38,51 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .warnings(false)
         .compile("plumb_shim");
+}
+
+/// CUDA's headers as the torch wheel's `nvidia/` packages lay them out beside `torch/`
+/// (`nvidia/cu13/include` with `crt/` from nvidia-cuda-crt and `cccl/` from nvidia-cuda-cccl,
+/// `nvidia/nccl/include`), and the directory of `libcudart.so`. `None` for a CPU-only
+/// libtorch (no `libtorch_cuda.so`). A CUDA libtorch without the headers is a missing install
+/// step: an error in CI (`CI=true`), a warning elsewhere (the CUDA half is left out).
+struct CudaHeaders {
+    include: Vec<std::path::PathBuf>,
+    cudart: std::path::PathBuf,
+}
+
+fn cuda_headers(torch: &std::path::Path) -> Option<CudaHeaders> {
+    println!("cargo:rerun-if-env-changed=CI");
+    if !torch.join("lib/libtorch_cuda.so").exists() {
+        return None;
+    }
+    let nvidia = torch.parent().map(|p| p.join("nvidia")).unwrap_or_default();
+    let cu13 = nvidia.join("cu13");
+    let include = vec![cu13.join("include"), cu13.join("include/cccl"), nvidia.join("nccl/include")];
+    let needed = [
+        cu13.join("include/cuda_runtime_api.h"),
+        cu13.join("include/crt/host_config.h"),
+        cu13.join("include/cccl/cuda/std/version"),
+        nvidia.join("nccl/include/nccl.h"),
+        cu13.join("lib/libcudart.so.13"),
+    ];
+    if let Some(missing) = needed.iter().find(|p| !p.exists()) {
+        let message = format!(
+            "plumb-core: libtorch has CUDA but {} is missing, so CUDA graphs, CUDA memory statistics and NCCL are left out. \
+             `./dev` installs CUDA's headers (pip: nvidia-cuda-crt==13.0.* nvidia-cuda-cccl==13.0.*) beside torch",
+            missing.display()
+        );
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{message}");
+        }
+        println!("cargo:warning={message}");
+        return None;
+    }
+    // The linker needs the unversioned name; the wheel ships only libcudart.so.13.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let link = out.join("libcudart.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(cu13.join("lib/libcudart.so.13"), &link).expect("linking libcudart.so in OUT_DIR");
+    Some(CudaHeaders { include, cudart: out })
 }
 
 /// Where gloo's headers are: `$GLOO_INCLUDE_DIR`, else the system's (Debian's `libgloo-dev`).

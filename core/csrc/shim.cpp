@@ -9,6 +9,15 @@
 #include <c10/core/ScalarType.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#ifdef PLUMB_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <mutex>
@@ -240,5 +249,124 @@ int plumb_generator_uniform(void* generator, void* tensor) {
 void* plumb_inference_mode_enter() { return new c10::InferenceMode(); }
 
 void plumb_inference_mode_exit(void* guard) { delete static_cast<c10::InferenceMode*>(guard); }
+
+// Whether this build has the CUDA half (graphs, memory statistics): CUDA's headers were
+// there when it was compiled.
+bool plumb_cuda_built() {
+#ifdef PLUMB_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef PLUMB_CUDA
+namespace {
+// A CUDA graph and, while it is being captured, the side stream the capture runs on
+// (capture is not allowed on the default stream).
+struct Graph {
+  at::cuda::CUDAGraph graph;
+  std::optional<c10::cuda::CUDAStreamGuard> capturing;
+};
+}  // namespace
+#endif
+
+#define PLUMB_NO_CUDA                                                                            \
+  last_error = "plumb was built without CUDA's headers, so it has no CUDA graphs or CUDA memory " \
+               "statistics; rebuild with `./dev build`, which installs them";                   \
+  return 1;
+
+// A CUDA graph, empty until captured. Free it with plumb_cuda_graph_free.
+int plumb_cuda_graph_new(void** out) {
+#ifdef PLUMB_CUDA
+  return guarded([&] { *out = new Graph(); });
+#else
+  PLUMB_NO_CUDA
+#endif
+}
+
+void plumb_cuda_graph_free(void* graph) {
+#ifdef PLUMB_CUDA
+  delete static_cast<Graph*>(graph);
+#endif
+}
+
+// Starts capturing the kernels that this thread launches on CUDA device `index` into
+// `graph`, on a side stream from libtorch's pool (tensors allocated meanwhile come from the
+// graph's private memory pool and stay valid for its replays). Work already queued on the
+// current stream finishes first.
+int plumb_cuda_graph_capture_begin(void* graph, int index) {
+#ifdef PLUMB_CUDA
+  return guarded([&] {
+    auto& g = *static_cast<Graph*>(graph);
+    auto device = static_cast<c10::DeviceIndex>(index);
+    c10::cuda::getCurrentCUDAStream(device).synchronize();
+    g.capturing.emplace(c10::cuda::getStreamFromPool(false, device));
+    try {
+      g.graph.capture_begin();
+    } catch (...) {
+      g.capturing.reset();
+      throw;
+    }
+  });
+#else
+  PLUMB_NO_CUDA
+#endif
+}
+
+// Ends the capture begun by plumb_cuda_graph_capture_begin and goes back to the stream
+// that was current before it.
+int plumb_cuda_graph_capture_end(void* graph) {
+#ifdef PLUMB_CUDA
+  return guarded([&] {
+    auto& g = *static_cast<Graph*>(graph);
+    try {
+      g.graph.capture_end();
+    } catch (...) {
+      g.capturing.reset();
+      throw;
+    }
+    g.capturing.reset();
+  });
+#else
+  PLUMB_NO_CUDA
+#endif
+}
+
+// Launches the captured kernels again, on the current stream, reading and writing the
+// same memory as when they were captured.
+int plumb_cuda_graph_replay(void* graph) {
+#ifdef PLUMB_CUDA
+  return guarded([&] { static_cast<Graph*>(graph)->graph.replay(); });
+#else
+  PLUMB_NO_CUDA
+#endif
+}
+
+// The caching allocator's figures for CUDA device `index`, in bytes: memory held by
+// tensors now, the most held at once since the last reset (torch.cuda.max_memory_allocated),
+// and what the allocator has reserved from the driver.
+int plumb_cuda_memory(int index, int64_t* allocated, int64_t* peak, int64_t* reserved) {
+#ifdef PLUMB_CUDA
+  return guarded([&] {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(index));
+    auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[all].current;
+    *peak = stats.allocated_bytes[all].peak;
+    *reserved = stats.reserved_bytes[all].current;
+  });
+#else
+  PLUMB_NO_CUDA
+#endif
+}
+
+// Starts the peak of plumb_cuda_memory over from what is allocated now.
+int plumb_cuda_reset_peak_memory(int index) {
+#ifdef PLUMB_CUDA
+  return guarded([&] { c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(index)); });
+#else
+  PLUMB_NO_CUDA
+#endif
+}
 
 }  // extern "C"

@@ -7,6 +7,7 @@
 //! files, progress bars) is in `plumb-host`, which plugins do not link.
 pub mod checkpoint;
 pub mod context;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod dist;

@@ -1,5 +1,6 @@
 //! The Rust side of plumb's C++ shim (`core/csrc/shim.cpp`): the libtorch calls tch 0.24
-//! does not bind. Safe wrappers live with their users (`train::precision`, `optim::adamw`).
+//! does not bind. Safe wrappers live with their users (`train::precision`, `optim::adamw`,
+//! [`crate::cuda`]).
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 
@@ -47,6 +48,14 @@ extern "C" {
     pub(crate) fn plumb_generator_new(device: c_int, index: c_int, seed: u64, out: *mut *mut c_void) -> c_int;
     pub(crate) fn plumb_generator_free(generator: *mut c_void);
     pub(crate) fn plumb_generator_uniform(generator: *mut c_void, tensor: *mut c_void) -> c_int;
+    pub(crate) fn plumb_cuda_built() -> bool;
+    pub(crate) fn plumb_cuda_graph_new(out: *mut *mut c_void) -> c_int;
+    pub(crate) fn plumb_cuda_graph_free(graph: *mut c_void);
+    pub(crate) fn plumb_cuda_graph_capture_begin(graph: *mut c_void, index: c_int) -> c_int;
+    pub(crate) fn plumb_cuda_graph_capture_end(graph: *mut c_void) -> c_int;
+    pub(crate) fn plumb_cuda_graph_replay(graph: *mut c_void) -> c_int;
+    pub(crate) fn plumb_cuda_memory(index: c_int, allocated: *mut i64, peak: *mut i64, reserved: *mut i64) -> c_int;
+    pub(crate) fn plumb_cuda_reset_peak_memory(index: c_int) -> c_int;
 }
 
 /// A shim call's status as a Result: on failure, the C++ exception's message after `what`.

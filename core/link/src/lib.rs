@@ -5,7 +5,8 @@
 //! final artifact needs:
 //! - an rpath to libtorch's `lib/`, so it runs without `LD_LIBRARY_PATH`;
 //! - `libtorch_cuda.so` linked with `--no-as-needed`: nothing references its symbols
-//!   directly, so the linker would drop it and CUDA would never be seen at run time.
+//!   directly, so the linker would drop it and CUDA would never be seen at run time;
+//! - rpaths to the CUDA runtime and NCCL of the torch wheel, which core's shim links.
 //!
 //! plumb-core's build script re-exports torch-sys's library directory as
 //! `DEP_PLUMB_LIBTORCH_LIB` to its direct dependents.
@@ -26,5 +27,13 @@ pub fn libtorch_at(lib: &str) {
     let cuda = std::path::Path::new(&lib).join("libtorch_cuda.so");
     if cuda.exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,{},--as-needed", cuda.display());
+        // The CUDA runtime and NCCL that core's shim links, where the torch wheel puts them.
+        let nvidia = std::path::Path::new(&lib).join("../../nvidia");
+        for dir in ["cu13/lib", "nccl/lib"] {
+            let dir = nvidia.join(dir);
+            if dir.exists() {
+                println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
+            }
+        }
     }
 }

@@ -310,17 +310,29 @@ mod tests {
         assert_eq!(partition(&[7], 3), [0]);
     }
 
-    /// Two steps on f(w) = sum(w * c), checked against the AdamW formula by hand.
     #[test]
     fn matches_the_adamw_formula() {
-        let vs = nn::VarStore::new(tch::Device::Cpu);
+        adamw_formula_on(tch::Device::Cpu);
+    }
+
+    /// On CUDA the step is the fused CUDA kernel (torch.optim.AdamW(fused=True)'s).
+    #[test]
+    fn matches_the_adamw_formula_on_cuda() {
+        if let Some(device) = crate::cuda::device_for_test() {
+            adamw_formula_on(device);
+        }
+    }
+
+    /// Two steps on f(w) = sum(w * c) on `device`, checked against the AdamW formula by hand.
+    fn adamw_formula_on(device: tch::Device) {
+        let vs = nn::VarStore::new(device);
         let layer = vs.root() / "layer";
         let w = layer.var_copy("weight", &Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).view([2, 2]));
         let b = layer.var_copy("bias", &Tensor::from_slice(&[1.0f32, 1.0]));
         let config = AdamWConfig { lr: 0.1, betas: (0.9, 0.99), eps: 1e-8, weight_decay: 0.5 };
         let mut opt = AdamW::new(&vs, config.clone());
         let c = [0.3f64, -0.7, 1.1, 0.2];
-        let grad_w = Tensor::from_slice(&c).to_kind(tch::Kind::Float).view([2, 2]);
+        let grad_w = Tensor::from_slice(&c).to_kind(tch::Kind::Float).view([2, 2]).to_device(device);
         let (mut wv, mut m, mut v) = ([1.0f64, -2.0, 0.5, 3.0], [0.0f64; 4], [0.0f64; 4]);
         for step in 1..=2 {
             opt.zero_grad();
@@ -335,12 +347,12 @@ mod tests {
                 wv[i] -= 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
             }
         }
-        let got = Vec::<f64>::try_from(w.view([-1]).to_kind(tch::Kind::Double)).unwrap();
+        let got = Vec::<f64>::try_from(w.view([-1]).to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).unwrap();
         for (g, e) in got.iter().zip(wv) {
             assert!((g - e).abs() < 1e-6, "{got:?} vs {wv:?}");
         }
         // The bias is not decayed: two Adam steps of a unit gradient move it by 2 * lr.
-        let bias = Vec::<f64>::try_from(b.to_kind(tch::Kind::Double)).unwrap();
+        let bias = Vec::<f64>::try_from(b.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu)).unwrap();
         assert!((bias[0] - 0.8).abs() < 1e-5, "{bias:?}");
     }
 }

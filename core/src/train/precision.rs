@@ -101,21 +101,33 @@ mod tests {
     use super::*;
     use tch::Tensor;
 
-    #[test]
-    fn bf16_autocast_computes_matmuls_in_bf16_and_restores_the_state() {
-        let a = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
-        let b = Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
-        let before = Autocast::state(Device::Cpu).unwrap();
+    /// Autocast on `device`: a matmul comes out bf16, close to the fp32 product (rounding,
+    /// not garbage), and the previous state is back afterwards.
+    fn bf16_autocast_on(device: Device) {
+        let a = Tensor::randn([4, 8], (Kind::Float, device));
+        let b = Tensor::randn([8, 3], (Kind::Float, device));
+        let before = Autocast::state(device).unwrap();
         assert!(!before.0);
-        let inside =
-            Precision::Bf16.forward(Device::Cpu, || (a.matmul(&b), Autocast::state(Device::Cpu).unwrap())).unwrap();
+        let inside = Precision::Bf16.forward(device, || (a.matmul(&b), Autocast::state(device).unwrap())).unwrap();
         assert_eq!(inside.0.kind(), Kind::BFloat16, "the matmul ran in bf16");
         assert_eq!(inside.1, (true, Kind::BFloat16));
-        assert_eq!(Autocast::state(Device::Cpu).unwrap(), before, "the previous state is back");
+        assert_eq!(Autocast::state(device).unwrap(), before, "the previous state is back");
         assert_eq!(a.matmul(&b).kind(), Kind::Float);
         let exact = a.matmul(&b);
         let diff = (inside.0.to_kind(Kind::Float) - exact).abs().max().double_value(&[]);
         assert!(diff > 0.0 && diff < 0.1, "bf16 rounding, not garbage: {diff}");
-        assert_eq!(Precision::Fp32.forward(Device::Cpu, || a.matmul(&b).kind()).unwrap(), Kind::Float);
+        assert_eq!(Precision::Fp32.forward(device, || a.matmul(&b).kind()).unwrap(), Kind::Float);
+    }
+
+    #[test]
+    fn bf16_autocast_computes_matmuls_in_bf16_and_restores_the_state() {
+        bf16_autocast_on(Device::Cpu);
+    }
+
+    #[test]
+    fn bf16_autocast_on_cuda_computes_matmuls_in_bf16_and_restores_the_state() {
+        if let Some(device) = crate::cuda::device_for_test() {
+            bf16_autocast_on(device);
+        }
     }
 }
