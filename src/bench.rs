@@ -18,7 +18,7 @@ use std::time::Instant;
 use plumb_core::data::seeded_rng;
 use plumb_core::data::stream::{Mixture, SourceConfig, TokenStream};
 use plumb_core::device::{device_name, dtype_name};
-use plumb_core::model::generate::{self as generation, GenerationSettings};
+use plumb_core::model::generate::{self as generation, GenerationSettings, StepMode};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{recompute, Policy};
 use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
@@ -196,6 +196,11 @@ pub struct GenerateBench {
     /// compaction: to measure what compaction saves.
     #[arg(long)]
     pub no_compact: bool,
+    /// How decoding steps run: `auto` (replayed as a CUDA graph on CUDA), `growing`
+    /// (eager, over the growing cache: to measure what graphs save) or `fixed` (the
+    /// graph's fixed-shape steps, eager).
+    #[arg(long, default_value = "auto")]
+    pub steps: String,
     /// Measure `transformers.generate` beside plumb in this run: this Python (with torch
     /// and transformers) runs `bench/hf_generate.py` on the same checkpoint (the shape's
     /// random weights, written once) and the same prompts, and each batch gets a line
@@ -229,6 +234,21 @@ pub(crate) fn shape(name: &str) -> Option<LlamaConfig> {
         "max_position_embeddings": 4096
     }))
     .ok()
+}
+
+fn step_mode(text: &str) -> Result<StepMode, Failure> {
+    match text {
+        "auto" => Ok(StepMode::Auto),
+        "growing" => Ok(StepMode::Growing),
+        "fixed" => Ok(StepMode::FixedShape),
+        other => Err(Failure::User(format!("--steps: expected auto, growing or fixed, found `{other}`"))),
+    }
+}
+
+/// The most bytes tensors held at once on `device` since the process began (the CUDA
+/// caching allocator's peak, torch.cuda.max_memory_allocated); None on a CPU.
+fn peak_cuda_bytes(device: Device) -> Option<i64> {
+    device.is_cuda().then(|| plumb_core::cuda::memory_stats(device).ok().map(|m| m.peak)).flatten()
 }
 
 pub(crate) fn synchronize(device: Device) {
@@ -290,6 +310,7 @@ const TRAIN_COLUMNS: &[Column] = &[
     column("step_s", "step (s)", Unit::Decimals(4)),
     column("tokens_per_s", "tokens/s", Unit::Decimals(1)),
     column("mfu", "MFU", Unit::Percent),
+    column("peak_cuda_bytes", "peak CUDA", Unit::Bytes),
 ];
 
 const GENERATE_COLUMNS: &[Column] = &[
@@ -419,6 +440,7 @@ fn train(args: &TrainBench, json: bool) -> Result<(), Failure> {
         "mfu": args.peak_flops.map(|peak| tokens_per_s * flops_per_token / peak),
         "head": args.head, "activation_checkpointing": args.activation_checkpointing,
         "rss_before_steps_bytes": rss_before_steps, "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": peak_cuda_bytes(device),
     });
     let mut report = Report::new(json, TRAIN_COLUMNS);
     report.add(&line);
@@ -441,8 +463,9 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
                 .into(),
         ));
     }
+    let steps = step_mode(&args.steps)?;
     if let Some(python) = &args.transformers {
-        return generate_beside_transformers(args, python);
+        return generate_beside_transformers(args, python, steps);
     }
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     let device = resolve_device(&args.device)?;
@@ -468,6 +491,7 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
                 temperature: 1.0,
                 seed: Some(0),
                 compact: !args.no_compact,
+                steps,
                 ..Default::default()
             };
             // (seconds, new tokens drawn): with --spread, sequences end early.
@@ -501,7 +525,7 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
                 "batch": batch, "prompt": args.prompt_len, "prompt_min": min_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "tokens_per_s": drawn as f64 / seconds,
                 "generated_tokens": drawn,
-                "compact": !args.no_compact, "spread": args.spread,
+                "compact": !args.no_compact, "spread": args.spread, "steps": args.steps,
                 "seconds": seconds,
                 "ttft_ms": median(first) * 1e3,
             });
@@ -532,7 +556,7 @@ fn random_prompts(
 /// --prompt-min..=--prompt-len, left-padded), sampling at temperature 1 exactly
 /// --new-tokens tokens; each side's median of --repeats runs after a warm-up, one side
 /// after the other in this process's run.
-fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(), Failure> {
+fn generate_beside_transformers(args: &GenerateBench, python: &Path, steps: StepMode) -> Result<(), Failure> {
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
     let min_len = args.prompt_min.unwrap_or(args.prompt_len);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/hf_generate.py");
@@ -564,6 +588,7 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
             max_new_tokens: new,
             temperature: 1.0,
             seed: Some(0),
+            steps,
             ..Default::default()
         };
         let timed = |new: usize| -> Result<f64, Failure> {
@@ -602,7 +627,7 @@ fn generate_beside_transformers(args: &GenerateBench, python: &Path) -> Result<(
             "case": "generate-vs-transformers", "model": args.model.as_ref().map_or(args.shape.clone(), |m| m.display().to_string()),
             "device": device_name(device), "threads": tch::get_num_threads(), "batch": batch,
             "prompt_min": prompts.iter().map(Vec::len).min(), "prompt_max": prompts.iter().map(Vec::len).max(),
-            "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "new_tokens": args.new_tokens, "repeats": args.repeats, "steps": args.steps,
             "plumb_s": plumb_s, "plumb_tokens_per_s": tokens / plumb_s,
             "transformers_s": hf_s, "transformers_tokens_per_s": tokens / hf_s,
             "speedup": hf_s / plumb_s,
@@ -1107,8 +1132,7 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
         "rollout_share": middle.1,
         "train_share": middle.2,
         "peak_rss_bytes": peak_rss_bytes(),
-        // tch 0.24 binds no CUDA memory statistics (tch issue #896) and core's shim has none yet.
-        "peak_cuda_bytes": null,
+        "peak_cuda_bytes": peak_cuda_bytes(device),
     });
     report.add(&line);
     report.print();

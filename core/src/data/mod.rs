@@ -141,9 +141,10 @@ impl BatchOrder {
     }
 }
 
-/// Rows `indices` of `data` as (inputs, targets), each (B, seq_len), on `device`.
+/// Rows `indices` of `data` (on any device) as (inputs, targets), each (B, seq_len), on
+/// `device`.
 pub fn causal_batch(data: &Tensor, indices: &[i64], device: tch::Device) -> (Tensor, Tensor) {
-    let rows = data.index_select(0, &Tensor::from_slice(indices)).to_device(device);
+    let rows = data.index_select(0, &Tensor::from_slice(indices).to_device(data.device())).to_device(device);
     let len = rows.size()[1] - 1;
     (rows.narrow(1, 0, len), rows.narrow(1, 1, len).to_kind(Kind::Int64))
 }

@@ -3,11 +3,27 @@ use tch::{Device, Kind, Tensor};
 
 /// Keys and values of past positions for every layer, allocated once for a batch:
 /// each (B, n_kv_heads, capacity, head_dim), filled up to `len`.
+///
+/// A cache can also decode in *fixed shape* ([`KvCache::fix_shape`]), the form a CUDA
+/// graph replays: each step writes its keys and values at the position a device tensor
+/// holds, and attention runs over the whole capacity under a mask (B, 1, 1, capacity)
+/// that the caller keeps, so no shape and no host-side offset changes between steps.
+/// Only models whose decoding step reads nothing else from the host offer it
+/// ([`KvCache::offers_fixed_shape`]).
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     len: i64,
     capacity: i64,
+    offers_fixed_shape: bool,
+    fixed: Option<FixedShape>,
+}
+
+/// What fixed-shape decoding steps read: where the new position goes, and the additive
+/// attention mask over every position of the cache.
+struct FixedShape {
+    write_at: Tensor,
+    mask: Tensor,
 }
 
 impl KvCache {
@@ -26,7 +42,44 @@ impl KvCache {
             values: (0..layers).map(|_| alloc()).collect(),
             len: 0,
             capacity,
+            offers_fixed_shape: false,
+            fixed: None,
         }
+    }
+
+    /// Marks the cache as one its model can decode in fixed shape (the model reads the
+    /// mask of [`KvCache::fixed_mask`] and nothing else from outside the step).
+    pub fn offering_fixed_shape(mut self) -> Self {
+        self.offers_fixed_shape = true;
+        self
+    }
+
+    /// Whether the model that made this cache can decode in fixed shape.
+    pub fn offers_fixed_shape(&self) -> bool {
+        self.offers_fixed_shape
+    }
+
+    /// Decodes one position a step in fixed shape from now on: [`KvCache::append`] writes
+    /// at the position `write_at` (int64, (1), on the cache's device) holds and returns
+    /// every position, and the model attends under `mask` (B, 1, 1, capacity), additive,
+    /// in the model's dtype. The caller updates both in place between steps.
+    pub fn fix_shape(&mut self, write_at: Tensor, mask: Tensor) {
+        self.fixed = Some(FixedShape { write_at, mask });
+    }
+
+    /// The position a fixed-shape step writes, when the cache decodes in fixed shape.
+    pub fn fixed_write_at(&self) -> Option<&Tensor> {
+        self.fixed.as_ref().map(|f| &f.write_at)
+    }
+
+    /// The dtype of the cached keys and values (the model's).
+    pub fn kind(&self) -> Kind {
+        self.keys.first().map_or(Kind::Float, Tensor::kind)
+    }
+
+    /// The attention mask of a fixed-shape step, when the cache decodes in fixed shape.
+    pub fn fixed_mask(&self) -> Option<&Tensor> {
+        self.fixed.as_ref().map(|f| &f.mask)
     }
 
     /// Positions already cached.
@@ -48,6 +101,11 @@ impl KvCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let t = k.size()[2];
         let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
+        if let Some(fixed) = &self.fixed {
+            let _ = keys.index_copy_(2, &fixed.write_at, k);
+            let _ = values.index_copy_(2, &fixed.write_at, v);
+            return (keys.shallow_clone(), values.shallow_clone());
+        }
         keys.narrow(2, self.len, t).copy_(k);
         values.narrow(2, self.len, t).copy_(v);
         (keys.narrow(2, 0, self.len + t), values.narrow(2, 0, self.len + t))
@@ -59,10 +117,13 @@ impl KvCache {
 
     /// Keeps only the batch rows `rows` (1-D int64 indices, in the order given) of every
     /// layer, e.g. when finished sequences leave a generation batch; the cached length
-    /// is unchanged.
+    /// is unchanged. A fixed-shape mask keeps the same rows.
     pub fn keep_rows(&mut self, rows: &Tensor) {
         for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
             *t = t.index_select(0, rows);
+        }
+        if let Some(fixed) = &mut self.fixed {
+            fixed.mask = fixed.mask.index_select(0, rows);
         }
     }
 }

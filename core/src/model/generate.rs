@@ -33,8 +33,10 @@ use std::cell::Cell;
 
 use tch::{Device, Kind, Tensor};
 
+use super::cache::KvCache;
 use super::generator::DeviceGenerator;
 use super::Policy;
+use crate::cuda::CudaGraph;
 use crate::error::{Error, Result};
 
 /// Sampling settings for [`Policy::generate`].
@@ -67,6 +69,22 @@ pub struct GenerationSettings {
     /// each time. 1 streams every token as it comes; larger values waste at most
     /// `check_every - 1` steps after the last sequence ends.
     pub check_every: usize,
+    /// How decoding steps run after the prompt's; see [`StepMode`].
+    pub steps: StepMode,
+}
+
+/// How the decoding steps after the prompt's run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepMode {
+    /// On a CUDA device, with a model that can ([`KvCache::offers_fixed_shape`](super::cache::KvCache::offers_fixed_shape))
+    /// and a build with CUDA's headers: fixed-shape steps, captured once as a CUDA graph
+    /// and replayed (one launch a step instead of hundreds). Elsewhere, [`StepMode::Growing`].
+    #[default]
+    Auto,
+    /// Attention over the positions filled so far, the shapes growing each step.
+    Growing,
+    /// Fixed-shape steps run eagerly: what a graph replays, on any device (to compare).
+    FixedShape,
 }
 
 impl Default for GenerationSettings {
@@ -83,6 +101,7 @@ impl Default for GenerationSettings {
             context: None,
             compact: true,
             check_every: 8,
+            steps: StepMode::Auto,
         }
     }
 }
@@ -121,6 +140,13 @@ pub type OnToken<'a> = &'a mut dyn FnMut(usize, i64);
 thread_local! {
     /// Device-to-host reads made by generation on this thread (see [`host_reads`]).
     static HOST_READS: Cell<usize> = const { Cell::new(0) };
+    /// Decoding steps replayed as a CUDA graph on this thread (see [`graph_replays`]).
+    static GRAPH_REPLAYS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many decoding steps generation on this thread has run as a CUDA graph replay.
+pub fn graph_replays() -> usize {
+    GRAPH_REPLAYS.with(Cell::get)
 }
 
 /// How many times generation on this thread has read from the device so far: each is a
@@ -238,14 +264,26 @@ pub fn generate_with<P: Policy + ?Sized>(
         .collect();
     let mut running = vec![true; prompts.len()];
     let mut read = 0; // steps the host has read
+    let graphs = settings.steps == StepMode::Auto && device.is_cuda() && crate::cuda::built();
+    let fixed_shape = cache.offers_fixed_shape() && (graphs || settings.steps == StepMode::FixedShape);
+    let mut fixed: Option<FixedSteps> = None;
     for step in 0..new_tokens {
         let len = prompt_width + step as i64;
-        // Without padding the mask is all ones: leave it out, so the prefill takes
-        // attention's plain causal path.
-        let mask = padded.then(|| key_mask.narrow(1, 0, len));
-        let logits = policy.last_logits(&input, &positions, mask.as_ref(), Some(&mut cache))?; // (b, V)
-                                                                                               // One uniform per sequence of the whole batch, finished or not: a sequence's
-                                                                                               // draws do not depend on which others are still in the batch.
+        let logits = match fixed.as_mut() {
+            Some(fixed) => fixed.step(policy, &input, &positions, len, &mut cache)?,
+            None => {
+                // Without padding the mask is all ones: leave it out, so the prefill takes
+                // attention's plain causal path.
+                let mask = padded.then(|| key_mask.narrow(1, 0, len));
+                let logits = policy.last_logits(&input, &positions, mask.as_ref(), Some(&mut cache))?; // (b, V)
+                if fixed_shape {
+                    fixed = Some(FixedSteps::after_prompt(&mut cache, &key_mask, len, graphs));
+                }
+                logits
+            }
+        };
+        // One uniform per sequence of the whole batch, finished or not: a sequence's
+        // draws do not depend on which others are still in the batch.
         let draws = generator.uniform(batch, Kind::Double)?.index_select(0, &row_index);
         let (next, log_probs) =
             sample_with_draws(&logits.to_kind(Kind::Float), &sequence.narrow(1, 0, len), settings, &draws)?;
@@ -309,10 +347,94 @@ pub fn generate_with<P: Policy + ?Sized>(
             for t in [&mut sequence, &mut key_mask, &mut positions, &mut input, &mut row_index, &mut ended] {
                 *t = t.index_select(0, &index);
             }
+            if let Some(fixed) = fixed.as_mut() {
+                fixed.rebatch(keep.len() as i64);
+            }
             rows = keep.iter().map(|&i| rows[i as usize]).collect();
         }
     }
     Ok(outputs)
+}
+
+/// Decoding steps in fixed shape ([`KvCache::fix_shape`]): the step's inputs are copied
+/// into buffers of their own, and the position written is opened in the cache's mask,
+/// before each step. With `graphs`, the first step runs eagerly and is then captured as a
+/// CUDA graph, which the later steps replay; a batch that shrinks is captured again. A
+/// capture that fails (some op that cannot be captured) leaves the steps eager, with a
+/// warning: outputs are the same either way.
+struct FixedSteps {
+    input: Tensor,     // (b, 1) ids
+    positions: Tensor, // (b, 1)
+    write_at: Tensor,  // (1): the cache position the step writes
+    graphs: bool,
+    /// The captured step and the logits (b, V) each replay overwrites.
+    graph: Option<(CudaGraph, Tensor)>,
+}
+
+impl FixedSteps {
+    /// Switches `cache` to fixed shape after a prefill of `len` positions whose key mask
+    /// (b, ≥ len) is `key_mask`: the prompt's tokens are visible, padding and every later
+    /// position hidden until a step opens it.
+    fn after_prompt(cache: &mut KvCache, key_mask: &Tensor, len: i64, graphs: bool) -> Self {
+        let (b, width) = (key_mask.size()[0], cache.capacity());
+        let device = key_mask.device();
+        let kind = cache.kind();
+        let visible = key_mask.narrow(1, 0, len).ne(0);
+        let mask = Tensor::full([b, width], f64::NEG_INFINITY, (kind, device));
+        let _ = mask.narrow(1, 0, len).masked_fill_(&visible, 0.0);
+        cache.fix_shape(Tensor::zeros([1], (Kind::Int64, device)), mask.view([b, 1, 1, width]));
+        let mut steps = Self {
+            input: Tensor::empty([0], (Kind::Int64, device)),
+            positions: Tensor::empty([0], (Kind::Int64, device)),
+            write_at: cache.fixed_write_at().expect("fixed above").shallow_clone(),
+            graphs,
+            graph: None,
+        };
+        steps.rebatch(b);
+        steps
+    }
+
+    /// New input buffers for a batch of `b` rows (the cache has kept its rows already);
+    /// a captured graph read the old ones, so it goes.
+    fn rebatch(&mut self, b: i64) {
+        let device = self.write_at.device();
+        self.input = Tensor::zeros([b, 1], (Kind::Int64, device));
+        self.positions = Tensor::zeros([b, 1], (Kind::Int64, device));
+        self.graph = None;
+    }
+
+    /// The logits (b, V) of the step that writes position `len - 1`.
+    fn step<P: Policy + ?Sized>(
+        &mut self,
+        policy: &P,
+        input: &Tensor,
+        positions: &Tensor,
+        len: i64,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.input.copy_(input);
+        self.positions.copy_(positions);
+        let _ = self.write_at.fill_(len - 1);
+        let mask = cache.fixed_mask().expect("the cache decodes in fixed shape").shallow_clone();
+        let _ = mask.narrow(3, len - 1, 1).fill_(0.0);
+        if let Some((graph, logits)) = &self.graph {
+            graph.replay()?;
+            GRAPH_REPLAYS.with(|n| n.set(n.get() + 1));
+            return Ok(logits.shallow_clone());
+        }
+        let logits = policy.last_logits(&self.input, &self.positions, None, Some(cache))?;
+        if self.graphs {
+            let device = self.input.device();
+            match CudaGraph::capture(device, || policy.last_logits(&self.input, &self.positions, None, Some(cache))) {
+                Ok(captured) => self.graph = Some(captured),
+                Err(e) => {
+                    tracing::warn!("decoding steps run without a CUDA graph: {e}");
+                    self.graphs = false;
+                }
+            }
+        }
+        Ok(logits)
+    }
 }
 
 /// Picks the next token of each row of `logits` (B, V) given the tokens `seen` so far
@@ -480,6 +602,93 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Fixed-shape steps (what a CUDA graph replays) give the tokens and log-probs of
+    /// steps over the growing cache: left-padded prompts, rows leaving the batch, a stop
+    /// token, greedy and sampled.
+    #[test]
+    fn fixed_shape_steps_give_what_growing_steps_give() {
+        tch::manual_seed(3);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64
+        }))
+        .unwrap();
+        let model = crate::model::llama::LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
+        assert!(model.new_cache(1, 4).offers_fixed_shape());
+        let prompts: Vec<Vec<i64>> =
+            (0..6).map(|i| (0..(1 + i % 4)).map(|j| (5 * i + 3 * j + 2) % 40).collect()).collect();
+        let check = |tokens: &[i64]| tokens.len() >= 2 + (tokens[0] % 9) as usize;
+        for temperature in [0.0, 1.0] {
+            for stop_tokens in [vec![], vec![7, 11]] {
+                let growing = GenerationSettings {
+                    max_new_tokens: 14,
+                    temperature,
+                    seed: Some(9),
+                    stop_tokens,
+                    steps: StepMode::Growing,
+                    ..Default::default()
+                };
+                let fixed = GenerationSettings { steps: StepMode::FixedShape, ..growing.clone() };
+                let a = generate(&model, &prompts, &growing, Some(&check)).unwrap();
+                let b = generate(&model, &prompts, &fixed, Some(&check)).unwrap();
+                let lengths: Vec<usize> = a.iter().map(|g| g.tokens.len()).collect();
+                assert!(lengths.iter().any(|&l| l < 6) && lengths.iter().any(|&l| l >= 8), "{lengths:?}");
+                for (a, b) in a.iter().zip(&b) {
+                    assert_eq!((&a.tokens, a.finish), (&b.tokens, b.finish), "temperature {temperature}");
+                    for (x, y) in a.log_probs.iter().zip(&b.log_probs) {
+                        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// On CUDA, steps replayed as a graph give the eager growing steps' outputs: greedy
+    /// tokens the same, sampled tokens the same but where the two kernels' last bits tip a
+    /// draw (none expected at this size), log-probs to fp32 rounding.
+    #[test]
+    fn cuda_graph_steps_give_what_growing_steps_give() {
+        let Some(device) = crate::cuda::device_for_test() else { return };
+        tch::manual_seed(3);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128
+        }))
+        .unwrap();
+        let model = crate::model::llama::LlamaForCausalLm::new(config, device).unwrap();
+        let prompts: Vec<Vec<i64>> =
+            (0..16).map(|i| (0..(3 + i % 9)).map(|j| (5 * i + 3 * j + 2) % 64).collect()).collect();
+        let check = |tokens: &[i64]| tokens.len() >= 4 + (tokens[0] % 40) as usize;
+        for temperature in [0.0, 1.0] {
+            let growing = GenerationSettings {
+                max_new_tokens: 48,
+                temperature,
+                seed: Some(9),
+                steps: StepMode::Growing,
+                ..Default::default()
+            };
+            let replays = graph_replays();
+            let a = generate(&model, &prompts, &growing, Some(&check)).unwrap();
+            assert_eq!(graph_replays(), replays, "growing steps replay no graph");
+            let b = generate(&model, &prompts, &GenerationSettings { steps: StepMode::Auto, ..growing }, Some(&check))
+                .unwrap();
+            assert!(graph_replays() - replays > 30, "replays: {}", graph_replays() - replays);
+            let (mut tokens, mut differ) = (0, 0);
+            for (a, b) in a.iter().zip(&b) {
+                tokens += a.tokens.len();
+                differ += a.tokens.iter().zip(&b.tokens).filter(|(x, y)| x != y).count();
+                if differ == 0 {
+                    assert_eq!((&a.tokens, a.finish), (&b.tokens, b.finish), "temperature {temperature}");
+                    for (x, y) in a.log_probs.iter().zip(&b.log_probs) {
+                        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+                    }
+                }
+            }
+            eprintln!("temperature {temperature}: {differ} of {tokens} tokens differ");
+            assert_eq!(differ, 0, "temperature {temperature}");
         }
     }
 

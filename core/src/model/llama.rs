@@ -456,6 +456,16 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
+        if let Some(mask) = cache.as_ref().and_then(|c| c.fixed_mask()).map(Tensor::shallow_clone) {
+            // A fixed-shape decoding step (KvCache::fix_shape): every layer attends under
+            // the cache's mask; nothing here depends on how far the cache is filled.
+            let (cos, sin) = self.config.rope.cos_sin(positions, self.embed_tokens.ws.kind(), self.inv_freq.as_ref());
+            let mut x = self.embed_tokens.forward(input_ids);
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = layer.forward(&x, &cos, &sin, Some(&mask), cache.as_deref_mut().map(|c| (c, i)));
+            }
+            return Ok(self.norm.forward(&x));
+        }
         let past = cache.as_ref().map_or(0, |c| c.len());
         if let Some(cache) = &cache {
             if past + t > cache.capacity() {
@@ -515,7 +525,14 @@ impl Llama {
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         let c = &self.config;
         let ws = &self.embed_tokens.ws;
-        KvCache::new(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, ws.kind(), ws.device())
+        let cache = KvCache::new(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, ws.kind(), ws.device());
+        // Fixed-shape steps need rotary frequencies that do not depend on the positions
+        // (all scalings but dynamic) and one mask for every layer (no sliding windows).
+        if self.inv_freq.is_some() && c.windows.iter().all(Option::is_none) {
+            cache.offering_fixed_shape()
+        } else {
+            cache
+        }
     }
 }
 

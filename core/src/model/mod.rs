@@ -23,7 +23,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use cache::KvCache;
 pub use family::{Architecture, Backbone, CausalLm, Pretrained};
-pub use generate::{Generated, GenerationSettings};
+pub use generate::{Generated, GenerationSettings, StepMode};
 pub use head::{HeadChunks, ScoreOptions, TokenScores};
 
 use crate::checkpoint;
