@@ -159,7 +159,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
             registry.reward(&reward.uses).map_err(|m| user(recipe.error_at(&format!("rewards[{i}].uses"), m)))?;
         let what = format!("reward `{}` ({})", reward.name, reward.uses);
         component
-            .validate(&yaml(&reward.config), &reward_names)
+            .validate(&yaml(&reward.config), &reward_names, &spec.run.output_dir)
             .map_err(|e| located(recipe, user, &format!("rewards[{i}].config"), &what, e))?;
         rewards.push(component);
     }
@@ -174,7 +174,7 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
         let has_input_model = stage.model.is_some()
             || stages.iter().zip(&stage_models).any(|(earlier, own)| earlier.kind == Kind::Stage || own.is_some());
         component
-            .validate(&recipe.stage_config_yaml(i), &reward_names, has_input_model)
+            .validate(&recipe.stage_config_yaml(i), &reward_names, has_input_model, &spec.run.output_dir)
             .map_err(|e| located(recipe, user, &format!("stages[{i}].config"), &what, e))?;
         // A stage's own model: a directory, or a hub name (`ORG/NAME`) found in the local
         // Hugging Face cache.

@@ -85,6 +85,7 @@ fn an_unknown_stage_name_is_refused_before_any_work() {
             QUICKSTART,
             "stages.pretrain.uses=pretrain.casual_lm",
             &format!("run.output_dir={}", out_dir.display()),
+            &format!("rewards.judge.config.model={}", out_dir.join("reward_model/final").display()),
         ],
     );
     assert_exit(&out, 1);
@@ -255,6 +256,24 @@ fn logs_into_a_pipe_have_no_escape_codes_and_help_names_the_log_variables() {
 }
 
 /// `run.device: cuda` on a machine without a GPU is refused by `validate`, at its key.
+/// A learned reward whose model does not exist and lies outside the run's output
+/// directory (where no stage of the run can make it): `validate` refuses it, at its key,
+/// as `run` would.
+#[test]
+fn validate_refuses_a_reward_model_that_no_stage_can_make() {
+    let missing = tempfile::tempdir().unwrap().path().join("no_reward_model");
+    let o = validate(&[QUICKSTART, &format!("rewards.judge.config.model={}", missing.display())]);
+    assert_exit(&o, 1);
+    let err = stderr(&o);
+    assert!(
+        err.contains("rewards[1].config")
+            && err.contains("model")
+            && err.contains(&format!("directory not found: `{}`", missing.display()))
+            && err.contains("runs/quickstart"),
+        "{err}"
+    );
+}
+
 #[test]
 fn validate_refuses_a_cuda_device_on_a_machine_without_one() {
     if plumb_core::tch::Cuda::device_count() > 0 {

@@ -17,13 +17,27 @@ pub struct ValidateContext {
     rewards: Vec<String>,
     /// Whether the stage will have an input model.
     input_model: bool,
+    /// The run's output directory, when the host says.
+    run_dir: Option<PathBuf>,
 }
 
 impl ValidateContext {
     /// A context for a recipe that defines the rewards `rewards` (their names, not their
     /// `uses`). The host builds it from the validate request; tests build their own.
     pub fn new(rewards: Vec<String>) -> Self {
-        Self { rewards, input_model: true }
+        Self { rewards, input_model: true, run_dir: None }
+    }
+
+    /// The same context for a run whose output directory is `run_dir`.
+    pub fn with_run_dir(self, run_dir: PathBuf) -> Self {
+        Self { run_dir: Some(run_dir), ..self }
+    }
+
+    /// The run's output directory (`run.output_dir`), where earlier stages write what
+    /// they make: a path under it may not exist yet at validation. None when the host
+    /// did not say (then such paths cannot be judged before the run).
+    pub fn run_dir(&self) -> Option<&std::path::Path> {
+        self.run_dir.as_deref()
     }
 
     /// The same context for a stage that will (or will not) have an input model.

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,10 @@ pub struct ValidateRequest {
     /// ([`ValidateContext::require_input_model`]).
     #[serde(default = "assumed")]
     pub has_input_model: bool,
+    /// The run's output directory (`run.output_dir`), where files that earlier stages
+    /// make will be ([`ValidateContext::run_dir`]); None from a host that does not say.
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
 }
 
 /// A host that does not say is assumed to give the stage a model.
@@ -240,11 +245,28 @@ fn checked<C: serde::de::DeserializeOwned>(
     yaml: &str,
     rewards: &[String],
     has_input_model: bool,
+    run_dir: Option<&PathBuf>,
     validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
 ) -> Result<C, Failure> {
     let config: C = parse_section(yaml)?;
-    validate(&config, &ValidateContext::new(rewards.to_vec()).with_input_model(has_input_model))?;
+    let mut ctx = ValidateContext::new(rewards.to_vec()).with_input_model(has_input_model);
+    if let Some(dir) = run_dir {
+        ctx = ctx.with_run_dir(dir.clone());
+    }
+    validate(&config, &ctx)?;
     Ok(config)
+}
+
+/// [`checked`] with what a validate request says.
+fn checked_request<C: serde::de::DeserializeOwned>(
+    request: StrRef,
+    has_input_model: impl FnOnce(&ValidateRequest) -> bool,
+    validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
+) -> Result<Vec<u8>, Failure> {
+    let request: ValidateRequest = read_json(request)?;
+    let input = has_input_model(&request);
+    checked::<C>(&request.config_yaml, &request.rewards, input, request.run_dir.as_ref(), validate)?;
+    Ok(Vec::new())
 }
 
 /// The JSON Schema of a configuration section, from its `JsonSchema` derive.
@@ -254,25 +276,19 @@ extern "C" fn config_schema<C: schemars::JsonSchema>(out: ByteSink) -> i32 {
 
 extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
-        let request: ValidateRequest = read_json(request)?;
-        checked::<S::Config>(&request.config_yaml, &request.rewards, request.has_input_model, S::validate)?;
-        Ok(Vec::new())
+        checked_request::<S::Config>(request, |r| r.has_input_model, S::validate)
     })
 }
 
 extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
-        let request: ValidateRequest = read_json(request)?;
-        checked::<E::Config>(&request.config_yaml, &request.rewards, request.has_input_model, E::validate)?;
-        Ok(Vec::new())
+        checked_request::<E::Config>(request, |r| r.has_input_model, E::validate)
     })
 }
 
 extern "C" fn validate_reward<R: Reward>(request: StrRef, out: ByteSink) -> i32 {
     guarded(&out, || {
-        let request: ValidateRequest = read_json(request)?;
-        checked::<R::Config>(&request.config_yaml, &request.rewards, true, R::validate)?;
-        Ok(Vec::new())
+        checked_request::<R::Config>(request, |_| true, R::validate)
     })
 }
 
@@ -293,7 +309,13 @@ fn with_context<C: serde::de::DeserializeOwned>(
             format!("host ABI version {} differs from the plugin's {}", host.abi_version, abi::ABI_VERSION),
         ));
     }
-    let config = checked::<C>(&request.config_yaml, &request.rewards, request.input_model.is_some(), validate)?;
+    let config = checked::<C>(
+        &request.config_yaml,
+        &request.rewards,
+        request.input_model.is_some(),
+        Some(&request.run_dir),
+        validate,
+    )?;
     // SAFETY: as above.
     let mut ctx = unsafe { RunContext::new(host, request) }?;
     let subscriber = tracing_subscriber::fmt()
@@ -329,7 +351,8 @@ extern "C" fn create_reward<R: Reward>(request: StrRef, out: ByteSink) -> *mut c
     let mut handle: *mut c_void = std::ptr::null_mut();
     guarded(&out, || {
         let request: CreateRequest = read_json(request)?;
-        let config = checked::<R::Config>(&request.config_yaml, &request.rewards, true, R::validate)?;
+        let config =
+            checked::<R::Config>(&request.config_yaml, &request.rewards, true, Some(&request.run_dir), R::validate)?;
         let device = crate::context::parse_device(&request.device)?;
         let ctx = RewardContext::new(request.name, device, request.seed, request.run_dir);
         handle = Box::into_raw(Box::new(R::new(config, &ctx)?)) as *mut c_void;

@@ -1,6 +1,7 @@
 //! The host's view of the loaded plugins: look up a component by its recipe name
 //! (`<plugin>.<component>`) and call it across the boundary.
 use std::ffi::c_void;
+use std::path::Path;
 
 use plumb_core::context::RunRequest;
 use plumb_core::plugin::abi::{vec_sink, ComponentEntry, RewardEntry, SchemaFn, Status, StrRef, ValidateFn};
@@ -235,14 +236,20 @@ fn outcome(raw: i32, out: Vec<u8>) -> Result<Vec<u8>, CallError> {
 }
 
 /// Asks a component's `validate` entry to check a section without doing any work;
-/// `rewards` are the names of the recipe's `rewards:`.
+/// `rewards` are the names of the recipe's `rewards:`, `run_dir` the run's output directory.
 fn call_validate(
     validate: ValidateFn,
     config_yaml: &str,
     rewards: &[String],
     has_input_model: bool,
+    run_dir: &Path,
 ) -> Result<(), CallError> {
-    let request = ValidateRequest { config_yaml: config_yaml.to_owned(), rewards: rewards.to_vec(), has_input_model };
+    let request = ValidateRequest {
+        config_yaml: config_yaml.to_owned(),
+        rewards: rewards.to_vec(),
+        has_input_model,
+        run_dir: Some(run_dir.to_path_buf()),
+    };
     let request = serde_json::json!(request).to_string();
     let mut out = Vec::new();
     let raw = validate(StrRef::new(&request), vec_sink(&mut out));
@@ -262,9 +269,16 @@ pub struct Component<'r> {
 impl Component<'_> {
     /// Asks the plugin to check its section without doing any work; `rewards` are the
     /// names of the recipe's `rewards:` (a stage checks the ones it names),
-    /// `has_input_model` whether it will get a model to start from.
-    pub fn validate(&self, config_yaml: &str, rewards: &[String], has_input_model: bool) -> Result<(), CallError> {
-        call_validate(self.entry.validate, config_yaml, rewards, has_input_model)
+    /// `has_input_model` whether it will get a model to start from, `run_dir` the run's
+    /// output directory.
+    pub fn validate(
+        &self,
+        config_yaml: &str,
+        rewards: &[String],
+        has_input_model: bool,
+        run_dir: &Path,
+    ) -> Result<(), CallError> {
+        call_validate(self.entry.validate, config_yaml, rewards, has_input_model, run_dir)
     }
 
     /// The JSON Schema of its configuration section (its options, types, defaults, docs).
@@ -291,8 +305,9 @@ pub struct RewardComponent<'r> {
 }
 
 impl RewardComponent<'_> {
-    pub fn validate(&self, config_yaml: &str, rewards: &[String]) -> Result<(), CallError> {
-        call_validate(self.entry.validate, config_yaml, rewards, true)
+    /// Asks the plugin to check the reward's section; as [`Component::validate`].
+    pub fn validate(&self, config_yaml: &str, rewards: &[String], run_dir: &Path) -> Result<(), CallError> {
+        call_validate(self.entry.validate, config_yaml, rewards, true, run_dir)
     }
 
     /// The JSON Schema of its configuration section.

@@ -11,11 +11,11 @@
 //!
 //! The model may be made by an earlier stage of the same run (… → reward_model → ppo):
 //! - validation checks a `model` directory that exists (a `config.json` and a
-//!   `tokenizer.json`) and accepts one that does not yet (it does not know the run's
-//!   output directory);
-//! - creation, before the first stage, loads a model that exists; one that does not is
-//!   an error naming `model` unless it lies under the run's output directory, where an
-//!   earlier stage may make it;
+//!   `tokenizer.json`); one that does not is an error naming `model` unless it lies under
+//!   the run's output directory, where an earlier stage may make it (`plumb validate`
+//!   refuses what `plumb run` would);
+//! - creation, before the first stage, loads a model that exists, and checks one that
+//!   does not as validation does;
 //! - such a model is loaded on the first `score` call, which fails naming `model` and the
 //!   directory if it is still missing then.
 use std::path::{Path, PathBuf};
@@ -68,20 +68,12 @@ impl LearnedReward {
         let mut reward = Self { config, device, scorer: None };
         if reward.config.model.exists() {
             reward.load()?;
-        } else if absolute(&reward.config.model)?.starts_with(absolute(run_dir)?) {
+        } else {
+            made_by_the_run(&reward.config.model, run_dir)?;
             tracing::info!(
                 "rlhf.learned: {} does not exist yet (an earlier stage of this run may make it); loading it on first use",
                 reward.config.model.display()
             );
-        } else {
-            return Err(Error::config(
-                "model",
-                format!(
-                    "directory not found: `{}` (a reward model that a stage of this run makes lies under its output directory `{}`)",
-                    reward.config.model.display(),
-                    run_dir.display()
-                ),
-            ));
         }
         Ok(reward)
     }
@@ -142,6 +134,8 @@ impl Reward for LearnedReward {
             for file in ["config.json", "tokenizer.json"] {
                 ctx.existing_file("model", &config.model.join(file))?;
             }
+        } else if let Some(run_dir) = ctx.run_dir() {
+            made_by_the_run(&config.model, run_dir)?;
         }
         Ok(())
     }
@@ -149,6 +143,22 @@ impl Reward for LearnedReward {
     fn new(config: Self::Config, ctx: &RewardContext) -> Result<Self> {
         Self::create(config, ctx.device(), ctx.run_dir())
     }
+}
+
+/// Ok when `model`, which does not exist, lies under the run's output directory `run_dir`,
+/// where an earlier stage of the run may make it; else an error naming `model`.
+fn made_by_the_run(model: &Path, run_dir: &Path) -> Result<()> {
+    if absolute(model)?.starts_with(absolute(run_dir)?) {
+        return Ok(());
+    }
+    Err(Error::config(
+        "model",
+        format!(
+            "directory not found: `{}` (a reward model that a stage of this run makes lies under its output directory `{}`)",
+            model.display(),
+            run_dir.display()
+        ),
+    ))
 }
 
 /// `path` made absolute against the current directory, `.` and `..` resolved lexically
@@ -264,6 +274,24 @@ mod tests {
         for (a, b) in scores.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-5, "reward {scores:?} vs model {expected:?}");
         }
+    }
+
+    /// Validation refuses a missing model outside the run's directory, as creation does,
+    /// and accepts one under it (an earlier stage may make it).
+    #[test]
+    fn validation_refuses_a_missing_model_that_no_stage_can_make() {
+        let root = tempfile::tempdir().unwrap();
+        let ctx = ValidateContext::new(Vec::new()).with_run_dir(root.path().join("run"));
+        let elsewhere = root.path().join("elsewhere/rm");
+        let message = LearnedReward::validate(&config(&elsewhere, 4), &ctx).unwrap_err().to_string();
+        assert!(
+            message.contains("model")
+                && message.contains("directory not found")
+                && message.contains("elsewhere/rm")
+                && message.contains("lies under its output directory"),
+            "{message}"
+        );
+        LearnedReward::validate(&config(&root.path().join("run/reward_model/final"), 4), &ctx).unwrap();
     }
 
     #[test]
