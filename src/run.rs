@@ -202,7 +202,6 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     }
     // A device this machine lacks is a recipe error, found by `validate` too.
     let device = spec.run.device.resolve().map_err(|m| user(recipe.error_at("run.device", m)))?;
-    let device = plumb_core::device::device_name(device);
     let resolved = with_defaults(recipe, &registry, user)?;
     if mode == Mode::Validate {
         print!("{resolved}");
@@ -212,11 +211,20 @@ pub fn run_loaded(recipe: &LoadedRecipe, mode: Mode, render: Render, choices: &s
     // A distributed run (torchrun's variables, or `plumb run --nproc N`): every rank runs
     // every stage; rank 0 serves the run's store, claims the output directory, logs and writes
     // the reports, and the ranks meet after each stage, so the next one finds what rank 0 wrote.
+    // On CUDA each rank takes a GPU of its own (cuda:LOCAL_RANK from the run's first); the
+    // stages' groups attach NCCL for it (this group only meets at barriers, on Gloo).
     let dist = Rendezvous::from_env().map_err(|e| Failure::User(e.to_string()))?;
+    let device = match &dist {
+        Some(rendezvous) => {
+            rendezvous.rank_device(device).map_err(|e| user(recipe.error_at("run.device", e.to_string())))?
+        }
+        None => device,
+    };
     let group = match &dist {
         Some(rendezvous) => Some(ProcessGroup::join(rendezvous).map_err(|e| Failure::User(e.to_string()))?),
         None => None,
     };
+    let device = plumb_core::device::device_name(device);
     let main = dist.as_ref().is_none_or(|r| r.rank == 0);
     let meet = |after: &str| match &group {
         Some(group) => group.barrier().map_err(|e| Failure::User(format!("after {after}: {e}"))),

@@ -110,6 +110,43 @@ fn two_ranks_train_as_one_on_the_same_global_batch() {
     assert!(dir.path().join("two/pretrain/final/model.safetensors").is_file());
 }
 
+/// Data-parallel pretraining on a GPU under the launcher, at world size 1 (NCCL refuses two
+/// ranks on one GPU, so one rank is what a one-GPU machine can run): the stage's group has
+/// NCCL attached on cuda:0, the gradients go through it, and the model learns
+/// and is saved. Skipped where libtorch sees no GPU. Runs from a copy of this test binary
+/// with `PLUMB_BIN` and `PLUMB_REPO_ROOT` set where cargo's paths do not exist (`devrun/nccl.sh`).
+#[test]
+fn one_rank_pretrains_on_cuda_with_nccl_attached() {
+    if plumb_core::tch::Cuda::device_count() == 0 {
+        eprintln!(
+            "one_rank_pretrains_on_cuda_with_nccl_attached: skipped: libtorch sees no CUDA device (NCCL needs one)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 300);
+    let stages = tiny_pretrain_stage("pretrain", &corpus, 8);
+    let text = format!(
+        "run:\n  output_dir: {out}\n  seed: 5\n  device: cuda\nplugins:\n  - name: pretrain\nstages:\n{stages}",
+        out = dir.path().join("run").display()
+    );
+    let path = dir.path().join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    let out =
+        plumb_with_env(dir.path(), &["run", path.to_str().unwrap(), "--nproc", "1"], &[("PLUMB_DIST_TIMEOUT", "60")]);
+    assert_exit(&out, 0);
+    let log = stderr(&out);
+    // The stage's group (its gradients and statistics).
+    assert!(log.contains("rank 0 of 1: NCCL attached on cuda:0 for group stage/pretrain/0"), "{log}");
+    assert!(log.contains("on cuda:0 into"), "the run's device: {log}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("run/pretrain/report.json")).unwrap()).unwrap();
+    let (initial, last) =
+        (report["metrics"]["eval/initial_loss"].as_f64().unwrap(), report["metrics"]["eval/loss"].as_f64().unwrap());
+    assert!(last < initial - 0.5, "eval/loss {initial} -> {last}");
+    assert!(dir.path().join("run/pretrain/final/model.safetensors").is_file());
+}
+
 /// ZeRO-1 end to end: 2 ranks with `optimizer.zero_stage: 1` follow the plain 2-rank run's
 /// losses, each holding less optimizer state, and their checkpoint holds the whole state:
 /// one plain process resumes it at step 3 and follows the plain run's losses to the end.

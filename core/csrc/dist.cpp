@@ -2,6 +2,12 @@
 // group and its collectives on the at::Tensor objects tch's Tensors wrap. Only pointers to gloo
 // types cross (gloo's headers come from Debian's libgloo-dev; its code is libtorch's own).
 //
+// As torch.distributed's default "cuda:nccl,cpu:gloo" group does, a group can have an NCCL
+// backend attached (plumb_dist_nccl_attach, in a build that found CUDA's headers: PLUMB_CUDA):
+// from then on its collectives on CUDA tensors go through NCCL, those on CPU tensors through
+// Gloo. NCCL work runs on NCCL's own stream; waiting for it makes the calling thread's current
+// stream wait (the host does not block), so what is queued after it sees the result.
+//
 // As in shim.cpp, every function catches C++ exceptions (c10d's timeouts and network errors,
 // gloo's I/O errors) and reports them as a non-zero return with the message in a thread-local
 // buffer (plumb_dist_last_error), so no exception ever reaches Rust.
@@ -13,6 +19,12 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#ifdef PLUMB_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -40,13 +52,58 @@ int guarded(F f) {
   return 1;
 }
 
-// What Rust holds: the store (kept alive as long as the group) and the group.
+// An NCCL backend, shared by its group and the GradSyncs made from it. The last owner
+// destroys it as torch.distributed's destroy_process_group does: shutdown() lets queued NCCL
+// work finish before the communicators go; after a failed collective on it (a peer may never
+// come) abort() ends them at once instead, since shutdown() could wait forever.
+struct Nccl {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::atomic<bool> failed{false};
+  explicit Nccl(c10::intrusive_ptr<c10d::Backend> backend) : backend(std::move(backend)) {}
+  Nccl(const Nccl&) = delete;
+  Nccl& operator=(const Nccl&) = delete;
+  ~Nccl() {
+    try {
+      if (failed) {
+        backend->abort();
+      } else {
+        backend->shutdown();
+      }
+    } catch (...) {
+      // Nothing to report to at this point: the process goes on or ends without it.
+    }
+  }
+};
+
+// What Rust holds: the store (kept alive as long as the group), the group's Gloo backend and,
+// once attached, its NCCL backend for CUDA tensors.
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  std::shared_ptr<Nccl> nccl;
+  std::string name;  // the group's key prefix: its name in NCCL's logs
   int rank;
   int size;
 };
+
+// The backend of a collective on tensors on `device`: NCCL for CUDA tensors when the group
+// has it, else Gloo (which takes CPU tensors, and CUDA tensors through host copies).
+c10d::Backend& backend_for(const Group& g, const at::Device& device) {
+  if (device.is_cuda() && g.nccl) return *g.nccl->backend;
+  return *g.backend;
+}
+
+// The device of `reference` (`name` says which tensor it is), checked to be that of all of
+// `list` too: a collective runs on one backend. `what` names the call.
+at::Device common_device(const at::Tensor& reference, const char* name, const std::vector<at::Tensor>& list,
+                         const char* what) {
+  auto device = reference.device();
+  for (const auto& t : list) {
+    TORCH_CHECK(t.device() == device, what, " expected every tensor on ", device, " (the ", name, "'s device), found one on ",
+                t.device());
+  }
+  return device;
+}
 
 at::Tensor& tensor(void* raw) { return *static_cast<at::Tensor*>(raw); }
 
@@ -70,8 +127,22 @@ c10d::ReduceOp reduce_op(int code) {
 
 void finish(const c10::intrusive_ptr<c10d::Work>& work) {
   // Gloo's own timeout (the group's option) bounds the wait: a peer that never arrives
-  // makes it throw.
+  // makes it throw. NCCL's wait makes the current stream wait for NCCL's and returns; its
+  // watchdog ends a collective a peer never joins after the group's timeout.
   work->wait();
+}
+
+// Runs `collective` on `backend` and waits for it. A failure on either backend marks the
+// group's NCCL failed: a peer may be gone, so NCCL work queued for it may never finish, and
+// its destruction must abort rather than wait.
+template <typename F>
+void run_on(const Group& g, c10d::Backend& backend, F collective) {
+  try {
+    finish(collective(backend));
+  } catch (...) {
+    if (g.nccl) g.nccl->failed = true;
+    throw;
+  }
 }
 
 // The network device Gloo binds: the interface GLOO_SOCKET_IFNAME names (as in PyTorch);
@@ -143,11 +214,57 @@ int plumb_dist_gloo_new(void* store, const char* prefix, const char* master, int
     auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
     options->devices.push_back(gloo_device(master));
     auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
-    *out = new Group{prefixed, backend, rank, size};
+    *out = new Group{prefixed, backend, nullptr, prefix, rank, size};
   });
 }
 
 void plumb_dist_free(void* group) { delete static_cast<Group*>(group); }
+
+// Attaches an NCCL backend to `group` for its collectives on CUDA tensors (those on CPU
+// tensors stay on Gloo), as torch.distributed's "cuda:nccl,cpu:gloo" groups do. Every rank
+// attaches, at the same point among its collectives, each its own CUDA device `device` (NCCL
+// refuses two ranks on one GPU). It meets through the group's store under `prefix` (keys of
+// its own, apart from Gloo's), binds the device and connects at once, so a failure shows
+// here; its watchdog fails a collective that a peer does not join within `timeout_ms`.
+int plumb_dist_nccl_attach(void* group, const char* prefix, int device, int64_t timeout_ms) {
+#ifdef PLUMB_CUDA
+  return guarded([&] {
+    auto& g = *static_cast<Group*>(group);
+    TORCH_CHECK(!g.nccl, "NCCL is already attached to this group");
+    int devices = c10::cuda::device_count();
+    TORCH_CHECK(devices > 0, "NCCL needs a CUDA device, but libtorch sees none");
+    TORCH_CHECK(device >= 0 && device < devices, "cuda:", device, " asked for, but libtorch sees ", devices,
+                " CUDA device(s)");
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, g.store);
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = std::chrono::milliseconds(timeout_ms);
+    options->group_name = g.name;
+    auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, g.rank, g.size, options);
+    auto nccl = std::make_shared<Nccl>(backend);
+    at::Device bound(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+    backend->setBoundDeviceId(bound);
+    try {
+      backend->eagerConnectSingleDevice(bound);
+    } catch (...) {
+      nccl->failed = true;
+      throw;
+    }
+    g.nccl = std::move(nccl);
+  });
+#else
+  last_error =
+      "plumb was built without CUDA's headers, so it has no NCCL (CUDA tensors go through Gloo); "
+      "rebuild with `./dev build`, which installs them";
+  return 1;
+#endif
+}
+
+// Which backend the group's collectives on a tensor like `raw` use: 1 NCCL, 0 Gloo.
+int plumb_dist_uses_nccl(void* group, void* raw) {
+  auto& g = *static_cast<Group*>(group);
+  const auto& t = tensor(raw);
+  return t.defined() && &backend_for(g, t.device()) != g.backend.get() ? 1 : 0;
+}
 
 // Reduces each of the `n` tensors in place across ranks (reduction codes above).
 int plumb_dist_all_reduce(void* group, void* const* raw, int n, int op) {
@@ -159,7 +276,8 @@ int plumb_dist_all_reduce(void* group, void* const* raw, int n, int op) {
     // and reduces them together. Callers flatten many small tensors into one bucket first.
     for (auto& t : tensors(raw, n)) {
       std::vector<at::Tensor> one{t};
-      finish(g.backend->allreduce(one, options));
+      run_on(g, backend_for(g, t.device()), [&](c10d::Backend& b) { return b.allreduce(one, options); });
+      // On a CUDA tensor the division is queued after NCCL's sum on the current stream.
       if (op == 1) t.div_(g.size);
     }
   });
@@ -176,36 +294,41 @@ int plumb_dist_broadcast(void* group, void* const* raw, int n, int root) {
     // One call per tensor, as in all-reduce.
     for (auto& t : list) {
       std::vector<at::Tensor> one{t};
-      finish(g.backend->broadcast(one, options));
+      run_on(g, backend_for(g, t.device()), [&](c10d::Backend& b) { return b.broadcast(one, options); });
     }
   });
 }
 
-// outputs[r] (world-size tensors shaped like `input`) receives rank r's `input`.
+// outputs[r] (world-size tensors shaped like `input`, on its device) receives rank r's `input`.
 int plumb_dist_all_gather(void* group, void* const* outputs, void* input) {
   return guarded([&] {
     auto& g = *static_cast<Group*>(group);
-    std::vector<std::vector<at::Tensor>> out{tensors(outputs, g.size)};
     std::vector<at::Tensor> in{tensor(input)};
-    finish(g.backend->allgather(out, in));
+    std::vector<std::vector<at::Tensor>> out{tensors(outputs, g.size)};
+    auto device = common_device(in[0], "input", out[0], "all-gather");
+    run_on(g, backend_for(g, device), [&](c10d::Backend& b) { return b.allgather(out, in); });
   });
 }
 
 // `output` receives the reduction over ranks of each rank's inputs[my rank] (world-size
-// tensors shaped like `output`).
+// tensors shaped like `output`, on its device).
 int plumb_dist_reduce_scatter(void* group, void* output, void* const* inputs, int op) {
   return guarded([&] {
     auto& g = *static_cast<Group*>(group);
     std::vector<at::Tensor> out{tensor(output)};
     std::vector<std::vector<at::Tensor>> in{tensors(inputs, g.size)};
+    auto device = common_device(out[0], "output", in[0], "reduce-scatter");
     c10d::ReduceScatterOptions options;
     options.reduceOp = reduce_op(op);
-    finish(g.backend->reduce_scatter(out, in, options));
+    run_on(g, backend_for(g, device), [&](c10d::Backend& b) { return b.reduce_scatter(out, in, options); });
     if (op == 1) out[0].div_(g.size);
   });
 }
 
-// Returns once every rank has called it.
+// Returns once every rank has called it: Gloo's barrier, with or without NCCL attached. It
+// synchronises the processes (their host code), which is what its callers need (rank 0 has
+// written a file the others read); it does not wait for NCCL work queued on the GPU (NCCL's
+// barrier would, by a device-wide synchronisation, and needs NCCL on every group).
 int plumb_dist_barrier(void* group) {
   return guarded([&] {
     auto& g = *static_cast<Group*>(group);
@@ -225,7 +348,8 @@ int plumb_dist_barrier(void* group) {
 
 namespace {
 struct GradSync {
-  c10::intrusive_ptr<c10d::Backend> backend;
+  c10::intrusive_ptr<c10d::Backend> backend;  // Gloo
+  std::shared_ptr<Nccl> nccl;                 // for CUDA buckets, when the group had it attached
   int size;
   std::vector<at::Tensor> params;
   std::vector<std::vector<int>> buckets;  // indices into params, in launch order
@@ -248,7 +372,11 @@ struct GradSync {
     }
     flat[b] = at::cat(parts);
     std::vector<at::Tensor> one{flat[b]};
-    work[b] = backend->allreduce(one, c10d::AllreduceOptions{});
+    // A bucket holds one device's parameters (data_parallel's buckets); NCCL takes it when it
+    // is on CUDA and attached. From a hook, NCCL's stream first waits for autograd's current
+    // stream, where the gradients were accumulated.
+    auto& b_end = flat[b].is_cuda() && nccl ? *nccl->backend : *backend;
+    work[b] = b_end.allreduce(one, c10d::AllreduceOptions{});
   }
 
   // Starts the buckets, in order, whose parameters are all ready.
@@ -292,6 +420,7 @@ int plumb_dist_grad_sync_new(void* group, void* const* raw, int n, const int* bu
     auto& g = *static_cast<Group*>(group);
     auto sync = std::make_unique<GradSync>();
     sync->backend = g.backend;
+    sync->nccl = g.nccl;
     sync->size = g.size;
     sync->params = tensors(raw, n);
     sync->bucket_of.assign(bucket_of, bucket_of + n);
@@ -342,8 +471,8 @@ int plumb_dist_grad_sync_arm(void* raw) {
 // replaces each gradient with its average over the ranks (a parameter without a gradient
 // on this rank keeps none). `overlapped` receives how many buckets started during backward.
 int plumb_dist_grad_sync_finish(void* raw, int* overlapped) {
-  return guarded([&] {
-    auto& sync = *static_cast<GradSync*>(raw);
+  auto& sync = *static_cast<GradSync*>(raw);
+  int code = guarded([&] {
     std::lock_guard<std::mutex> lock(sync.mutex);
     TORCH_CHECK(sync.armed, "gradient sync finished without being armed");
     sync.armed = false;
@@ -372,6 +501,9 @@ int plumb_dist_grad_sync_finish(void* raw, int* overlapped) {
       sync.work[b].reset();
     }
   });
+  // As in run_on: after a failure, NCCL work queued for a peer may never finish.
+  if (code != 0 && sync.nccl) sync.nccl->failed = true;
+  return code;
 }
 
 }  // extern "C"

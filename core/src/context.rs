@@ -94,15 +94,28 @@ impl<'h> RunContext<'h> {
         self.request.dist.as_ref()
     }
 
-    /// A Gloo process group of the run's ranks, for this stage; `None` in a single-process
-    /// run. It meets through the store the host's rank 0 serves for the whole run, under a
-    /// prefix of this stage's own (every rank must make its groups in the same order).
+    /// A process group of the run's ranks, for this stage; `None` in a single-process run.
+    /// It meets through the store the host's rank 0 serves for the whole run, under a prefix
+    /// of this stage's own (every rank must make its groups in the same order). On Gloo, with
+    /// NCCL attached for the stage's device when that is a GPU: collectives on CUDA tensors
+    /// go through NCCL, those on CPU tensors through Gloo.
     pub fn process_group(&self) -> Result<Option<ProcessGroup>> {
         let Some(rendezvous) = &self.request.dist else { return Ok(None) };
         let n = self.groups_made.get();
         self.groups_made.set(n + 1);
         let store = Store::connect(rendezvous)?;
-        Ok(Some(ProcessGroup::gloo(&store, &format!("stage/{}/{n}", self.request.stage), rendezvous)?))
+        let name = format!("stage/{}/{n}", self.request.stage);
+        let mut group = ProcessGroup::gloo(&store, &name, rendezvous)?;
+        if let tch::Device::Cuda(_) = self.device {
+            group.attach_nccl(self.device)?;
+            tracing::info!(
+                "rank {} of {}: NCCL attached on {} for group {name}",
+                group.rank(),
+                group.world_size(),
+                crate::device::device_name(self.device)
+            );
+        }
+        Ok(Some(group))
     }
 
     /// True when the user asked to continue from the stage's latest checkpoint.

@@ -1,16 +1,17 @@
-//! `plumb bench allreduce`: the bandwidth of c10d's all-reduce (Gloo, on the CPU) among
-//! `--nproc` ranks on this machine, for float32 tensors of `--min-mib` to `--max-mib` MiB
-//! (doubling), as nccl-tests' `all_reduce_perf` reports it: the time of one all-reduce
-//! (here the median of `--repeats`, each the slowest rank's), the algorithm bandwidth
-//! (bytes / time) and the bus bandwidth (algorithm bandwidth × 2(n−1)/n, what each link
-//! of a ring carries, comparable across world sizes).
+//! `plumb bench allreduce`: the bandwidth of c10d's all-reduce among `--nproc` ranks on
+//! this machine (Gloo on CPU tensors, or `--device cuda`: NCCL on CUDA tensors, each rank on
+//! a GPU of its own), for float32 tensors of `--min-mib` to `--max-mib` MiB (doubling), as
+//! nccl-tests' `all_reduce_perf` reports it: the time of one all-reduce (here the median of
+//! `--repeats`, each the slowest rank's), the algorithm bandwidth (bytes / time) and the bus
+//! bandwidth (algorithm bandwidth × 2(n−1)/n, what each link of a ring carries, comparable
+//! across world sizes).
 //!
 //! Without the launch variables the command starts its ranks itself, as `plumb run
 //! --nproc` does (`crate::launch`); under torchrun, each rank runs it as it is.
 use std::time::Instant;
 
 use plumb_core::dist::{ProcessGroup, ReduceOp, Rendezvous};
-use plumb_core::tch::{Device, Kind, Tensor};
+use plumb_core::tch::{self, Device, Kind, Tensor};
 use plumb_host::log::progress::Counter;
 
 use super::median;
@@ -37,6 +38,19 @@ pub struct AllreduceBench {
     /// Timed all-reduces per size, after one untimed one; the median is reported.
     #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     pub repeats: usize,
+    /// Where the tensors are: `cpu` (Gloo) or `cuda` (NCCL; rank r on cuda:LOCAL_RANK, so at
+    /// most one rank per GPU).
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    pub device: BenchDevice,
+}
+
+/// The device `plumb bench allreduce` measures on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDevice {
+    /// CPU tensors, through Gloo.
+    Cpu,
+    /// CUDA tensors, through NCCL.
+    Cuda,
 }
 
 /// The ranks to start on this machine, and the store's port, when this process is the
@@ -45,11 +59,24 @@ pub struct AllreduceBench {
 pub fn launch(args: &AllreduceBench) -> Result<Option<(usize, Option<u16>)>, Failure> {
     sizes(args)?;
     let launched = ["RANK", "WORLD_SIZE"].iter().any(|v| std::env::var_os(v).is_some());
-    Ok(match (args.nproc, launched) {
+    let ranks = match (args.nproc, launched) {
         (Some(nproc), _) => Some((nproc, args.master_port)),
         (None, false) => Some((2, args.master_port)),
         (None, true) => None,
-    })
+    };
+    if let (Some((nproc, _)), BenchDevice::Cuda) = (ranks, args.device) {
+        let gpus = tch::Cuda::device_count().max(0) as usize;
+        if gpus == 0 {
+            return Err(Failure::User("--device cuda needs a GPU, but libtorch sees none".into()));
+        }
+        if nproc > gpus {
+            return Err(Failure::User(format!(
+                "--device cuda with {nproc} ranks needs {nproc} GPUs (NCCL takes one per rank), but libtorch sees {gpus}: \
+                 pass --nproc {gpus} or fewer"
+            )));
+        }
+    }
+    Ok(ranks)
 }
 
 const COLUMNS: &[Column] = &[
@@ -86,12 +113,30 @@ pub fn run(args: &AllreduceBench, json: bool) -> Result<(), Failure> {
     let rendezvous = Rendezvous::from_env()
         .map_err(user)?
         .ok_or_else(|| Failure::Internal("a rank of bench allreduce started without RANK and WORLD_SIZE".into()))?;
-    let group = ProcessGroup::join(&rendezvous).map_err(user)?;
+    let mut group = ProcessGroup::join(&rendezvous).map_err(user)?;
+    let device = match args.device {
+        BenchDevice::Cpu => Device::Cpu,
+        BenchDevice::Cuda => {
+            let device = rendezvous.rank_device(Device::Cuda(0)).map_err(user)?;
+            group.attach_nccl(device).map_err(user)?;
+            device
+        }
+    };
+    // Waits for the work queued on the GPU (NCCL's all-reduce included): the clock is read
+    // on the host, and an NCCL collective returns once it is queued.
+    let synchronize = || {
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+    };
     let (world, main) = (group.world_size(), group.rank() == 0);
+    // What the group measured: the backend it takes for tensors on this device.
+    let backend = group.backend_for(&Tensor::zeros([1], (Kind::Float, device))).name();
+    let device_name = plumb_core::device::device_name(device);
     let mut report = Report::new(json, COLUMNS);
     if main {
         report.note(&serde_json::json!({
-            "case": "allreduce-setup", "backend": "gloo", "device": "cpu", "world_size": world,
+            "case": "allreduce-setup", "backend": backend, "device": device_name, "world_size": world,
             "dtype": "float32", "op": "sum", "repeats": args.repeats,
         }));
     }
@@ -102,7 +147,7 @@ pub fn run(args: &AllreduceBench, json: bool) -> Result<(), Failure> {
         }
         let numel = (bytes / Kind::Float.elt_size_in_bytes()) as i64;
         // Untimed first, on ones: every element must come back as the world size.
-        let mut tensor = Tensor::ones([numel], (Kind::Float, Device::Cpu));
+        let mut tensor = Tensor::ones([numel], (Kind::Float, device));
         group.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum).map_err(user)?;
         let (low, high) = (tensor.min().double_value(&[]), tensor.max().double_value(&[]));
         if low != world as f64 || high != world as f64 {
@@ -114,9 +159,11 @@ pub fn run(args: &AllreduceBench, json: bool) -> Result<(), Failure> {
         let _ = tensor.zero_();
         let mut seconds = Vec::with_capacity(args.repeats);
         for _ in 0..args.repeats {
+            synchronize();
             group.barrier().map_err(user)?;
             let start = Instant::now();
             group.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum).map_err(user)?;
+            synchronize();
             seconds.push(start.elapsed().as_secs_f64());
         }
         // An all-reduce is done when the slowest rank is: each repeat's time is its maximum.
@@ -127,7 +174,7 @@ pub fn run(args: &AllreduceBench, json: bool) -> Result<(), Failure> {
         let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
         if let Some(p) = &progress {
             let line = serde_json::json!({
-                "case": "allreduce", "backend": "gloo", "device": "cpu", "dtype": "float32", "op": "sum",
+                "case": "allreduce", "backend": backend, "device": device_name, "dtype": "float32", "op": "sum",
                 "bytes": bytes, "mib": bytes / MIB, "world_size": world, "repeats": args.repeats, "time_ms": seconds * 1e3,
                 "algbw_gb_s": algbw / 1e9, "busbw_gb_s": busbw / 1e9,
             });
@@ -147,7 +194,7 @@ mod tests {
     use super::*;
 
     fn args(min_mib: usize, max_mib: usize) -> AllreduceBench {
-        AllreduceBench { nproc: None, master_port: None, min_mib, max_mib, repeats: 1 }
+        AllreduceBench { nproc: None, master_port: None, min_mib, max_mib, repeats: 1, device: BenchDevice::Cpu }
     }
 
     #[test]

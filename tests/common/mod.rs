@@ -5,9 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The `plumb` binary: cargo's, or `$PLUMB_BIN` (a copy of a test binary run where cargo's
+/// paths do not exist, as on a GPU machine without Rust: `devrun/nccl.sh`).
+pub fn plumb_bin() -> PathBuf {
+    std::env::var_os("PLUMB_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_plumb")))
+}
+
 /// The directory holding `plumb` and the workspace's plugin libraries.
 pub fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_plumb")).parent().expect("plumb has a directory").to_path_buf()
+    plumb_bin().parent().expect("plumb has a directory").to_path_buf()
 }
 
 /// A plugin library built by the workspace (`./dev test` builds them all first).
@@ -22,8 +28,9 @@ pub fn example_plugin() -> PathBuf {
     library("examples/libcustom_plugin.so")
 }
 
+/// The repository (its `data/`, `recipes/`): cargo's, or `$PLUMB_REPO_ROOT` as [`plumb_bin`].
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("PLUMB_REPO_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// Runs `plumb ARGS` in `dir`, finding plugins next to the binary only.
@@ -33,7 +40,7 @@ pub fn plumb(dir: &Path, args: &[&str]) -> Output {
 
 /// `plumb` with extra environment variables (e.g. the test-only fault injections).
 pub fn plumb_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_plumb"))
+    Command::new(plumb_bin())
         .args(args)
         .current_dir(dir)
         .env_remove("PLUMB_PLUGIN_PATH")

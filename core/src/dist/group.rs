@@ -1,11 +1,17 @@
 //! The run's TCPStore and Gloo process groups over it (`core/csrc/dist.cpp`): c10d's own
 //! collectives on `tch` tensors, each a blocking call that returns once this rank's part is
 //! done, or an error (a peer missing past the timeout, a closed connection, a bad tensor).
+//!
+//! A group can have NCCL attached for one CUDA device ([`ProcessGroup::attach_nccl`]), as
+//! torch.distributed's default `cuda:nccl,cpu:gloo` group has: its collectives on CUDA
+//! tensors then go through NCCL, those on CPU tensors still through Gloo. An NCCL collective
+//! returns once it is queued on NCCL's stream with the current stream waiting for it: what is
+//! queued on the device after it sees its result, and reading the result waits for it.
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int, c_void};
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::heartbeat::Heartbeat;
 use super::{DistError, Rendezvous};
@@ -33,6 +39,8 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> c_int;
     fn plumb_dist_free(group: *mut c_void);
+    fn plumb_dist_nccl_attach(group: *mut c_void, prefix: *const c_char, device: c_int, timeout_ms: i64) -> c_int;
+    fn plumb_dist_uses_nccl(group: *mut c_void, tensor: *mut c_void) -> c_int;
     fn plumb_dist_all_reduce(group: *mut c_void, tensors: *const *mut c_void, n: c_int, op: c_int) -> c_int;
     fn plumb_dist_broadcast(group: *mut c_void, tensors: *const *mut c_void, n: c_int, root: c_int) -> c_int;
     fn plumb_dist_all_gather(group: *mut c_void, outputs: *const *mut c_void, input: *mut c_void) -> c_int;
@@ -181,13 +189,37 @@ impl Drop for Store {
     }
 }
 
-/// A Gloo process group: the ranks of a run, and the collectives among them. Every rank
-/// must call the same collectives in the same order with tensors of the same shapes and
-/// dtypes; tensors must be dense and contiguous.
+/// The c10d backend a collective runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors, and CUDA tensors (through host copies) in a group without NCCL.
+    Gloo,
+    /// CUDA tensors in a group with NCCL attached.
+    Nccl,
+}
+
+impl Backend {
+    /// `gloo` or `nccl`, as torch.distributed names them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gloo => "gloo",
+            Self::Nccl => "nccl",
+        }
+    }
+}
+
+/// A process group: the ranks of a run, and the collectives among them, on Gloo and, once
+/// attached ([`attach_nccl`](Self::attach_nccl)), on NCCL for CUDA tensors. Every rank must
+/// call the same collectives in the same order with tensors of the same shapes, dtypes and
+/// kinds of device; tensors must be dense and contiguous.
 pub struct ProcessGroup {
     raw: *mut c_void,
     rank: usize,
     world_size: usize,
+    /// How long a collective waits for a peer (NCCL's watchdog timeout too).
+    timeout: Duration,
+    /// The CUDA device NCCL is attached for.
+    nccl: Option<Device>,
     /// Names the rank that stopped when a collective fails (none in a world of one).
     heartbeat: Option<Heartbeat>,
 }
@@ -240,7 +272,48 @@ impl ProcessGroup {
         // Every rank has beaten once: the group's rendezvous needed them all.
         let store_owner = if rendezvous.agent_store.is_some() { "torchrun's agent" } else { "rank 0" };
         let heartbeat = beating.map(|c| Heartbeat::watch(c, &keys, rank, world_size, store_owner));
-        Ok(Self { raw, rank, world_size, heartbeat })
+        Ok(Self { raw, rank, world_size, timeout: rendezvous.timeout, nccl: None, heartbeat })
+    }
+
+    /// Attaches NCCL for this rank's CUDA `device`: from then on the group's collectives on
+    /// CUDA tensors (and [`GradientSync`]s made after) go through NCCL, those on CPU tensors
+    /// through Gloo; [`barrier`](Self::barrier) stays on Gloo. Every rank attaches at the same
+    /// point among its collectives, each with a GPU of its own (NCCL refuses two ranks on one
+    /// GPU). NCCL connects here, so a failure shows here; afterwards NCCL's watchdog ends the
+    /// process when a peer does not join a collective within the group's timeout (as in
+    /// PyTorch: an NCCL collective does not return an error for a missing peer).
+    ///
+    /// Errors: `device` is not CUDA, libtorch does not see it, NCCL is already attached, plumb
+    /// was built without CUDA's headers, or NCCL could not connect.
+    pub fn attach_nccl(&mut self, device: Device) -> Result<(), DistError> {
+        const OP: &str = "attaching NCCL";
+        let index = match device {
+            Device::Cuda(index) => index,
+            other => {
+                let message = format!("NCCL needs a CUDA device, not {}", crate::device::device_name(other));
+                return Err(DistError::Collective { rank: self.rank, world_size: self.world_size, op: OP, message });
+            }
+        };
+        let prefix = c_string("cuda", "NCCL prefix")?;
+        // SAFETY: `raw` is a live group; `prefix` outlives the call.
+        let code = unsafe { plumb_dist_nccl_attach(self.raw, prefix.as_ptr(), index as c_int, millis(self.timeout)) };
+        self.check(code, OP)?;
+        self.nccl = Some(device);
+        Ok(())
+    }
+
+    /// The CUDA device NCCL is attached for, if it is.
+    pub fn nccl_device(&self) -> Option<Device> {
+        self.nccl
+    }
+
+    /// The backend this group's collectives on `tensor` (and tensors on its device) use.
+    pub fn backend_for(&self, tensor: &Tensor) -> Backend {
+        // SAFETY: `raw` is a live group; the tensor is live for the call.
+        match unsafe { plumb_dist_uses_nccl(self.raw, tensor.as_ptr() as *mut c_void) } {
+            0 => Backend::Gloo,
+            _ => Backend::Nccl,
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -294,7 +367,8 @@ impl ProcessGroup {
         )
     }
 
-    /// `outputs[r]` receives rank r's `input`: one tensor per rank, shaped like `input`.
+    /// `outputs[r]` receives rank r's `input`: one tensor per rank, shaped like `input`, on
+    /// its device.
     pub fn all_gather_into(&self, outputs: &[Tensor], input: &Tensor) -> Result<(), DistError> {
         self.expect_world("all-gather", outputs.len(), "output tensors")?;
         let raw = pointers(outputs);
@@ -313,7 +387,7 @@ impl ProcessGroup {
     }
 
     /// `output` receives the reduction over the ranks of each rank's `inputs[my rank]`:
-    /// `inputs` has one tensor per rank, each shaped like `output`.
+    /// `inputs` has one tensor per rank, each shaped like `output`, on its device.
     pub fn reduce_scatter(&self, output: &Tensor, inputs: &[Tensor], op: ReduceOp) -> Result<(), DistError> {
         self.expect_world("reduce-scatter", inputs.len(), "input tensors")?;
         let raw = pointers(inputs);
@@ -324,7 +398,8 @@ impl ProcessGroup {
         )
     }
 
-    /// Returns once every rank has reached it.
+    /// Returns once every rank has reached it (on Gloo, with or without NCCL: it orders the
+    /// ranks' host code, not NCCL work queued on a GPU).
     pub fn barrier(&self) -> Result<(), DistError> {
         // SAFETY: `raw` is a live group.
         self.check(unsafe { plumb_dist_barrier(self.raw) }, "barrier")
@@ -340,7 +415,8 @@ impl ProcessGroup {
 /// [`arm`](Self::arm) before the backward that ends the accumulation (the earlier ones only
 /// accumulate), then [`finish`](Self::finish) after it: it starts what backward did not
 /// reach (parameters without a gradient take part with zeros and keep none), waits, and
-/// leaves each gradient its mean over the ranks.
+/// leaves each gradient its mean over the ranks. Buckets of CUDA parameters go through NCCL
+/// when the group had it attached when the sync was made.
 pub struct GradientSync {
     raw: *mut c_void,
     armed: bool,

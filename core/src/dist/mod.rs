@@ -1,7 +1,8 @@
 //! Data-parallel runs on PyTorch's own distributed engine, c10d: a TCPStore rendezvous and
-//! Gloo process groups (`core/csrc/dist.cpp`), launched the way `torchrun` launches
-//! PyTorch scripts (the `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`
-//! environment variables; [`Rendezvous::from_env`]).
+//! process groups on Gloo, with NCCL attached for CUDA tensors on a GPU
+//! (`core/csrc/dist.cpp`), launched the way `torchrun` launches PyTorch scripts (the `RANK`,
+//! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` environment variables;
+//! [`Rendezvous::from_env`]), each rank on a GPU of its own ([`Rendezvous::rank_device`]).
 pub mod data_parallel;
 mod group;
 mod heartbeat;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use group::{GradientSync, ProcessGroup, ReduceOp, Store};
+pub use group::{Backend, GradientSync, ProcessGroup, ReduceOp, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -149,6 +150,26 @@ impl Rendezvous {
         }))
     }
 
+    /// This rank's device in a run on `device`: the CPU is shared, but on CUDA each rank of
+    /// a machine takes a GPU of its own, as torchrun's scripts take `cuda:LOCAL_RANK`: with
+    /// `cuda:N`, the rank of local rank L takes `cuda:N+L` (NCCL refuses two ranks on one GPU).
+    /// An error when libtorch does not see that device.
+    pub fn rank_device(&self, device: tch::Device) -> Result<tch::Device, DistError> {
+        let tch::Device::Cuda(first) = device else { return Ok(device) };
+        let index = first + self.local_rank;
+        let seen = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        if index < seen {
+            return Ok(tch::Device::Cuda(index));
+        }
+        Err(DistError::Invalid(format!(
+            "rank {} (local rank {}) of a run on cuda:{first} needs cuda:{index}, but libtorch sees {seen} CUDA \
+             device(s): start at most {} rank(s) on this machine, one per GPU",
+            self.rank,
+            self.local_rank,
+            seen.saturating_sub(first)
+        )))
+    }
+
     /// `host:port` of the store.
     pub fn address(&self) -> String {
         format!("{}:{}", self.master_addr, self.master_port)
@@ -209,6 +230,28 @@ mod tests {
         assert_eq!(r.agent_store, None);
         let err = with(&[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "x")]).unwrap_err();
         assert!(err.to_string().starts_with("TORCHELASTIC_RESTART_COUNT=\"x\""), "{err}");
+    }
+
+    #[test]
+    fn each_rank_takes_a_gpu_of_its_own() {
+        let rank = |local_rank| Rendezvous {
+            rank: local_rank,
+            world_size: 8,
+            local_rank,
+            master_addr: "h".into(),
+            master_port: 1,
+            timeout: Duration::from_secs(1),
+            agent_store: None,
+        };
+        assert_eq!(rank(3).rank_device(tch::Device::Cpu).unwrap(), tch::Device::Cpu);
+        // One past the GPUs libtorch sees, whether this machine has any or not.
+        let seen = tch::Cuda::device_count() as usize;
+        let err = rank(seen).rank_device(tch::Device::Cuda(0)).unwrap_err().to_string();
+        let expected = format!("rank {seen} (local rank {seen}) of a run on cuda:0 needs cuda:{seen}, but libtorch sees {seen} CUDA device(s)");
+        assert!(err.starts_with(&expected), "{err}");
+        if seen > 0 {
+            assert_eq!(rank(seen - 1).rank_device(tch::Device::Cuda(0)).unwrap(), tch::Device::Cuda(seen - 1));
+        }
     }
 
     #[test]

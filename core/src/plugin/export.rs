@@ -275,21 +275,15 @@ extern "C" fn config_schema<C: schemars::JsonSchema>(out: ByteSink) -> i32 {
 }
 
 extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
-    guarded(&out, || {
-        checked_request::<S::Config>(request, |r| r.has_input_model, S::validate)
-    })
+    guarded(&out, || checked_request::<S::Config>(request, |r| r.has_input_model, S::validate))
 }
 
 extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -> i32 {
-    guarded(&out, || {
-        checked_request::<E::Config>(request, |r| r.has_input_model, E::validate)
-    })
+    guarded(&out, || checked_request::<E::Config>(request, |r| r.has_input_model, E::validate))
 }
 
 extern "C" fn validate_reward<R: Reward>(request: StrRef, out: ByteSink) -> i32 {
-    guarded(&out, || {
-        checked_request::<R::Config>(request, |_| true, R::validate)
-    })
+    guarded(&out, || checked_request::<R::Config>(request, |_| true, R::validate))
 }
 
 /// Parses the request, builds the `RunContext` and runs `body` with the plugin's
