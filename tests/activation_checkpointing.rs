@@ -16,10 +16,6 @@ fn small_instructions(dir: &Path, n: usize) -> PathBuf {
     path
 }
 
-fn report(run: &Path, stage: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join(stage).join("report.json")).unwrap()).unwrap()
-}
-
 #[test]
 fn pretraining_and_lora_sft_give_the_same_losses_with_activation_checkpointing() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,7 +42,7 @@ fn pretraining_and_lora_sft_give_the_same_losses_with_activation_checkpointing()
         let losses = |run: &Path| train_losses(&run.join("tb").join(stage));
         assert!(!losses(&off).is_empty());
         assert_eq!(losses(&on), losses(&off), "{stage}: training losses with and without checkpointing");
-        let metrics = |run: &Path| report(run, stage)["metrics"].clone();
+        let metrics = |run: &Path| stage_report(run, stage)["metrics"].clone();
         assert!(metrics(&off)["eval/loss"].is_f64(), "{stage}: {}", metrics(&off));
         assert_eq!(metrics(&on)["eval/loss"], metrics(&off)["eval/loss"], "{stage}: held-out loss");
         // 2 blocks a pass: pretraining's 4 steps, SFT's 6 (one micro-batch a step).

@@ -9,11 +9,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn json(path: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_slice(&bytes).unwrap()
-}
-
 fn gsm8k_test() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(repo_root().join("data/gsm8k/test.jsonl")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -54,8 +49,8 @@ fn gsm8k_reference_solutions_score_100_percent_strict_and_flexible() {
     let predictions = write_lines(dir.path(), "refs.jsonl", &lines);
     let out = eval_predictions(dir.path(), &predictions, "refs", &[]);
     assert_exit(&out, 0);
-    let report = json(&dir.path().join("refs.json"));
-    assert_eq!(report, json(&dir.path().join("refs/gsm8k/cot_report.json")));
+    let report = read_json(&dir.path().join("refs.json"));
+    assert_eq!(report, read_json(&dir.path().join("refs/gsm8k/cot_report.json")));
     let n = problems.len();
     assert_eq!(n, 1319);
     for rule in ["strict", "flexible"] {
@@ -75,7 +70,7 @@ fn gsm8k_reference_solutions_score_100_percent_strict_and_flexible() {
         assert_eq!(q["target"].as_str().unwrap(), written);
         assert_eq!(q["strict"]["answer"], q["target"]);
     }
-    let results = json(&dir.path().join("refs/gsm8k/results.json"));
+    let results = read_json(&dir.path().join("refs/gsm8k/results.json"));
     assert_eq!(results["metrics"]["strict/accuracy"], 1.0);
     let events = read_tensorboard(&dir.path().join("refs/tb/gsm8k"));
     assert_eq!(events["scalars"]["flexible/accuracy"][0][1], 1.0, "{events}");
@@ -102,7 +97,7 @@ fn several_generations_vote_and_report_maj_and_pass_at_k() {
     let predictions = write_lines(dir.path(), "p.jsonl", &lines);
     let out = eval_predictions(dir.path(), &predictions, "votes", &["max_questions=3"]);
     assert_exit(&out, 0);
-    let r = json(&dir.path().join("votes.json"));
+    let r = read_json(&dir.path().join("votes.json"));
     let close = |v: &serde_json::Value, want: f64| {
         let got = v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
@@ -126,7 +121,7 @@ fn several_generations_vote_and_report_maj_and_pass_at_k() {
     // maj@2 of question 3 over its 6 pairs: {70000,70000} and {70000,none}×2 win; {70000,5}×2 tie → 5: 3/6.
     // Question 1: {18,17} tie → 17; {18,none}×2 win: 2/6. Question 2: always.
     close(&r["strict"]["maj@k"]["2"], (2.0 / 6.0 + 1.0 + 3.0 / 6.0) / 3.0);
-    let results = json(&dir.path().join("votes/gsm8k/results.json"));
+    let results = read_json(&dir.path().join("votes/gsm8k/results.json"));
     close(&results["metrics"]["strict/maj@2"], (2.0 / 6.0 + 1.0 + 3.0 / 6.0) / 3.0);
 }
 
@@ -234,7 +229,7 @@ stages:
     std::fs::write(&path, &recipe).unwrap();
     let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
     assert_exit(&out, 0);
-    let report = json(&dir.path().join("run/cot/cot_report.json"));
+    let report = read_json(&dir.path().join("run/cot/cot_report.json"));
     let modes = report["modes"].as_object().unwrap();
     assert_eq!(modes.len(), 5);
     let mut limited = 0;
@@ -266,7 +261,7 @@ stages:
     assert!(modes["direct"]["questions"][0]["prompt"].as_str().unwrap().ends_with("\nA: The answer is"));
 
     let events = read_tensorboard(&dir.path().join("run/tb/cot"));
-    let results = json(&dir.path().join("run/cot/results.json"));
+    let results = read_json(&dir.path().join("run/cot/results.json"));
     for tag in [
         "direct/strict/accuracy",
         "self_consistency/flexible/maj@3",
@@ -287,6 +282,6 @@ stages:
         recipe.replace(&dir.path().join("run").display().to_string(), &dir.path().join("again").display().to_string());
     std::fs::write(&path, again).unwrap();
     assert_exit(&plumb(dir.path(), &["run", path.to_str().unwrap()]), 0);
-    let second = json(&dir.path().join("again/cot/cot_report.json"));
+    let second = read_json(&dir.path().join("again/cot/cot_report.json"));
     assert_eq!(second["modes"]["self_consistency"]["questions"], modes["self_consistency"]["questions"]);
 }

@@ -18,7 +18,7 @@ fn recipe(dir: &std::path::Path, stages: &str) -> std::path::PathBuf {
 }
 
 fn report(dir: &std::path::Path, stage: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(dir.join("run").join(stage).join("report.json")).unwrap()).unwrap()
+    stage_report(&dir.join("run"), stage)
 }
 
 #[test]
@@ -139,8 +139,7 @@ fn one_rank_pretrains_on_cuda_with_nccl_attached() {
     // The stage's group (its gradients and statistics).
     assert!(log.contains("rank 0 of 1: NCCL attached on cuda:0 for group stage/pretrain/0"), "{log}");
     assert!(log.contains("on cuda:0 into"), "the run's device: {log}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("run/pretrain/report.json")).unwrap()).unwrap();
+    let report = stage_report(&dir.path().join("run"), "pretrain");
     let (initial, last) =
         (report["metrics"]["eval/initial_loss"].as_f64().unwrap(), report["metrics"]["eval/loss"].as_f64().unwrap());
     assert!(last < initial - 0.5, "eval/loss {initial} -> {last}");
@@ -184,8 +183,7 @@ fn two_ranks_with_sharded_optimizer_state_train_as_without() {
             assert!(stderr(&output).contains("resuming from step 3"), "{}", stderr(&output));
         }
         let run = dir.path().join(out);
-        let report: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(run.join("pretrain/report.json")).unwrap()).unwrap();
+        let report = stage_report(&run, "pretrain");
         Ranked { events: read_tensorboard(&run.join("tb/pretrain")), metrics: report["metrics"].clone() }
     };
     let plain = run("2", "plain", "0", false);
@@ -259,8 +257,7 @@ fn run_in(
 fn run_ranks(dir: &std::path::Path, recipe: &std::path::Path, stage: &str, nproc: usize, out: &str) -> Ranked {
     assert_exit(&run_in(dir, recipe, out, nproc, &[]), 0);
     let run = dir.join(out);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join(stage).join("report.json")).unwrap()).unwrap();
+    let report = stage_report(&run, stage);
     Ranked { events: read_tensorboard(&run.join("tb").join(stage)), metrics: report["metrics"].clone() }
 }
 

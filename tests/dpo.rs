@@ -73,7 +73,7 @@ stages:
 }
 
 fn report(run: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(run.join("dpo/report.json")).unwrap()).unwrap()
+    stage_report(run, "dpo")
 }
 
 fn series(events: &serde_json::Value, tag: &str) -> Vec<(i64, f64)> {

@@ -61,11 +61,6 @@ fn reference(model: &Path, data: &Path, seq_len: usize, max_docs: usize, field: 
     (v["loss"].as_f64().unwrap(), v["tokens"].as_f64().unwrap())
 }
 
-fn json(path: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_slice(&bytes).unwrap()
-}
-
 fn write_recipe(dir: &Path, name: &str, plugins: &str, stages: &str) -> PathBuf {
     let text = format!(
         "run:\n  output_dir: {out}\n  seed: 5\n  device: cpu\nplugins:\n{plugins}stages:\n{stages}",
@@ -123,14 +118,14 @@ fn an_evaluator_runs_on_the_model_the_previous_stage_produced() {
 
     let run = dir.path().join("run");
     let model = run.join("pretrain/final");
-    let results = json(&run.join("ppl/results.json"));
+    let results = read_json(&run.join("ppl/results.json"));
     assert_eq!(results["evaluator"], "pretrain.perplexity");
     assert_eq!(results["name"], "ppl");
     assert_eq!(results["model"].as_str(), Some(model.to_str().unwrap()));
     assert_eq!(results["config"]["seq_len"], 16);
     assert_eq!(results["metrics"]["eval/documents"], 12.0);
     check_against_reference(&results["metrics"], reference(&model, &corpus, 16, 12, "text"));
-    let report = json(&run.join("ppl/report.json"));
+    let report = read_json(&run.join("ppl/report.json"));
     assert_eq!(report["kind"], "evaluator");
     assert_eq!(report["metrics"], results["metrics"]);
     check_results_against_tensorboard(&results, &run.join("tb/ppl"));
@@ -169,7 +164,7 @@ fn a_recipe_of_only_an_evaluator_runs_it_on_a_given_checkpoint() {
     assert_exit(&out, 0);
 
     let run = dir.path().join("eval_only");
-    let results = json(&run.join("held_out/results.json"));
+    let results = read_json(&run.join("held_out/results.json"));
     assert_eq!(results["model"].as_str(), Some(model.to_str().unwrap()));
     assert_eq!(results["metrics"]["eval/documents"], 10.0);
     check_against_reference(&results["metrics"], reference(&model, &data, 24, 10, "story"));
@@ -203,7 +198,7 @@ fn plumb_eval_runs_an_evaluator_from_the_command_line() {
     );
     assert_exit(&out, 0);
     let scores = dir.path().join("scores");
-    let results = json(&scores.join("perplexity/results.json"));
+    let results = read_json(&scores.join("perplexity/results.json"));
     assert_eq!(results["evaluator"], "pretrain.perplexity");
     assert_eq!(
         results["config"],

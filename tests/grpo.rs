@@ -263,8 +263,7 @@ stages:
     assert_exit(&run, 0);
     // Each evaluator's greedy accuracy and pass@1 of sampled chains.
     let accuracies = |name: &str| {
-        let report: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join(name).join("report.json")).unwrap()).unwrap();
+        let report = stage_report(&out, name);
         let metric = |key: &str| report["metrics"][key].as_f64().unwrap();
         (metric("zero_shot_cot/strict/accuracy"), metric("self_consistency/strict/pass@1"))
     };

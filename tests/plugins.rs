@@ -31,8 +31,7 @@ fn a_custom_plugin_built_out_of_tree_runs_after_a_pretrain_stage() {
     let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
     assert_exit(&out, 0);
     // The custom stage got the pretrain stage's model and measured it.
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("run/measure/report.json")).unwrap()).unwrap();
+    let report = stage_report(&dir.path().join("run"), "measure");
     let loss = report["metrics"]["eval/loss"].as_f64().unwrap();
     assert!(loss.is_finite() && loss > 0.0, "{report}");
     assert_eq!(report["model"].as_str().unwrap(), dir.path().join("run/pretrain/final").to_str().unwrap());
@@ -54,8 +53,7 @@ fn a_stage_scores_with_a_reward_from_another_plugin_through_the_host() {
     let path = recipe(dir.path(), &plugins, rewards, stages);
     let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
     assert_exit(&out, 0);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("run/score/report.json")).unwrap()).unwrap();
+    let report = stage_report(&dir.path().join("run"), "score");
     assert_eq!(report["metrics"], serde_json::json!({"score/0": 0.0, "score/1": -2.0, "score/2": -3.0}));
 }
 
@@ -346,7 +344,7 @@ fn a_plugin_linking_the_sft_plugin_as_a_library_runs_beside_it() {
     let out = plumb(dir.path(), &["run", path.to_str().unwrap()]);
     assert_exit(&out, 0);
     let run = dir.path().join("run");
-    let sft: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("sft/report.json")).unwrap()).unwrap();
+    let sft = stage_report(&run, "sft");
     assert_eq!(sft["model"].as_str(), Some(run.join("sft/final").to_str().unwrap()), "{sft}");
     assert_eq!(sft["metrics"]["train/steps"], 2.0, "{sft}");
     let count: serde_json::Value =

@@ -152,8 +152,7 @@ fn ppo_raises_the_reward_with_a_bounded_kl_and_the_first_ratio_is_one() {
     let kl: Vec<f64> = scalars(&tb, "objective/kl").iter().map(|s| s.1).collect();
     assert!(kl.iter().all(|k| k.is_finite() && k.abs() < 20.0), "KL unbounded: {kl:?}");
     println!("objective/scores {scores:?}\nobjective/kl {kl:?}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("run/ppo/report.json")).unwrap()).unwrap();
+    let report = stage_report(&dir.path().join("run"), "ppo");
     assert!(report.to_string().contains("objective/scores"), "{report}");
     assert!(dir.path().join("run/ppo/final/model.safetensors").is_file());
 }

@@ -19,7 +19,7 @@ fn write_recipe(dir: &Path, seed: u64, steps: u32) -> std::path::PathBuf {
 }
 
 fn report(run: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(run.join("pretrain/report.json")).unwrap()).unwrap()
+    stage_report(run, "pretrain")
 }
 
 #[test]
@@ -400,8 +400,7 @@ fn masked_lm_trains_a_bert_encoder_that_transformers_loads() {
     let recipe = denoising_recipe(dir.path(), "pretrain.masked_lm", model, "{probability: 0.15}", 30);
     let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
     assert_exit(&out, 0);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("run/masked_lm/report.json")).unwrap()).unwrap();
+    let report = stage_report(&dir.path().join("run"), "masked_lm");
     let metrics = &report["metrics"];
     let (initial, last) = (metrics["eval/initial_loss"].as_f64().unwrap(), metrics["eval/loss"].as_f64().unwrap());
     assert!(last < initial - 1.0, "eval/loss {initial} -> {last}");
@@ -426,9 +425,7 @@ fn span_corruption_trains_a_t5_encoder_decoder_that_transformers_loads_and_resum
     let out = plumb(dir.path(), &["run", recipe.to_str().unwrap()]);
     assert_exit(&out, 0);
     let run = dir.path().join("run");
-    let report = |run: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(run.join("span_corruption/report.json")).unwrap()).unwrap()
-    };
+    let report = |run: &Path| stage_report(run, "span_corruption");
     let metrics = report(&run)["metrics"].clone();
     let (initial, last) = (metrics["eval/initial_loss"].as_f64().unwrap(), metrics["eval/loss"].as_f64().unwrap());
     assert!(last < initial - 1.0, "eval/loss {initial} -> {last}");

@@ -22,14 +22,7 @@
 //!   stage raises held-out accuracy is tests/grpo.rs's.
 mod common;
 
-use std::path::Path;
-
 use common::*;
-
-fn json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
 
 fn metric(report: &serde_json::Value, name: &str) -> f64 {
     report["metrics"][name].as_f64().unwrap_or_else(|| panic!("no {name} in {report}"))
@@ -61,7 +54,7 @@ fn every_quickstart_stage_does_its_job_and_the_run_ends_with_its_summary() {
     // Paths in the recipe are relative to the checkout's root.
     let run = plumb(&repo_root(), &args);
     assert_exit(&run, 0);
-    let stage = |name: &str| json(&out.join(name).join("report.json"));
+    let stage = |name: &str| read_json(&out.join(name).join("report.json"));
 
     // Pretraining lowers the held-out loss far below a uniform guess's.
     let pretrain = stage("pretrain");
@@ -94,7 +87,7 @@ fn every_quickstart_stage_does_its_job_and_the_run_ends_with_its_summary() {
     let text = stdout(&run);
     assert!(text.contains("run quickstart finished in"), "{text}");
     assert!(text.contains("eval/format_compliance 0 → "), "{text}");
-    let summary = json(&out.join("summary.json"));
+    let summary = read_json(&out.join("summary.json"));
     let stages: Vec<&str> =
         summary["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(

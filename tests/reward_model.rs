@@ -24,10 +24,6 @@ fn split_prefs(dir: &Path, train: usize, validation: usize) -> (PathBuf, PathBuf
     (write("train.jsonl", &lines[..train]), write("validation.jsonl", &lines[train..train + validation]))
 }
 
-fn report(run: &Path, stage: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(run.join(stage).join("report.json")).unwrap()).unwrap()
-}
-
 /// A recipe: a tiny pretrain stage, then the reward model stage with `config` (indented
 /// YAML lines under `config:`).
 fn recipe(dir: &Path, pretrain_steps: u32, seed: u64, config: &str) -> PathBuf {
@@ -95,7 +91,7 @@ fn a_reward_model_learns_the_preference_rule_and_transformers_gives_the_same_sco
     let run = dir.path().join("run");
 
     // Held-out pairs ranked far above chance (0.5), better than the fresh head ranked them.
-    let metrics = &report(&run, "reward_model")["metrics"];
+    let metrics = &stage_report(&run, "reward_model")["metrics"];
     let accuracy = metrics["eval/accuracy"].as_f64().unwrap();
     assert!(accuracy >= 0.8, "eval/accuracy {accuracy}: {metrics}");
     assert!(accuracy > metrics["eval/initial_accuracy"].as_f64().unwrap(), "{metrics}");
@@ -237,8 +233,8 @@ fn a_resumed_reward_model_run_continues_the_same_trajectory() {
     let losses = |run: &Path| train_losses(&run.join("tb/reward_model"));
     let expected = losses(&run);
     assert_eq!(expected.len(), 8);
-    let expected_eval = report(&run, "reward_model")["metrics"]["eval/accuracy"].as_f64().unwrap();
-    let expected_margin = report(&run, "reward_model")["metrics"]["eval/margin"].as_f64().unwrap();
+    let expected_eval = stage_report(&run, "reward_model")["metrics"]["eval/accuracy"].as_f64().unwrap();
+    let expected_margin = stage_report(&run, "reward_model")["metrics"]["eval/margin"].as_f64().unwrap();
     assert!(run.join("reward_model/checkpoints/step-00000004/trainer_state.json").is_file());
 
     // As if the run had died after the step-4 checkpoint: no final model, no report.
@@ -248,7 +244,7 @@ fn a_resumed_reward_model_run_continues_the_same_trajectory() {
     assert_exit(&out, 0);
     assert!(stderr(&out).contains("resuming from step 4"), "{}", stderr(&out));
     assert_eq!(losses(&run), expected, "steps 5-8 after resuming differ from the uninterrupted run");
-    let metrics = &report(&run, "reward_model")["metrics"];
+    let metrics = &stage_report(&run, "reward_model")["metrics"];
     assert_eq!(metrics["eval/accuracy"].as_f64().unwrap(), expected_eval);
     assert_eq!(metrics["eval/margin"].as_f64().unwrap(), expected_margin);
 }
@@ -308,7 +304,7 @@ fn chat_pairs_train_truncation_is_counted_a_saved_model_continues_and_a_learned_
 
     // A saved reward model continues training: it starts where the first run ended (same
     // held-out pairs, same scores), its head kept rather than drawn afresh.
-    let first = report(&run, "reward_model")["metrics"].clone();
+    let first = stage_report(&run, "reward_model")["metrics"].clone();
     let again = dir.path().join("again.yaml");
     std::fs::write(
         &again,
@@ -321,7 +317,7 @@ fn chat_pairs_train_truncation_is_counted_a_saved_model_continues_and_a_learned_
     )
     .unwrap();
     assert_exit(&plumb(dir.path(), &["run", again.to_str().unwrap()]), 0);
-    let continued = &report(&dir.path().join("again"), "reward_model")["metrics"];
+    let continued = &stage_report(&dir.path().join("again"), "reward_model")["metrics"];
     for name in ["accuracy", "margin", "mean_reward", "loss"] {
         let (before, after) = (
             first[format!("eval/{name}")].as_f64().unwrap(),

@@ -97,8 +97,7 @@ fn a_bad_regex_fails_at_validate_naming_its_key() {
 
 /// The scores the probe stage `name` reported (its metrics `score/<i>`).
 fn reported(run: &Path, name: &str) -> Vec<f64> {
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join(name).join("report.json")).unwrap()).unwrap();
+    let report = stage_report(&run, name);
     let metrics = report["metrics"].as_object().unwrap();
     (0..metrics.len()).map(|i| metrics[&format!("score/{i}")].as_f64().unwrap()).collect()
 }

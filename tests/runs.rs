@@ -191,8 +191,7 @@ fn a_resume_refuses_a_recipe_that_changes_the_trajectory_and_takes_more_steps() 
     let err = stderr(&longer);
     assert!(err.contains("resuming with a changed setting: `max_steps` (8 in the checkpoint, 12 now)"), "{err}");
     assert!(err.contains("resuming from step 4"), "{err}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("pretrain/report.json")).unwrap()).unwrap();
+    let report = stage_report(&out_dir, "pretrain");
     assert_eq!(report["metrics"]["train/steps"], 12.0);
     let steps: Vec<i64> = losses(&out_dir).iter().map(|(s, _)| *s).collect();
     assert_eq!(steps, [2, 4, 6, 8, 10, 12]);

@@ -15,10 +15,6 @@ fn small_instructions(dir: &Path, n: usize) -> PathBuf {
     path
 }
 
-fn report(run: &Path, stage: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(run.join(stage).join("report.json")).unwrap()).unwrap()
-}
-
 /// Runs `script` with the test Python, `args` after it; its stdout.
 fn python_out(script: &str, args: &[&Path]) -> String {
     let out = std::process::Command::new(python()).arg("-c").arg(script).args(args).output().unwrap();
@@ -86,7 +82,7 @@ fn sft_after_pretraining_learns_the_answer_format_and_saves_a_model_transformers
     let run = dir.path().join("run");
 
     // Held-out loss fell from where the pretrained model started, and the answers took the format.
-    let metrics = &report(&run, "sft")["metrics"];
+    let metrics = &stage_report(&run, "sft")["metrics"];
     let (before, after) = (metrics["eval/initial_loss"].as_f64().unwrap(), metrics["eval/loss"].as_f64().unwrap());
     assert!(after < before - 0.5, "eval/loss {before} -> {after}");
     assert_eq!(metrics["eval/initial_format_compliance"], 0.0, "the pretrained model never writes titles");
@@ -171,7 +167,7 @@ fn the_hf_recipe_fine_tunes_a_transformers_checkpoint_with_its_own_template() {
     assert_exit(&out, 0);
     // The fixture tokenizer spells the stories out nearly byte by byte: many are truncated, and said so.
     assert!(stderr(&out).contains("were longer than max_length 256 and were truncated"), "{}", stderr(&out));
-    let metrics = &report(&run, "sft")["metrics"];
+    let metrics = &stage_report(&run, "sft")["metrics"];
     assert!(metrics["eval/loss"].as_f64().unwrap() < metrics["eval/initial_loss"].as_f64().unwrap(), "{metrics}");
 
     // The model's own ChatML template, kept in the saved model, which transformers loads.
@@ -226,7 +222,7 @@ fn a_resumed_sft_run_continues_the_same_trajectory() {
     let run = dir.path().join("run");
     let expected = losses(&run);
     assert_eq!(expected.len(), 8);
-    let expected_eval = report(&run, "sft")["metrics"]["eval/loss"].as_f64().unwrap();
+    let expected_eval = stage_report(&run, "sft")["metrics"]["eval/loss"].as_f64().unwrap();
 
     // As if the run had died after the step-4 checkpoint: no final model, no report.
     std::fs::remove_dir_all(run.join("sft/final")).unwrap();
@@ -235,5 +231,5 @@ fn a_resumed_sft_run_continues_the_same_trajectory() {
     assert_exit(&out, 0);
     assert!(stderr(&out).contains("resuming from step 4"), "{}", stderr(&out));
     assert_eq!(losses(&run), expected, "steps 5-8 after resuming differ from the uninterrupted run");
-    assert_eq!(report(&run, "sft")["metrics"]["eval/loss"].as_f64().unwrap(), expected_eval);
+    assert_eq!(stage_report(&run, "sft")["metrics"]["eval/loss"].as_f64().unwrap(), expected_eval);
 }

@@ -105,6 +105,17 @@ pub fn tiny_pretrain_stage(name: &str, corpus: &Path, steps: u32) -> String {
     )
 }
 
+/// The JSON file at `path`; a test failure naming it when it cannot be read or parsed.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `report.json` that stage `stage` wrote in the run directory `run`.
+pub fn stage_report(run: &Path, stage: &str) -> serde_json::Value {
+    read_json(&run.join(stage).join("report.json"))
+}
+
 /// The Python with `tensorboard` installed by `./dev test`.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("PLUMB_TEST_PYTHON") {
