@@ -86,12 +86,15 @@ struct Group {
   int size;
 };
 
-// The backend of a collective on tensors on `device`: NCCL for CUDA tensors when the group
-// has it, else Gloo (which takes CPU tensors, and CUDA tensors through host copies).
-c10d::Backend& backend_for(const Group& g, const at::Device& device) {
-  if (device.is_cuda() && g.nccl) return *g.nccl->backend;
-  return *g.backend;
+// The backend of a collective on tensors on `device`: NCCL for CUDA tensors when it is
+// attached, else Gloo (which takes CPU tensors, and CUDA tensors through host copies).
+c10d::Backend& backend_for(const c10::intrusive_ptr<c10d::Backend>& gloo, const std::shared_ptr<Nccl>& nccl,
+                           const at::Device& device) {
+  if (device.is_cuda() && nccl) return *nccl->backend;
+  return *gloo;
 }
+
+c10d::Backend& backend_for(const Group& g, const at::Device& device) { return backend_for(g.backend, g.nccl, device); }
 
 // The device of `reference` (`name` says which tensor it is), checked to be that of all of
 // `list` too: a collective runs on one backend. `what` names the call.
@@ -375,8 +378,7 @@ struct GradSync {
     // A bucket holds one device's parameters (data_parallel's buckets); NCCL takes it when it
     // is on CUDA and attached. From a hook, NCCL's stream first waits for autograd's current
     // stream, where the gradients were accumulated.
-    auto& b_end = flat[b].is_cuda() && nccl ? *nccl->backend : *backend;
-    work[b] = b_end.allreduce(one, c10d::AllreduceOptions{});
+    work[b] = backend_for(backend, nccl, flat[b].device()).allreduce(one, c10d::AllreduceOptions{});
   }
 
   // Starts the buckets, in order, whose parameters are all ready.

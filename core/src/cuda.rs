@@ -29,7 +29,6 @@ fn cuda_index(device: Device, what: &str) -> Result<c_int> {
 /// does. The captured work must not read anything back to the host.
 pub struct CudaGraph {
     raw: *mut c_void,
-    device: c_int,
 }
 
 impl CudaGraph {
@@ -41,7 +40,7 @@ impl CudaGraph {
         let mut raw = std::ptr::null_mut();
         // SAFETY: `raw` receives a new graph, freed once by Drop.
         shim::check(unsafe { plumb_cuda_graph_new(&mut raw) }, "creating a CUDA graph")?;
-        let graph = Self { raw, device: index };
+        let graph = Self { raw };
         // SAFETY: a live graph; the capture ends below on every path.
         shim::check(unsafe { plumb_cuda_graph_capture_begin(graph.raw, index) }, "beginning a CUDA graph capture")?;
         let result = work();
@@ -56,11 +55,6 @@ impl CudaGraph {
     pub fn replay(&self) -> Result<()> {
         // SAFETY: a live, captured graph.
         shim::check(unsafe { plumb_cuda_graph_replay(self.raw) }, "replaying a CUDA graph")
-    }
-
-    /// The device the graph runs on.
-    pub fn device(&self) -> Device {
-        Device::Cuda(self.device as usize)
     }
 }
 

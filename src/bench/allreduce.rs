@@ -14,8 +14,8 @@ use plumb_core::dist::{ProcessGroup, ReduceOp, Rendezvous};
 use plumb_core::tch::{self, Device, Kind, Tensor};
 use plumb_host::log::progress::Counter;
 
-use super::median;
 use super::table::{column, Column, Report, Unit};
+use super::{median, synchronize};
 use crate::Failure;
 
 const MIB: usize = 1 << 20;
@@ -122,13 +122,6 @@ pub fn run(args: &AllreduceBench, json: bool) -> Result<(), Failure> {
             device
         }
     };
-    // Waits for the work queued on the GPU (NCCL's all-reduce included): the clock is read
-    // on the host, and an NCCL collective returns once it is queued.
-    let synchronize = || {
-        if let Device::Cuda(index) = device {
-            tch::Cuda::synchronize(index as i64);
-        }
-    };
     let (world, main) = (group.world_size(), group.rank() == 0);
     // What the group measured: the backend it takes for tensors on this device.
     let backend = group.backend_for(&Tensor::zeros([1], (Kind::Float, device))).name();
@@ -159,11 +152,13 @@ pub fn run(args: &AllreduceBench, json: bool) -> Result<(), Failure> {
         let _ = tensor.zero_();
         let mut seconds = Vec::with_capacity(args.repeats);
         for _ in 0..args.repeats {
-            synchronize();
+            // The clock is read on the host, and an NCCL collective returns once it is queued:
+            // wait for the work queued on the GPU on both sides.
+            synchronize(device);
             group.barrier().map_err(user)?;
             let start = Instant::now();
             group.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum).map_err(user)?;
-            synchronize();
+            synchronize(device);
             seconds.push(start.elapsed().as_secs_f64());
         }
         // An all-reduce is done when the slowest rank is: each repeat's time is its maximum.

@@ -67,11 +67,6 @@ impl KvCache {
         self.fixed = Some(FixedShape { write_at, mask });
     }
 
-    /// The position a fixed-shape step writes, when the cache decodes in fixed shape.
-    pub fn fixed_write_at(&self) -> Option<&Tensor> {
-        self.fixed.as_ref().map(|f| &f.write_at)
-    }
-
     /// The dtype of the cached keys and values (the model's).
     pub fn kind(&self) -> Kind {
         self.keys.first().map_or(Kind::Float, Tensor::kind)

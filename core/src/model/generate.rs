@@ -365,7 +365,7 @@ pub fn generate_with<P: Policy + ?Sized>(
 struct FixedSteps {
     input: Tensor,     // (b, 1) ids
     positions: Tensor, // (b, 1)
-    write_at: Tensor,  // (1): the cache position the step writes
+    write_at: Tensor,  // (1): the cache position the step writes (the cache reads the same tensor)
     graphs: bool,
     /// The captured step and the logits (b, V) each replay overwrites.
     graph: Option<(CudaGraph, Tensor)>,
@@ -382,11 +382,12 @@ impl FixedSteps {
         let visible = key_mask.narrow(1, 0, len).ne(0);
         let mask = Tensor::full([b, width], f64::NEG_INFINITY, (kind, device));
         let _ = mask.narrow(1, 0, len).masked_fill_(&visible, 0.0);
-        cache.fix_shape(Tensor::zeros([1], (Kind::Int64, device)), mask.view([b, 1, 1, width]));
+        let write_at = Tensor::zeros([1], (Kind::Int64, device));
+        cache.fix_shape(write_at.shallow_clone(), mask.view([b, 1, 1, width]));
         let mut steps = Self {
             input: Tensor::empty([0], (Kind::Int64, device)),
             positions: Tensor::empty([0], (Kind::Int64, device)),
-            write_at: cache.fixed_write_at().expect("fixed above").shallow_clone(),
+            write_at,
             graphs,
             graph: None,
         };

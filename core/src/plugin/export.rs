@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -245,27 +245,27 @@ fn checked<C: serde::de::DeserializeOwned>(
     yaml: &str,
     rewards: &[String],
     has_input_model: bool,
-    run_dir: Option<&PathBuf>,
+    run_dir: Option<&Path>,
     validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
 ) -> Result<C, Failure> {
     let config: C = parse_section(yaml)?;
     let mut ctx = ValidateContext::new(rewards.to_vec()).with_input_model(has_input_model);
     if let Some(dir) = run_dir {
-        ctx = ctx.with_run_dir(dir.clone());
+        ctx = ctx.with_run_dir(dir.to_path_buf());
     }
     validate(&config, &ctx)?;
     Ok(config)
 }
 
-/// [`checked`] with what a validate request says.
+/// [`checked`] with what a validate request says (the host asks a reward's with
+/// `has_input_model` true, as a request without the field is taken to say).
 fn checked_request<C: serde::de::DeserializeOwned>(
     request: StrRef,
-    has_input_model: impl FnOnce(&ValidateRequest) -> bool,
     validate: impl FnOnce(&C, &ValidateContext) -> crate::Result<()>,
 ) -> Result<Vec<u8>, Failure> {
     let request: ValidateRequest = read_json(request)?;
-    let input = has_input_model(&request);
-    checked::<C>(&request.config_yaml, &request.rewards, input, request.run_dir.as_ref(), validate)?;
+    let run_dir = request.run_dir.as_deref();
+    checked::<C>(&request.config_yaml, &request.rewards, request.has_input_model, run_dir, validate)?;
     Ok(Vec::new())
 }
 
@@ -275,15 +275,15 @@ extern "C" fn config_schema<C: schemars::JsonSchema>(out: ByteSink) -> i32 {
 }
 
 extern "C" fn validate_stage<S: Stage>(request: StrRef, out: ByteSink) -> i32 {
-    guarded(&out, || checked_request::<S::Config>(request, |r| r.has_input_model, S::validate))
+    guarded(&out, || checked_request::<S::Config>(request, S::validate))
 }
 
 extern "C" fn validate_evaluator<E: Evaluator>(request: StrRef, out: ByteSink) -> i32 {
-    guarded(&out, || checked_request::<E::Config>(request, |r| r.has_input_model, E::validate))
+    guarded(&out, || checked_request::<E::Config>(request, E::validate))
 }
 
 extern "C" fn validate_reward<R: Reward>(request: StrRef, out: ByteSink) -> i32 {
-    guarded(&out, || checked_request::<R::Config>(request, |_| true, R::validate))
+    guarded(&out, || checked_request::<R::Config>(request, R::validate))
 }
 
 /// Parses the request, builds the `RunContext` and runs `body` with the plugin's
