@@ -17,6 +17,20 @@ fn recipe(dir: &std::path::Path, stages: &str) -> std::path::PathBuf {
     path
 }
 
+/// `dir/recipe.yaml`: a tiny pretraining stage of `steps` steps on a corpus of `documents`
+/// documents, seed 5, on `device`, into `dir/run`.
+fn pretrain_recipe(dir: &std::path::Path, documents: usize, steps: u32, device: &str) -> std::path::PathBuf {
+    let corpus = small_corpus(dir, documents);
+    let stages = tiny_pretrain_stage("pretrain", &corpus, steps);
+    let text = format!(
+        "run:\n  output_dir: {out}\n  seed: 5\n  device: {device}\nplugins:\n  - name: pretrain\nstages:\n{stages}",
+        out = dir.join("run").display()
+    );
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn report(dir: &std::path::Path, stage: &str) -> serde_json::Value {
     stage_report(&dir.join("run"), stage)
 }
@@ -81,14 +95,7 @@ fn bad_launch_variables_are_an_error_naming_the_variable() {
 #[test]
 fn two_ranks_train_as_one_on_the_same_global_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = small_corpus(dir.path(), 200);
-    let stages = tiny_pretrain_stage("pretrain", &corpus, 6);
-    let text = format!(
-        "run:\n  output_dir: {out}\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}",
-        out = dir.path().join("run").display()
-    );
-    let path = dir.path().join("recipe.yaml");
-    std::fs::write(&path, text).unwrap();
+    let path = pretrain_recipe(dir.path(), 200, 6, "cpu");
     let run = |nproc: &str, out: &str| {
         let args =
             ["run", path.to_str().unwrap(), &format!("run.output_dir={out}"), "stages.pretrain.config.log_every=1"];
@@ -124,14 +131,7 @@ fn one_rank_pretrains_on_cuda_with_nccl_attached() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let corpus = small_corpus(dir.path(), 300);
-    let stages = tiny_pretrain_stage("pretrain", &corpus, 8);
-    let text = format!(
-        "run:\n  output_dir: {out}\n  seed: 5\n  device: cuda\nplugins:\n  - name: pretrain\nstages:\n{stages}",
-        out = dir.path().join("run").display()
-    );
-    let path = dir.path().join("recipe.yaml");
-    std::fs::write(&path, text).unwrap();
+    let path = pretrain_recipe(dir.path(), 300, 8, "cuda");
     let out =
         plumb_with_env(dir.path(), &["run", path.to_str().unwrap(), "--nproc", "1"], &[("PLUMB_DIST_TIMEOUT", "60")]);
     assert_exit(&out, 0);
@@ -152,14 +152,7 @@ fn one_rank_pretrains_on_cuda_with_nccl_attached() {
 #[test]
 fn two_ranks_with_sharded_optimizer_state_train_as_without() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = small_corpus(dir.path(), 200);
-    let stages = tiny_pretrain_stage("pretrain", &corpus, 6);
-    let text = format!(
-        "run:\n  output_dir: {out}\n  seed: 5\n  device: cpu\nplugins:\n  - name: pretrain\nstages:\n{stages}",
-        out = dir.path().join("run").display()
-    );
-    let path = dir.path().join("recipe.yaml");
-    std::fs::write(&path, text).unwrap();
+    let path = pretrain_recipe(dir.path(), 200, 6, "cpu");
     let run = |nproc: &str, out: &str, zero: &str, resume: bool| {
         let output_dir = format!("run.output_dir={out}");
         let zero = format!("stages.pretrain.config.optimizer.zero_stage={zero}");
