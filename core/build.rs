@@ -27,6 +27,13 @@ fn main() {
         println!("cargo:rustc-link-search=native={}", cuda.cudart.display());
         println!("cargo:rustc-link-lib=dylib=cudart");
     }
+    // ATen's parallel_for is a header template: compiled without OpenMP it runs every
+    // range on the calling thread. rows.cpp's blocks go to libtorch's own OpenMP runtime.
+    if let Some(gomp) = libtorch_openmp(&lib) {
+        build.flag("-fopenmp");
+        println!("cargo:rustc-link-search=native={}", gomp.display());
+        println!("cargo:rustc-link-lib=dylib=gomp");
+    }
     build
         .cpp(true)
         .files(sources)
@@ -83,6 +90,28 @@ fn cuda_headers(torch: &std::path::Path) -> Option<CudaHeaders> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(cu13.join("lib/libcudart.so.13"), &link).expect("linking libcudart.so in OUT_DIR");
     Some(CudaHeaders { include, cudart: out })
+}
+
+/// A directory holding `libgomp.so`, linked to the OpenMP runtime libtorch ships and runs
+/// its intra-op threads on (the wheel's `libgomp.so.1`, the libtorch zip's
+/// `libgomp-<hash>.so.1`), so that the shim's parallel regions share libtorch's threads and
+/// thread count. `None`, with a warning, when libtorch ships none (the shim's loops then
+/// run on one thread).
+fn libtorch_openmp(lib: &str) -> Option<std::path::PathBuf> {
+    let runtime = std::fs::read_dir(lib).ok()?.flatten().map(|e| e.path()).find(|p| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libgomp") && n.contains(".so"))
+    });
+    let Some(runtime) = runtime else {
+        println!("cargo:warning=plumb-core: no libgomp in {lib}; the shim's CPU kernels run on one thread");
+        return None;
+    };
+    // The linker needs the unversioned name; libtorch ships only versioned ones.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("openmp");
+    std::fs::create_dir_all(&out).expect("creating OUT_DIR/openmp");
+    let link = out.join("libgomp.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&runtime, &link).expect("linking libgomp.so in OUT_DIR");
+    Some(out)
 }
 
 /// Where gloo's headers are: `$GLOO_INCLUDE_DIR`, else the system's (Debian's `libgloo-dev`).

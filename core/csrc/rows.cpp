@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 
+#include <atomic>
 #include <exception>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -131,6 +133,20 @@ int plumb_rows_linear(void* x, void* weight, void* bias, void** out) {
   } catch (...) {
     return 2;
   }
+}
+
+// How many of libtorch's intra-op threads a parallel_for of the shim's, over `n` items
+// (grain 1), ran on: 1 when the shim was built without libtorch's OpenMP, whatever the
+// thread count. For the test that keeps the build honest.
+int plumb_shim_parallel_threads(int64_t n) {
+  std::vector<std::atomic<int>> seen(std::max(1, at::get_num_threads()));
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int thread = at::get_thread_num();
+    if (thread >= 0 && thread < static_cast<int>(seen.size())) seen[thread] = 1;
+  });
+  int count = 0;
+  for (const auto& s : seen) count += s.load();
+  return count;
 }
 
 }  // extern "C"

@@ -37,6 +37,8 @@ extern "C" {
         nll: *mut *mut c_void,
         entropy: *mut *mut c_void,
     ) -> c_int;
+    #[cfg(test)]
+    pub(crate) fn plumb_shim_parallel_threads(n: i64) -> c_int;
     pub(crate) fn plumb_rows_linear(
         x: *mut c_void,
         weight: *mut c_void,

@@ -737,6 +737,18 @@ mod tests {
     }
 
     #[test]
+    fn the_shims_parallel_loops_run_on_libtorchs_threads() {
+        // Built without libtorch's OpenMP, ATen's parallel_for (a header template) runs
+        // every range on the calling thread: the few-rows kernel lost its second core so.
+        let before = tch::get_num_threads();
+        tch::set_num_threads(2);
+        // SAFETY: no pointers cross; the shim only runs a parallel loop.
+        let seen = unsafe { shim::plumb_shim_parallel_threads(64) };
+        tch::set_num_threads(before);
+        assert_eq!(seen, 2, "the shim's parallel_for ran on {seen} of 2 intra-op threads");
+    }
+
+    #[test]
     fn few_rows_that_want_gradients_get_them_from_tensor_linear() {
         let weight = Tensor::randn([8, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let x = Tensor::randn([1, 16], (Kind::Float, Device::Cpu));
