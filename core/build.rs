@@ -7,7 +7,7 @@ fn main() {
 
     // The C++ shim (csrc/), against the same libtorch headers, in libtorch's C++ ABI.
     let root = std::path::Path::new(&lib).parent().expect("libtorch's lib/ has a parent").to_path_buf();
-    let sources = ["csrc/shim.cpp", "csrc/checkpoint.cpp", "csrc/dist.cpp", "csrc/rows.cpp"];
+    let sources = ["csrc/shim.cpp", "csrc/checkpoint.cpp", "csrc/dist.cpp", "csrc/rows.cpp", "csrc/attention.cpp"];
     for source in sources {
         println!("cargo:rerun-if-changed={source}");
     }

@@ -45,6 +45,14 @@ extern "C" {
         bias: *mut c_void,
         out: *mut *mut c_void,
     ) -> c_int;
+    pub(crate) fn plumb_decode_attention(
+        query: *mut c_void,
+        key: *mut c_void,
+        value: *mut c_void,
+        mask: *mut c_void,
+        scale_or_zero: f64,
+        out: *mut *mut c_void,
+    ) -> c_int;
     pub(crate) fn plumb_inference_mode_enter() -> *mut c_void;
     pub(crate) fn plumb_inference_mode_exit(guard: *mut c_void);
     pub(crate) fn plumb_generator_new(device: c_int, index: c_int, seed: u64, out: *mut *mut c_void) -> c_int;

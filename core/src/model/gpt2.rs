@@ -334,7 +334,7 @@ impl Attention {
             None => (k, v),
         };
         let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
-            Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, mask.is_none(), self.scale, false)
+            super::attention::scaled_dot_product_attention(q, k, v, mask, mask.is_none(), Some(self.scale), false)
         };
         let y = if self.upcast {
             let f = |t: &Tensor| t.to_kind(Kind::Float);

@@ -344,7 +344,7 @@ impl Attention {
         // Without a mask: causal over the new positions, or, for one new position after
         // the cache (a decoding step without padding), every key.
         let causal = mask.is_none() && t > 1;
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, gqa); // (B, nh, T, hd)
+        let y = super::attention::scaled_dot_product_attention(&q, &k, &v, mask, causal, None, gqa); // (B, nh, T, hd)
         let y = y.transpose(1, 2).contiguous().view([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(&y)
     }

@@ -1,6 +1,7 @@
 //! Models: the `Policy` contract, the table of model families ([`FAMILIES`]), one file
 //! per family, the glue written once for all of them ([`family`], [`vars`]) and the
 //! parts they share (rotary embeddings, the KV cache, generation).
+pub mod attention;
 pub mod bert;
 pub mod cache;
 pub mod family;
