@@ -489,8 +489,9 @@ pub fn sample_with_draws(
         let drop = drop_sorted.scatter(1, &order, &drop_sorted);
         filtered = filtered.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    let cdf = filtered.softmax(-1, Kind::Double).cumsum(-1, Kind::Double); // (B, V)
-                                                                           // A uniform in [0, 1) per row, scaled by each row's total mass.
+    // The cumulative distribution (B, V), and a uniform in [0, 1) per row scaled by each
+    // row's total mass.
+    let cdf = filtered.softmax(-1, Kind::Double).cumsum(-1, Kind::Double);
     let u = draws.to_kind(Kind::Double).unsqueeze(1) * cdf.narrow(1, vocab - 1, 1);
     let next = u.searchsorted(&cdf, false, true, "right", None::<Tensor>).clamp_max(vocab - 1).squeeze_dim(1);
     let log_probs = log_probs_all.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
