@@ -498,7 +498,7 @@ fn generate(args: &GenerateBench, json: bool) -> Result<(), Failure> {
             let timed = |new: usize| -> Result<(f64, usize), Failure> {
                 synchronize(device);
                 let start = Instant::now();
-                let spread = |tokens: &[i64]| tokens.len() >= 1 + (tokens[0] as usize * 7919) % new;
+                let spread = |tokens: &[i64]| tokens.len() > (tokens[0] as usize * 7919) % new;
                 let check: Option<generation::StopCheck> = if args.spread { Some(&spread) } else { None };
                 let out = generation::generate(model.as_ref(), &prompts, &settings(new), check).map_err(user)?;
                 synchronize(device);

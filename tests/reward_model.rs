@@ -167,7 +167,7 @@ fn a_reward_model_learns_the_preference_rule_and_transformers_gives_the_same_sco
     let width = ids.iter().map(Vec::len).max().unwrap();
     assert!(ids.iter().any(|i| i.len() < width), "the batch is padded");
     let padded: Vec<i64> =
-        ids.iter().flat_map(|i| i.iter().copied().chain(std::iter::repeat(pad).take(width - i.len()))).collect();
+        ids.iter().flat_map(|i| i.iter().copied().chain(std::iter::repeat_n(pad, width - i.len()))).collect();
     let mask: Vec<i64> = ids.iter().flat_map(|i| (0..width).map(move |j| i64::from(j < i.len()))).collect();
     let shape = [ids.len() as i64, width as i64];
     let model = ScalarHeadModel::from_dir(&model_dir, Device::Cpu, Kind::Float).unwrap();

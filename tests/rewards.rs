@@ -97,7 +97,7 @@ fn a_bad_regex_fails_at_validate_naming_its_key() {
 
 /// The scores the probe stage `name` reported (its metrics `score/<i>`).
 fn reported(run: &Path, name: &str) -> Vec<f64> {
-    let report = stage_report(&run, name);
+    let report = stage_report(run, name);
     let metrics = report["metrics"].as_object().unwrap();
     (0..metrics.len()).map(|i| metrics[&format!("score/{i}")].as_f64().unwrap()).collect()
 }

@@ -23,10 +23,11 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// Which chat template formats the data (`template:` in the recipe).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(from = "String", into = "String")]
 pub enum TemplateChoice {
     /// The model's own (from its tokenizer files) when it has one, else `default`.
+    #[default]
     Auto,
     /// The model's own; an error when it has none.
     Model,
@@ -77,12 +78,6 @@ impl From<TemplateChoice> for String {
             TemplateChoice::Chatml => "chatml".into(),
             TemplateChoice::File(path) => path.display().to_string(),
         }
-    }
-}
-
-impl Default for TemplateChoice {
-    fn default() -> Self {
-        Self::Auto
     }
 }
 

@@ -61,7 +61,7 @@ pub(crate) fn parse_value<T: DeserializeOwned>(value: Value) -> Result<T, (Strin
         let located = message.strip_prefix(PATH_MARK).and_then(|rest| rest.split_once(PATH_MARK));
         match located {
             Some((inner, message)) if outer.is_empty() => (inner.to_owned(), message.to_owned()),
-            Some((inner, message)) if inner.is_empty() => (outer, message.to_owned()),
+            Some(("", message)) => (outer, message.to_owned()),
             Some((inner, message)) => (format!("{outer}.{inner}"), message.to_owned()),
             None => (outer, message),
         }

@@ -82,7 +82,7 @@ impl TrainingConfig {
         require(self.batch_size > 0, "batch_size", "expected at least 1")?;
         if let Some(micro) = self.micro_batch_size {
             require(
-                micro > 0 && self.batch_size % micro == 0,
+                micro > 0 && self.batch_size.is_multiple_of(micro),
                 "micro_batch_size",
                 "expected a positive divisor of batch_size",
             )?;
@@ -451,7 +451,11 @@ impl BatchSizeWarmup {
             "batch_size_warmup.start",
             "expected a value from 1 to batch_size",
         )?;
-        require(self.start % micro == 0, "batch_size_warmup.start", "expected a multiple of micro_batch_size")?;
+        require(
+            self.start.is_multiple_of(micro),
+            "batch_size_warmup.start",
+            "expected a multiple of micro_batch_size",
+        )?;
         require(self.steps > 0, "batch_size_warmup.steps", "expected at least 1")
     }
 

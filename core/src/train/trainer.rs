@@ -103,6 +103,7 @@ pub struct TrainerState {
 /// or a position in a stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)] // one a run, held beside the trainer: its size costs nothing
 pub enum DataPosition {
     Batches(BatchOrder),
     Stream(Box<StreamState>),
@@ -543,7 +544,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
         self.last = stats;
         self.state.loss = Some(loss);
         let step = self.state.step;
-        if step % self.config.log_every == 0 || step == self.max_steps {
+        if step.is_multiple_of(self.config.log_every) || step == self.max_steps {
             self.last.tokens_per_second = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64();
             self.window = (Instant::now(), 0);
             self.last.log(self.ctx, step);
@@ -575,7 +576,7 @@ impl<'a, 'h> Trainer<'a, 'h> {
     /// True after the last step and every `eval.every` steps.
     pub fn eval_due(&self) -> bool {
         let step = self.state.step;
-        step % self.config.eval.every == 0 || step == self.max_steps
+        step.is_multiple_of(self.config.eval.every) || step == self.max_steps
     }
 
     /// True every `checkpoint.every` steps, except at the end (the final save follows).

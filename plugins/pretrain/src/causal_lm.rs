@@ -14,7 +14,7 @@ use plumb_core::{Error, Result};
 use serde::Deserialize;
 
 use crate::corpus::eos_of;
-use crate::stage::{Objective, Pretraining};
+use crate::stage::{Objective, Pretraining, SpecialTokens};
 
 /// The stage.
 pub type CausalLm = Pretraining<CausalLmObjective>;
@@ -75,7 +75,7 @@ impl Objective for CausalLmObjective {
         Ok(())
     }
 
-    fn special_tokens(_: &NextToken, _: usize) -> Result<(Vec<(&'static str, String)>, Vec<String>)> {
+    fn special_tokens(_: &NextToken, _: usize) -> Result<SpecialTokens> {
         Ok((Vec::new(), Vec::new()))
     }
 

@@ -13,7 +13,7 @@ use plumb_core::train::{nested, summed_cross_entropy};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-use crate::stage::{Objective, Pretraining};
+use crate::stage::{Objective, Pretraining, SpecialTokens};
 
 /// The stage.
 pub type MaskedLm = Pretraining<MaskedLmObjective>;
@@ -74,7 +74,7 @@ impl Objective for MaskedLmObjective {
         Ok(())
     }
 
-    fn special_tokens(_: &MlmConfig, _: usize) -> Result<(Vec<(&'static str, String)>, Vec<String>)> {
+    fn special_tokens(_: &MlmConfig, _: usize) -> Result<SpecialTokens> {
         Ok((vec![("mask_token", MASK.into()), ("pad_token", PAD.into())], Vec::new()))
     }
 

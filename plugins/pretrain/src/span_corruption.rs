@@ -13,7 +13,7 @@ use plumb_core::train::{nested, summed_cross_entropy};
 use plumb_core::{Error, Result};
 use serde::Deserialize;
 
-use crate::stage::{Objective, Pretraining};
+use crate::stage::{Objective, Pretraining, SpecialTokens};
 
 /// The stage.
 pub type SpanCorruption = Pretraining<SpanCorruptionObjective>;
@@ -91,7 +91,7 @@ impl Objective for SpanCorruptionObjective {
         Ok(())
     }
 
-    fn special_tokens(settings: &SpanConfig, seq_len: usize) -> Result<(Vec<(&'static str, String)>, Vec<String>)> {
+    fn special_tokens(settings: &SpanConfig, seq_len: usize) -> Result<SpecialTokens> {
         let count = sentinel_count(settings, seq_len)?;
         Ok((vec![("pad_token", PAD.into())], (0..count).map(sentinel).collect()))
     }

@@ -28,6 +28,10 @@ use serde::Deserialize;
 
 use crate::corpus::{eos_of, position, stream_from, Corpus, DataConfig, TokenizerConfig};
 
+/// Special tokens a fresh tokenizer needs besides EOS: (name, token) pairs for the named
+/// ones, and the additional ones.
+pub type SpecialTokens = (Vec<(&'static str, String)>, Vec<String>);
+
 /// One pretraining objective: its model family, its settings, and its loss.
 pub trait Objective: Sized + 'static {
     const NAME: &'static str;
@@ -42,7 +46,7 @@ pub trait Objective: Sized + 'static {
     /// Checks of `objective:` and `model:` (at those keys) for rows of `seq_len` tokens.
     fn validate(settings: &Self::Settings, model: Option<&Self::Architecture>, seq_len: usize) -> Result<()>;
     /// Special tokens a fresh tokenizer needs besides EOS: named ones and additional ones.
-    fn special_tokens(settings: &Self::Settings, seq_len: usize) -> Result<(Vec<(&'static str, String)>, Vec<String>)>;
+    fn special_tokens(settings: &Self::Settings, seq_len: usize) -> Result<SpecialTokens>;
     /// Tokens of a raw (uncorrupted) training row for inputs of `seq_len` tokens.
     fn row_length(settings: &Self::Settings, seq_len: usize) -> Result<usize>;
 

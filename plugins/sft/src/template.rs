@@ -98,7 +98,7 @@ pub fn tokenize(tokenizer: &Tokenizer, text: &str, spans: &[Range<usize>], train
     let mut push = |piece: &str, is_response: bool| -> Result<()> {
         if !piece.is_empty() {
             let piece_ids = tokenizer.encode(piece)?;
-            trained.extend(std::iter::repeat(is_response || train_on == TrainOn::All).take(piece_ids.len()));
+            trained.extend(std::iter::repeat_n(is_response || train_on == TrainOn::All, piece_ids.len()));
             ids.extend(piece_ids);
         }
         Ok(())

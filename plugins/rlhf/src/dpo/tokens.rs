@@ -124,7 +124,7 @@ pub fn completion_log_probs(
     let mask = targets.narrow(1, 1, width - 1);
     let mut summed = (log_probs * &mask).sum_dim_intlist([1].as_slice(), false, Kind::Float); // (2N,)
     if average {
-        summed = summed / mask.sum_dim_intlist([1].as_slice(), false, Kind::Float).clamp_min(1.0);
+        summed /= mask.sum_dim_intlist([1].as_slice(), false, Kind::Float).clamp_min(1.0);
     }
     let n = pairs.len() as i64;
     Ok((summed.narrow(0, 0, n), summed.narrow(0, n, n)))
