@@ -8,7 +8,7 @@ fn main() {
     // The C++ shim (csrc/), against the same libtorch headers, in libtorch's C++ ABI.
     let root = std::path::Path::new(&lib).parent().expect("libtorch's lib/ has a parent").to_path_buf();
     let sources = ["csrc/shim.cpp", "csrc/checkpoint.cpp", "csrc/dist.cpp", "csrc/rows.cpp", "csrc/attention.cpp"];
-    for source in sources {
+    for source in sources.iter().chain(&["csrc/avx2.h"]) {
         println!("cargo:rerun-if-changed={source}");
     }
     let mut build = cc::Build::new();
@@ -28,7 +28,8 @@ fn main() {
         println!("cargo:rustc-link-lib=dylib=cudart");
     }
     // ATen's parallel_for is a header template: compiled without OpenMP it runs every
-    // range on the calling thread. rows.cpp's blocks go to libtorch's own OpenMP runtime.
+    // range on the calling thread. The CPU kernels' loops (rows.cpp, attention.cpp) go to
+    // libtorch's own OpenMP runtime.
     if let Some(gomp) = libtorch_openmp(&lib) {
         build.flag("-fopenmp");
         println!("cargo:rustc-link-search=native={}", gomp.display());
@@ -84,12 +85,8 @@ fn cuda_headers(torch: &std::path::Path) -> Option<CudaHeaders> {
         println!("cargo:warning={message}");
         return None;
     }
-    // The linker needs the unversioned name; the wheel ships only libcudart.so.13.
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let link = out.join("libcudart.so");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(cu13.join("lib/libcudart.so.13"), &link).expect("linking libcudart.so in OUT_DIR");
-    Some(CudaHeaders { include, cudart: out })
+    // The wheel ships only libcudart.so.13.
+    Some(CudaHeaders { include, cudart: unversioned_link("libcudart.so", &cu13.join("lib/libcudart.so.13")) })
 }
 
 /// A directory holding `libgomp.so`, linked to the OpenMP runtime libtorch ships and runs
@@ -105,13 +102,17 @@ fn libtorch_openmp(lib: &str) -> Option<std::path::PathBuf> {
         println!("cargo:warning=plumb-core: no libgomp in {lib}; the shim's CPU kernels run on one thread");
         return None;
     };
-    // The linker needs the unversioned name; libtorch ships only versioned ones.
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("openmp");
-    std::fs::create_dir_all(&out).expect("creating OUT_DIR/openmp");
-    let link = out.join("libgomp.so");
+    Some(unversioned_link("libgomp.so", &runtime))
+}
+
+/// OUT_DIR, where `name` now links to `library`: the linker needs a library's unversioned
+/// name, and libtorch and the CUDA wheels ship only versioned ones.
+fn unversioned_link(name: &str, library: &std::path::Path) -> std::path::PathBuf {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let link = out.join(name);
     let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&runtime, &link).expect("linking libgomp.so in OUT_DIR");
-    Some(out)
+    std::os::unix::fs::symlink(library, &link).unwrap_or_else(|e| panic!("linking {name} in OUT_DIR: {e}"));
+    out
 }
 
 /// Where gloo's headers are: `$GLOO_INCLUDE_DIR`, else the system's (Debian's `libgloo-dev`).

@@ -16,25 +16,17 @@
 #include <exception>
 #include <limits>
 #include <vector>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+
+#include "avx2.h"
 
 namespace {
 
+struct Strides {
+  int64_t batch, head, position;
+};
+
 #if defined(__x86_64__)
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
-__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_hadd_ps(sum, sum);
-  sum = _mm_hadd_ps(sum, sum);
-  return _mm_cvtss_f32(sum);
-}
+using plumb::horizontal_sum;
 
 __attribute__((target("avx2,fma"))) inline float horizontal_max(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -65,10 +57,6 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
   const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
 }
-
-struct Strides {
-  int64_t batch, head, position;
-};
 
 // out[d] for one row and head: softmax(q·k_j · scale + mask_j) over positions j < len,
 // then the weighted sum of v_j. `scores` holds len + 8 floats.
@@ -109,10 +97,6 @@ __attribute__((target("avx2,fma"))) void attend_one(const float* q, const float*
 
 #else
 // Other CPUs leave every case to SDPA.
-bool cpu_has_avx2_fma() { return false; }
-struct Strides {
-  int64_t batch, head, position;
-};
 void attend_one(const float*, const float*, const float*, const float*, int64_t, Strides, int64_t, int64_t, float,
                 float*, float*) {}
 #endif
@@ -124,7 +108,7 @@ bool plain_float(const at::Tensor& t, bool grad) {
 
 // q (B, H, 1, D), k and v (B, Hkv, L, D) with Hkv dividing H, mask (B or 1, 1, 1, L).
 bool takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask) {
-  if (!cpu_has_avx2_fma() || at::autocast::is_autocast_enabled(at::kCPU)) return false;
+  if (!plumb::cpu_has_avx2_fma() || at::autocast::is_autocast_enabled(at::kCPU)) return false;
   const bool grad = at::GradMode::is_enabled();
   if (!plain_float(q, grad) || !plain_float(k, grad) || !plain_float(v, grad)) return false;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.size(2) != 1) return false;

@@ -13,9 +13,8 @@
 #include <atomic>
 #include <exception>
 #include <vector>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+
+#include "avx2.h"
 
 namespace {
 constexpr int64_t kMaxRows = 4;
@@ -25,12 +24,7 @@ constexpr int64_t kBlock = 4;
 
 #if defined(__x86_64__)
 
-__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_hadd_ps(sum, sum);
-  sum = _mm_hadd_ps(sum, sum);
-  return _mm_cvtss_f32(sum);
-}
+using plumb::horizontal_sum;
 
 // y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for n in [begin, end), every m < rows.
 __attribute__((target("avx2,fma"))) void rows_times_weight(const float* x, int64_t rows, const float* w,
@@ -78,18 +72,13 @@ __attribute__((target("avx2,fma"))) void rows_times_weight(const float* x, int64
   }
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #else
 // Other CPUs leave every case to at::linear.
-bool cpu_has_avx2_fma() { return false; }
 void rows_times_weight(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t) {}
 #endif
 
 bool takes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias) {
-  if (!cpu_has_avx2_fma() || at::autocast::is_autocast_enabled(at::kCPU)) return false;
+  if (!plumb::cpu_has_avx2_fma() || at::autocast::is_autocast_enabled(at::kCPU)) return false;
   const bool grad = at::GradMode::is_enabled();
   auto plain = [grad](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided && t.is_contiguous() &&

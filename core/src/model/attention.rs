@@ -30,11 +30,15 @@ pub fn scaled_dot_product_attention(
         .unwrap_or_else(|| Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, gqa))
 }
 
-/// The shim's single-query attention, or `None` where it does not take the case.
+/// The shim's single-query attention, or `None` where it does not take the case (a scale
+/// that is not positive, whose 0 the shim reads as "the default", among them).
 fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: Option<f64>) -> Option<Tensor> {
+    let scale = match scale {
+        Some(s) if s <= 0.0 => return None,
+        given => given.unwrap_or(0.0),
+    };
     let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
     let mut out = std::ptr::null_mut();
-    let scale = scale.filter(|s| *s > 0.0).unwrap_or(0.0);
     // SAFETY: the tensors are alive for the call; on 1 the shim hands back a new at::Tensor
     // that the Tensor below owns (and frees), otherwise it allocated nothing.
     let code = unsafe {
@@ -103,13 +107,15 @@ mod tests {
     fn other_cases_are_left_to_libtorch() {
         let (q, (k, v)) = (randn(&[2, 4, 1, 32]), cache_views(2, 4, 10, 32));
         let _no_grad = tch::no_grad_guard();
-        // Two query positions, a head size not a multiple of 8, fp64, a mask over the query.
+        // Two query positions, a head size not a multiple of 8, fp64, a mask over the query,
+        // a scale that is not positive.
         assert!(decode_attention(&randn(&[2, 4, 2, 32]), &k, &v, None, None).is_none());
         let (k12, v12) = cache_views(2, 4, 10, 12);
         assert!(decode_attention(&randn(&[2, 4, 1, 12]), &k12, &v12, None, None).is_none());
         let double = |t: &Tensor| t.to_kind(Kind::Double);
         assert!(decode_attention(&double(&q), &double(&k), &double(&v), None, None).is_none());
         assert!(decode_attention(&q, &k, &v, Some(&randn(&[2, 4, 1, 10])), None).is_none());
+        assert!(decode_attention(&q, &k, &v, None, Some(0.0)).is_none());
         drop(_no_grad);
         // Under autograd, with a query that wants its gradient.
         let wants = q.set_requires_grad(true);
