@@ -7,7 +7,14 @@ fn main() {
 
     // The C++ shim (csrc/), against the same libtorch headers, in libtorch's C++ ABI.
     let root = std::path::Path::new(&lib).parent().expect("libtorch's lib/ has a parent").to_path_buf();
-    let sources = ["csrc/shim.cpp", "csrc/checkpoint.cpp", "csrc/dist.cpp", "csrc/rows.cpp", "csrc/attention.cpp"];
+    let sources = [
+        "csrc/shim.cpp",
+        "csrc/checkpoint.cpp",
+        "csrc/dist.cpp",
+        "csrc/rows.cpp",
+        "csrc/attention.cpp",
+        "csrc/fused.cpp",
+    ];
     for source in sources.iter().chain(&["csrc/avx2.h"]) {
         println!("cargo:rerun-if-changed={source}");
     }
@@ -41,6 +48,8 @@ fn main() {
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
+        // The hand-written kernels' loops are vectorised by the compiler, in tests too.
+        .opt_level(3)
         // c10d's headers declare ProcessGroupGloo only under this switch (libtorch was built with it).
         .define("USE_C10D_GLOO", None)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")

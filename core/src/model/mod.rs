@@ -5,6 +5,7 @@ pub mod attention;
 pub mod bert;
 pub mod cache;
 pub mod family;
+pub mod fused;
 pub mod generate;
 pub mod generator;
 pub mod gpt2;

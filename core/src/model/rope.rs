@@ -167,6 +167,9 @@ impl Rope {
 /// halves swapped (a roll) times the signed sin: three kernels a call instead of nine
 /// (a decoding step is launch-bound).
 pub fn apply(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
+    if let Some(y) = super::fused::rope(x, cos, signed_sin) {
+        return y; // one kernel each way on a CPU
+    }
     let half = x.size()[3] / 2;
     (x * cos).addcmul(&x.roll([half], [-1]), signed_sin)
 }

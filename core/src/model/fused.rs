@@ -1,0 +1,124 @@
+//! RMSNorm and the rotary embedding as one kernel each way on a CPU, through the shim
+//! (`core/csrc/fused.cpp`): libtorch runs both as their formulas there, a dozen small
+//! kernels and autograd nodes a call, which is most of a small model's training step that
+//! is not a matrix product. Each function returns `None` for a case the shim does not take
+//! (not fp32 on a CPU, or under autocast); its caller then runs the formula.
+use std::ffi::c_void;
+
+use tch::Tensor;
+
+use crate::shim;
+
+/// `weight · x / √(mean(x²) + eps)` over the last dimension of `x` (.., C), `weight` (C),
+/// differentiable in both: the numbers of the formula to fp32 rounding.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Tensor> {
+    // SAFETY: the tensors are alive for the call; see `taken`.
+    taken(|out| unsafe { shim::plumb_rms_norm(raw(x), raw(weight), eps, out) })
+}
+
+/// The rotary embedding of `x` (B, H, T, D) by [`super::rope::Rope::cos_sin`]'s `cos` and
+/// `signed_sin` (B or 1, 1, T, D): `x·cos + roll(x, D/2)·signed_sin`, differentiable in `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Option<Tensor> {
+    // SAFETY: the tensors are alive for the call; see `taken`.
+    taken(|out| unsafe { shim::plumb_rope(raw(x), raw(cos), raw(signed_sin), out) })
+}
+
+fn raw(t: &Tensor) -> *mut c_void {
+    t.as_ptr() as *mut c_void
+}
+
+/// The tensor a shim call made, when it took the case: on 1 the shim hands back a new
+/// at::Tensor that the Tensor returned owns (and frees); otherwise it allocated nothing.
+fn taken(call: impl FnOnce(*mut *mut c_void) -> i32) -> Option<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: on 1, `out` was just allocated by the shim for us.
+    (call(&mut out) == 1).then(|| unsafe { Tensor::from_ptr(out as _) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn randn(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    /// Largest |a − b| relative to b's largest magnitude.
+    fn relative(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)
+    }
+
+    fn rms_formula(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+        let variance = x.square().mean_dim(-1, true, Kind::Float);
+        w * (x * (variance + eps).rsqrt())
+    }
+
+    #[test]
+    fn rms_norm_gives_the_formulas_values_and_gradients() {
+        tch::manual_seed(0);
+        // 70 rows: two whole blocks of the weight gradient's 32 and a part.
+        for shape in [[2i64, 35, 24], [1, 3, 5]] {
+            let x = (randn(&shape) * 3.0).set_requires_grad(true);
+            let w = (randn(&[shape[2]]) + 1.0).set_requires_grad(true);
+            let upstream = randn(&shape);
+            let fused = rms_norm(&x, &w, 1e-5).expect("an fp32 CPU case is taken");
+            (&fused * &upstream).sum(Kind::Float).backward();
+            let (dx, dw) = (x.grad().copy(), w.grad().copy());
+            let _ = (x.grad().zero_(), w.grad().zero_());
+            let reference = rms_formula(&x, &w, 1e-5);
+            (&reference * &upstream).sum(Kind::Float).backward();
+            assert!(relative(&fused, &reference) < 1e-6, "{shape:?} values");
+            assert!(relative(&dx, &x.grad()) < 1e-5, "{shape:?} dx");
+            assert!(relative(&dw, &w.grad()) < 1e-5, "{shape:?} dw");
+        }
+    }
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient_and_other_cases_are_left_to_the_formula() {
+        let x = randn(&[4, 8]).set_requires_grad(true);
+        let w = randn(&[8]);
+        rms_norm(&x, &w, 1e-6).unwrap().sum(Kind::Float).backward();
+        assert!(x.grad().defined() && !w.grad().defined());
+        assert!(rms_norm(&x.to_kind(Kind::BFloat16), &w, 1e-6).is_none(), "bf16");
+        assert!(rms_norm(&x, &randn(&[7]), 1e-6).is_none(), "a weight of another width");
+    }
+
+    /// cos and signed sin as rope.rs lays them out for `positions` (B, T).
+    fn angles(positions: &Tensor, d: i64) -> (Tensor, Tensor) {
+        let inv_freq = Tensor::arange_start_step(0, d, 2, (Kind::Float, Device::Cpu)).divide_scalar(d as f64);
+        let inv_freq = Tensor::from(10_000f32).pow(&inv_freq).reciprocal();
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq; // (B, T, D/2)
+        let cos = Tensor::cat(&[&freqs, &freqs], -1).cos().unsqueeze(1);
+        let sin = freqs.sin();
+        (cos, Tensor::cat(&[&sin.neg(), &sin], -1).unsqueeze(1))
+    }
+
+    #[test]
+    fn rope_gives_the_formulas_values_and_gradients() {
+        tch::manual_seed(1);
+        let (b, h, t, d) = (2, 3, 5, 8);
+        // Per-row positions (left padding shifts them), and one set shared by the batch.
+        let per_row =
+            Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0) + Tensor::from_slice(&[0i64, 3]).unsqueeze(1);
+        let shared = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        for positions in [per_row, shared] {
+            let (cos, sin) = angles(&positions, d);
+            // x as attention makes it: (B, T, H, D) projections viewed as (B, H, T, D).
+            let x = randn(&[b, t, h, d]).set_requires_grad(true);
+            let heads = x.transpose(1, 2);
+            let upstream = randn(&[b, h, t, d]);
+            let fused = rope(&heads, &cos, &sin).expect("an fp32 CPU case is taken");
+            (&fused * &upstream).sum(Kind::Float).backward();
+            let dx = x.grad().copy();
+            let _ = x.grad().zero_();
+            let reference = (&heads * &cos).addcmul(&heads.roll([d / 2], [-1]), &sin);
+            (&reference * &upstream).sum(Kind::Float).backward();
+            assert!(relative(&fused, &reference) < 1e-6, "values");
+            assert!(relative(&dx, &x.grad()) < 1e-6, "dx");
+        }
+        let (cos, sin) = angles(&Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0), d);
+        assert!(rope(&randn(&[1, 1, t, d]).to_kind(Kind::BFloat16), &cos, &sin).is_none(), "bf16");
+        assert!(rope(&randn(&[1, 1, t + 1, d]), &cos, &sin).is_none(), "positions that do not match");
+    }
+}
