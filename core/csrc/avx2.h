@@ -1,5 +1,5 @@
-// What the shim's hand-written CPU kernels (rows.cpp, attention.cpp) share: whether this CPU
-// runs them, and the sum of an AVX2 register's lanes.
+// What the shim's hand-written CPU kernels (rows.cpp, attention.cpp, fused.cpp) share: whether
+// this CPU runs them, the sum of an AVX2 register's lanes, and e^x for x <= 0.
 #pragma once
 
 #if defined(__x86_64__)
@@ -17,6 +17,29 @@ __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   sum = _mm_hadd_ps(sum, sum);
   sum = _mm_hadd_ps(sum, sum);
   return _mm_cvtss_f32(sum);
+}
+
+// e^x for x <= 0 (attention scores less their maximum, or -|x| for a sigmoid): 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2,
+// p the degree-6 Taylor polynomial (relative error below 2e-7); x below -87 gives 0, as a
+// masked score's -inf does.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.0f);
+  const __m256 underflow = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n·ln2, with ln2 in two parts for precision.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
 }
 
 }  // namespace plumb

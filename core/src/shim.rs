@@ -56,6 +56,7 @@ extern "C" {
     pub(crate) fn plumb_rms_norm(x: *mut c_void, weight: *mut c_void, eps: f64, out: *mut *mut c_void) -> c_int;
     pub(crate) fn plumb_rope(x: *mut c_void, cos: *mut c_void, signed_sin: *mut c_void, out: *mut *mut c_void)
         -> c_int;
+    pub(crate) fn plumb_swiglu(gate: *mut c_void, up: *mut c_void, out: *mut *mut c_void) -> c_int;
     pub(crate) fn plumb_inference_mode_enter() -> *mut c_void;
     pub(crate) fn plumb_inference_mode_exit(guard: *mut c_void);
     pub(crate) fn plumb_generator_new(device: c_int, index: c_int, seed: u64, out: *mut *mut c_void) -> c_int;

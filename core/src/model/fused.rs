@@ -1,5 +1,5 @@
-//! RMSNorm and the rotary embedding as one kernel each way on a CPU, through the shim
-//! (`core/csrc/fused.cpp`): libtorch runs both as their formulas there, a dozen small
+//! RMSNorm, the rotary embedding and SwiGLU as one kernel each way on a CPU, through the
+//! shim (`core/csrc/fused.cpp`): libtorch runs them as their formulas there, several small
 //! kernels and autograd nodes a call, which is most of a small model's training step that
 //! is not a matrix product. Each function returns `None` for a case the shim does not take
 //! (not fp32 on a CPU, or under autocast); its caller then runs the formula.
@@ -21,6 +21,14 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Tensor> {
 pub fn rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Option<Tensor> {
     // SAFETY: the tensors are alive for the call; see `taken`.
     taken(|out| unsafe { shim::plumb_rope(raw(x), raw(cos), raw(signed_sin), out) })
+}
+
+/// SwiGLU's `silu(gate) · up` for `gate` and `up` of one shape, differentiable in both. Taken
+/// on a CPU with AVX2 and FMA (a vectorised exponential: the numbers of the formula to
+/// within a few fp32 roundings).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Option<Tensor> {
+    // SAFETY: the tensors are alive for the call; see `taken`.
+    taken(|out| unsafe { shim::plumb_swiglu(raw(gate), raw(up), out) })
 }
 
 fn raw(t: &Tensor) -> *mut c_void {
@@ -120,5 +128,30 @@ mod tests {
         let (cos, sin) = angles(&Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0), d);
         assert!(rope(&randn(&[1, 1, t, d]).to_kind(Kind::BFloat16), &cos, &sin).is_none(), "bf16");
         assert!(rope(&randn(&[1, 1, t + 1, d]), &cos, &sin).is_none(), "positions that do not match");
+    }
+
+    #[test]
+    fn swiglu_gives_the_formulas_values_and_gradients() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return; // left to the formula there
+        }
+        tch::manual_seed(2);
+        // 3 · 37 elements: whole vectors and a tail; gates past exp's range both ways.
+        let gate = randn(&[3, 37]) * 4.0;
+        let _ = gate.get(0).narrow(0, 0, 2).copy_(&Tensor::from_slice(&[-100f32, 100.]));
+        let gate = gate.set_requires_grad(true);
+        let up = randn(&[3, 37]).set_requires_grad(true);
+        let upstream = randn(&[3, 37]);
+        let fused = swiglu(&gate, &up).expect("an fp32 CPU case is taken");
+        (&fused * &upstream).sum(Kind::Float).backward();
+        let (dg, du) = (gate.grad().copy(), up.grad().copy());
+        let _ = (gate.grad().zero_(), up.grad().zero_());
+        let reference = gate.silu() * &up;
+        (&reference * &upstream).sum(Kind::Float).backward();
+        assert!(relative(&fused, &reference) < 1e-6, "values");
+        assert!(relative(&dg, &gate.grad()) < 1e-6, "dgate");
+        assert!(relative(&du, &up.grad()) < 1e-6, "dup");
+        assert!(swiglu(&gate.tr(), &up.tr()).is_none(), "not contiguous");
+        assert!(swiglu(&gate.to_kind(Kind::Double), &up.to_kind(Kind::Double)).is_none(), "fp64");
     }
 }

@@ -372,7 +372,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        let (gate, up) = (self.gate_proj.forward(x), self.up_proj.forward(x));
+        let hidden = super::fused::swiglu(&gate, &up).unwrap_or_else(|| gate.silu() * up);
+        self.down_proj.forward(&hidden)
     }
 }
 
