@@ -135,8 +135,8 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
 };
 
 // y = x·cos + roll(x, D/2)·signed_sin over the last dimension D, for rows [begin, end) of
-// (B, H, T) positions; `x` by strides (its last one 1), cos and sin (B', 1, T, D) contiguous
-// with B' 1 or B, y contiguous. With `transpose`, the backward: y = x·cos + roll(x·sin, D/2).
+// (B, H, T) positions; `x` by strides (its last one 1), cos and sin (B', 1, T, D) with B' 1 or
+// B, contiguous but for the batch stride (a narrowed view's), y contiguous. With `transpose`, the backward: y = x·cos + roll(x·sin, D/2).
 struct RopeLayout {
   int64_t heads, positions, dim;
   int64_t x_batch, x_head, x_position;
@@ -165,7 +165,7 @@ PLUMB_VECTORIZED void rotate_rows(const float* x, const float* cos, const float*
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose) {
   const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3);
   auto y = at::empty({b, h, t, d}, x.options());
-  const RopeLayout layout{h, t, d, x.stride(0), x.stride(1), x.stride(2), cos.size(0) == 1 ? 0 : t * d};
+  const RopeLayout layout{h, t, d, x.stride(0), x.stride(1), x.stride(2), cos.size(0) == 1 ? 0 : cos.stride(0)};
   const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, d));
@@ -276,7 +276,8 @@ bool rope_takes(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   if (!no_autocast() || !plain_float(x) || !plain_float(cos) || !plain_float(sin)) return false;
   if (cos.requires_grad() || sin.requires_grad() || x.dim() != 4 || cos.dim() != 4) return false;
   const int64_t d = x.size(3);
-  if (d == 0 || d % 2 != 0 || x.stride(3) != 1 || !cos.is_contiguous() || !sin.is_contiguous()) return false;
+  if (d == 0 || d % 2 != 0 || x.stride(3) != 1 || cos.stride(3) != 1 || cos.stride(2) != d) return false;
+  if (!cos.strides().equals(sin.strides())) return false;
   if (!cos.sizes().equals(sin.sizes()) || cos.size(1) != 1 || cos.size(2) != x.size(2) || cos.size(3) != d) return false;
   return cos.size(0) == 1 || cos.size(0) == x.size(0);
 }

@@ -73,6 +73,23 @@ pub trait CausalLm: Architecture + 'static {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
 
+    /// The final hidden states of positions `from..` only, (B, T − from, C), for a caller
+    /// that reads no earlier one (the scores of a response, a sequence's last value): the
+    /// same numbers as [`Self::hidden_states`] narrowed, without a cache. A family may
+    /// leave out the work that only earlier positions' outputs need (Llama's last block
+    /// computes queries, attention output and MLP for these positions alone).
+    fn hidden_states_from(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
+        from: i64,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, positions, attention_mask, None)?;
+        let t = hidden.size()[1];
+        Ok(hidden.narrow(1, from, t - from))
+    }
+
     /// Logits (B, T, vocab) from hidden states (B, T, C).
     fn lm_head(&self, hidden: &Tensor) -> Tensor;
 
@@ -303,8 +320,8 @@ impl<A: CausalLm> Policy for Pretrained<A> {
             Some(p) => p.shallow_clone(),
             None => super::default_positions(input_ids, attention_mask)?,
         };
-        let hidden = self.model.hidden_states(input_ids, &positions, attention_mask, None)?;
-        let hidden = hidden.narrow(1, start, targets.size()[1]); // (B, S, C)
+        let hidden = self.model.hidden_states_from(input_ids, &positions, attention_mask, start)?;
+        let hidden = hidden.narrow(1, 0, targets.size()[1]); // (B, S, C)
         match self.model.lm_head_weight() {
             Some(weight) => head::token_scores(&hidden, weight, targets, options),
             None => Ok(head::scores_from_logits(&self.model.lm_head(&hidden), targets, options)),
@@ -354,9 +371,10 @@ pub fn load_causal_lm<A: CausalLm>(
 /// The transformer under a scalar head, of whichever family. `Send`, so a reward holding
 /// one may be scored from the host's threads.
 pub trait Backbone: Send {
-    /// Hidden states (B, T, C) of `input_ids` (B, T) at `positions` (B, T); `mask`
-    /// (B, T) is 1 for tokens and 0 for padding.
-    fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor>;
+    /// Hidden states (B, T − from, C) of positions `from..` of `input_ids` (B, T) at
+    /// `positions` (B, T) ([`CausalLm::hidden_states_from`]); `mask` (B, T) is 1 for tokens
+    /// and 0 for padding.
+    fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, from: i64) -> Result<Tensor>;
 
     /// C, the input width of the head.
     fn hidden_size(&self) -> i64;
@@ -383,8 +401,8 @@ impl<A: CausalLm> Backbone for BackboneOf<A>
 where
     Self: Send,
 {
-    fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        self.model.hidden_states(input_ids, positions, Some(mask), None)
+    fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, from: i64) -> Result<Tensor> {
+        self.model.hidden_states_from(input_ids, positions, Some(mask), from)
     }
 
     fn hidden_size(&self) -> i64 {

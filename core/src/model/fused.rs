@@ -125,6 +125,16 @@ mod tests {
             assert!(relative(&fused, &reference) < 1e-6, "values");
             assert!(relative(&dx, &x.grad()) < 1e-6, "dx");
         }
+        // The angles of the last positions alone (a view with the whole batch stride), as
+        // queries from a position on take them.
+        let (cos, sin) = angles(
+            &(Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0) + Tensor::from_slice(&[0i64, 2]).unsqueeze(1)),
+            d,
+        );
+        let x = randn(&[b, h, t - 2, d]);
+        let (cos, sin) = (cos.narrow(2, 2, t - 2), sin.narrow(2, 2, t - 2));
+        let reference = (&x * &cos).addcmul(&x.roll([d / 2], [-1]), &sin);
+        assert!(relative(&rope(&x, &cos, &sin).expect("a narrowed view is taken"), &reference) < 1e-6, "narrowed");
         let (cos, sin) = angles(&Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0), d);
         assert!(rope(&randn(&[1, 1, t, d]).to_kind(Kind::BFloat16), &cos, &sin).is_none(), "bf16");
         assert!(rope(&randn(&[1, 1, t + 1, d]), &cos, &sin).is_none(), "positions that do not match");
@@ -138,7 +148,7 @@ mod tests {
         tch::manual_seed(2);
         // 3 · 37 elements: whole vectors and a tail; gates past exp's range both ways.
         let gate = randn(&[3, 37]) * 4.0;
-        let _ = gate.get(0).narrow(0, 0, 2).copy_(&Tensor::from_slice(&[-100f32, 100.]));
+        gate.get(0).narrow(0, 0, 2).copy_(&Tensor::from_slice(&[-100f32, 100.]));
         let gate = gate.set_requires_grad(true);
         let up = randn(&[3, 37]).set_requires_grad(true);
         let upstream = randn(&[3, 37]);

@@ -325,7 +325,8 @@ impl Attention {
     }
 
     /// x: (B, T, C); cos/sin: (B, 1, T, hd) ([`Rope::cos_sin`]); `masks` gives the additive mask of this layer's
-    /// kind, or None for plain causal attention.
+    /// kind, or None for plain causal attention. The output (B, T − from, C) is that of the
+    /// queries at positions `from..` (the mask's rows for them, when `from` > 0).
     fn forward(
         &self,
         x: &Tensor,
@@ -333,12 +334,26 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
+        from: i64,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap_or((0, 0, 0));
-        let heads = |proj: &Linear, n: i64| proj.forward(x).view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = rope::apply(&heads(&self.q_proj, self.num_heads), cos, sin); // (B, nh, T, hd)
-        let k = rope::apply(&heads(&self.k_proj, self.num_kv_heads), cos, sin); // (B, nkv, T, hd)
-        let v = heads(&self.v_proj, self.num_kv_heads);
+        let heads = |x: &Tensor, proj: &Linear, n: i64| {
+            let t = x.size()[1];
+            proj.forward(x).view([b, t, n, self.head_dim]).transpose(1, 2)
+        };
+        let q = match from {
+            0 => rope::apply(&heads(x, &self.q_proj, self.num_heads), cos, sin), // (B, nh, T, hd)
+            _ => {
+                let n = t - from;
+                let q = heads(&x.narrow(1, from, n), &self.q_proj, self.num_heads);
+                rope::apply(&q, &cos.narrow(2, from, n), &sin.narrow(2, from, n))
+                // (B, nh, T − from, hd)
+            }
+        };
+        let mask = mask.map(|m| if from > 0 { m.narrow(2, from, t - from) } else { m.shallow_clone() });
+        let (mask, t) = (mask.as_ref(), t - from);
+        let k = rope::apply(&heads(x, &self.k_proj, self.num_kv_heads), cos, sin); // (B, nkv, T, hd)
+        let v = heads(x, &self.v_proj, self.num_kv_heads);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v), // (B, nkv, past + T, hd)
             None => (k, v),
@@ -396,6 +411,7 @@ impl Block {
         }
     }
 
+    /// The block's output (B, T − from, C) at positions `from..` ([`Attention::forward`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -403,8 +419,13 @@ impl Block {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
+        from: i64,
     ) -> Tensor {
-        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
+        let attention = self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, mask, cache, from);
+        let x = match from {
+            0 => x + attention,
+            _ => x.narrow(1, from, x.size()[1] - from) + attention,
+        };
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }
@@ -458,7 +479,20 @@ impl Llama {
         input_ids: &Tensor,
         positions: &Tensor,
         attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.hidden_states_of(input_ids, positions, attention_mask, cache, 0)
+    }
+
+    /// [`Self::hidden_states`] of positions `from..` (B, T − from, C) (0 with a cache): the
+    /// last block computes queries, attention output and MLP for these positions only.
+    fn hidden_states_of(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
+        from: i64,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
         if let Some(mask) = cache.as_ref().and_then(|c| c.fixed_mask()).map(Tensor::shallow_clone) {
@@ -467,7 +501,7 @@ impl Llama {
             let (cos, sin) = self.config.rope.cos_sin(positions, self.embed_tokens.ws.kind(), self.inv_freq.as_ref());
             let mut x = self.embed_tokens.forward(input_ids);
             for (i, layer) in self.layers.iter().enumerate() {
-                x = layer.forward(&x, &cos, &sin, Some(&mask), cache.as_deref_mut().map(|c| (c, i)));
+                x = layer.forward(&x, &cos, &sin, Some(&mask), cache.as_deref_mut().map(|c| (c, i)), 0);
             }
             return Ok(self.norm.forward(&x));
         }
@@ -484,7 +518,11 @@ impl Llama {
         let (cos, sin) = self.config.rope.cos_sin(positions, self.embed_tokens.ws.kind(), self.inv_freq.as_ref());
         // One mask per window size; None = plain causal (the fast path of SDPA), which is
         // also all a decoding step without padding needs (one query sees every key).
+        // A causal mask for the queries `from..` alone is not SDPA's is_causal (which aligns
+        // the first query with the first key): it is the full mask's last rows.
+        let from = if cache.is_some() { 0 } else { from.clamp(0, t) };
         let needs_mask = attention_mask.is_some()
+            || from > 0
             || (past > 0 && t > 1)
             || self.config.windows.iter().any(|w| w.is_some_and(|w| w < past + t));
         let key_mask = match attention_mask {
@@ -494,7 +532,11 @@ impl Llama {
         let full_mask = needs_mask.then(|| attention_mask_in(&key_mask, past, t, None, self.embed_tokens.ws.kind()));
         let mut window_masks: Vec<(i64, Tensor)> = Vec::new();
         let mut x = self.embed_tokens.forward(input_ids); // (B, T, C)
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
+            // Only the last block's outputs are read at `from..` alone; earlier ones are
+            // every later position's keys and values.
+            let from = if i == last { from } else { 0 };
             let mask = match layer.self_attn.window {
                 Some(w) if needs_mask => {
                     if !window_masks.iter().any(|(size, _)| *size == w) {
@@ -508,9 +550,9 @@ impl Llama {
                 // Keep only x; the block's activations are recomputed in backward.
                 let (layer, cos, sin) = (layer.clone(), cos.shallow_clone(), sin.shallow_clone());
                 let mask = mask.map(Tensor::shallow_clone);
-                recompute::checkpoint(&[&x], move |x| Ok(layer.forward(&x[0], &cos, &sin, mask.as_ref(), None)))?
+                recompute::checkpoint(&[&x], move |x| Ok(layer.forward(&x[0], &cos, &sin, mask.as_ref(), None, from)))?
             } else {
-                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)))
+                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)), from)
             };
         }
         if let Some(cache) = cache {
@@ -595,6 +637,16 @@ impl CausalLm for Llama {
         Llama::hidden_states(self, input_ids, positions, attention_mask, cache)
     }
 
+    fn hidden_states_from(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        attention_mask: Option<&Tensor>,
+        from: i64,
+    ) -> Result<Tensor> {
+        self.hidden_states_of(input_ids, positions, attention_mask, None, from)
+    }
+
     fn lm_head(&self, hidden: &Tensor) -> Tensor {
         Llama::lm_head(self, hidden)
     }
@@ -666,6 +718,54 @@ mod tests {
         assert!(diff < 1e-6, "{diff}");
         let later = (a.narrow(1, 3, 2) - b.narrow(1, 3, 2)).abs().max().double_value(&[]);
         assert!(later > 1e-4, "changed tokens change later logits");
+    }
+
+    #[test]
+    fn hidden_states_from_a_position_are_the_whole_ones_narrowed_with_the_same_gradients() {
+        // Grouped heads; the second config's last layer attends within a window of 3.
+        let windowed: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "mistral", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 32, "sliding_window": 3
+        }))
+        .unwrap();
+        tch::manual_seed(3);
+        let models = [model(false, 2), LlamaForCausalLm::new(windowed, tch::Device::Cpu).unwrap()];
+        let input = Tensor::from_slice(&[0i64, 0, 5, 6, 7, 8, 9, 3, 1, 2, 3, 4, 5, 6, 7, 8]).view([2, 8]);
+        let padding = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([2, 8]);
+        let upstream = Tensor::randn([2, 3, 16], (Kind::Float, tch::Device::Cpu));
+        for m in &models {
+            for (mask, checkpointed) in [(None, false), (Some(&padding), false), (Some(&padding), true)] {
+                let _recompute = recompute::enable(checkpointed);
+                let positions = crate::model::default_positions(&input, mask).unwrap();
+                let gradients = |hidden: Tensor| {
+                    let variables = m.var_store().trainable_variables();
+                    variables.iter().filter(|v| v.grad().defined()).for_each(|v| {
+                        let _ = v.grad().zero_();
+                    });
+                    (&hidden * &upstream).sum(Kind::Float).backward();
+                    let grads: Vec<Tensor> = variables
+                        .iter()
+                        .map(|v| if v.grad().defined() { v.grad().copy() } else { v.zeros_like() })
+                        .collect();
+                    (hidden, grads)
+                };
+                let (whole, expected) =
+                    gradients(m.model().hidden_states(&input, &positions, mask, None).unwrap().narrow(1, 5, 3));
+                let (tail, got) = gradients(m.model().hidden_states_from(&input, &positions, mask, 5).unwrap());
+                let diff = (&whole - &tail).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "mask {}: {diff}", mask.is_some());
+                for (want, have) in expected.iter().zip(&got) {
+                    let scale = want.abs().max().double_value(&[]).max(1.0);
+                    let diff = (want - have).abs().max().double_value(&[]) / scale;
+                    assert!(
+                        diff < 1e-6,
+                        "mask {}, checkpointed {checkpointed}: gradients differ by {diff}",
+                        mask.is_some()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -155,19 +155,27 @@ impl ScalarHeadModel {
 
     /// The head's output at every position: (B, T). `attention_mask` (B, T): 1 token, 0 padding.
     pub fn values(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.values_from(input_ids, attention_mask, 0)
+    }
+
+    /// The head's output at positions `from..`: (B, T − from), as [`Self::values`]
+    /// narrowed, without the work only earlier positions' outputs need.
+    pub fn values_from(&self, input_ids: &Tensor, attention_mask: &Tensor, from: i64) -> Result<Tensor> {
         let positions = positions_from_mask(attention_mask);
-        let hidden = self.backbone.hidden_states(input_ids, &positions, attention_mask)?; // (B, T, C)
+        let hidden = self.backbone.hidden_states(input_ids, &positions, attention_mask, from)?; // (B, T − from, C)
         let hidden = hidden.to_kind(self.score.ws.kind()); // a LoRA model's head is fp32
         Ok(self.score.forward(&hidden).squeeze_dim(-1).to_kind(Kind::Float))
     }
 
     /// One score per sequence: the head's output at its last token (B).
     pub fn scores(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let values = self.values(input_ids, attention_mask)?;
-        let t = values.size()[1];
-        let index = Tensor::arange(t, (Kind::Int64, values.device())).unsqueeze(0);
+        let t = input_ids.size()[1];
+        let index = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0);
         let last = (index * attention_mask.to_kind(Kind::Int64)).argmax(-1, true); // (B, 1)
-        Ok(values.gather(1, &last, false).squeeze_dim(1))
+                                                                                   // Only positions from the earliest last token on are read.
+        let from = if t == 0 { 0 } else { last.min().int64_value(&[]) };
+        let values = self.values_from(input_ids, attention_mask, from)?;
+        Ok(values.gather(1, &(last - from), false).squeeze_dim(1))
     }
 
     /// True when `dir/config.json` is a sequence-classification model's (its

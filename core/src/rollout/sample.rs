@@ -99,9 +99,9 @@ pub fn response_values(
     attention_mask: &Tensor,
     prompt_len: i64,
 ) -> Result<Tensor> {
-    let values = value_model.values(sequences, attention_mask)?; // (B, P + R)
+    let values = value_model.values_from(sequences, attention_mask, prompt_len - 1)?; // (B, R + 1)
     let response_len = sequences.size()[1] - prompt_len;
-    Ok(values.narrow(1, prompt_len - 1, response_len).to_kind(Kind::Float))
+    Ok(values.narrow(1, 0, response_len).to_kind(Kind::Float))
 }
 
 /// The seed of step `step`'s sampling and shuffles: a function of the run's seed and the
