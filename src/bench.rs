@@ -984,8 +984,8 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
     use plumb_core::model::scalar_head::ScalarHeadModel;
     use plumb_core::rand::seq::SliceRandom;
     use plumb_core::rollout::{
-        gae, minibatch_backward_side_by_side, minibatch_loss, policy_response_scores, response_values, sample,
-        shaped_rewards, whiten, Experience, KlEstimator, PpoLossSettings,
+        gae, minibatch_backward_side_by_side, minibatch_loss, reference_and_values, sample, shaped_rewards, whiten,
+        Experience, KlEstimator, PpoLossSettings,
     };
 
     let user = |e: plumb_core::Error| Failure::User(e.to_string());
@@ -1037,17 +1037,14 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
         };
         let sampled = sample(&policy, &prompts, &generation, 0).map_err(user)?;
         let (prompt_len, mask) = (sampled.prompt_len, sampled.response_mask.shallow_clone());
-        let (scores, ref_log_probs, values) = {
+        let scores = {
             let _no_grad = tch::no_grad_guard();
-            let (sequences, attention) = (&sampled.sequences, &sampled.attention_mask);
-            let scores = reward_model.scores(sequences, attention).map_err(user)?; // (B)
-            let ref_log_probs =
-                policy_response_scores(reference.as_ref(), sequences, attention, prompt_len, 1.0, false)
-                    .map_err(user)?
-                    .log_probs;
-            let values = response_values(&value_model, sequences, attention, prompt_len).map_err(user)?;
-            (scores, ref_log_probs * &mask, values * &mask)
+            reward_model.scores(&sampled.sequences, &sampled.attention_mask).map_err(user)?
+            // (B)
         };
+        let side_by_side = device == Device::Cpu; // as the stage runs a single-process run
+        let (ref_log_probs, values) =
+            reference_and_values(reference.as_ref(), &value_model, &sampled, 1.0, side_by_side).map_err(user)?;
         let mut experience = Experience {
             sequences: sampled.sequences.shallow_clone(),
             attention_mask: sampled.attention_mask.shallow_clone(),

@@ -64,7 +64,11 @@ at::Tensor head_logits(const at::Tensor& hidden, const at::Tensor& weight, c10::
 // once, in the forward pass or the backward: what is kept for backward is the hidden
 // states, the weight, the targets and one logsumexp per row; backward recomputes each
 // chunk's logits (one more matmul of the head) and turns them straight into gradients.
+// Logits that are one chunk and at most kKeptLogits numbers (a small model's, or few rows)
+// are kept instead, as their softmax: backward then skips the recomputation.
 // Rows whose target is `ignore_index` score 0 and get no gradient.
+constexpr int64_t kKeptLogits = 1 << 20;
+
 struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor hidden,
                                                 at::Tensor weight, at::Tensor targets, int64_t chunk, double scale,
@@ -77,6 +81,8 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
     auto nll = at::zeros({n}, float_options);
     auto lse = at::empty({n}, float_options);
     auto entropy = with_entropy ? at::zeros({n}, float_options) : at::zeros({0}, float_options);
+    const bool keep = n <= chunk && n * weight.size(0) <= kKeptLogits;
+    at::Tensor kept;  // softmax of every row's logits, when kept
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t len = std::min(chunk, n - start);
       auto logits = head_logits(hidden.narrow(0, start, len), weight, compute, scale);  // (len, V)
@@ -86,12 +92,14 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
       auto picked = logits.gather(1, t.masked_fill(valid.logical_not(), 0).unsqueeze(1)).squeeze(1);
       nll.narrow(0, start, len).copy_((row_lse - picked) * valid);
       lse.narrow(0, start, len).copy_(row_lse);
-      if (with_entropy) {  // H = logsumexp(z) - sum softmax(z) z
+      if (with_entropy || keep) {
         auto probs = (logits - row_lse.unsqueeze(1)).exp_();
-        entropy.narrow(0, start, len).copy_(row_lse - (probs * logits).sum(1));
+        // H = logsumexp(z) - sum softmax(z) z
+        if (with_entropy) entropy.narrow(0, start, len).copy_(row_lse - (probs * logits).sum(1));
+        if (keep) kept = probs;
       }
     }
-    ctx->save_for_backward({hidden, weight, targets, lse});
+    ctx->save_for_backward({hidden, weight, targets, lse, kept});
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -103,7 +111,7 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto &hidden = saved[0], &weight = saved[1], &targets = saved[2], &lse = saved[3];
+    auto &hidden = saved[0], &weight = saved[1], &targets = saved[2], &lse = saved[3], &kept = saved[4];
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
@@ -117,12 +125,14 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t len = std::min(chunk, n - start);
       auto h = hidden.narrow(0, start, len);
-      auto logits = head_logits(h, weight, compute, scale);
       auto t = targets.narrow(0, start, len);
       auto valid = t.ne(ignore_index);
       auto g = (grad_nll.narrow(0, start, len) * valid).unsqueeze(1);  // (len, 1)
       // d nll / d z = softmax(z) - onehot(target); z = scale * h W^T.
-      auto dlogits = (logits - lse.narrow(0, start, len).unsqueeze(1)).exp_().mul_(g);
+      auto dlogits = kept.defined() ? kept * g
+                                    : (head_logits(h, weight, compute, scale) - lse.narrow(0, start, len).unsqueeze(1))
+                                          .exp_()
+                                          .mul_(g);
       dlogits.scatter_add_(1, t.masked_fill(valid.logical_not(), 0).unsqueeze(1), -g);
       if (scale != 1.0) dlogits.mul_(scale);
       auto dlogits_c = dlogits.to(compute);

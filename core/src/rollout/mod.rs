@@ -26,7 +26,10 @@ pub use kl::{kl_penalty, KlController, KlEstimator};
 pub use log_probs::{entropy, response_log_probs, response_logits};
 pub use losses::{approx_kl, clipped_surrogate, policy_loss, value_loss, ClippedSurrogate, PolicyLoss, ValueLoss};
 pub use masked::{masked_mean, masked_sum, masked_var};
-pub use ppo::{minibatch_backward_side_by_side, minibatch_loss, shaped_rewards, MinibatchStats, PpoLossSettings};
+pub use ppo::{
+    minibatch_backward_side_by_side, minibatch_loss, reference_and_values, shaped_rewards, MinibatchStats,
+    PpoLossSettings,
+};
 pub use sample::{
     policy_response_logits, policy_response_scores, rank_seed, response_values, sample, step_seed, Sampled,
 };

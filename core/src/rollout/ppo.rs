@@ -8,7 +8,7 @@ use super::experience::Experience;
 use super::kl::{kl_penalty, KlEstimator};
 use super::losses::{policy_loss, value_loss, PolicyLoss, ValueLoss};
 use super::masked::masked_mean;
-use super::sample::{policy_response_scores, response_values};
+use super::sample::{policy_response_scores, response_values, Sampled};
 use crate::error::Result;
 use crate::model::scalar_head::ScalarHeadModel;
 use crate::model::Policy;
@@ -23,6 +23,40 @@ pub fn shaped_rewards(experience: &Experience, kl_coef: f64, estimator: KlEstima
     let last = (mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64) - 1).clamp_min(0).unsqueeze(1); // (B, 1)
     let score_at_end = mask.zeros_like().scatter(1, &last, &experience.scores.to_kind(Kind::Float).unsqueeze(1));
     (-(&kl * kl_coef) + score_at_end, kl)
+}
+
+/// The reference's log-probs and the value model's values (each (B, R), 0 past each
+/// response's end) of `sampled`'s response tokens at `temperature`, without autograd. With
+/// `side_by_side` (a single-process run on a CPU), the value model's forward runs on a
+/// second thread meanwhile, each with one intra-op thread.
+pub fn reference_and_values(
+    reference: &dyn Policy,
+    value_model: &ScalarHeadModel,
+    sampled: &Sampled,
+    temperature: f64,
+    side_by_side: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (sequences, attention, prompt_len) = (&sampled.sequences, &sampled.attention_mask, sampled.prompt_len);
+    let mask = &sampled.response_mask;
+    let reference_log_probs = || -> Result<Tensor> {
+        let _no_grad = tch::no_grad_guard();
+        Ok(policy_response_scores(reference, sequences, attention, prompt_len, temperature, false)?.log_probs * mask)
+    };
+    let values = |value_model: &ScalarHeadModel, sequences: &Tensor, attention: &Tensor, mask: &Tensor| {
+        let _no_grad = tch::no_grad_guard();
+        Ok::<_, crate::error::Error>(response_values(value_model, sequences, attention, prompt_len)? * mask)
+    };
+    if !side_by_side {
+        let log_probs = reference_log_probs()?;
+        return Ok((log_probs, values(value_model, sequences, attention, mask)?));
+    }
+    let lent = LentValueModel(value_model);
+    let (sequences, attention, mask) = (sequences.shallow_clone(), attention.shallow_clone(), mask.shallow_clone());
+    let (log_probs, values) = self::side_by_side(reference_log_probs, move || {
+        let lent = lent;
+        values(lent.0, &sequences, &attention, &mask)
+    });
+    Ok((log_probs?, values?))
 }
 
 /// The settings of a PPO update (TRL's names in brackets).
@@ -99,12 +133,13 @@ pub fn minibatch_backward_side_by_side(
     statistics(&policy_part?, &value_part?, &minibatch.response_mask, &settings)
 }
 
-/// The value model, lent to the thread that runs its half of a minibatch.
+/// The value model, lent to the thread that runs its half of a minibatch (or its forward).
 struct LentValueModel<'a>(&'a ScalarHeadModel);
 
-// SAFETY: libtorch's tensors may be used from any thread. While the value half runs, only
-// its thread touches the value model (its weights, their gradients, its blocks' shared
-// handles); the policy's thread touches the policy, and both only read the minibatch.
+// SAFETY: libtorch's tensors may be used from any thread. While the value half (or forward)
+// runs, only its thread touches the value model (its weights, their gradients, its blocks'
+// shared handles); the other thread touches the policy (or the reference), and both only
+// read the minibatch (or the sampled tokens).
 unsafe impl Send for LentValueModel<'_> {}
 
 /// The policy's half of a minibatch: its clipped loss and the entropy at each token.
@@ -258,6 +293,39 @@ mod tests {
             assert!(diff <= 1e-5 * scale, "{name}: gradients differ by {diff} (largest {scale})");
             assert!(scale > 1e-6, "{name} has no gradient");
         }
+    }
+
+    #[test]
+    fn reference_and_values_side_by_side_are_those_of_one_thread() {
+        tch::manual_seed(4);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 12, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let policy = LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
+        policy.save(dir.path()).unwrap();
+        let value_model = ScalarHeadModel::from_causal_lm(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
+        // Prompts of two lengths (left padding); a stop token may end a response early.
+        let settings = crate::model::GenerationSettings {
+            max_new_tokens: 6,
+            temperature: 1.0,
+            seed: Some(7),
+            stop_tokens: vec![3],
+            ..Default::default()
+        };
+        let sampled = super::super::sample(&policy, &[vec![1, 2, 5], vec![4, 6]], &settings, 0).unwrap();
+        let (log_probs, values) = reference_and_values(&policy, &value_model, &sampled, 0.8, false).unwrap();
+        let (side_log_probs, side_values) = reference_and_values(&policy, &value_model, &sampled, 0.8, true).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(diff(&log_probs, &side_log_probs) < 1e-6 && diff(&values, &side_values) < 1e-6);
+        let past_the_end = sampled.response_mask.eq(0.0);
+        assert_eq!(log_probs.masked_select(&past_the_end).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(values.masked_select(&past_the_end).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let tokens = sampled.response_mask.eq(1.0);
+        assert!(values.abs().max().double_value(&[]) > 0.0);
+        assert!(log_probs.masked_select(&tokens).max().double_value(&[]) < 0.0);
     }
 
     #[test]

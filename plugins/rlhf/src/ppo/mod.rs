@@ -49,8 +49,8 @@ use plumb_core::plugin::ValidateContext;
 use plumb_core::rand::seq::SliceRandom;
 use plumb_core::reward::RewardSet;
 use plumb_core::rollout::{
-    gae, minibatch_backward_side_by_side, minibatch_loss, policy_response_scores, rank_seed, response_values, sample,
-    shaped_rewards, step_seed, whiten_over_ranks, Experience, KlController, PpoLossSettings,
+    gae, minibatch_backward_side_by_side, minibatch_loss, rank_seed, reference_and_values, sample, shaped_rewards,
+    step_seed, whiten_over_ranks, Experience, KlController, PpoLossSettings,
 };
 use plumb_core::tch::{self, Kind, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -241,24 +241,12 @@ impl Stage for Ppo {
 
             // 3. The reference's log-probs and the value model's values of the same tokens.
             let (ref_log_probs, values) = {
-                let _no_grad = tch::no_grad_guard();
                 let (reference, _adapters_off) = match &reference_copy {
                     Some(copy) => (copy.as_ref(), None),
                     None => (policy.as_ref(), policy.lora().map(|l| l.disabled())),
                 };
-                let scores = policy_response_scores(
-                    reference,
-                    &sampled.sequences,
-                    &sampled.attention_mask,
-                    sampled.prompt_len,
-                    c.temperature,
-                    false,
-                )?;
-                let ref_log_probs = scores.log_probs * &sampled.response_mask; // (B, R)
-                let values =
-                    response_values(&value_model, &sampled.sequences, &sampled.attention_mask, sampled.prompt_len)?
-                        * &sampled.response_mask;
-                (ref_log_probs, values)
+                let side_by_side = trainer.halves_side_by_side();
+                reference_and_values(reference, &value_model, &sampled, c.temperature, side_by_side)?
             };
             let mask = sampled.response_mask.shallow_clone();
             let mut experience = Experience {
