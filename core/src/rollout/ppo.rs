@@ -232,6 +232,21 @@ mod tests {
         }
     }
 
+    /// A tiny policy and a value model on its transformer (a fresh head), from `seed`.
+    fn policy_and_value_model(seed: i64) -> (LlamaForCausalLm, ScalarHeadModel) {
+        tch::manual_seed(seed);
+        let config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 12, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let policy = LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
+        policy.save(dir.path()).unwrap();
+        let value_model = ScalarHeadModel::from_causal_lm(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
+        (policy, value_model)
+    }
+
     fn gradients(models: &[&nn::VarStore]) -> Vec<(String, Tensor)> {
         let mut all = Vec::new();
         for (i, vs) in models.iter().enumerate() {
@@ -245,16 +260,7 @@ mod tests {
 
     #[test]
     fn side_by_side_halves_give_the_gradients_and_statistics_of_the_whole_loss() {
-        tch::manual_seed(0);
-        let config = serde_json::from_value(serde_json::json!({
-            "vocab_size": 12, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32
-        }))
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let policy = LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
-        policy.save(dir.path()).unwrap();
-        let value_model = ScalarHeadModel::from_causal_lm(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
+        let (policy, value_model) = policy_and_value_model(0);
         let settings = PpoLossSettings { clip: 0.2, clip_value: 0.2, vf_coef: 0.1, temperature: 1.0 };
         let episodes = minibatch(&policy);
         let models = [policy.var_store(), value_model.var_store()];
@@ -297,16 +303,7 @@ mod tests {
 
     #[test]
     fn reference_and_values_side_by_side_are_those_of_one_thread() {
-        tch::manual_seed(4);
-        let config = serde_json::from_value(serde_json::json!({
-            "vocab_size": 12, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32
-        }))
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let policy = LlamaForCausalLm::new(config, tch::Device::Cpu).unwrap();
-        policy.save(dir.path()).unwrap();
-        let value_model = ScalarHeadModel::from_causal_lm(dir.path(), tch::Device::Cpu, Kind::Float).unwrap();
+        let (policy, value_model) = policy_and_value_model(4);
         // Prompts of two lengths (left padding); a stop token may end a response early.
         let settings = crate::model::GenerationSettings {
             max_new_tokens: 6,
