@@ -21,7 +21,7 @@ use plumb_core::device::{device_name, dtype_name};
 use plumb_core::model::generate::{self as generation, GenerationSettings, StepMode};
 use plumb_core::model::llama::{LlamaConfig, LlamaForCausalLm};
 use plumb_core::model::{recompute, Policy};
-use plumb_core::optim::{clip_factor, clip_grad_norm, gradient_norm, AdamW, AdamWConfig, Optimizer};
+use plumb_core::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer};
 use plumb_core::rand::Rng;
 use plumb_core::tch::{self, Device, Tensor};
 use plumb_core::tokenizer::Tokenizer;
@@ -1084,12 +1084,11 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
                     let (loss, _stats) = minibatch_loss(&policy, &value_model, &minibatch, &settings).map_err(user)?;
                     loss.backward();
                 }
-                // One clip over both models, inside their steps (as Trainer::update).
                 let mut parameters = policy_adamw.parameters();
                 parameters.extend(value_adamw.parameters());
-                let factor = clip_factor(gradient_norm(&parameters).map_err(user)?, 1.0);
-                policy_adamw.step_with_gradients_scaled(factor).map_err(user)?;
-                value_adamw.step_with_gradients_scaled(factor).map_err(user)?;
+                clip_grad_norm(&parameters, 1.0).map_err(user)?;
+                policy_adamw.step().map_err(user)?;
+                value_adamw.step().map_err(user)?;
             }
         }
         synchronize(device);

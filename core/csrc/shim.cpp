@@ -176,11 +176,9 @@ int plumb_autocast_set(int device, bool enabled, int dtype) {
 // AdamW over `n` parameters in one fused kernel (torch.optim.AdamW(fused=True)): each array
 // holds pointers to the at::Tensor objects tch's Tensors wrap. `steps` are float scalars on
 // the parameters' device holding the step number, already incremented by the caller.
-// With `grad_factor` other than 1 the kernel takes the gradients times it (writing them back
-// so scaled), as a clip before the step would have left them, without a pass of its own.
 int plumb_fused_adamw(void* const* params, void* const* grads, void* const* exp_avgs, void* const* exp_avg_sqs,
                       void* const* steps, int n, double lr, double beta1, double beta2, double weight_decay,
-                      double eps, double grad_factor) {
+                      double eps) {
   return guarded([&] {
     auto list = [n](void* const* pointers) {
       std::vector<at::Tensor> tensors;
@@ -188,13 +186,8 @@ int plumb_fused_adamw(void* const* params, void* const* grads, void* const* exp_
       for (int i = 0; i < n; ++i) tensors.push_back(*static_cast<at::Tensor*>(pointers[i]));
       return tensors;
     };
-    const auto grad_list = list(grads);
-    // The kernel divides the gradients by its grad_scale (AMP's loss scale).
-    std::optional<at::Tensor> grad_scale;
-    if (grad_factor != 1.0 && n > 0)
-      grad_scale = at::scalar_tensor(1.0 / grad_factor, grad_list[0].options().dtype(at::kFloat));
-    at::_fused_adamw_(list(params), grad_list, list(exp_avgs), list(exp_avg_sqs), {}, list(steps), lr, beta1, beta2,
-                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, grad_scale);
+    at::_fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), {}, list(steps), lr, beta1,
+                      beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
   });
 }
 

@@ -23,7 +23,6 @@ extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
-        grad_factor: f64,
     ) -> c_int;
     pub(crate) fn plumb_clip_grad_norm(grads: *const *mut c_void, n: c_int, max_norm: f64, norm: *mut f64) -> c_int;
     #[allow(clippy::too_many_arguments)]

@@ -210,11 +210,8 @@ impl AdamW {
     }
 }
 
-impl AdamW {
-    /// [`Optimizer::step`] with every gradient taken times `factor` (and left so): a clip
-    /// by [`super::clip_factor`] inside the fused kernel rather than a pass over the
-    /// gradients before it.
-    pub fn step_with_gradients_scaled(&mut self, factor: f64) -> Result<()> {
+impl Optimizer for AdamW {
+    fn step(&mut self) -> Result<()> {
         let _no_grad = tch::no_grad_guard();
         self.step += 1;
         let AdamWConfig { lr, betas: (beta1, beta2), eps, weight_decay } = self.config;
@@ -260,18 +257,11 @@ impl AdamW {
                     beta2,
                     wd,
                     eps,
-                    factor,
                 )
             };
             shim::check(code, "fused AdamW")?;
         }
         Ok(())
-    }
-}
-
-impl Optimizer for AdamW {
-    fn step(&mut self) -> Result<()> {
-        self.step_with_gradients_scaled(1.0)
     }
 
     fn zero_grad(&mut self) {
@@ -323,49 +313,6 @@ mod tests {
     #[test]
     fn matches_the_adamw_formula() {
         adamw_formula_on(tch::Device::Cpu);
-    }
-
-    /// A step with the gradients scaled inside the kernel is the step after scaling them:
-    /// the same parameters, moments and (scaled) gradients. The factor changes from step to
-    /// step, as a clip's does (Adam's step does not see one constant factor).
-    #[test]
-    fn a_step_with_scaled_gradients_is_a_step_after_scaling_them() {
-        let run = |inside: bool| {
-            let vs = nn::VarStore::new(tch::Device::Cpu);
-            let w = (vs.root() / "layer").var_copy("weight", &Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]));
-            let mut opt = AdamW::new(&vs, AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() });
-            for step in 1..=3 {
-                opt.zero_grad();
-                (&w * &w * f64::from(step)).sum(tch::Kind::Float).backward();
-                let factor = [1.0, 0.3, 0.05][step as usize - 1];
-                if inside {
-                    opt.step_with_gradients_scaled(factor).unwrap();
-                } else {
-                    let _ = w.grad().g_mul_scalar_(factor);
-                    opt.step().unwrap();
-                }
-            }
-            let state: Vec<Tensor> = opt.state().into_iter().map(|(_, t)| t).collect();
-            (w.copy(), w.grad(), state)
-        };
-        let ((w_inside, g_inside, s_inside), (w_before, g_before, s_before)) = (run(true), run(false));
-        let close = |a: &Tensor, b: &Tensor| a.allclose(b, 1e-6, 1e-7, false);
-        assert!(close(&w_inside, &w_before), "{w_inside} {w_before}");
-        assert!(close(&g_inside, &g_before), "the gradients are left scaled");
-        assert!(s_inside.iter().zip(&s_before).all(|(a, b)| close(a, b)));
-        assert!(!close(&w_inside, &run_unscaled()), "the factor changes the step");
-
-        fn run_unscaled() -> Tensor {
-            let vs = nn::VarStore::new(tch::Device::Cpu);
-            let w = (vs.root() / "layer").var_copy("weight", &Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]));
-            let mut opt = AdamW::new(&vs, AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() });
-            for step in 1..=3 {
-                opt.zero_grad();
-                (&w * &w * f64::from(step)).sum(tch::Kind::Float).backward();
-                opt.step().unwrap();
-            }
-            w.copy()
-        }
     }
 
     /// On CUDA the step is the fused CUDA kernel (torch.optim.AdamW(fused=True)'s).

@@ -27,28 +27,6 @@ pub trait Optimizer {
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the
 /// norm before clipping. One device-to-host sync, to read the norm.
 pub fn clip_grad_norm(parameters: &[&Tensor], max_norm: f64) -> Result<f64> {
-    gradient_norm_then_clip(parameters, max_norm)
-}
-
-/// The global L2 norm of the gradients of `parameters`, as [`clip_grad_norm`] reads it,
-/// with the gradients left as they are: for a caller that clips inside the optimizer's
-/// step ([`clip_factor`], [`AdamW::step_with_gradients_scaled`]).
-pub fn gradient_norm(parameters: &[&Tensor]) -> Result<f64> {
-    gradient_norm_then_clip(parameters, 0.0)
-}
-
-/// What [`clip_grad_norm`] multiplies the gradients by at `norm`: `max_norm / (norm +
-/// 1e-6)` when the norm is finite and above a positive `max_norm`, else 1.
-pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    }
-}
-
-/// The norm, and the gradients scaled in place when `max_norm` > 0 (the shim's clip).
-fn gradient_norm_then_clip(parameters: &[&Tensor], max_norm: f64) -> Result<f64> {
     let _no_grad = tch::no_grad_guard();
     let grads: Vec<Tensor> = parameters.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
     if grads.is_empty() {
@@ -79,7 +57,5 @@ mod tests {
         assert!((norm - 17f64.sqrt()).abs() < 1e-5);
         let clipped = (a.grad().square() + b.grad().square()).sqrt().double_value(&[0]);
         assert!((clipped - 1.0).abs() < 1e-5, "{clipped}");
-        assert!((clip_factor(norm, 1.0) - 1.0 / (norm + 1e-6)).abs() < 1e-12 && clip_factor(norm, 1.0) < 0.25);
-        assert_eq!((clip_factor(0.5, 1.0), clip_factor(f64::NAN, 1.0), clip_factor(3.0, 0.0)), (1.0, 1.0, 1.0));
     }
 }

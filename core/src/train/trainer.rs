@@ -46,7 +46,7 @@ use crate::data::BatchOrder;
 use crate::dist::{data_parallel, GradientSync, ProcessGroup};
 use crate::error::{Error, Result};
 use crate::model::{recompute, SaveHf};
-use crate::optim::{clip_factor, gradient_norm, AdamW, Optimizer, Schedule};
+use crate::optim::{clip_grad_norm, AdamW, Optimizer, Schedule};
 use crate::plugin::Metrics;
 use crate::tokenizer::Tokenizer;
 use crate::RunContext;
@@ -340,10 +340,9 @@ impl<'a, 'h> Trainer<'a, 'h> {
     }
 
     /// Steps `optimizers`; sharded ones then share the parameters their ranks updated.
-    /// Steps each optimizer with its gradients times its clip factor.
-    fn step_optimizers(&self, optimizers: &mut [&mut AdamW], clip_factors: &[f64]) -> Result<()> {
-        for (optimizer, &factor) in optimizers.iter_mut().zip(clip_factors) {
-            optimizer.step_with_gradients_scaled(factor)?;
+    fn step_optimizers(&self, optimizers: &mut [&mut AdamW]) -> Result<()> {
+        for optimizer in optimizers.iter_mut() {
+            optimizer.step()?;
             if let Some(group) = &self.group {
                 optimizer.broadcast_updated(group)?;
             }
@@ -493,20 +492,19 @@ impl<'a, 'h> Trainer<'a, 'h> {
             loss = f64::NAN;
         }
         let (loss, tokens, batch_size) = self.reduce_step(optimizers, loss, tokens, batch_size)?;
-        // Each optimizer's gradients are clipped by their own norm, inside its step.
-        let mut norms = Vec::with_capacity(optimizers.len());
+        let mut squares = 0.0;
         for optimizer in optimizers.iter() {
-            norms.push(gradient_norm(&optimizer.parameters())?);
+            let norm = clip_grad_norm(&optimizer.parameters(), self.config.grad_clip)?;
+            squares += norm * norm;
         }
-        let grad_norm = norms.iter().map(|n| n * n).sum::<f64>().sqrt();
-        let factors: Vec<f64> = norms.iter().map(|&n| clip_factor(n, self.config.grad_clip)).collect();
+        let grad_norm = squares.sqrt();
         self.state.step += 1;
         self.state.tokens += tokens;
         self.window.1 += tokens;
         if !self.guard(loss, grad_norm)? {
             return Ok(false);
         }
-        self.step_optimizers(optimizers, &factors)?;
+        self.step_optimizers(optimizers)?;
         self.record(StepStats { loss, grad_norm, learning_rate, tokens_per_second: 0.0, batch_size });
         Ok(true)
     }
@@ -522,13 +520,11 @@ impl<'a, 'h> Trainer<'a, 'h> {
         }
         let (loss, _, _) = self.reduce_step(optimizers, loss, 0, 0)?;
         let parameters: Vec<&tch::Tensor> = optimizers.iter().flat_map(|o| o.parameters()).collect();
-        let grad_norm = gradient_norm(&parameters)?;
+        let grad_norm = clip_grad_norm(&parameters, self.config.grad_clip)?;
         if !self.guard(loss, grad_norm)? {
             return Ok(None);
         }
-        // One clip over all of them (one norm), inside each one's step.
-        let factors = vec![clip_factor(grad_norm, self.config.grad_clip); optimizers.len()];
-        self.step_optimizers(optimizers, &factors)?;
+        self.step_optimizers(optimizers)?;
         Ok(Some(grad_norm))
     }
 
