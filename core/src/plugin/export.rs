@@ -1,7 +1,7 @@
 //! The plugin side of the boundary: `export_plugin!` and the `extern "C"` shims it
 //! points at. Every shim catches panics inside the plugin and turns them, like every
 //! error, into a status and a message; nothing unwinds into the host.
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -195,19 +195,31 @@ fn section_json(error: &SectionError) -> String {
 thread_local! {
     /// Where the last panic on this thread happened, recorded by our panic hook.
     static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether this thread is inside [`guarded`], whose caller reports its panics.
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `body`, turning errors and panics into a status and a message in `out`.
 fn guarded(out: &ByteSink, body: impl FnOnce() -> Result<Vec<u8>, Failure>) -> i32 {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
-        // This plugin's copy of std has its own hook: record where, let the host report.
-        std::panic::set_hook(Box::new(|info| {
-            let at = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-            PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
+        // This plugin's copy of std has its own hook. Inside `guarded` it records where,
+        // and the host reports; any other panic (a thread the plugin spawned, or, where
+        // this runs in the host's process, the host's own) goes to the hook it replaced.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(Cell::get) {
+                let at = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+                PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
+            } else {
+                previous(info);
+            }
         }));
     });
-    match catch_unwind(AssertUnwindSafe(body)) {
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(body));
+    GUARDED.with(|g| g.set(outer));
+    match result {
         Ok(Ok(bytes)) => {
             out.send(&bytes);
             Status::Ok as i32
@@ -490,6 +502,18 @@ mod tests {
     #[test]
     fn a_reward_is_made_with_its_run_and_scores_across_the_boundary() {
         assert_eq!(call("-2"), (Status::Ok as i32, "[1.5,-2.0]".to_string()));
+    }
+
+    #[test]
+    fn a_guarded_panic_comes_back_with_its_place_and_leaves_later_panics_to_the_previous_hook() {
+        let mut out = Vec::new();
+        let status = guarded(&abi::vec_sink(&mut out), || panic!("exploded"));
+        let message = String::from_utf8(out).unwrap();
+        assert_eq!(status, Status::Panicked as i32);
+        assert!(message.starts_with("at core/src/plugin/export.rs:") && message.ends_with(": exploded"), "{message}");
+        // Outside `guarded` again: a panic here (a failing test's, in this binary) is
+        // reported by the hook that was there before, not swallowed.
+        assert!(!GUARDED.with(Cell::get));
     }
 
     #[test]
