@@ -1038,9 +1038,9 @@ fn ppo(args: &PpoBench, json: bool) -> Result<(), Failure> {
         let sampled = sample(&policy, &prompts, &generation, 0).map_err(user)?;
         let (prompt_len, mask) = (sampled.prompt_len, sampled.response_mask.shallow_clone());
         let scores = {
+            // (B)
             let _no_grad = tch::no_grad_guard();
             reward_model.scores(&sampled.sequences, &sampled.attention_mask).map_err(user)?
-            // (B)
         };
         let side_by_side = device == Device::Cpu; // as the stage runs a single-process run
         let (ref_log_probs, values) =

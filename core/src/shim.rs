@@ -4,6 +4,8 @@
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 
+use tch::Tensor;
+
 use crate::error::{Error, Result};
 
 extern "C" {
@@ -80,6 +82,20 @@ pub(crate) fn check(code: c_int, what: &str) -> Result<()> {
     // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
     let message = unsafe { CStr::from_ptr(plumb_shim_last_error()) }.to_string_lossy().into_owned();
     Err(Error::Other(format!("{what}: {message}")))
+}
+
+/// The at::Tensor behind `t`, as a shim call borrows it for the call's length.
+pub(crate) fn raw(t: &Tensor) -> *mut c_void {
+    t.as_ptr() as *mut c_void
+}
+
+/// The tensor a shim kernel made, when it took the case: on 1 the shim hands back a new
+/// at::Tensor through the out pointer, which the Tensor returned owns (and frees);
+/// otherwise it allocated nothing and the caller runs its fallback.
+pub(crate) fn taken(call: impl FnOnce(*mut *mut c_void) -> c_int) -> Option<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: on 1, `out` was just allocated by the shim for us.
+    (call(&mut out) == 1).then(|| unsafe { Tensor::from_ptr(out as _) })
 }
 
 /// Inference mode (`torch.inference_mode`) on this thread until dropped: autograd off and

@@ -2,11 +2,9 @@
 //! on a CPU takes the shim's kernel (`core/csrc/attention.cpp`): libtorch's SDPA runs its
 //! flash kernel there, made for long query blocks, which costs a small model's batched
 //! decoding step about a seventh of its time.
-use std::ffi::c_void;
-
 use tch::{Device, Kind, Tensor};
 
-use crate::shim;
+use crate::shim::{self, raw};
 
 /// `Tensor::scaled_dot_product_attention` without dropout: `q` (B, H, T, D), `k` and `v`
 /// (B, Hkv, L, D) (grouped heads with `gqa`), an additive or boolean `mask` broadcast to
@@ -37,15 +35,9 @@ fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, s
         Some(s) if s <= 0.0 => return None,
         given => given.unwrap_or(0.0),
     };
-    let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
-    let mut out = std::ptr::null_mut();
-    // SAFETY: the tensors are alive for the call; on 1 the shim hands back a new at::Tensor
-    // that the Tensor below owns (and frees), otherwise it allocated nothing.
-    let code = unsafe {
-        shim::plumb_decode_attention(raw(q), raw(k), raw(v), mask.map_or(std::ptr::null_mut(), raw), scale, &mut out)
-    };
-    // SAFETY: just allocated by the shim for us.
-    (code == 1).then(|| unsafe { Tensor::from_ptr(out as _) })
+    let mask = mask.map_or(std::ptr::null_mut(), raw);
+    // SAFETY: the tensors are alive for the call; see `shim::taken`.
+    shim::taken(|out| unsafe { shim::plumb_decode_attention(raw(q), raw(k), raw(v), mask, scale, out) })
 }
 
 #[cfg(test)]

@@ -360,8 +360,8 @@ impl SelfAttention {
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, c) = x.size3()?;
         let heads = |proj: &nn::Linear| proj.forward(x).view([b, t, self.num_heads, self.head_dim]).transpose(1, 2);
-        let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value)); // each (B, nh, T, hd)
-                                                                                    // Bidirectional: no causal mask; the default scale 1/sqrt(hd).
+        // Each (B, nh, T, hd). Bidirectional: no causal mask; the default scale 1/sqrt(hd).
+        let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
         let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false)?; // (B, nh, T, hd)
         Ok(y.transpose(1, 2).contiguous().view([b, t, c]))
     }

@@ -3,23 +3,21 @@
 //! kernels and autograd nodes a call, which is most of a small model's training step that
 //! is not a matrix product. Each function returns `None` for a case the shim does not take
 //! (not fp32 on a CPU, or under autocast); its caller then runs the formula.
-use std::ffi::c_void;
-
 use tch::Tensor;
 
-use crate::shim;
+use crate::shim::{self, raw, taken};
 
 /// `weight · x / √(mean(x²) + eps)` over the last dimension of `x` (.., C), `weight` (C),
 /// differentiable in both: the numbers of the formula to fp32 rounding.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Tensor> {
-    // SAFETY: the tensors are alive for the call; see `taken`.
+    // SAFETY: the tensors are alive for the call; see `shim::taken`.
     taken(|out| unsafe { shim::plumb_rms_norm(raw(x), raw(weight), eps, out) })
 }
 
 /// The rotary embedding of `x` (B, H, T, D) by [`super::rope::Rope::cos_sin`]'s `cos` and
 /// `signed_sin` (B or 1, 1, T, D): `x·cos + roll(x, D/2)·signed_sin`, differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Option<Tensor> {
-    // SAFETY: the tensors are alive for the call; see `taken`.
+    // SAFETY: the tensors are alive for the call; see `shim::taken`.
     taken(|out| unsafe { shim::plumb_rope(raw(x), raw(cos), raw(signed_sin), out) })
 }
 
@@ -27,20 +25,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Option<Tensor> {
 /// on a CPU with AVX2 and FMA (a vectorised exponential: the numbers of the formula to
 /// within a few fp32 roundings).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Option<Tensor> {
-    // SAFETY: the tensors are alive for the call; see `taken`.
+    // SAFETY: the tensors are alive for the call; see `shim::taken`.
     taken(|out| unsafe { shim::plumb_swiglu(raw(gate), raw(up), out) })
-}
-
-fn raw(t: &Tensor) -> *mut c_void {
-    t.as_ptr() as *mut c_void
-}
-
-/// The tensor a shim call made, when it took the case: on 1 the shim hands back a new
-/// at::Tensor that the Tensor returned owns (and frees); otherwise it allocated nothing.
-fn taken(call: impl FnOnce(*mut *mut c_void) -> i32) -> Option<Tensor> {
-    let mut out = std::ptr::null_mut();
-    // SAFETY: on 1, `out` was just allocated by the shim for us.
-    (call(&mut out) == 1).then(|| unsafe { Tensor::from_ptr(out as _) })
 }
 
 #[cfg(test)]

@@ -8,15 +8,14 @@
 //! node of plumb's C++ shim (`LinearCrossEntropy` in `core/csrc/shim.cpp`; `tch` has no
 //! custom autograd functions): backward keeps the hidden states and one logsumexp per row,
 //! and recomputes each chunk's logits (one more matmul of the head) to turn them straight
-//! into gradients. Liger-Kernel's fused linear cross-entropy and Apple's "Cut Your Losses
+//! into gradients; logits that are one small chunk (at most 2^20 numbers) are kept
+//! instead, as their softmax. Liger-Kernel's fused linear cross-entropy and Apple's "Cut Your Losses
 //! in Large-Vocabulary Language Models" (Wijmans et al. 2024) do the same on GPUs.
-use std::os::raw::c_void;
-
 use tch::{Kind, Tensor};
 
 use crate::data::objectives::IGNORE_INDEX;
 use crate::error::Result;
-use crate::shim;
+use crate::shim::{self, raw};
 
 /// The most logits (rows × vocabulary) a chunk holds by default: 2^24 fp32 numbers,
 /// 64 MiB (524 rows of a 32 000-token vocabulary; a small vocabulary is one chunk).
@@ -87,7 +86,6 @@ pub fn token_scores(hidden: &Tensor, weight: &Tensor, targets: &Tensor, options:
     };
     let (hidden, targets) = (hidden.reshape([-1, channels]), targets.reshape([-1]).to_kind(Kind::Int64));
     let (mut nll, mut entropy) = (std::ptr::null_mut(), std::ptr::null_mut());
-    let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
     // SAFETY: the three tensors are alive for the call; the shim hands back two new
     // at::Tensor objects that the Tensors below own (and free).
     let code = unsafe {

@@ -345,9 +345,8 @@ impl Attention {
             0 => rope::apply(&heads(x, &self.q_proj, self.num_heads), cos, sin), // (B, nh, T, hd)
             _ => {
                 let n = t - from;
-                let q = heads(&x.narrow(1, from, n), &self.q_proj, self.num_heads);
+                let q = heads(&x.narrow(1, from, n), &self.q_proj, self.num_heads); // (B, nh, T − from, hd)
                 rope::apply(&q, &cos.narrow(2, from, n), &sin.narrow(2, from, n))
-                // (B, nh, T − from, hd)
             }
         };
         let mask = mask.map(|m| if from > 0 { m.narrow(2, from, t - from) } else { m.shallow_clone() });

@@ -38,7 +38,6 @@
 //! same masks back ([`super::recompute::draw`]).
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
-use std::os::raw::c_void;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -254,14 +253,9 @@ fn rows_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Ten
     if x.device() != Device::Cpu || x.kind() != Kind::Float {
         return None;
     }
-    let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
-    let mut out = std::ptr::null_mut();
-    // SAFETY: the tensors are alive for the call; on 1 the shim hands back a new at::Tensor
-    // that the Tensor below owns (and frees), otherwise it allocated nothing.
-    let code =
-        unsafe { shim::plumb_rows_linear(raw(x), raw(weight), bias.map_or(std::ptr::null_mut(), raw), &mut out) };
-    // SAFETY: just allocated by the shim for us.
-    (code == 1).then(|| unsafe { Tensor::from_ptr(out as _) })
+    let bias = bias.map_or(std::ptr::null_mut(), shim::raw);
+    // SAFETY: the tensors are alive for the call; see `shim::taken`.
+    shim::taken(|out| unsafe { shim::plumb_rows_linear(shim::raw(x), shim::raw(weight), bias, out) })
 }
 
 /// Uniform keep mask of `shape` (true with probability 1 - p) from a counter-based hash of

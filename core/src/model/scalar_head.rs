@@ -171,8 +171,8 @@ impl ScalarHeadModel {
     pub fn scores(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let index = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0);
-        let last = (index * attention_mask.to_kind(Kind::Int64)).argmax(-1, true); // (B, 1)
-                                                                                   // Only positions from the earliest last token on are read.
+        // Each row's last token (B, 1); only positions from the earliest of them on are read.
+        let last = (index * attention_mask.to_kind(Kind::Int64)).argmax(-1, true);
         let from = if t == 0 { 0 } else { last.min().int64_value(&[]) };
         let values = self.values_from(input_ids, attention_mask, from)?;
         Ok(values.gather(1, &(last - from), false).squeeze_dim(1))

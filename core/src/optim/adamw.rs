@@ -16,7 +16,7 @@ use tch::{nn, Kind, Tensor};
 use super::Optimizer;
 use crate::dist::{data_parallel, ProcessGroup};
 use crate::error::Result;
-use crate::shim;
+use crate::shim::{self, raw};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamWConfig {
@@ -235,7 +235,6 @@ impl Optimizer for AdamW {
             let pointers = |f: &dyn Fn(&Param, &Tensor) -> *mut c_void| -> Vec<*mut c_void> {
                 group.iter().map(|(p, g)| f(p, g)).collect()
             };
-            let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
             let params = pointers(&|p, _| raw(&p.tensor));
             let grads = pointers(&|_, g| raw(g));
             let exp_avgs = pointers(&|p, _| raw(&p.exp_avg));

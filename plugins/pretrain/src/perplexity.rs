@@ -128,8 +128,9 @@ impl Evaluator for Perplexity {
             let (inputs, targets) = pad(batch);
             let inputs = inputs.to_device(device);
             let logits = policy.logits(&inputs, None)?; // (B, T, vocab)
-                                                        // Summed over real targets; padding is ignored. Right padding never changes
-                                                        // what a causal model predicts at the positions before it.
+
+            // Summed over real targets; padding is ignored. Right padding never changes
+            // what a causal model predicts at the positions before it.
             let sum = summed_cross_entropy(&logits, &targets.to_device(device));
             nll += sum.double_value(&[]); // a CPU-GPU sync per batch
             scored += batch.iter().map(|w| w.targets.len() as u64).sum::<u64>();
