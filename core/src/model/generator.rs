@@ -47,6 +47,24 @@ impl Drop for DeviceGenerator {
     }
 }
 
+/// Test weights that no other test can disturb: the tests running beside one draw from
+/// tch's global generator too, so `manual_seed` then a model's `new` does not fix its
+/// weights. Every matrix of `vs` (embeddings and projections; norm weights and biases keep
+/// theirs) is drawn again, in name order, from a private generator seeded with `seed`:
+/// uniform with HF's initial standard deviation, 0.02.
+#[cfg(test)]
+pub(crate) fn redraw_matrices(vs: &tch::nn::VarStore, seed: u64) {
+    let mut generator = DeviceGenerator::new(vs.device(), seed).unwrap();
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.dim() >= 2).collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let half_width = 0.02 * 3f64.sqrt();
+    let _no_grad = tch::no_grad_guard();
+    for (_, mut t) in variables {
+        let uniform = generator.uniform(t.numel() as i64, t.kind()).unwrap().view(t.size().as_slice());
+        t.copy_(&((uniform * 2.0 - 1.0) * half_width));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
