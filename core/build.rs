@@ -15,7 +15,7 @@ fn main() {
         "csrc/attention.cpp",
         "csrc/fused.cpp",
     ];
-    for source in sources.iter().chain(&["csrc/avx2.h"]) {
+    for source in sources.iter().chain(&["csrc/kernels.h"]) {
         println!("cargo:rerun-if-changed={source}");
     }
     let mut build = cc::Build::new();

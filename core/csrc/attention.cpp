@@ -13,11 +13,10 @@
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
-#include <exception>
 #include <limits>
 #include <vector>
 
-#include "avx2.h"
+#include "kernels.h"
 
 namespace {
 
@@ -109,12 +108,11 @@ extern "C" {
 // exception.
 int plumb_decode_attention(void* query, void* key, void* value, void* attention_mask, double scale_or_zero,
                            void** out) {
-  try {
-    const auto& q = *static_cast<at::Tensor*>(query);
-    const auto& k = *static_cast<at::Tensor*>(key);
-    const auto& v = *static_cast<at::Tensor*>(value);
-    const auto* mask = static_cast<at::Tensor*>(attention_mask);
-    if (!takes(q, k, v, mask)) return 0;
+  const auto& q = *static_cast<at::Tensor*>(query);
+  const auto& k = *static_cast<at::Tensor*>(key);
+  const auto& v = *static_cast<at::Tensor*>(value);
+  const auto* mask = static_cast<at::Tensor*>(attention_mask);
+  return plumb::taken(out, [&] { return takes(q, k, v, mask); }, [&] {
     const int64_t b = q.size(0), h = q.size(1), d = q.size(3), hkv = k.size(1), len = k.size(2);
     const int64_t group = h / hkv;
     const float scale = scale_or_zero > 0 ? static_cast<float>(scale_or_zero) : 1.0f / std::sqrt(static_cast<float>(d));
@@ -137,13 +135,8 @@ int plumb_decode_attention(void* query, void* key, void* value, void* attention_
                    scores.data(), yp + pair * d);
       }
     });
-    *out = new at::Tensor(std::move(y));
-    return 1;
-  } catch (const std::exception&) {
-    return 2;
-  } catch (...) {
-    return 2;
-  }
+    return y;
+  });
 }
 
 }  // extern "C"

@@ -18,10 +18,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
-#include <exception>
 #include <vector>
 
-#include "avx2.h"
+#include "kernels.h"
 
 namespace {
 
@@ -286,21 +285,6 @@ bool swiglu_takes(const at::Tensor& gate, const at::Tensor& up) {
   return plumb::cpu_has_avx2_fma() && no_autocast() && plain_float(gate) && plain_float(up) && gate.is_contiguous() &&
          up.is_contiguous() && gate.sizes().equals(up.sizes());
 }
-
-// The shim's convention for a kernel that may decline: 1 with `*out` set, 0 when the case is
-// not taken (nothing allocated), 2 on a C++ exception.
-template <typename F>
-int taken(bool takes, void** out, F f) {
-  if (!takes) return 0;
-  try {
-    *out = new at::Tensor(f());
-    return 1;
-  } catch (const std::exception&) {
-    return 2;
-  } catch (...) {
-    return 2;
-  }
-}
 }  // namespace
 
 extern "C" {
@@ -311,7 +295,8 @@ extern "C" {
 int plumb_rms_norm(void* x, void* weight, double eps, void** out) {
   const auto& input = *static_cast<at::Tensor*>(x);
   const auto& w = *static_cast<at::Tensor*>(weight);
-  return taken(rms_norm_takes(input, w), out, [&] { return RmsNorm::apply(input, w, eps); });
+  return plumb::taken(
+      out, [&] { return rms_norm_takes(input, w); }, [&] { return RmsNorm::apply(input, w, eps); });
 }
 
 // The rotary embedding of `x` (B, H, T, D): x·cos + roll(x, D/2)·signed_sin with `cos` and
@@ -321,7 +306,8 @@ int plumb_rope(void* x, void* cos, void* signed_sin, void** out) {
   const auto& input = *static_cast<at::Tensor*>(x);
   const auto& c = *static_cast<at::Tensor*>(cos);
   const auto& s = *static_cast<at::Tensor*>(signed_sin);
-  return taken(rope_takes(input, c, s), out, [&] { return Rope::apply(input, c, s); });
+  return plumb::taken(
+      out, [&] { return rope_takes(input, c, s); }, [&] { return Rope::apply(input, c, s); });
 }
 
 // SwiGLU's silu(gate)·up for `gate` and `up` of one shape, in one autograd node. Returns as
@@ -329,7 +315,8 @@ int plumb_rope(void* x, void* cos, void* signed_sin, void** out) {
 int plumb_swiglu(void* gate, void* up, void** out) {
   const auto& g = *static_cast<at::Tensor*>(gate);
   const auto& u = *static_cast<at::Tensor*>(up);
-  return taken(swiglu_takes(g, u), out, [&] { return SwiGlu::apply(g, u); });
+  return plumb::taken(
+      out, [&] { return swiglu_takes(g, u); }, [&] { return SwiGlu::apply(g, u); });
 }
 
 }  // extern "C"

@@ -11,10 +11,9 @@
 #include <ATen/autocast_mode.h>
 
 #include <atomic>
-#include <exception>
 #include <vector>
 
-#include "avx2.h"
+#include "kernels.h"
 
 namespace {
 constexpr int64_t kMaxRows = 4;
@@ -98,11 +97,10 @@ extern "C" {
 // `*out` a new at::Tensor the caller owns; 0 when the case is not one this takes (the caller
 // runs at::linear; nothing was allocated); 2 on a C++ exception.
 int plumb_rows_linear(void* x, void* weight, void* bias, void** out) {
-  try {
-    const auto& input = *static_cast<at::Tensor*>(x);
-    const auto& w = *static_cast<at::Tensor*>(weight);
-    const auto* b = static_cast<at::Tensor*>(bias);
-    if (!takes(input, w, b)) return 0;
+  const auto& input = *static_cast<at::Tensor*>(x);
+  const auto& w = *static_cast<at::Tensor*>(weight);
+  const auto* b = static_cast<at::Tensor*>(bias);
+  return plumb::taken(out, [&] { return takes(input, w, b); }, [&] {
     const int64_t k = w.size(1), n = w.size(0), rows = input.numel() / k;
     auto sizes = input.sizes().vec();
     sizes.back() = n;
@@ -115,13 +113,8 @@ int plumb_rows_linear(void* x, void* weight, void* bias, void** out) {
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       rows_times_weight(xp, rows, wp, bp, yp, k, n, begin, end);
     });
-    *out = new at::Tensor(std::move(y));
-    return 1;
-  } catch (const std::exception&) {
-    return 2;
-  } catch (...) {
-    return 2;
-  }
+    return y;
+  });
 }
 
 // How many of libtorch's intra-op threads a parallel_for of the shim's, over `n` items

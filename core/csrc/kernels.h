@@ -1,6 +1,27 @@
-// What the shim's hand-written CPU kernels (rows.cpp, attention.cpp, fused.cpp) share: whether
-// this CPU runs them, the sum of an AVX2 register's lanes, and e^x for x <= 0.
+// What the shim's hand-written CPU kernels (rows.cpp, attention.cpp, fused.cpp) share: their
+// convention for a case they decline, whether this CPU runs their AVX2 code, the sum of an
+// AVX2 register's lanes, and e^x for x <= 0.
 #pragma once
+
+#include <ATen/ATen.h>
+
+namespace plumb {
+
+// The C entry of a kernel that may decline a case: 0 when `takes()` is false (the caller
+// runs libtorch's way; nothing was allocated), 1 with `*out` a new at::Tensor from
+// `compute()` that the caller owns, 2 on a C++ exception.
+template <typename Takes, typename Compute>
+int taken(void** out, Takes takes, Compute compute) {
+  try {
+    if (!takes()) return 0;
+    *out = new at::Tensor(compute());
+    return 1;
+  } catch (...) {
+    return 2;
+  }
+}
+
+}  // namespace plumb
 
 #if defined(__x86_64__)
 #include <immintrin.h>
